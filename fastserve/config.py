@@ -1,0 +1,262 @@
+"""Typed configuration: YAML files validated into dataclasses, with dotted `key=value` overrides.
+
+Defaults live here, recipes live in `configs/`. Every error names the offending key: an unknown key
+also names the nearest valid one, a wrong type names the expected type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the schema."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "decoder"          # registry key: see fastserve.models
+    vocab_size: int = 0            # 0: take it from the tokenizer
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0            # 0: same as n_heads (multi-head); fewer: grouped-query attention
+    head_dim: int = 0              # 0: d_model // n_heads
+    d_ff: int = 688                # SwiGLU hidden width
+    max_seq_len: int = 2048        # longest position the model (and its KV cache) supports
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dtype: str = "float32"         # compute dtype: float32 | bfloat16 (parameters stay float32)
+    param_dtype: str = "float32"
+    remat: bool = False            # recompute layer activations in the backward pass (saves memory)
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    source: str = "pydoc"          # pydoc: CPython's embedded docs (no download) | text: files in `paths`
+    paths: list[str] = field(default_factory=list)
+    seq_len: int = 128
+    batch_size: int = 16           # global batch (sequences per optimizer step, all hosts together)
+    eval_fraction: float = 0.1     # documents held out for evaluation
+    shuffle: bool = True
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = ""                 # an existing sentencepiece model; empty: train one, cached in the work dir
+    vocab_size: int = 4000
+    model_type: str = "bpe"        # bpe | unigram
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"            # adamw | adam | sgd | lion | adafactor
+    learning_rate: float = 3e-3
+    schedule: str = "cosine"       # cosine | linear | constant (each after a linear warmup)
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1      # final learning rate as a fraction of the peak
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.9          # sgd only
+    clip_norm: float = 1.0         # global-norm clipping; 0 turns it off
+
+
+@dataclass
+class TrainConfig:
+    task: str = "lm"               # registry key: see fastserve.core.tasks
+    steps: int = 500
+    run_steps: int = 0             # stop (saving a checkpoint) after this many steps in one invocation: time-sliced jobs
+    grad_accum: int = 1            # micro-batches per optimizer step (batch_size must divide evenly)
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 0          # 0: the whole held-out set
+    workdir: str = "runs/default"
+    samples: int = 3               # continuations printed at the end (0: none)
+    sample_tokens: int = 48
+    sample_temperature: float = 0.8
+
+
+@dataclass
+class MeshConfig:
+    data: int = -1                 # -1: all devices left over by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100               # steps between saves (a final save always happens)
+    max_to_keep: int = 3
+    async_save: bool = True
+
+
+@dataclass
+class LogConfig:
+    every: int = 10                # steps between metric records
+    progress: bool = True          # progress bar on the terminal
+    tensorboard: bool = True
+    peak_flops: float = 0.0        # FLOP/s per device for MFU; 0: measure a float32 matmul at start-up
+
+
+@dataclass
+class DistributedConfig:
+    # Multi-host: jax.distributed.initialize with these, or from the environment when `auto` (TPU pods, SLURM).
+    enabled: bool = False
+    coordinator: str = ""          # host:port of process 0
+    num_processes: int = 1
+    process_id: int = 0
+    auto: bool = False
+    timeout_s: int = 300
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp`; the only conversions are the lossless ones (int → float)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} fields, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key)
+    if origin in (list, Sequence):
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str) and item_tp is str:
+            value = [value]  # `data.paths=a.txt` means a one-element list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-3` (no dot) as a string; users mean a number
+            return float(value)
+        except ValueError:
+            pass
+    if tp is type(None) and value is None:
+        return None
+    if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _unknown_key(cls: type, name: str, key: str) -> ConfigError:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    near = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{(key.rsplit('.', 1)[0] + '.' if '.' in key else '') + near[0]}'?" if near else ""
+    return ConfigError(f"unknown config key '{key}'{hint} (valid keys here: {', '.join(valid)})")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in hints:
+            raise _unknown_key(cls, str(name), key)
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` → (['a','b','c'], value parsed as YAML so numbers, bools and lists get their types)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.steps=50)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+    return key.split("."), value
+
+
+def _override_dict(overrides: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}' conflicts with an earlier override of '{part}'")
+        node[path[-1]] = value
+    return out
+
+
+def config_from_dict(values: dict[str, Any], cls: type = Config) -> Any:
+    """Validates a plain mapping into `cls` (default: the training `Config`)."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"a config must be a mapping at the top level, got {type(values).__name__}")
+    return _build(cls, values)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), cls: type = Config) -> Any:
+    """Loads a YAML file (or only the defaults when `path` is None), applies `key=value` overrides, validates."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    values = _merge(values, _override_dict(overrides))
+    return config_from_dict(values, cls)
+
+
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

@@ -1,0 +1,253 @@
+"""SentencePiece tokenizer: training, caching and a thin typed wrapper.
+
+Training settings are chosen so that ``decode(encode(text)) == text`` for any
+string: identity normalization (no NFKC, no whitespace collapsing), no dummy
+prefix space, and byte fallback so characters never seen in training are
+encoded as UTF-8 bytes instead of ``<unk>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+# Fixed special ids: pad=0 lets zero-filled padding be valid pad tokens.
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+_NUM_BYTE_PIECES = 256
+MODEL_TYPES = ("bpe", "unigram", "char", "word")
+# Training sentences are cut to about this many characters on line boundaries:
+# small enough for the trainer's per-sentence work to stay cheap, large enough
+# that pieces spanning newlines (".\n\n", "):\n") are learned.
+_CHUNK_CHARS = 4096
+# Bumped whenever training settings change, so cached tokenizers get retrained.
+_TRAIN_VERSION = 1
+
+
+class Tokenizer:
+    """A loaded SentencePiece model with typed accessors."""
+
+    def __init__(self, processor: spm.SentencePieceProcessor):
+        self._sp = processor
+
+    @classmethod
+    def from_file(cls, path: str) -> Tokenizer:
+        """Load a ``.model`` file. Raises FileNotFoundError if it is missing."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer model not found: {path!r}")
+        with open(path, "rb") as f:
+            return cls.from_bytes(f.read())
+
+    @classmethod
+    def from_bytes(cls, model_proto: bytes) -> Tokenizer:
+        """Load a serialized SentencePiece ``ModelProto``."""
+        return cls(spm.SentencePieceProcessor(model_proto=model_proto))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._sp.vocab_size())
+
+    # SentencePiece reports -1 for a special token the model was trained
+    # without; models from train_tokenizer always have all four.
+    @property
+    def bos_id(self) -> int:
+        """Beginning-of-sequence id, or -1 if the model has none."""
+        return int(self._sp.bos_id())
+
+    @property
+    def eos_id(self) -> int:
+        """End-of-sequence id, or -1 if the model has none."""
+        return int(self._sp.eos_id())
+
+    @property
+    def pad_id(self) -> int:
+        """Padding id, or -1 if the model has none."""
+        return int(self._sp.pad_id())
+
+    @property
+    def model_proto(self) -> bytes:
+        """The serialized model, e.g. to embed in an export."""
+        return self._sp.serialized_model_proto()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no BOS/EOS added)."""
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text; SentencePiece encodes a list in parallel."""
+        texts = list(texts)
+        if not texts:
+            return []
+        return self._sp.encode(texts, num_threads=_num_threads())
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; special tokens (pad/bos/eos) decode to nothing."""
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist()
+        return self._sp.decode([int(i) for i in ids])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size})"
+
+
+def _num_threads() -> int:
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+def _training_chunks(texts: Iterable[str]) -> Iterator[str]:
+    """Yield pieces of at most ~_CHUNK_CHARS characters, cut after a newline."""
+    for text in texts:
+        buf: list[str] = []
+        size = 0
+        for line in text.splitlines(keepends=True):
+            # A single overlong line (minified code, a data dump) is sliced so
+            # no training sentence grows without bound.
+            for start in range(0, len(line), _CHUNK_CHARS):
+                part = line[start : start + _CHUNK_CHARS]
+                buf.append(part)
+                size += len(part)
+                if size >= _CHUNK_CHARS:
+                    yield "".join(buf)
+                    buf, size = [], 0
+        if buf:
+            yield "".join(buf)
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Write via a temp file in the same directory + os.replace.
+
+    A killed process then leaves either the old file or the new one, never a
+    truncated file that a later run would try to load.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_path: str, model_type: str = "bpe"
+) -> Tokenizer:
+    """Train a SentencePiece model in memory and write it atomically to ``out_path``.
+
+    Ids: pad=0, unk=1, bos=2, eos=3, then 256 byte-fallback pieces, then the
+    learned pieces. Digits are split into single characters (better arithmetic
+    and no number-specific vocabulary bloat).
+
+    Raises:
+        ValueError: unknown ``model_type``, ``vocab_size`` too small for the
+            special and byte pieces, no text, or SentencePiece rejecting the
+            settings (e.g. a vocabulary larger than the corpus supports).
+    """
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {model_type!r}; valid types are {list(MODEL_TYPES)}")
+    min_vocab = 4 + _NUM_BYTE_PIECES + 1
+    if vocab_size < min_vocab:
+        raise ValueError(
+            f"vocab_size must be at least {min_vocab} (4 special + 256 byte pieces + 1), "
+            f"got {vocab_size}"
+        )
+    chunks = [c for c in _training_chunks(texts) if c]
+    if not chunks:
+        raise ValueError("cannot train a tokenizer on empty text")
+    writer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(chunks),
+            model_writer=writer,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            # Without the dummy prefix, decoding never strips a leading space,
+            # so decode(ids[:k]) + decode(ids[k:]) == decode(ids): streamed
+            # generation can print pieces as they come without losing spaces.
+            add_dummy_prefix=False,
+            byte_fallback=True,
+            # Let runs of spaces (code indentation) become single pieces.
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            max_sentence_length=1 << 24,
+            num_threads=_num_threads(),
+            minloglevel=2,  # keep training quiet; errors still raise
+        )
+    except RuntimeError as e:
+        raise ValueError(
+            f"sentencepiece training failed (vocab_size={vocab_size}, model_type={model_type!r}): {e}"
+        ) from e
+    proto = writer.getvalue()
+    _atomic_write(out_path, proto)
+    return Tokenizer.from_bytes(proto)
+
+
+def _fingerprint(texts: Sequence[str], vocab_size: int, model_type: str) -> str:
+    """sha256 over the training inputs and settings that determine the model."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": _TRAIN_VERSION, "vocab_size": vocab_size, "model_type": model_type}).encode())
+    for text in texts:
+        data = text.encode("utf-8")
+        # Length prefix: ["ab", "c"] and ["a", "bc"] must hash differently.
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def load_or_train_tokenizer(
+    path: str, texts: list[str], vocab_size: int, model_type: str, workdir: str
+) -> Tokenizer:
+    """Return the tokenizer at ``path``, or a cached/trained one in ``workdir``.
+
+    With an empty ``path`` the model lives at ``workdir/tokenizer.model`` next
+    to ``workdir/tokenizer.json``, which records a sha256 of (texts,
+    vocab_size, model_type). A matching record means the cached model is
+    reused; anything else (no record, other corpus or settings, unreadable
+    files) retrains and overwrites both.
+
+    Raises:
+        FileNotFoundError: ``path`` given but missing.
+    """
+    if path:
+        return Tokenizer.from_file(path)
+    model_path = os.path.join(workdir, "tokenizer.model")
+    meta_path = os.path.join(workdir, "tokenizer.json")
+    digest = _fingerprint(texts, vocab_size, model_type)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("sha256") == digest:
+            return Tokenizer.from_file(model_path)
+    except (OSError, ValueError, RuntimeError):
+        pass  # no cache or a broken one: fall through and retrain
+    # Drop the old record before touching the model: a crash after the new
+    # model is written but before its record must not leave the old record
+    # vouching for the new model.
+    if os.path.exists(meta_path):
+        os.unlink(meta_path)
+    tokenizer = train_tokenizer(texts, vocab_size, model_path, model_type)
+    meta = {
+        "sha256": digest,
+        "vocab_size": vocab_size,
+        "model_type": model_type,
+        "num_texts": len(texts),
+    }
+    _atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    return tokenizer

@@ -1,0 +1,128 @@
+"""Llama-style decoder LM: RMSNorm, RoPE, SwiGLU, grouped-query attention, optional tied embeddings.
+
+A pure definition: no I/O, no training logic, no sharding decisions (only logical axis names).
+The same `__call__` serves training (no cache) and KV-cached inference (prefill and decode).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fastserve.models.layers import Embed, Linear, RMSNorm, attention, constrain, dtype_of, rope
+
+# A KV cache is a list (one entry per layer) of {"k": [B, S, K, D], "v": [B, S, K, D]}.
+KVCache = list[dict[str, jax.Array]]
+CACHE_AXES = ("cache_batch", "cache_seq", "kv_heads", "head_dim")
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.head_dim or cfg.d_model // cfg.n_heads
+        if h % kv:
+            raise ValueError(f"model.n_heads={h} must be a multiple of model.n_kv_heads={kv}")
+        kw = dict(rngs=rngs, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), init_std=cfg.init_std)
+        # Q, K, V stay separate kernels: a fused QKV sharded on `tensor` and then split rematerializes.
+        self.q = Linear(d, h * hd, ("embed", "heads"), **kw)
+        self.k = Linear(d, kv * hd, ("embed", "kv_heads"), **kw)
+        self.v = Linear(d, kv * hd, ("embed", "kv_heads"), **kw)
+        self.o = Linear(h * hd, d, ("heads", "embed"), **{**kw, "init_std": cfg.init_std / (2 * cfg.n_layers) ** 0.5})
+        self.n_heads, self.n_kv_heads, self.head_dim, self.theta = h, kv, hd, cfg.rope_theta
+
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array] | None):
+        b, t, _ = x.shape
+        q = rope(self.q(x).reshape(b, t, self.n_heads, self.head_dim), positions, self.theta)
+        k = rope(self.k(x).reshape(b, t, self.n_kv_heads, self.head_dim), positions, self.theta)
+        v = self.v(x).reshape(b, t, self.n_kv_heads, self.head_dim)
+        if cache is None:
+            out = attention(q, k, v, positions, positions)
+            return self.o(out), None
+        # Write the new keys/values at their absolute positions (rows past the cache are dropped), then attend
+        # over the whole cache: the position mask hides slots not yet written for this query.
+        rows = jnp.arange(b)[:, None]
+        ck = cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype), mode="drop")
+        cv = cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype), mode="drop")
+        k_pos = jnp.broadcast_to(jnp.arange(ck.shape[1], dtype=positions.dtype), (b, ck.shape[1]))
+        out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), positions, k_pos)
+        return self.o(out), {"k": ck, "v": cv}
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
+        kw = dict(rngs=rngs, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), init_std=cfg.init_std)
+        self.gate = Linear(cfg.d_model, cfg.d_ff, ("embed", "mlp"), **kw)
+        self.up = Linear(cfg.d_model, cfg.d_ff, ("embed", "mlp"), **kw)
+        self.down = Linear(cfg.d_ff, cfg.d_model, ("mlp", "embed"),
+                           **{**kw, "init_std": cfg.init_std / (2 * cfg.n_layers) ** 0.5})
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
+        kw = dict(eps=cfg.norm_eps, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
+        self.attn_norm = RMSNorm(cfg.d_model, **kw)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, **kw)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array] | None):
+        h, cache = self.attn(self.attn_norm(x), positions, cache)
+        x = constrain(x + h, ("batch", "seq", "embed"))
+        x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "seq", "embed"))
+        return x, cache
+
+
+class DecoderLM(nnx.Module):
+    """tokens [B, T] → logits [B, T, vocab] (float32), and the updated KV cache when one is given."""
+
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (the trainer fills it from the tokenizer)")
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=dt, param_dtype=pdt, init_std=cfg.init_std)
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+        self.lm_head = None if cfg.tie_embeddings else Linear(
+            cfg.d_model, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dt, param_dtype=pdt, init_std=cfg.init_std)
+        self.remat = cfg.remat
+        self.cache_dims = (cfg.n_kv_heads or cfg.n_heads, cfg.head_dim or cfg.d_model // cfg.n_heads)
+        self.dtype = dt
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None):
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        x = constrain(self.embed(tokens), ("batch", "seq", "embed"))
+        new_cache = [] if cache is not None else None
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache[i]
+            if self.remat and cache is None:
+                x, _ = nnx.remat(lambda blk, x, p: blk(x, p, None))(layer, x, positions)
+            else:
+                x, layer_cache = layer(x, positions, layer_cache)
+            if new_cache is not None:
+                new_cache.append(layer_cache)
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+        logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
+        return logits, new_cache
+
+    def init_cache(self, batch: int, length: int, dtype: Any = None) -> KVCache:
+        """Zeroed KV cache: one {"k", "v"} of [batch, length, kv_heads, head_dim] per layer."""
+        kv, hd = self.cache_dims
+        dtype = dtype or self.dtype
+        return [{"k": jnp.zeros((batch, length, kv, hd), dtype), "v": jnp.zeros((batch, length, kv, hd), dtype)}
+                for _ in range(len(self.layers))]
+
+
+def count_flops_per_token(cfg: Any, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3× forward): 6·N for the matmuls + 12·L·d_attn·T for attention."""
+    hd = cfg.head_dim or cfg.d_model // cfg.n_heads
+    kv = cfg.n_kv_heads or cfg.n_heads
+    per_layer = cfg.d_model * hd * (2 * cfg.n_heads + 2 * kv) + 3 * cfg.d_model * cfg.d_ff
+    matmul_params = cfg.n_layers * per_layer + cfg.d_model * cfg.vocab_size  # the logits projection
+    attn = 12 * cfg.n_layers * cfg.n_heads * hd * seq_len
+    return 6.0 * matmul_params + attn

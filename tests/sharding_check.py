@@ -1,0 +1,56 @@
+"""Runs in its own process with 8 simulated CPU devices (the test suite itself stays on 1 device).
+
+Prints one JSON object: the partition specs parameters and optimizer moments got on a 2×2×2 mesh, and the losses
+of the same training steps on 1 device and on that mesh.
+"""
+import json
+import sys
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import numpy as np  # noqa: E402
+
+from fastserve import parallel  # noqa: E402
+from fastserve.config import load_config  # noqa: E402
+from fastserve.core.optim import make_optimizer  # noqa: E402
+from fastserve.core.state import create_train_state  # noqa: E402
+from fastserve.core.steps import make_train_step, split_micro_batches  # noqa: E402
+from fastserve.core.tasks import make_task  # noqa: E402
+
+
+def run(shape):
+    cfg = load_config(None, ["model.vocab_size=256", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
+                             "model.n_kv_heads=2", "model.d_ff=128", "model.tie_embeddings=false",
+                             "optimizer.warmup_steps=0", "optimizer.learning_rate=1e-2",
+                             f"mesh.data={shape[0]}", f"mesh.fsdp={shape[1]}", f"mesh.tensor={shape[2]}"])
+    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:int(np.prod(shape))])
+    tx, schedule = make_optimizer(cfg.optimizer, 10)
+    graphdef, state, shardings = create_train_state(cfg.model, tx, mesh, seed=0)
+    step = make_train_step(graphdef, make_task("lm"), tx, schedule, shardings, mesh)
+    tokens = np.random.default_rng(0).integers(0, 256, (8, 17)).astype(np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((8, 16), np.float32)}
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state, parallel.host_to_global(split_micro_batches(batch, 2), mesh, leading=1))
+        losses.append(float(metrics["loss_sum"] / metrics["weight"]))
+    spec = lambda x: [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
+    layer = state["params"]["layers"][0]
+    adam = state["opt_state"][1][0]  # chain(clip, adamw) → adamw's ScaleByAdamState
+    return {
+        "losses": losses,
+        "params": {"embed": spec(state["params"]["embed"]["embedding"]), "q": spec(layer["attn"]["q"]["kernel"]),
+                   "o": spec(layer["attn"]["o"]["kernel"]), "gate": spec(layer["mlp"]["gate"]["kernel"]),
+                   "down": spec(layer["mlp"]["down"]["kernel"]), "norm": spec(layer["attn_norm"]["scale"]),
+                   "lm_head": spec(state["params"]["lm_head"]["kernel"])},
+        "adam_mu_q": spec(adam.mu["layers"][0]["attn"]["q"]["kernel"]),
+        "adam_count": spec(adam.count),
+        "step": spec(state["step"]),
+        "q_shard_shape": list(layer["attn"]["q"]["kernel"].addressable_shards[0].data.shape),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps({"one": run((1, 1, 1)), "mesh": run((2, 2, 2))}))
+    sys.stdout.flush()

@@ -1,0 +1,70 @@
+"""Sharding: parameters land where THE rules table says, and a step computes the same loss on 1 and 8 devices."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from fastserve import parallel
+from fastserve.config import load_config
+from fastserve.core.state import abstract_model
+
+
+def test_rules_table_is_complete_and_unique():
+    names = [name for name, _ in parallel.LOGICAL_RULES]
+    assert len(names) == len(set(names))
+    _, _, logical = abstract_model(load_config(None, ["model.vocab_size=64", "model.tie_embeddings=false"]).model)
+    used = {name for axes in jax.tree.leaves(logical, is_leaf=lambda n: isinstance(n, tuple)) for name in axes}
+    assert used <= set(names), used - set(names)
+    for _, axes in parallel.LOGICAL_RULES:
+        for axis in (axes if isinstance(axes, tuple) else (axes,)):
+            assert axis is None or axis in parallel.MESH_AXES
+
+
+def test_logical_to_spec():
+    assert parallel.logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
+    assert parallel.logical_to_spec(("batch", "seq", "embed")) == P(("data", "fsdp"), None, None)  # fsdp used once
+    with pytest.raises(KeyError, match="not in fastserve.parallel.LOGICAL_RULES"):
+        parallel.logical_to_spec(("embedding",))
+
+
+def test_mesh_shape_resolution():
+    assert parallel.mesh_shape(-1, 2, 2, 8) == (2, 2, 2)
+    assert parallel.mesh_shape(1, -1, 1, 8) == (1, 8, 1)
+    with pytest.raises(ValueError, match="12 devices, but 8"):
+        parallel.mesh_shape(3, 2, 2, 8)
+    with pytest.raises(ValueError, match="at most one axis"):
+        parallel.mesh_shape(-1, -1, 1, 8)
+
+
+@pytest.fixture(scope="module")
+def eight_device_run():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "sharding_check.py")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_params_and_optimizer_state_land_on_the_rule_axes(eight_device_run):
+    params = eight_device_run["mesh"]["params"]
+    assert params["embed"] == ["tensor", "fsdp"]      # (vocab, embed)
+    assert params["q"] == ["fsdp", "tensor"]          # (embed, heads)
+    assert params["o"] == ["tensor", "fsdp"]          # (heads, embed)
+    assert params["gate"] == ["fsdp", "tensor"]       # (embed, mlp)
+    assert params["down"] == ["tensor", "fsdp"]       # (mlp, embed)
+    assert params["lm_head"] == ["fsdp", "tensor"]    # (embed, vocab)
+    assert params["norm"] == [None]
+    assert eight_device_run["mesh"]["adam_mu_q"] == ["fsdp", "tensor"]  # moments shard like their parameter
+    assert eight_device_run["mesh"]["adam_count"] == [] and eight_device_run["mesh"]["step"] == []
+    assert eight_device_run["mesh"]["q_shard_shape"] == [32, 32]        # 64×64 split 2×2
+    assert eight_device_run["one"]["q_shard_shape"] == [64, 64]
+
+
+def test_loss_is_the_same_on_one_device_and_on_the_mesh(eight_device_run):
+    one, mesh = eight_device_run["one"]["losses"], eight_device_run["mesh"]["losses"]
+    assert one[0] > one[-1]  # the steps really trained
+    assert mesh == pytest.approx(one, rel=1e-5)
