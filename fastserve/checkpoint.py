@@ -9,6 +9,7 @@ import logging
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,14 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                                   extra=ocp.args.JsonRestore()))
         return out["state"], dict(out["extra"] or {})
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the model parameters of a saved train state (no optimizer memory): for inference and export."""
+        target = {"params": abstract_params}
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True)))
+        return out["state"]["params"]
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
         """Restores the newest readable checkpoint; an unreadable one is reported and the previous one is tried.

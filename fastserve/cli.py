@@ -28,7 +28,12 @@ def load_or_exit(path: str | None, overrides: Sequence[str], cls: type = Config)
 def parse(argv: Sequence[str] | None, description: str) -> Config:
     """Parses argv into a validated Config (exit status 2 with a message naming the key on any error)."""
     args = parser(description).parse_args(argv)
+    cfg = load_or_exit(args.config, args.overrides)
+    quiet_logs()
+    return cfg
+
+
+def quiet_logs() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return load_or_exit(args.config, args.overrides)

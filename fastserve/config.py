@@ -121,6 +121,29 @@ class DistributedConfig:
 
 
 @dataclass
+class SourceConfig:
+    """Where inference, export and serving take their weights from."""
+    kind: str = "checkpoint"       # checkpoint: a fastserve work dir | gguf: a llama.cpp file | hf: a HF Llama directory
+    path: str = ""                 # checkpoint: the work dir (empty: train.workdir); gguf / hf: a file or directory;
+                                   # "package:NAME/FILE" finds FILE inside the installed Python package NAME
+    dtype: str = "float32"         # parameter dtype after import (float32 | bfloat16)
+
+
+@dataclass
+class GenerateConfig:
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: str = ""         # one prompt per line
+    chat: bool = False             # wrap each prompt in the model's chat template (imported chat models)
+    max_new_tokens: int = 64
+    temperature: float = 0.0       # 0: greedy
+    top_k: int = 0                 # 0: off
+    top_p: float = 1.0             # 1.0: off
+    seed: int = 0
+    batch_size: int = 8            # prompts per compiled batch
+    buckets: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # prompt lengths padded to these
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -131,6 +154,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -256,6 +281,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), c
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     values = _merge(values, _override_dict(overrides))
     return config_from_dict(values, cls)
+
+
+def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
+    """A copy of a validated config with `key=value` overrides applied (and validated)."""
+    if not overrides:
+        return cfg
+    return config_from_dict(_merge(dataclasses.asdict(cfg), _override_dict(overrides)), type(cfg))
 
 
 def dump_config(cfg: Any) -> str:

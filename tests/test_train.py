@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fastserve.checkpoint import Checkpointer
-from fastserve.train import TrainingDiverged, train
+from fastserve.training import TrainingDiverged, train
 
 
 def train_losses(workdir):
