@@ -36,4 +36,18 @@ def infer(config: str | Config | None, prompts: Sequence[str] | None = None, *ov
     return [c.text for c in generate(_config(config, overrides), prompts)]
 
 
-__all__ = ["Config", "ConfigError", "load_config", "train", "evaluate", "infer", "__version__"]
+def export(config: str | Config | None, out: str | None = None, *overrides: str) -> dict[str, Any]:
+    """Exports the serving functions of `config.source`'s model (default: the trained work dir) to `out`
+    (default: `export.out`); returns the manifest."""
+    from fastserve.exporting import export_from_config
+    return export_from_config(_config(config, overrides), out)
+
+
+def load_exported(directory: str, platform: str | None = None, **kwargs: Any) -> Any:
+    """Loads an export: ready prefill / decode / generate callables that need no fastserve model code."""
+    from fastserve.exported import load_exported as _load  # keeps flax and the model code out of the import
+    return _load(directory, platform, **kwargs)
+
+
+__all__ = ["Config", "ConfigError", "load_config", "train", "evaluate", "infer", "export", "load_exported",
+           "__version__"]

@@ -144,6 +144,19 @@ class GenerateConfig:
 
 
 @dataclass
+class ExportConfig:
+    out: str = "exports/default"
+    platforms: list[str] = field(default_factory=lambda: ["cpu", "cuda", "tpu"])
+    buckets: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # prompt lengths; capped by max_cache_len
+    batch_sizes: list[int] = field(default_factory=list)           # []: a symbolic batch (prefill / decode)
+    generate_batch_sizes: list[int] = field(default_factory=list)  # []: a symbolic batch (generate)
+    max_cache_len: int = 0         # 0: model.max_seq_len
+    max_new_tokens: int = 128
+    max_stop_tokens: int = 4
+    functions: list[str] = field(default_factory=lambda: ["prefill", "decode", "generate"])
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -156,6 +169,7 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,378 @@
+"""Run an export made by `fastserve.export` without the model code: jax, numpy, safetensors and sentencepiece only.
+
+    from fastserve.exported import load_exported
+    m = load_exported("exports/quickstart")            # verifies manifest.json and the sha256 of every file
+    m.generate(["def fib(n):"], max_new_tokens=32)      # → one continuation (str) per prompt
+    logits, cache = m.prefill(tokens, lengths)          # [B, T] right-padded ids, true lengths
+    logits, cache = m.decode(next_tokens, lengths, cache)
+
+This module must never import flax, fastserve.models or fastserve.core (a test enforces it in a fresh process).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import sentencepiece as spm
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "weights.safetensors"
+TOKENIZER_FILE = "tokenizer.model"
+EXPORTED_SUFFIX = ".jax_exported"
+# numpy dtype name ↔ safetensors dtype tag (the raw safetensors API is used both ways: safetensors.numpy has no bf16).
+SAFETENSORS_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+}
+_REQUIRED_KEYS = ("format_version", "platforms", "buckets", "functions", "params", "tokenizer", "files",
+                  "max_new_tokens", "max_stop_tokens", "max_cache_len", "max_seq_len", "cache")
+
+
+class ExportIntegrityError(ValueError):
+    """An export directory whose manifest or files are missing, unreadable or not the ones the manifest vouches for."""
+
+
+class MissingExportFileError(ExportIntegrityError, FileNotFoundError):
+    """A file the manifest lists (or the manifest itself) is not in the export directory."""
+
+
+class UnsupportedPlatformError(ValueError):
+    """The export holds no code for the platform asked for (or for this machine's default one)."""
+
+
+def _np_dtype(name: str) -> np.dtype:
+    return np.dtype(np.bool_ if name == "bool" else getattr(jnp, name))
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(directory: str, verify: bool = True) -> dict[str, Any]:
+    """Parses and checks `manifest.json`; with `verify`, every listed file must exist with its recorded sha256."""
+    path = os.path.join(directory, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        raise MissingExportFileError(f"{path}: no {MANIFEST_FILE} (not an export directory, or an interrupted export)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ExportIntegrityError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ExportIntegrityError(f"{path}: the manifest must be a JSON object")
+    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise ExportIntegrityError(f"{path}: manifest lacks {missing}")
+    version = manifest["format_version"]
+    if version != FORMAT_VERSION:
+        raise ExportIntegrityError(f"{path}: format_version {version} is not supported by this loader "
+                                   f"(it reads version {FORMAT_VERSION}); re-export or update fastserve")
+    files = manifest["files"]
+    referenced = [manifest["params"]["file"], manifest["tokenizer"]["file"]]
+    referenced += [fn["file"] for fn in manifest["functions"].values()]
+    unlisted = [f for f in referenced if f not in files]
+    if unlisted:
+        raise ExportIntegrityError(f"{path}: files {unlisted} are used but have no sha256 in the manifest")
+    for name, meta in files.items():
+        fpath = os.path.join(directory, name)
+        if os.path.basename(name) != name:
+            raise ExportIntegrityError(f"{path}: file entry {name!r} is not a plain file name")
+        if not os.path.isfile(fpath):
+            raise MissingExportFileError(f"{fpath}: missing (listed in {MANIFEST_FILE})")
+        if not verify:
+            continue
+        size = os.path.getsize(fpath)
+        if "bytes" in meta and size != meta["bytes"]:
+            raise ExportIntegrityError(f"{fpath}: {size} bytes, but the manifest records {meta['bytes']} "
+                                       "(truncated or replaced)")
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
+            raise ExportIntegrityError(f"{path}: no sha256 recorded for {name}")
+        digest = _sha256(fpath)
+        if digest != meta["sha256"]:
+            raise ExportIntegrityError(f"{fpath}: sha256 mismatch (file {digest[:16]}…, manifest "
+                                       f"{meta['sha256'][:16]}…): the file was modified or corrupted")
+    return manifest
+
+
+def load_weights(path: str, names: Sequence[str], shapes: Sequence[Sequence[int]] | None = None,
+                 dtypes: Sequence[str] | None = None) -> list[np.ndarray]:
+    """The safetensors leaves in the order of `names` (checked against the manifest's shapes and dtypes)."""
+    with open(path, "rb") as f:
+        entries = dict(safetensors.deserialize(f.read()))
+    tags = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    absent = [n for n in names if n not in entries]
+    if absent:
+        raise ExportIntegrityError(f"{path}: lacks parameters {absent[:8]} named in the manifest")
+    out = []
+    for i, name in enumerate(names):
+        e = entries[name]
+        if e["dtype"] not in tags:
+            raise ExportIntegrityError(f"{path}: parameter {name} has unsupported dtype {e['dtype']}")
+        arr = np.frombuffer(e["data"], dtype=_np_dtype(tags[e["dtype"]])).reshape(e["shape"])
+        if shapes is not None and list(arr.shape) != list(shapes[i]):
+            raise ExportIntegrityError(f"{path}: parameter {name} is {list(arr.shape)}, manifest says {shapes[i]}")
+        if dtypes is not None and arr.dtype.name != dtypes[i]:
+            raise ExportIntegrityError(f"{path}: parameter {name} is {arr.dtype}, manifest says {dtypes[i]}")
+        out.append(arr)
+    return out
+
+
+def _resolve_platform(manifest: dict[str, Any], platform: str | None) -> str:
+    available = list(manifest["platforms"])
+    if platform is None:
+        platform = jax.export.default_export_platform()
+        if platform not in available:
+            raise UnsupportedPlatformError(
+                f"this export was made for platforms {available}, not for this machine's default platform "
+                f"'{platform}'; pass platform= one of {available} (if such a device is present) or re-export "
+                f"with --platforms including {platform}")
+    platform = platform.lower()
+    if platform == "gpu":
+        platform = jax.export.default_export_platform() if jax.default_backend() == "gpu" else "cuda"
+    if platform not in available:
+        raise UnsupportedPlatformError(f"platform '{platform}' is not in this export; it was made for {available} "
+                                       f"(re-export with --platforms including {platform})")
+    return platform
+
+
+def _device_for(platform: str) -> jax.Device:
+    try:
+        return jax.devices(platform)[0]
+    except RuntimeError as e:
+        raise UnsupportedPlatformError(f"the export has code for '{platform}' but this process has no "
+                                       f"{platform} device ({str(e).splitlines()[0]})") from None
+
+
+def _per_row(value: Any, n: int, dtype: Any, name: str) -> np.ndarray:
+    arr = np.asarray(value, dtype=dtype)
+    if arr.ndim == 0:
+        return np.full((n,), arr, dtype)
+    if arr.shape != (n,):
+        raise ValueError(f"{name}: expected a scalar or {n} values (one per prompt), got shape {arr.shape}")
+    return arr
+
+
+class ExportedModel:
+    """Serving functions of an export, bound to its weights on one device of `platform`."""
+
+    def __init__(self, directory: str, manifest: dict[str, Any], platform: str, device: jax.Device,
+                 params: list[jax.Array], exported: dict[str, jax.export.Exported], tokenizer: spm.SentencePieceProcessor):
+        self.directory, self.manifest, self.platform, self.device = directory, manifest, platform, device
+        self.params = params
+        self.exported = exported
+        self.tokenizer = tokenizer
+        tok = manifest["tokenizer"]
+        self.bos_id, self.eos_id, self.pad_id = int(tok["bos_id"]), int(tok["eos_id"]), int(tok["pad_id"])
+        self.add_bos = bool(tok.get("add_bos", self.bos_id >= 0))
+        self.buckets = tuple(manifest["buckets"])
+        self.max_new_tokens = int(manifest["max_new_tokens"])
+        self.max_cache_len = int(manifest["max_cache_len"])
+        self.max_seq_len = int(manifest["max_seq_len"])
+        self._calls: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------------------------------- plumbing
+
+    @property
+    def functions(self) -> list[str]:
+        return sorted(self.exported)
+
+    def _pick(self, kind: str, n: int, bucket: int | None = None) -> tuple[str, int]:
+        """(function name, batch it runs at) for `n` rows: the symbolic one, else the smallest fixed batch ≥ n."""
+        fns = self.manifest["functions"]
+        options = [(name, fn["batch"]) for name, fn in fns.items()
+                   if fn["kind"] == kind and fn.get("bucket") == bucket]
+        if not options:
+            what = f"{kind} for bucket {bucket}" if bucket is not None else kind
+            raise ValueError(f"this export has no {what} function (functions: {self.functions})")
+        for name, b in options:
+            if isinstance(b, str):
+                return name, n
+        fitting = sorted((b, name) for name, b in options if b >= n)
+        if not fitting:  # more rows than the largest size: the caller runs chunks of it (generate) or refuses
+            b, name = max((b, name) for name, b in options)
+            return name, b
+        return fitting[0][1], fitting[0][0]
+
+    def _sizes(self, kind: str) -> list[int]:
+        return sorted({fn["batch"] for fn in self.manifest["functions"].values()
+                       if fn["kind"] == kind and not isinstance(fn["batch"], str)})
+
+    def _call(self, name: str, *args: Any) -> Any:
+        fn = self._calls.get(name)
+        if fn is None:
+            # decode consumes its cache (updated in place): the serving loop never holds two copies
+            donate = (3,) if self.manifest["functions"][name]["kind"] == "decode" else ()
+            fn = self._calls[name] = jax.jit(self.exported[name].call, donate_argnums=donate)
+        put = lambda x: jax.device_put(x, self.device)
+        with jax.default_device(self.device):
+            return fn(self.params, *jax.tree.map(put, args))
+
+    def _bucket_for(self, length: int) -> int:
+        fitting = [b for b in self.buckets if b >= length]
+        if not fitting:
+            raise ValueError(f"a prompt of {length} tokens is longer than the largest exported bucket "
+                             f"({max(self.buckets)})")
+        return fitting[0]
+
+    # -------------------------------------------------------------------------------------------- steps
+
+    def init_cache(self, batch: int) -> list[dict[str, jax.Array]]:
+        """A zeroed KV cache in the decode layout (list per layer of {"k", "v"} [batch, max_cache_len, K, D])."""
+        c = self.manifest["cache"]
+        shape = (batch, *c["shape"][1:])
+        zeros = lambda: jax.device_put(np.zeros(shape, _np_dtype(c["dtype"])), self.device)
+        return [{"k": zeros(), "v": zeros()} for _ in range(c["layers"])]
+
+    def prefill(self, tokens: Any, lengths: Any) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+        """Right-padded prompts [B, T] (padded here to the smallest bucket ≥ T) → (last logits [B, V], KV cache)."""
+        tokens = np.asarray(tokens, np.int32)
+        lengths = np.asarray(lengths, np.int32)
+        if tokens.ndim != 2 or lengths.shape != tokens.shape[:1]:
+            raise ValueError(f"prefill: tokens must be [B, T] and lengths [B], got {tokens.shape} and {lengths.shape}")
+        if np.any(lengths < 1) or np.any(lengths > tokens.shape[1]):
+            raise ValueError(f"prefill: every length must be in [1, {tokens.shape[1]}], got {lengths.tolist()}")
+        bucket = self._bucket_for(tokens.shape[1])
+        name, batch = self._pick("prefill", tokens.shape[0], bucket)
+        if batch != tokens.shape[0]:
+            raise ValueError(f"prefill: batch {tokens.shape[0]} is not an exported batch size "
+                             f"({self._sizes('prefill')}); pad the rows yourself so the cache matches decode")
+        padded = np.full((tokens.shape[0], bucket), max(self.pad_id, 0), np.int32)
+        padded[:, :tokens.shape[1]] = tokens
+        return self._call(name, padded, lengths)
+
+    def decode(self, tokens: Any, positions: Any, cache: Any) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+        """One token per row at its position → (next logits [B, V], updated cache). The cache passed in is
+        donated (updated in place, then unusable): keep only the returned one."""
+        tokens = np.asarray(tokens, np.int32)
+        positions = np.asarray(positions, np.int32)
+        if tokens.ndim != 1 or positions.shape != tokens.shape:
+            raise ValueError(f"decode: tokens and positions must both be [B], got {tokens.shape}, {positions.shape}")
+        if np.any(positions < 0) or np.any(positions >= self.max_cache_len):
+            raise ValueError(f"decode: positions must be in [0, {self.max_cache_len}) (the cache length), "
+                             f"got {positions.tolist()}")
+        name, batch = self._pick("decode", tokens.shape[0])
+        if batch != tokens.shape[0]:
+            raise ValueError(f"decode: batch {tokens.shape[0]} is not an exported batch size "
+                             f"({self._sizes('decode')})")
+        return self._call(name, tokens, positions, cache)
+
+    # ---------------------------------------------------------------------------------------- generation
+
+    def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | None = None,
+                        temperature: Any = 0.0, top_k: Any = 0, top_p: Any = 1.0, seed: int = 0,
+                        stop_tokens: Sequence[int] | None = None) -> list[list[int]]:
+        """Token-level generation: each prompt's new ids (a stop token, when hit, is included as the last one).
+
+        temperature / top_k / top_p: a scalar or one value per prompt (0 → greedy; 0 → off; 1.0 → off).
+        Rows stop at `max_new_tokens` (≤ the exported maximum) and never run past the model's context.
+        """
+        prompts = [list(map(int, p)) for p in prompts]
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt must have at least one token")
+        n = len(prompts)
+        max_new = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if not 0 <= max_new <= self.max_new_tokens:
+            raise ValueError(f"max_new_tokens={max_new}: this export generates at most {self.max_new_tokens} "
+                             "(re-export with a larger --max-new-tokens)")
+        stops = [self.eos_id] if stop_tokens is None and self.eos_id >= 0 else list(stop_tokens or [])
+        s_max = int(self.manifest["max_stop_tokens"])
+        if len(stops) > s_max:
+            raise ValueError(f"{len(stops)} stop tokens given; this export takes at most {s_max}")
+        stop_arr = np.array(stops + [-1] * (s_max - len(stops)), np.int32)
+        temp = _per_row(temperature, n, np.float32, "temperature")
+        k = _per_row(top_k, n, np.int32, "top_k")
+        p = _per_row(top_p, n, np.float32, "top_p")
+        bucket = self._bucket_for(max(len(x) for x in prompts))
+        name, batch = self._pick("generate", n, bucket)
+        if batch < n:  # fixed sizes smaller than the request: run in chunks of the largest one
+            out: list[list[int]] = []
+            for i in range(0, n, batch):
+                out += self.generate_tokens(prompts[i:i + batch], max_new, temp[i:i + batch], k[i:i + batch],
+                                            p[i:i + batch], seed + i, stops)
+            return out
+        rows = batch
+        tokens = np.full((rows, bucket), max(self.pad_id, 0), np.int32)
+        lengths = np.ones((rows,), np.int32)
+        for i, prompt in enumerate(prompts):
+            tokens[i, :len(prompt)] = prompt
+            lengths[i] = len(prompt)
+        pad = lambda a, fill: np.concatenate([a, np.full((rows - n,), fill, a.dtype)])
+        row_max = pad(np.full((n,), max_new, np.int32), 0)  # padding rows are done before they start
+        out_tokens, counts = self._call(name, tokens, lengths, np.uint32(seed & 0xFFFFFFFF), pad(temp, 0.0),
+                                        pad(k, 0), pad(p, 1.0), row_max, stop_arr)
+        out_tokens, counts = np.asarray(out_tokens), np.asarray(counts)
+        return [out_tokens[i, :counts[i]].tolist() for i in range(n)]
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int | None = None, temperature: Any = 0.0,
+                 top_k: Any = 0, top_p: Any = 1.0, seed: int = 0) -> list[str]:
+        """Continuations of `prompts` (tokenized, BOS-prefixed like training, padded to the smallest bucket)."""
+        if isinstance(prompts, str):
+            raise TypeError("generate takes a list of prompts; wrap a single prompt in a list")
+        ids = [self.encode(t) for t in prompts]
+        outs = self.generate_tokens(ids, max_new_tokens, temperature, top_k, top_p, seed)
+        return [self.decode_text([t for t in o if t != self.eos_id]) for o in outs]
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt ids as generate() feeds them: BOS first when the model was trained with one."""
+        ids = list(self.tokenizer.encode(text))
+        return [self.bos_id] + ids if self.add_bos else ids
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+    def __repr__(self) -> str:
+        return (f"ExportedModel({self.directory!r}, platform={self.platform!r}, buckets={list(self.buckets)}, "
+                f"functions={self.functions})")
+
+
+def load_exported(directory: str, platform: str | None = None, *, verify: bool = True) -> ExportedModel:
+    """Loads an export made by `fastserve.export`, checking its manifest and (with `verify`) every file's sha256.
+
+    `platform`: "cpu", "cuda", "rocm" or "tpu" (default: this machine's default backend); it must be one the
+    export was made for, and a device of it must be present.
+    """
+    directory = os.fspath(directory)
+    manifest = read_manifest(directory, verify=verify)
+    platform = _resolve_platform(manifest, platform)
+    device = _device_for(platform)
+    exported = {}
+    for name, fn in manifest["functions"].items():
+        path = os.path.join(directory, fn["file"])
+        try:
+            with open(path, "rb") as f:
+                exp = jax.export.deserialize(bytearray(f.read()))
+        except Exception as e:
+            raise ExportIntegrityError(f"{path}: cannot be deserialized by jax {jax.__version__} (exported with jax "
+                                       f"{manifest.get('jax_version')}): {type(e).__name__}: {e}") from None
+        if platform not in exp.platforms:
+            raise UnsupportedPlatformError(f"{path}: has code for {list(exp.platforms)}, not '{platform}'")
+        shapes = [list(a.shape) for a in exp.in_avals[:len(manifest["params"]["names"])]]
+        if shapes != [list(s) for s in manifest["params"]["shapes"]]:
+            raise ExportIntegrityError(f"{path}: its weight arguments do not match manifest.params (an export "
+                                       "directory mixing files of different exports?)")
+        exported[name] = exp
+    p = manifest["params"]
+    weights = load_weights(os.path.join(directory, p["file"]), p["names"], p.get("shapes"), p.get("dtypes"))
+    params = [jax.device_put(w, device) for w in weights]
+    with open(os.path.join(directory, manifest["tokenizer"]["file"]), "rb") as f:
+        tokenizer = spm.SentencePieceProcessor(model_proto=f.read())
+    return ExportedModel(directory, manifest, platform, device, params, exported, tokenizer)
+
+
+__all__ = ["ExportIntegrityError", "ExportedModel", "MissingExportFileError", "UnsupportedPlatformError",
+           "load_exported", "read_manifest"]
