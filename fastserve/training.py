@@ -134,9 +134,13 @@ def train(cfg: Config) -> dict[str, Any]:
                   f"vocab {cfg.model.vocab_size}, "
                   + (f"resuming at step {setup.start_step}" if setup.start_step else "fresh start"))
 
-    # 5. The loop.
+    # 5. The loop (a fresh run first measures the held-out loss of the untrained model: the baseline it must beat).
     step = setup.start_step
     last_eval: dict[str, float] = {}
+    if step == 0 and data.eval:
+        initial_eval = evaluate_params(eval_step, state["params"], data.eval, task, mesh)
+        monitor.write(0, "eval", initial_eval)
+        monitor.print(f"step 0: held-out loss {initial_eval['loss']:.4f}, perplexity {initial_eval['perplexity']:.2f}")
     last: dict[str, float] = {}
     window_time, window_steps = 0.0, 0
     stopped_early = False

@@ -14,10 +14,10 @@ from fastserve.checkpoint import Checkpointer
 from fastserve.training import TrainingDiverged, train
 
 
-def train_losses(workdir):
+def train_losses(workdir, split="train"):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+    return {r["step"]: r["loss"] for r in records if r["split"] == split}
 
 
 def test_loss_falls_on_a_tiny_config(tiny_config):
@@ -28,6 +28,9 @@ def test_loss_falls_on_a_tiny_config(tiny_config):
     assert first > math.log(400) - 0.5            # starts near chance
     assert last < first - 1.0, (first, last)       # and falls clearly
     assert results["eval"]["loss"] < first - 0.8
+    held_out = train_losses(cfg.train.workdir, "eval")
+    assert sorted(held_out) == [0, 20, 40]          # the untrained baseline, then every eval_every
+    assert held_out[40] < held_out[0] - 1.0 and held_out[20] < held_out[0] - 1.0
     assert Checkpointer(os.path.join(cfg.train.workdir, "checkpoints")).all_steps() == [20, 40]
 
 
