@@ -53,7 +53,7 @@ def _np_dtype(name: str) -> np.dtype:
     return np.dtype(np.bool_ if name == "bool" else getattr(jnp, name))
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -100,7 +100,7 @@ def read_manifest(directory: str, verify: bool = True) -> dict[str, Any]:
                                        "(truncated or replaced)")
         if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
             raise ExportIntegrityError(f"{path}: no sha256 recorded for {name}")
-        digest = _sha256(fpath)
+        digest = sha256_file(fpath)
         if digest != meta["sha256"]:
             raise ExportIntegrityError(f"{fpath}: sha256 mismatch (file {digest[:16]}…, manifest "
                                        f"{meta['sha256'][:16]}…): the file was modified or corrupted")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -47,7 +46,7 @@ from fastserve.core import infer
 from fastserve.core.state import abstract_model
 from fastserve.data.tokenizer import Tokenizer
 from fastserve.exported import (EXPORTED_SUFFIX, FORMAT_VERSION, MANIFEST_FILE, SAFETENSORS_DTYPES, TOKENIZER_FILE,
-                                WEIGHTS_FILE)
+                                WEIGHTS_FILE, sha256_file)
 from fastserve.models.layers import dtype_of
 
 log = logging.getLogger("fastserve.export")
@@ -132,14 +131,6 @@ def _dim(d: Any) -> int | str:
 
 def _spec(name: str, aval: Any) -> dict[str, Any]:
     return {"name": name, "shape": [_dim(d) for d in aval.shape], "dtype": str(np.dtype(aval.dtype))}
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_weights(path: str, names: Sequence[str], leaves: Sequence[Any]) -> None:
@@ -331,7 +322,7 @@ def export_params(model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, out
         },
         "functions": functions,
         "source": source or {},
-        "files": {f: {"sha256": _sha256(os.path.join(out_dir, f)), "bytes": os.path.getsize(os.path.join(out_dir, f))}
+        "files": {f: {"sha256": sha256_file(os.path.join(out_dir, f)), "bytes": os.path.getsize(os.path.join(out_dir, f))}
                   for f in files},
     }
     _atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")

@@ -20,11 +20,37 @@ from fastserve.core.steps import make_train_step, split_micro_batches  # noqa: E
 from fastserve.core.tasks import make_task  # noqa: E402
 
 
-def run(shape):
-    cfg = load_config(None, ["model.vocab_size=256", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
-                             "model.n_kv_heads=2", "model.d_ff=128", "model.tie_embeddings=false",
-                             "optimizer.warmup_steps=0", "optimizer.learning_rate=1e-2",
-                             f"mesh.data={shape[0]}", f"mesh.fsdp={shape[1]}", f"mesh.tensor={shape[2]}"])
+def restore_elsewhere(state, shardings, cfg_overrides, directory):
+    """Saves the 2×2×2 state, restores it onto other mesh shapes; returns max abs difference and specs per shape."""
+    from fastserve.checkpoint import Checkpointer
+    from fastserve.core.state import abstract_train_state
+    ckpt = Checkpointer(directory)
+    ckpt.save(3, state, {"data": {"epoch": 0, "index": 3}})
+    ckpt.wait()
+    out = {}
+    for shape in [(1, 1, 1), (1, 4, 2), (4, 1, 2)]:
+        cfg = load_config(None, [*cfg_overrides, f"mesh.data={shape[0]}", f"mesh.fsdp={shape[1]}", f"mesh.tensor={shape[2]}"])
+        mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:int(np.prod(shape))])
+        tx, _ = make_optimizer(cfg.optimizer, 10)
+        _, fresh, new_shardings = create_train_state(cfg.model, tx, mesh, seed=1)
+        step, restored, extra = ckpt.restore_latest(abstract_train_state(fresh, new_shardings))
+        diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)))
+        q = restored["params"]["layers"][0]["attn"]["q"]["kernel"]
+        out["x".join(map(str, shape))] = {"max_abs_diff": diff, "step": step, "extra": extra,
+                                          "q_spec": [list(a) if isinstance(a, tuple) else a for a in q.sharding.spec],
+                                          "q_devices": len(q.sharding.device_set)}
+    ckpt.close()
+    return out
+
+
+OVERRIDES = ["model.vocab_size=256", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
+             "model.n_kv_heads=2", "model.d_ff=128", "model.tie_embeddings=false",
+             "optimizer.warmup_steps=0", "optimizer.learning_rate=1e-2"]
+
+
+def run(shape, restore_dir=None):
+    cfg = load_config(None, [*OVERRIDES, f"mesh.data={shape[0]}", f"mesh.fsdp={shape[1]}", f"mesh.tensor={shape[2]}"])
     mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:int(np.prod(shape))])
     tx, schedule = make_optimizer(cfg.optimizer, 10)
     graphdef, state, shardings = create_train_state(cfg.model, tx, mesh, seed=0)
@@ -39,6 +65,7 @@ def run(shape):
     layer = state["params"]["layers"][0]
     adam = state["opt_state"][1][0]  # chain(clip, adamw) → adamw's ScaleByAdamState
     return {
+        "restored": restore_elsewhere(state, shardings, OVERRIDES, restore_dir) if restore_dir else {},
         "losses": losses,
         "params": {"embed": spec(state["params"]["embed"]["embedding"]), "q": spec(layer["attn"]["q"]["kernel"]),
                    "o": spec(layer["attn"]["o"]["kernel"]), "gate": spec(layer["mlp"]["gate"]["kernel"]),
@@ -52,5 +79,5 @@ def run(shape):
 
 
 if __name__ == "__main__":
-    print(json.dumps({"one": run((1, 1, 1)), "mesh": run((2, 2, 2))}))
+    print(json.dumps({"one": run((1, 1, 1)), "mesh": run((2, 2, 2), restore_dir=sys.argv[1])}))
     sys.stdout.flush()

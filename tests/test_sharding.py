@@ -41,9 +41,10 @@ def test_mesh_shape_resolution():
 
 
 @pytest.fixture(scope="module")
-def eight_device_run():
+def eight_device_run(tmp_path_factory):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "sharding_check.py")],
+    ckpt_dir = str(tmp_path_factory.mktemp("mesh_ckpt"))
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "sharding_check.py"), ckpt_dir],
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -68,3 +69,14 @@ def test_loss_is_the_same_on_one_device_and_on_the_mesh(eight_device_run):
     one, mesh = eight_device_run["one"]["losses"], eight_device_run["mesh"]["losses"]
     assert one[0] > one[-1]  # the steps really trained
     assert mesh == pytest.approx(one, rel=1e-5)
+
+
+def test_checkpoint_restores_onto_other_mesh_shapes(eight_device_run):
+    """Saved on 2×2×2, restored exactly onto 1 device, fsdp=4×tensor=2 and data=4×tensor=2, sharded as the new mesh says."""
+    restored = eight_device_run["mesh"]["restored"]
+    assert set(restored) == {"1x1x1", "1x4x2", "4x1x2"}
+    for shape, r in restored.items():
+        assert r["max_abs_diff"] == 0.0 and r["step"] == 3 and r["extra"] == {"data": {"epoch": 0, "index": 3}}
+    assert restored["1x1x1"]["q_devices"] == 1
+    assert restored["1x4x2"]["q_spec"] == ["fsdp", "tensor"] and restored["1x4x2"]["q_devices"] == 8
+    assert restored["4x1x2"]["q_spec"] == [None, "tensor"]  # no fsdp axis: only tensor-sharded, replicated over data

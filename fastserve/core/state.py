@@ -49,10 +49,12 @@ def init_params(model_cfg: Any, mesh: Mesh, seed: int) -> tuple[nnx.GraphDef, di
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
-    """Optimizer moments shard like their parameters; scalars (counters) are replicated."""
+    """Optimizer moments shard like their parameters; scalars (counters) and factored statistics whose shape
+    differs from the parameter's (adafactor's row/column moments, a vector per matrix) are replicated."""
     abstract = jax.eval_shape(tx.init, params)
-    return optax.tree_map_params(tx, lambda _, s: s, abstract, param_shardings,
-                                 transform_non_params=lambda _: parallel.replicated(mesh))
+    rep = parallel.replicated(mesh)
+    return optax.tree_map_params(tx, lambda leaf, p, s: s if leaf.shape == p.shape else rep, abstract, params,
+                                 param_shardings, transform_non_params=lambda _: rep)
 
 
 def create_train_state(model_cfg: Any, tx: optax.GradientTransformation, mesh: Mesh, seed: int) -> tuple[nnx.GraphDef, TrainState, Any]:
