@@ -150,11 +150,11 @@ def test_two_processes_train_in_lockstep_and_match_one_process(tmp_path):
     # ... and training did something: the loss went down over 6 steps.
     assert r0["losses"][-1] < r0["losses"][0]
 
-    # Shared work dir: process 0 alone wrote the metrics (6 train + 2 eval records, matching the losses it reported);
+    # Shared work dir: process 0 alone wrote the metrics (6 train + 3 eval records: the untrained baseline at 0, matching the losses it reported);
     # both processes wrote their shards into the same orbax checkpoints (one ocdbt.process_<i> each), which committed.
     records = [json.loads(l) for l in (shared / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
-    assert [r["step"] for r in records if r["split"] == "eval"] == [3, 6]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [0, 3, 6]
     np.testing.assert_allclose([r["loss"] for r in records if r["split"] == "train"], r0["losses"], rtol=1e-7)
     ckpts = shared / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["3", "6"]
