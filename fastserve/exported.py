@@ -1,4 +1,4 @@
-"""Run an export made by `fastserve.export` without the model code: jax, numpy, safetensors and sentencepiece only.
+"""Run an export made by `fastserve.export` without the model code: jax, numpy, safetensors and the tokenizer only.
 
     from fastserve.exported import load_exported
     m = load_exported("exports/quickstart")            # verifies manifest.json and the sha256 of every file
@@ -19,12 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
-import sentencepiece as spm
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
-TOKENIZER_FILE = "tokenizer.model"
 EXPORTED_SUFFIX = ".jax_exported"
 # numpy dtype name ↔ safetensors dtype tag (the raw safetensors API is used both ways: safetensors.numpy has no bf16).
 SAFETENSORS_DTYPES = {
@@ -169,7 +167,7 @@ class ExportedModel:
     """Serving functions of an export, bound to its weights on one device of `platform`."""
 
     def __init__(self, directory: str, manifest: dict[str, Any], platform: str, device: jax.Device,
-                 params: list[jax.Array], exported: dict[str, jax.export.Exported], tokenizer: spm.SentencePieceProcessor):
+                 params: list[jax.Array], exported: dict[str, jax.export.Exported], tokenizer: Any):
         self.directory, self.manifest, self.platform, self.device = directory, manifest, platform, device
         self.params = params
         self.exported = exported
@@ -177,6 +175,8 @@ class ExportedModel:
         tok = manifest["tokenizer"]
         self.bos_id, self.eos_id, self.pad_id = int(tok["bos_id"]), int(tok["eos_id"]), int(tok["pad_id"])
         self.add_bos = bool(tok.get("add_bos", self.bos_id >= 0))
+        self.stop_ids = [int(i) for i in tok.get("stop_ids", [self.eos_id] if self.eos_id >= 0 else [])]
+        self.chat_template = tok.get("chat_template")
         self.buckets = tuple(manifest["buckets"])
         self.max_new_tokens = int(manifest["max_new_tokens"])
         self.max_cache_len = int(manifest["max_cache_len"])
@@ -289,7 +289,7 @@ class ExportedModel:
         if not 0 <= max_new <= self.max_new_tokens:
             raise ValueError(f"max_new_tokens={max_new}: this export generates at most {self.max_new_tokens} "
                              "(re-export with a larger --max-new-tokens)")
-        stops = [self.eos_id] if stop_tokens is None and self.eos_id >= 0 else list(stop_tokens or [])
+        stops = list(self.stop_ids) if stop_tokens is None else list(stop_tokens)
         s_max = int(self.manifest["max_stop_tokens"])
         if len(stops) > s_max:
             raise ValueError(f"{len(stops)} stop tokens given; this export takes at most {s_max}")
@@ -319,16 +319,21 @@ class ExportedModel:
         return [out_tokens[i, :counts[i]].tolist() for i in range(n)]
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int | None = None, temperature: Any = 0.0,
-                 top_k: Any = 0, top_p: Any = 1.0, seed: int = 0) -> list[str]:
-        """Continuations of `prompts` (tokenized, BOS-prefixed like training, padded to the smallest bucket)."""
+                 top_k: Any = 0, top_p: Any = 1.0, seed: int = 0, chat: bool = False) -> list[str]:
+        """Continuations of `prompts` (tokenized, BOS-prefixed like training, padded to the smallest bucket);
+        with `chat`, each prompt is a user message wrapped in the model's chat template."""
         if isinstance(prompts, str):
             raise TypeError("generate takes a list of prompts; wrap a single prompt in a list")
-        ids = [self.encode(t) for t in prompts]
+        ids = [self.encode(t, chat) for t in prompts]
         outs = self.generate_tokens(ids, max_new_tokens, temperature, top_k, top_p, seed)
-        return [self.decode_text([t for t in o if t != self.eos_id]) for o in outs]
+        return [self.decode_text([t for t in o if t not in self.stop_ids]) for o in outs]
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, chat: bool = False) -> list[int]:
         """Prompt ids as generate() feeds them: BOS first when the model was trained with one."""
+        if chat:
+            if not self.chat_template:
+                raise ValueError("chat=True but this export has no chat template")
+            return list(self.tokenizer.encode(self.tokenizer.apply_chat_template([{"role": "user", "content": text}])))
         ids = list(self.tokenizer.encode(text))
         return [self.bos_id] + ids if self.add_bos else ids
 
@@ -369,9 +374,22 @@ def load_exported(directory: str, platform: str | None = None, *, verify: bool =
     p = manifest["params"]
     weights = load_weights(os.path.join(directory, p["file"]), p["names"], p.get("shapes"), p.get("dtypes"))
     params = [jax.device_put(w, device) for w in weights]
-    with open(os.path.join(directory, manifest["tokenizer"]["file"]), "rb") as f:
-        tokenizer = spm.SentencePieceProcessor(model_proto=f.read())
+    tokenizer = load_tokenizer(os.path.join(directory, manifest["tokenizer"]["file"]),
+                               manifest["tokenizer"].get("kind", "sentencepiece"))
     return ExportedModel(directory, manifest, platform, device, params, exported, tokenizer)
+
+
+def load_tokenizer(path: str, kind: str) -> Any:
+    """The export's tokenizer: sentencepiece (trained here) or the byte-level BPE of an imported model."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if kind == "sentencepiece":
+        import sentencepiece as spm
+        return spm.SentencePieceProcessor(model_proto=data)
+    if kind == "fastserve-bpe":
+        from fastserve.interop.tokenizer import BPETokenizer  # HF `tokenizers` only, no model code
+        return BPETokenizer.from_json(data)
+    raise ExportIntegrityError(f"{path}: unknown tokenizer kind '{kind}' (this loader knows sentencepiece, fastserve-bpe)")
 
 
 __all__ = ["ExportIntegrityError", "ExportedModel", "MissingExportFileError", "UnsupportedPlatformError",

@@ -45,7 +45,7 @@ from fastserve.config import Config, ConfigError, ModelConfig, load_config
 from fastserve.core import infer
 from fastserve.core.state import abstract_model
 from fastserve.data.tokenizer import Tokenizer
-from fastserve.exported import (EXPORTED_SUFFIX, FORMAT_VERSION, MANIFEST_FILE, SAFETENSORS_DTYPES, TOKENIZER_FILE,
+from fastserve.exported import (EXPORTED_SUFFIX, FORMAT_VERSION, MANIFEST_FILE, SAFETENSORS_DTYPES,
                                 WEIGHTS_FILE, sha256_file)
 from fastserve.models.layers import dtype_of
 
@@ -150,12 +150,6 @@ def save_weights(path: str, names: Sequence[str], leaves: Sequence[Any]) -> None
     blob = safetensors.serialize(specs, metadata={"format": "fastserve", "order": "manifest.params.names"})
     with open(path, "wb") as f:
         f.write(bytes(blob))
-
-
-def _unk_id(tokenizer: Tokenizer) -> int:
-    import sentencepiece as spm
-
-    return int(spm.SentencePieceProcessor(model_proto=tokenizer.model_proto).unk_id())
 
 
 def _check_params(params: Any, abstract: Any) -> None:
@@ -282,10 +276,11 @@ def export_params(model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, out
         log.info("exported %s (%d bytes, %.1f s)", fname, len(blob), time.perf_counter() - t0)
 
     save_weights(os.path.join(out_dir, WEIGHTS_FILE), names, leaves)
-    with open(os.path.join(out_dir, TOKENIZER_FILE), "wb") as f:
-        f.write(tokenizer.model_proto)
+    tok_kind, tok_file, tok_bytes = tokenizer.export_file()
+    with open(os.path.join(out_dir, tok_file), "wb") as f:
+        f.write(tok_bytes)
 
-    files = [WEIGHTS_FILE, TOKENIZER_FILE] + [fn["file"] for fn in functions.values()]
+    files = [WEIGHTS_FILE, tok_file] + [fn["file"] for fn in functions.values()]
     manifest = {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -316,9 +311,10 @@ def export_params(model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, out
             "num_parameters": int(sum(int(np.prod(x.shape)) for x in leaves)),
         },
         "tokenizer": {
-            "file": TOKENIZER_FILE, "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id,
-            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "unk_id": _unk_id(tokenizer),
-            "add_bos": tokenizer.bos_id >= 0,  # training packs documents as [bos] + text + [eos]
+            "file": tok_file, "kind": tok_kind, "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id,
+            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "add_bos": bool(tokenizer.add_bos),
+            "stop_ids": [int(i) for i in tokenizer.stop_ids],
+            "chat_template": getattr(tokenizer, "chat_template", None),
         },
         "functions": functions,
         "source": source or {},

@@ -75,6 +75,20 @@ class Tokenizer:
         """The serialized model, e.g. to embed in an export."""
         return self._sp.serialized_model_proto()
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end a generation: the end-of-sequence piece."""
+        return [self.eos_id] if self.eos_id >= 0 else []
+
+    @property
+    def add_bos(self) -> bool:
+        """Prompts start with BOS, as training packs every document as [bos] text [eos]."""
+        return self.bos_id >= 0
+
+    def export_file(self) -> tuple[str, str, bytes]:
+        """(kind, file name, bytes) under which an export stores this tokenizer."""
+        return "sentencepiece", "tokenizer.model", self.model_proto
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no BOS/EOS added)."""
         return self._sp.encode(text)
