@@ -157,6 +157,28 @@ class ExportConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The serving engine (fastserve.serve): decode slots, prompt buckets, the scheduler, and the HTTP front."""
+    slots: int = 8                 # decode slots: requests decoded together in one step (the KV cache's batch)
+    buckets: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # prompt lengths (compiled at start)
+    max_cache_len: int = 0         # KV positions per slot (prompt + generated); 0: model.max_seq_len
+    scheduler: str = "mlfq"        # fcfs: run to completion in arrival order | static: whole batches | mlfq: skip-join
+    mlfq_levels: int = 4           # priority levels K; level i has the quantum q0 * 2**i
+    mlfq_base_quantum_s: float = 0.0  # q0 in seconds; 0: the profiled decode step time
+    starvation_s: float = 10.0     # a job that has waited this long is promoted to the top level (0: never)
+    iteration_cost: str = "measured"  # what the scheduler is charged per iteration: measured wall time | profiled
+                                   # (the start-up profile of prefill per bucket and of the decode step: deterministic)
+    batch_timeout_s: float = 0.05  # static: start a partial batch once its oldest request waited this long
+    host_kv_slots: int = 16        # preempted jobs whose KV may live in host memory (beyond: recompute on resume)
+    max_queue: int = 256           # requests waiting or running; more are refused
+    max_new_tokens_limit: int = 1024  # the largest max_new_tokens a request may ask for
+    host: str = "127.0.0.1"        # HTTP server
+    port: int = 8000
+    api_key: str = ""              # empty: no authentication
+    max_body_bytes: int = 1_000_000
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -170,6 +192,7 @@ class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,584 @@
+"""The serving engine: fixed decode slots over a preallocated KV cache, driven one iteration at a time by a scheduler.
+
+Shapes stay static (ARCHITECTURE.md, "Serving keeps shapes static"):
+  * a prompt is prefilled alone, right-padded to the smallest fitting bucket (every bucket compiled at start-up),
+    into a fresh cache of the bucket's length; its rows are then written into a free slot by a jitted insert whose
+    slot index is a traced argument (one compile for all slots; the pool's cache is donated);
+  * one jitted decode step runs every slot (slots not scheduled this iteration are masked: their position is set
+    past the cache, so their KV write is dropped and their token ignored), with per-slot temperature / top_k /
+    top_p and per-slot randomness: the key of a request's i-th token is fold_in(key(seed), i), whatever slot or
+    schedule it runs in;
+  * the per-slot inputs go up as two small arrays and the sampled tokens [slots] come back in ONE device→host
+    transfer per step; stop tokens and lengths are checked on the host.
+
+A preempted job keeps its slot while no other job needs it. When one does, the resident jobs not scheduled this
+iteration are evicted lowest priority first: their KV rows go to host memory (numpy; at most `host_kv_slots` jobs)
+and come back into any free slot when the job runs again; beyond that budget the rows are dropped and recomputed
+from prompt + generated tokens on resume (counted as recomputes).
+
+`step()` is synchronous and single-threaded; `start()` runs it on a background thread for a server, and
+`submit()` is thread-safe. Each request streams through `Request.stream()` and / or its `on_token` callback.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fastserve.config import ServeConfig
+from fastserve.core import infer
+from fastserve.serve.kv import HostKV, KVPool
+from fastserve.serve.scheduler import SCHEDULERS, MLFQScheduler, Scheduler, make_scheduler
+
+log = logging.getLogger(__name__)
+
+_ids = itertools.count()
+_END = object()
+
+
+class QueueFull(RuntimeError):
+    """The engine holds `serve.max_queue` unfinished requests already (an HTTP server answers 503)."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation job: the prompt's token ids, sampling settings, and (filled by the engine) its results/timings.
+
+    temperature 0 → greedy; top_k 0 → off; top_p 1.0 → off. stop_ids None → the model's stop tokens.
+    A stop token ends the output and is included in it (finish_reason "stop"); else "length" at max_new_tokens.
+    Times are on the engine's clock (time.perf_counter by default).
+    """
+    tokens: Sequence[int]
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_ids: Sequence[int] | None = None
+    on_token: Callable[["Request", int], None] | None = None     # called on the engine thread
+    on_finish: Callable[["Request"], None] | None = None
+    id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+
+    # results and metrics (engine-owned)
+    output: list[int] = field(default_factory=list)
+    finish_reason: str | None = None        # stop | length | cancelled | error
+    error: str | None = None
+    arrival: float = 0.0
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    finish_time: float | None = None
+    preemptions: int = 0                    # times it ran in one iteration and not in the next, unfinished
+    offloads: int = 0                       # evictions whose KV went to host memory
+    offloaded_bytes: int = 0
+    recomputes: int = 0                     # evictions whose KV was dropped and recomputed on resume
+    bucket: int = 0
+    prefill_time: float = 0.0               # the profiled prefill time of its bucket (MLFQ skip-join)
+
+    def __post_init__(self) -> None:
+        self.tokens = [int(t) for t in self.tokens]
+        self._slot: int | None = None
+        self._host: HostKV | None = None
+        self._recompute = False
+        self._cancel = False
+        self._submitted = False
+        self._stop: frozenset[int] = frozenset()
+        self._queue: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+
+    # -- results
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def stream(self, timeout: float | None = None) -> Iterator[int]:
+        """Yields the generated token ids as they come, until the request finishes (raises on an engine error)."""
+        while True:
+            item = self._queue.get(timeout=timeout)
+            if item is _END:
+                if self.finish_reason == "error":
+                    raise RuntimeError(f"request {self.id} failed: {self.error}")
+                return
+            yield item
+
+    # -- metrics
+    @property
+    def ttft(self) -> float | None:
+        """Time to first token (arrival → first token)."""
+        return None if self.first_token_time is None else self.first_token_time - self.arrival
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first (mean gap)."""
+        if len(self.token_times) < 2:
+            return None
+        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
+
+    @property
+    def jct(self) -> float | None:
+        """Job completion time (arrival → finish)."""
+        return None if self.finish_time is None else self.finish_time - self.arrival
+
+
+def _sample_rows(logits, seeds, counts, temperature, top_k, top_p):
+    """infer.sample per row with the row's own key fold_in(key(seed), count)."""
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
+    one = lambda lg, k, t, tk, tp: infer.sample(lg[None], k, t[None], tk[None], tp[None])[0]  # noqa: E731
+    return jax.vmap(one)(logits, keys, temperature, top_k, top_p)
+
+
+# The compiled steps live at module level (the model's graphdef is a static argument), so that engines over the
+# same model and shapes share their programs.
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill_fn(graphdef, params, tokens, lengths, ints, floats):
+    """tokens [1, T] → (first token [1], KV rows [1, T, ...]); ints [3, 1]: seed, count, top_k; floats [2, 1]:
+    temperature, top_p."""
+    model = nnx.merge(graphdef, params)
+    cache = model.init_cache(tokens.shape[0], tokens.shape[1])
+    logits, cache = infer.prefill(model, tokens, lengths, cache)
+    return _sample_rows(logits, ints[0], ints[1], floats[0], ints[2], floats[1]), cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
+def _decode_fn(graphdef, max_len, params, cache, ints, floats):
+    """ints [6, S]: token, position, seed, count, top_k, active; floats [2, S]: temperature, top_p."""
+    model = nnx.merge(graphdef, params)
+    tokens, positions, seeds, counts, top_k, active = ints
+    active = active > 0
+    positions = jnp.where(active, positions, max_len)      # masked rows: their KV write is dropped
+    logits, cache = infer.decode(model, tokens, positions, cache)
+    sampled = _sample_rows(logits, seeds, counts, floats[0], top_k, floats[1])
+    return jnp.where(active, sampled, -1), cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _extend_fn(graphdef, params, cache, slot, tokens, start):
+    """Writes the KV of tokens [1, T] at positions start, start+1, ... into `slot` (recompute past one bucket)."""
+    model = nnx.merge(graphdef, params)
+    row = [{n: jax.lax.dynamic_slice_in_dim(c[n], slot, 1, axis=0) for n in ("k", "v")} for c in cache]
+    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    _, row = model(tokens, positions, row)
+    return [{n: jax.lax.dynamic_update_slice_in_dim(c[n], r[n], slot, axis=0) for n in ("k", "v")}
+            for c, r in zip(cache, row)]
+
+
+class Engine:
+    """Continuous-batching engine over `cfg.slots` decode slots, scheduled by fcfs / static / mlfq.
+
+    graphdef, params: the model (`nnx.split`, params a pure dict placed on `mesh`); model_cfg: its ModelConfig.
+    `scheduler` overrides the one named by cfg.scheduler; `iteration_cost` overrides cfg.iteration_cost.
+    """
+
+    def __init__(self, graphdef: Any, params: Any, model_cfg: Any, cfg: ServeConfig | None = None, *, mesh: Any = None,
+                 stop_ids: Sequence[int] = (), pad_id: int = 0, scheduler: Scheduler | None = None,
+                 iteration_cost: str | None = None, clock: Callable[[], float] = time.perf_counter):
+        cfg = cfg or ServeConfig()
+        self.cfg, self.model_cfg, self.graphdef, self.params, self.mesh = cfg, model_cfg, graphdef, params, mesh
+        self.clock = clock
+        self.iteration_cost = iteration_cost or cfg.iteration_cost
+        if self.iteration_cost not in ("measured", "profiled"):
+            raise ValueError(f"serve.iteration_cost='{self.iteration_cost}': choose measured or profiled")
+        if scheduler is None and cfg.scheduler not in SCHEDULERS:
+            raise ValueError(f"serve.scheduler='{cfg.scheduler}': choose from {', '.join(SCHEDULERS)}")
+        if cfg.slots < 1:
+            raise ValueError(f"serve.slots={cfg.slots}: must be at least 1")
+        self.max_len = cfg.max_cache_len or model_cfg.max_seq_len
+        if not 0 < self.max_len <= model_cfg.max_seq_len:
+            raise ValueError(f"serve.max_cache_len={cfg.max_cache_len} must be in (0, model.max_seq_len="
+                             f"{model_cfg.max_seq_len}] (0: model.max_seq_len)")
+        self.buckets = sorted({int(b) for b in cfg.buckets if 0 < b <= self.max_len})
+        if not self.buckets:
+            raise ValueError(f"serve.buckets={list(cfg.buckets)}: none fits max_cache_len={self.max_len}")
+        self.slots = cfg.slots
+        self.vocab = model_cfg.vocab_size
+        self.stop_ids = frozenset(int(t) for t in stop_ids)
+        self.pad_id = max(int(pad_id), 0)
+
+        model = nnx.merge(graphdef, params)
+        kv_heads, head_dim = model.cache_dims
+        self.pool = KVPool(len(model.layers), self.slots, self.max_len, kv_heads, head_dim, model.dtype,
+                           self.buckets, mesh)
+        del model
+
+        # scheduling state
+        self._lock = threading.Lock()            # guards the inbox (submit() runs on other threads)
+        self._step_lock = threading.Lock()
+        self._inbox: list[Request] = []
+        self._jobs: set[Request] = set()         # admitted, unfinished
+        self._slot_job: list[Request | None] = [None] * self.slots
+        self._host_jobs: set[Request] = set()
+        self._last_running: list[Request] = []
+        self.counters = dict(steps=0, decode_steps=0, prefills=0, tokens=0, preemptions=0, offloads=0,
+                             offloaded_bytes=0, restores=0, recomputes=0, recompute_extends=0, finished=0)
+        self._thread: threading.Thread | None = None
+        self._stop_event = threading.Event()
+        self._wake = threading.Event()
+
+        self.profile = self._warm_and_profile()
+        q0 = cfg.mlfq_base_quantum_s or self.profile["decode_s"]
+        if scheduler is None:   # (an empty Scheduler is falsy: it has a length)
+            scheduler = make_scheduler(cfg.scheduler, levels=cfg.mlfq_levels, base_quantum_s=q0,
+                                       starvation_s=cfg.starvation_s, batch_timeout_s=cfg.batch_timeout_s)
+        self.scheduler = scheduler
+
+    @classmethod
+    def from_loaded(cls, loaded: Any, cfg: ServeConfig | None = None, **kwargs: Any) -> "Engine":
+        """From `fastserve.inference.load_model(cfg)`'s LoadedModel."""
+        return cls(loaded.graphdef, loaded.params, loaded.model_cfg, cfg, mesh=loaded.mesh, stop_ids=loaded.stop_ids,
+                   pad_id=getattr(loaded.tokenizer, "pad_id", 0), **kwargs)
+
+    # ------------------------------------------------------------------------------------------- start-up
+
+    def _ctx(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _warm_and_profile(self, repeats: int = 3) -> dict[str, Any]:
+        """Compiles every bucket's prefill, the decode step, the recompute extend and the pool's moves; times them."""
+        prefill_s = {}
+        with self._ctx():
+            self.pool.warm()
+            ints1, floats1 = np.zeros((3, 1), np.int32), np.array([[0.0], [1.0]], np.float32)
+            for b in self.buckets:
+                tokens = np.full((1, b), self.pad_id, np.int32)
+                times = []
+                for _ in range(repeats + 1):
+                    t0 = self.clock()
+                    tok, rows = _prefill_fn(self.graphdef, self.params, tokens, np.array([b], np.int32), ints1, floats1)
+                    self.pool.insert(rows, 0)
+                    jax.device_get(tok)
+                    times.append(self.clock() - t0)
+                prefill_s[b] = float(np.median(times[1:]))
+            ints, floats = self._slot_arrays([])
+            times = []
+            for _ in range(repeats + 1):
+                t0 = self.clock()
+                toks, self.pool.cache = _decode_fn(self.graphdef, self.max_len, self.params, self.pool.cache, ints,
+                                                   floats)
+                jax.device_get(toks)
+                times.append(self.clock() - t0)
+            decode_s = float(np.median(times[1:]))
+            big = self.buckets[-1]
+            self.pool.cache = _extend_fn(self.graphdef, self.params, self.pool.cache, np.int32(0),
+                                         np.full((1, big), self.pad_id, np.int32), np.int32(0))
+            jax.block_until_ready(self.pool.cache)
+        return {"prefill_s": prefill_s, "decode_s": decode_s}
+
+    # ----------------------------------------------------------------------------------------- requests
+
+    def submit(self, req: Request) -> Request:
+        """Validates and queues a request (thread-safe). Raises ValueError for a bad request, QueueFull when full."""
+        p, n = len(req.tokens), req.max_new_tokens
+        if p == 0:
+            raise ValueError("the prompt has no tokens")
+        if p > self.buckets[-1]:
+            raise ValueError(f"the prompt has {p} tokens, longer than the largest bucket ({self.buckets[-1]}); "
+                             f"raise serve.buckets or shorten the prompt")
+        if n < 1:
+            raise ValueError(f"max_new_tokens={n}: must be at least 1")
+        if n > self.cfg.max_new_tokens_limit:
+            raise ValueError(f"max_new_tokens={n} exceeds serve.max_new_tokens_limit={self.cfg.max_new_tokens_limit}")
+        if p + n > self.max_len:
+            raise ValueError(f"the prompt has {p} tokens; with max_new_tokens={n} that exceeds the KV cache's "
+                             f"{self.max_len} positions (serve.max_cache_len)")
+        if self.vocab and any(not 0 <= t < self.vocab for t in req.tokens):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab})")
+        if req.temperature < 0 or req.top_k < 0 or not 0 < req.top_p <= 1:
+            raise ValueError("sampling: temperature >= 0, top_k >= 0 and 0 < top_p <= 1 are required")
+        with self._lock:
+            if req._submitted:
+                raise ValueError(f"request {req.id} was already submitted")
+            if len(self._inbox) + len(self._jobs) >= self.cfg.max_queue:
+                raise QueueFull(f"the engine holds serve.max_queue={self.cfg.max_queue} requests")
+            req.arrival = self.clock()
+            req.bucket = next(b for b in self.buckets if b >= p)
+            req.prefill_time = self.profile["prefill_s"][req.bucket]
+            req._stop = frozenset(int(t) for t in req.stop_ids) if req.stop_ids is not None else self.stop_ids
+            req._submitted = True
+            self._inbox.append(req)
+        self._wake.set()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stops a request at the next iteration (finish_reason "cancelled"); thread-safe."""
+        req._cancel = True
+        self._wake.set()
+
+    # -------------------------------------------------------------------------------------------- the loop
+
+    def step(self) -> bool:
+        """One iteration: admit, schedule, (evict / prefill / restore / recompute), decode, retire.
+
+        Returns False when nothing ran (no job, or the scheduler is waiting, e.g. static forming a batch)."""
+        with self._step_lock, self._ctx():
+            return self._step()
+
+    def _step(self) -> bool:
+        now = self.clock()
+        with self._lock:
+            arrivals, self._inbox = self._inbox, []
+        for req in arrivals:
+            self._jobs.add(req)
+            self.scheduler.add(req, req.arrival)
+        for req in [j for j in self._jobs if j._cancel]:
+            self._finish(req, "cancelled", now)
+        selected = list(self.scheduler.select(now, self.slots))[:self.slots]
+        finished_last = {j for j in self._last_running if j.finish_reason is not None}
+        for job in self._last_running:
+            if job not in finished_last and job not in selected:
+                job.preemptions += 1
+                self.counters["preemptions"] += 1
+        self._last_running = selected
+        if not selected:
+            return False
+        self.counters["steps"] += 1
+        cost: dict[Request, float] = {j: 0.0 for j in selected}
+
+        # make room: evict resident jobs that are not scheduled now, lowest priority first
+        chosen = set(selected)
+        need = [j for j in selected if j._slot is None]
+        free = [s for s, j in enumerate(self._slot_job) if j is None]
+        if len(need) > len(free):
+            paused = [j for j in self._slot_job if j is not None and j not in chosen]
+            paused.sort(key=self.scheduler.priority, reverse=True)
+            for victim in paused[:len(need) - len(free)]:
+                free.append(self._evict(victim))
+        # place: prefill new jobs, bring back offloaded ones, recompute dropped ones
+        prefilled = []
+        for job in need:
+            slot = free.pop(0)
+            t0 = self.clock()
+            if job._host is not None:
+                self.pool.restore(job._host, slot)
+                self._host_jobs.discard(job)
+                job._host = None
+                self.counters["restores"] += 1
+            elif job._recompute:
+                self._recompute(job, slot)
+                job._recompute = False
+            else:
+                tok = self._prefill_into(job, slot)
+                t = self.clock()
+                cost[job] += t - t0 if self.iteration_cost == "measured" else job.prefill_time
+                prefilled.append(job)
+                self._slot_job[slot], job._slot = job, slot
+                self._emit(job, tok, t)
+                continue
+            if self.iteration_cost == "measured":       # a resumed job is charged for bringing its KV back
+                cost[job] += self.clock() - t0
+            self._slot_job[slot], job._slot = job, slot
+        # one decode step over every slot; the scheduled, unfinished jobs that were not just prefilled are active
+        decoding = [j for j in selected if j not in prefilled and j.finish_reason is None]
+        if decoding:
+            ints, floats = self._slot_arrays(decoding)
+            t0 = self.clock()
+            toks, self.pool.cache = _decode_fn(self.graphdef, self.max_len, self.params, self.pool.cache, ints, floats)
+            toks = np.asarray(jax.device_get(toks))          # the one device→host transfer of the step
+            t = self.clock()
+            self.counters["decode_steps"] += 1
+            for job in decoding:
+                cost[job] += t - t0 if self.iteration_cost == "measured" else self.profile["decode_s"]
+                self._emit(job, int(toks[job._slot]), t)
+        for job in selected:
+            if job.finish_reason is None:
+                self.scheduler.on_iteration(job, cost[job])
+        return True
+
+    def _slot_arrays(self, active: Sequence[Request]) -> tuple[np.ndarray, np.ndarray]:
+        ints = np.zeros((6, self.slots), np.int32)
+        floats = np.zeros((2, self.slots), np.float32)
+        floats[1] = 1.0
+        for job in active:
+            s, n = job._slot, len(job.output)
+            ints[:, s] = (job.output[-1], len(job.tokens) + n - 1, job.seed % 2 ** 31, n, job.top_k, 1)
+            floats[:, s] = (job.temperature, job.top_p)
+        return ints, floats
+
+    def _prefill_into(self, job: Request, slot: int) -> int:
+        """Prefills the prompt (bucket-padded) and inserts its rows into `slot`; returns the first token."""
+        tokens = np.full((1, job.bucket), self.pad_id, np.int32)
+        tokens[0, :len(job.tokens)] = job.tokens
+        ints = np.array([[job.seed % 2 ** 31], [0], [job.top_k]], np.int32)
+        floats = np.array([[job.temperature], [job.top_p]], np.float32)
+        tok, rows = _prefill_fn(self.graphdef, self.params, tokens, np.array([len(job.tokens)], np.int32), ints, floats)
+        self.pool.insert(rows, slot)
+        self.counters["prefills"] += 1
+        return int(jax.device_get(tok)[0])
+
+    def _recompute(self, job: Request, slot: int) -> None:
+        """Rebuilds the KV of prompt + generated[:-1] in `slot`: a bucket prefill, then extends past the largest."""
+        seq = job.tokens + job.output[:-1]
+        big = self.buckets[-1]
+        head = seq[:big]
+        bucket = next(b for b in self.buckets if b >= len(head))
+        tokens = np.full((1, bucket), self.pad_id, np.int32)
+        tokens[0, :len(head)] = head
+        ints, floats = np.zeros((3, 1), np.int32), np.array([[0.0], [1.0]], np.float32)
+        _, rows = _prefill_fn(self.graphdef, self.params, tokens, np.array([len(head)], np.int32), ints, floats)
+        self.pool.insert(rows, slot)
+        for start in range(big, len(seq), big):
+            chunk = np.full((1, big), self.pad_id, np.int32)
+            part = seq[start:start + big]
+            chunk[0, :len(part)] = part
+            self.pool.cache = _extend_fn(self.graphdef, self.params, self.pool.cache, np.int32(slot), chunk,
+                                         np.int32(start))
+            self.counters["recompute_extends"] += 1
+
+    def _evict(self, job: Request) -> int:
+        """Frees `job`'s slot: its KV goes to host memory while `host_kv_slots` allows, else is dropped."""
+        slot = job._slot
+        positions = len(job.tokens) + len(job.output) - 1           # cached: the prompt and all but the last token
+        if len(self._host_jobs) < self.cfg.host_kv_slots:
+            job._host = self.pool.offload(slot, positions)
+            self._host_jobs.add(job)
+            job.offloads += 1
+            job.offloaded_bytes += job._host.nbytes
+            self.counters["offloads"] += 1
+            self.counters["offloaded_bytes"] += job._host.nbytes
+        else:
+            job._recompute = True
+            job.recomputes += 1
+            self.counters["recomputes"] += 1
+        self._slot_job[slot], job._slot = None, None
+        return slot
+
+    def _emit(self, job: Request, tok: int, t: float) -> None:
+        job.output.append(tok)
+        job.token_times.append(t)
+        if job.first_token_time is None:
+            job.first_token_time = t
+        self.counters["tokens"] += 1
+        job._queue.put(tok)
+        if job.on_token is not None:
+            try:
+                job.on_token(job, tok)
+            except Exception:  # a consumer's bug must not stop the engine
+                log.exception("on_token callback of %s failed", job.id)
+        if tok in job._stop:
+            self._finish(job, "stop", t)
+        elif len(job.output) >= job.max_new_tokens:
+            self._finish(job, "length", t)
+
+    def _finish(self, job: Request, reason: str, t: float, error: str | None = None) -> None:
+        job.finish_reason, job.finish_time, job.error = reason, t, error
+        self.scheduler.remove(job)
+        self._jobs.discard(job)
+        if job._slot is not None:
+            self._slot_job[job._slot], job._slot = None, None
+        self._host_jobs.discard(job)
+        job._host = None
+        self.counters["finished"] += 1
+        job._queue.put(_END)
+        job._done.set()
+        if job.on_finish is not None:
+            try:
+                job.on_finish(job)
+            except Exception:
+                log.exception("on_finish callback of %s failed", job.id)
+
+    # --------------------------------------------------------------------------------------- conveniences
+
+    @property
+    def pending(self) -> int:
+        """Requests submitted and not finished."""
+        with self._lock:
+            return len(self._inbox) + len(self._jobs)
+
+    def run_until_done(self, timeout: float | None = None) -> None:
+        """Steps synchronously until every submitted request has finished."""
+        deadline = None if timeout is None else self.clock() + timeout
+        while self.pending:
+            if deadline is not None and self.clock() > deadline:
+                raise TimeoutError(f"{self.pending} requests unfinished after {timeout} s")
+            if not self.step():
+                time.sleep(0.001)
+
+    def generate(self, requests: Sequence[Request], timeout: float | None = None) -> list[Request]:
+        """Submits `requests` and returns them finished (steps here, or waits for the background runner)."""
+        for r in requests:
+            self.submit(r)
+        if self._thread is not None and self._thread.is_alive():
+            for r in requests:
+                if not r.wait(timeout):
+                    raise TimeoutError(f"request {r.id} unfinished after {timeout} s")
+        else:
+            self.run_until_done(timeout)
+        return list(requests)
+
+    def start(self) -> None:
+        """Runs the loop on a background thread (for a server); `stop()` ends it."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop_event.clear()
+        self._thread = threading.Thread(target=self._run, name="fastserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        self._stop_event.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                worked = self.step()
+            except Exception as e:  # fail what was in flight, keep serving
+                log.exception("engine step failed")
+                self._fail_all(f"{type(e).__name__}: {e}")
+                worked = False
+            if not worked:
+                self._wake.wait(0.002 if self.pending else 0.1)
+                self._wake.clear()
+
+    def _fail_all(self, error: str) -> None:
+        with self._step_lock:
+            with self._lock:
+                arrivals, self._inbox = self._inbox, []
+            now = self.clock()
+            for job in list(self._jobs) + arrivals:
+                self._finish(job, "error", now, error)
+            self._last_running = []
+            self._slot_job = [None] * self.slots
+            self._host_jobs.clear()
+            self.pool.reset()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, the start-up profile, and the scheduler's queues."""
+        out: dict[str, Any] = dict(self.counters)
+        out.update(scheduler=self.scheduler.name, slots=self.slots, max_cache_len=self.max_len, buckets=self.buckets,
+                   running=sum(j is not None for j in self._slot_job), waiting=self.pending,
+                   host_kv_in_use=len(self._host_jobs), profile=self.profile)
+        if isinstance(self.scheduler, MLFQScheduler):
+            out["mlfq"] = dict(quanta=[self.scheduler.quantum(i) for i in range(self.scheduler.levels)],
+                               queue_lengths=[len(q) for q in self.scheduler.queues()],
+                               demotions=self.scheduler.demotions, promotions=self.scheduler.promotions)
+        return out
+
+
+def summarize(requests: Sequence[Request]) -> dict[str, float]:
+    """Mean / p50 / p99 of TTFT, TPOT and JCT (seconds) over finished requests."""
+    out: dict[str, float] = {}
+    for name in ("ttft", "tpot", "jct"):
+        vals = sorted(v for v in (getattr(r, name) for r in requests) if v is not None)
+        if vals:
+            out[f"{name}_mean"] = float(np.mean(vals))
+            out[f"{name}_p50"] = float(np.percentile(vals, 50))
+            out[f"{name}_p99"] = float(np.percentile(vals, 99))
+    out["requests"] = float(len(requests))
+    out["tokens"] = float(sum(len(r.output) for r in requests))
+    return out

@@ -1,0 +1,215 @@
+"""Iteration-level schedulers for the serving engine (pure Python: no JAX, unit-testable with any job objects).
+
+A job is any object with a hashable identity and two attributes the schedulers read:
+  `arrival`       (seconds on the engine's clock) — FCFS order;
+  `prefill_time`  (seconds; the engine's profiled prefill time of the job's bucket) — MLFQ's skip-join.
+
+Every engine iteration asks `select(now, slots)` which jobs run (at most `slots`, best first), reports each job's
+time in that iteration with `on_iteration(job, seconds)`, and calls `remove(job)` when a job finishes. A job that
+was running and is not selected again is preempted (at token granularity); `priority(job)` orders jobs for the
+engine's eviction of preempted jobs' KV (the largest key is evicted, i.e. offloaded to host memory, first).
+
+  fcfs    run to completion in arrival order; a free slot is filled at once (continuous batching, vLLM / Orca)
+  static  wait until `slots` jobs are waiting (or the oldest waited `batch_timeout_s`), run that batch to
+          completion, only then form the next one (the naive baseline)
+  mlfq    FastServe's skip-join multi-level feedback queue (Wu et al., 2023): K levels, quantum q_i = q0 * 2**i;
+          an arriving job joins the highest level whose quantum is at least its prefill time; a job whose time at
+          its level exceeds that level's quantum moves down one level; a job that has waited longer than
+          `starvation_s` moves to the top; FCFS within a level (a job entering a level queues at its tail)
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Hashable, Iterable, Protocol
+
+
+class Job(Protocol):
+    arrival: float
+    prefill_time: float
+
+
+class Scheduler:
+    """The common interface; subclasses keep their own per-job state keyed by the job object."""
+
+    name = "base"
+
+    def __init__(self) -> None:
+        self._seq = itertools.count()
+        self._order: dict[Hashable, int] = {}     # job → admission sequence number (ties of equal arrival)
+
+    # -- interface
+    def add(self, job: Any, now: float | None = None) -> None:
+        if job in self._order:
+            raise ValueError(f"{job!r} was already added to the scheduler")
+        self._order[job] = next(self._seq)
+
+    def select(self, now: float, slots: int) -> list[Any]:
+        raise NotImplementedError
+
+    def on_iteration(self, job: Any, seconds: float) -> None:
+        """`job` ran one iteration (a prefill or a decode step) that took `seconds`."""
+
+    def remove(self, job: Any) -> None:
+        self._order.pop(job, None)
+
+    def priority(self, job: Any) -> tuple:
+        """Sort key: smaller runs first. The engine evicts the largest key first."""
+        return (self._fcfs_key(job),)
+
+    # -- helpers
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, job: Any) -> bool:
+        return job in self._order
+
+    @property
+    def jobs(self) -> list[Any]:
+        return sorted(self._order, key=self._fcfs_key)
+
+    def _fcfs_key(self, job: Any) -> tuple[float, int]:
+        return (job.arrival, self._order[job])
+
+
+class FCFSScheduler(Scheduler):
+    """Run to completion in arrival order with continuous batching: the `slots` oldest unfinished jobs run.
+
+    A running job is never preempted: every job that arrives later sorts after it."""
+
+    name = "fcfs"
+
+    def select(self, now: float, slots: int) -> list[Any]:
+        return self.jobs[:max(slots, 0)]
+
+
+class StaticScheduler(Scheduler):
+    """Whole batches: once formed, a batch runs until every member has finished; nobody joins it meanwhile."""
+
+    name = "static"
+
+    def __init__(self, batch_timeout_s: float = 0.05) -> None:
+        super().__init__()
+        self.batch_timeout_s = batch_timeout_s
+        self._batch: list[Any] = []
+
+    def select(self, now: float, slots: int) -> list[Any]:
+        self._batch = [j for j in self._batch if j in self._order]
+        if self._batch:
+            return list(self._batch)
+        waiting = self.jobs
+        if waiting and (len(waiting) >= slots or now - waiting[0].arrival >= self.batch_timeout_s):
+            self._batch = waiting[:max(slots, 0)]
+        return list(self._batch)
+
+    def priority(self, job: Any) -> tuple:
+        return (0 if job in self._batch else 1, *self._fcfs_key(job))
+
+    @property
+    def batch(self) -> list[Any]:
+        return [j for j in self._batch if j in self._order]
+
+
+@dataclass
+class _Level:
+    level: int
+    attained: float      # seconds run at this level
+    enqueued: int        # position in the level's FCFS queue (a counter taken on entering the level)
+    since: float         # when the job last ran (or entered); the starvation clock
+
+
+class MLFQScheduler(Scheduler):
+    """Skip-join MLFQ. `levels` K, `base_quantum_s` q0; level 0 is the highest priority."""
+
+    name = "mlfq"
+
+    def __init__(self, levels: int = 4, base_quantum_s: float = 0.01, starvation_s: float = 0.0) -> None:
+        super().__init__()
+        if levels < 1:
+            raise ValueError(f"serve.mlfq_levels={levels}: must be at least 1")
+        if base_quantum_s <= 0:
+            raise ValueError(f"serve.mlfq_base_quantum_s={base_quantum_s}: must be positive")
+        self.levels = levels
+        self.base_quantum_s = base_quantum_s
+        self.starvation_s = starvation_s
+        self._state: dict[Hashable, _Level] = {}
+        self._enq = itertools.count()
+        self.demotions = 0
+        self.promotions = 0
+
+    def quantum(self, level: int) -> float:
+        return self.base_quantum_s * 2 ** level
+
+    def join_level(self, prefill_time: float) -> int:
+        """The skip-join: the highest level whose quantum is >= the job's prefill time (else the lowest level)."""
+        for i in range(self.levels):
+            if self.quantum(i) >= prefill_time:
+                return i
+        return self.levels - 1
+
+    def level(self, job: Any) -> int:
+        return self._state[job].level
+
+    def add(self, job: Any, now: float | None = None) -> None:
+        super().add(job, now)
+        now = job.arrival if now is None else now
+        self._state[job] = _Level(self.join_level(job.prefill_time), 0.0, next(self._enq), now)
+
+    def remove(self, job: Any) -> None:
+        super().remove(job)
+        self._state.pop(job, None)
+
+    def priority(self, job: Any) -> tuple:
+        st = self._state[job]
+        return (st.level, st.enqueued)
+
+    def select(self, now: float, slots: int) -> list[Any]:
+        if self.starvation_s > 0:
+            starving = [j for j, st in self._state.items() if now - st.since > self.starvation_s]
+            # to level 0's tail, the longest-waiting first
+            for job in sorted(starving, key=lambda j: (self._state[j].since, self._fcfs_key(j))):
+                st = self._state[job]
+                if st.level > 0:
+                    self.promotions += 1
+                    st.level, st.attained, st.enqueued = 0, 0.0, next(self._enq)
+                st.since = now
+        chosen = sorted(self._state, key=self.priority)[:max(slots, 0)]
+        for job in chosen:
+            self._state[job].since = now
+        return chosen
+
+    def on_iteration(self, job: Any, seconds: float) -> None:
+        st = self._state.get(job)
+        if st is None:
+            return
+        st.attained += seconds
+        if st.attained > self.quantum(st.level) and st.level < self.levels - 1:
+            st.level, st.attained, st.enqueued = st.level + 1, 0.0, next(self._enq)
+            self.demotions += 1
+
+    def queues(self) -> list[list[Any]]:
+        """Each level's jobs in queue order (level 0 first)."""
+        out: list[list[Any]] = [[] for _ in range(self.levels)]
+        for job in sorted(self._state, key=self.priority):
+            out[self._state[job].level].append(job)
+        return out
+
+
+SCHEDULERS = ("fcfs", "static", "mlfq")
+
+
+def make_scheduler(name: str, *, levels: int = 4, base_quantum_s: float = 0.01, starvation_s: float = 0.0,
+                   batch_timeout_s: float = 0.05) -> Scheduler:
+    if name == "fcfs":
+        return FCFSScheduler()
+    if name == "static":
+        return StaticScheduler(batch_timeout_s)
+    if name == "mlfq":
+        return MLFQScheduler(levels, base_quantum_s, starvation_s)
+    raise ValueError(f"serve.scheduler='{name}': choose from {', '.join(SCHEDULERS)}")
+
+
+def preempted(previous: Iterable[Any], current: Iterable[Any], finished: Iterable[Any] = ()) -> list[Any]:
+    """Jobs that ran in the previous iteration, have not finished, and do not run in this one."""
+    now, done = set(current), set(finished)
+    return [j for j in previous if j not in now and j not in done]

@@ -1,0 +1,221 @@
+"""The serving engine: whatever the schedule (preemption, KV offload to host, recompute), every request's greedy tokens
+equal those of running it alone; bad requests are refused; seeded sampling is reproducible per slot."""
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastserve import parallel
+from fastserve.config import ServeConfig, load_config
+from fastserve.core import infer
+from fastserve.core.state import init_params
+from fastserve.serve.engine import Engine, QueueFull, Request
+from fastserve.serve.scheduler import Scheduler
+
+BUCKETS = [8, 16]
+MAX_NEW = 24
+PROMPT_LENS = [3, 16, 7, 12, 5, 9]
+NEW_TOKENS = [20, 12, 24, 8, 24, 15]
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = load_config(None, ["model.vocab_size=97", "model.d_model=48", "model.n_layers=2", "model.n_heads=4",
+                             "model.n_kv_heads=2", "model.d_ff=96", "model.init_std=0.3", "model.max_seq_len=64",
+                             "mesh.data=1"])
+    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
+    graphdef, params, _ = init_params(cfg.model, mesh, seed=3)
+    return graphdef, params, cfg.model, mesh
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    return [rng.integers(1, 97, n).tolist() for n in PROMPT_LENS]
+
+
+@pytest.fixture(scope="module")
+def alone(model):
+    """Reference: one request alone through `infer.generate` (batch 1, its own cache), memoized."""
+    graphdef, params, _, _ = model
+    from flax import nnx
+
+    @jax.jit
+    def run(params, tokens, lengths, row_max):
+        return infer.generate(nnx.merge(graphdef, params), tokens, lengths, jax.random.key(0), max_new_tokens=MAX_NEW,
+                              temperature=jnp.zeros(1), top_k=jnp.zeros(1, jnp.int32), top_p=jnp.ones(1),
+                              stop_tokens=jnp.array([-1], jnp.int32), row_max_new=row_max)
+
+    memo = {}
+
+    def ref(tokens, n):
+        key = (tuple(tokens), n)
+        if key not in memo:
+            t, lengths = infer.pad_prompts([tokens], BUCKETS)
+            out, count = run(params, t, lengths, np.array([n], np.int32))
+            memo[key] = out[0, :int(count[0])].tolist()
+        return memo[key]
+    return ref
+
+
+def make_engine(model, scheduler="fcfs", **kw):
+    graphdef, params, model_cfg, mesh = model
+    custom = kw.pop("scheduler_obj", None)
+    cfg = ServeConfig(slots=2, buckets=BUCKETS, max_cache_len=48, scheduler=scheduler, **kw)
+    return Engine(graphdef, params, model_cfg, cfg, mesh=mesh, stop_ids=[], scheduler=custom)
+
+
+_TRACES_AND_COMPILES: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, *_, **__: _TRACES_AND_COMPILES.append(name) if name.startswith("/jax/core/compile/") else None)
+
+
+def compiled_programs():
+    """Traces and compiles so far (any program): serving must never trace or compile after start-up."""
+    return len(_TRACES_AND_COMPILES)
+
+
+def requests(prompts, **kw):
+    return [Request(p, max_new_tokens=n, **kw) for p, n in zip(prompts, NEW_TOKENS)]
+
+
+def check_greedy_equals_alone(reqs, alone):
+    for r in reqs:
+        assert r.finish_reason == "length"
+        assert r.output == alone(r.tokens, r.max_new_tokens), f"{r.id} (prompt {len(r.tokens)} tokens) diverged"
+
+
+def test_mlfq_under_heavy_preemption_with_offload_and_recompute_equals_alone(model, prompts, alone):
+    # q0 = one profiled decode step and the scheduler charged the profile: 6 levels of tiny quanta, 2 slots,
+    # one host KV slot (so evictions both offload and fall back to recompute)
+    eng = make_engine(model, "mlfq", mlfq_levels=6, mlfq_base_quantum_s=0.0, host_kv_slots=1, starvation_s=0.0,
+                      iteration_cost="profiled")
+    programs = compiled_programs()
+    reqs = eng.generate(requests(prompts), timeout=120)
+    assert compiled_programs() == programs                  # every bucket and slot served by start-up programs
+    check_greedy_equals_alone(reqs, alone)
+    st = eng.stats()
+    assert st["preemptions"] > 0 and sum(r.preemptions for r in reqs) == st["preemptions"]
+    assert st["offloads"] > 0 and st["offloaded_bytes"] > 0 and st["restores"] == st["offloads"]
+    assert st["recomputes"] > 0 and sum(r.recomputes for r in reqs) == st["recomputes"]
+    assert sum(r.offloaded_bytes for r in reqs) == st["offloaded_bytes"]
+    assert st["mlfq"]["demotions"] > 0 and st["host_kv_in_use"] == 0 and st["running"] == 0
+    assert st["prefills"] == len(reqs) and st["tokens"] == sum(NEW_TOKENS)
+    for r in reqs:   # timings for TTFT / TPOT / JCT
+        assert r.arrival <= r.first_token_time <= r.token_times[-1] == r.finish_time
+        assert len(r.token_times) == len(r.output) and r.ttft >= 0 and r.tpot > 0 and r.jct >= r.ttft
+
+
+class RoundRobin(Scheduler):
+    """Rotates the running set by one job every iteration: every step evicts a job and brings one back."""
+    name = "round-robin"
+
+    def __init__(self):
+        super().__init__()
+        self.turn = 0
+
+    def select(self, now, slots):
+        jobs = self.jobs
+        self.turn += 1
+        k = self.turn % max(len(jobs), 1)
+        return (jobs[k:] + jobs[:k])[:slots]
+
+
+@pytest.mark.parametrize("host_kv_slots", [0, 8])
+def test_every_token_after_an_eviction_equals_alone(model, prompts, alone, host_kv_slots):
+    """host_kv_slots 0: every resume recomputes (past the largest bucket too); 8: every resume restores from host."""
+    eng = make_engine(model, host_kv_slots=host_kv_slots, scheduler_obj=RoundRobin())
+    picked = [prompts[i] for i in (1, 3, 0, 5)]             # 16 + up to 24 tokens: recompute extends past a bucket
+    programs = compiled_programs()
+    reqs = eng.generate([Request(p, max_new_tokens=MAX_NEW) for p in picked], timeout=120)
+    assert compiled_programs() == programs                  # slot indices are traced: no compile per slot
+    for r in reqs:
+        assert r.output == alone(r.tokens, MAX_NEW)
+    st = eng.stats()
+    if host_kv_slots:
+        assert st["recomputes"] == 0 and st["offloads"] > 20 and st["restores"] == st["offloads"]
+        # each offload moves a whole number of row lengths (buckets or the full cache) of k and v, 2 layers
+        row = 2 * 2 * 2 * 12 * 4        # (k, v) × layers × kv_heads × head_dim × float32 bytes, per position
+        assert all(r.offloaded_bytes % (8 * row) == 0 for r in reqs)
+    else:
+        assert st["offloads"] == 0 and st["recomputes"] > 20 and st["recompute_extends"] > 0
+
+
+def test_fcfs_and_static_give_the_same_tokens_and_their_batching(model, prompts, alone):
+    fcfs = make_engine(model, "fcfs")
+    reqs = fcfs.generate(requests(prompts), timeout=120)
+    check_greedy_equals_alone(reqs, alone)
+    assert fcfs.stats()["preemptions"] == 0 and fcfs.stats()["offloads"] == fcfs.stats()["recomputes"] == 0
+    # continuous batching: request 2 starts once the first of requests 0 and 1 finishes, before the other does
+    assert reqs[2].first_token_time >= min(reqs[0].finish_time, reqs[1].finish_time)
+    assert reqs[2].first_token_time < max(reqs[0].finish_time, reqs[1].finish_time)
+
+    static = make_engine(model, "static", batch_timeout_s=0.0)
+    reqs = static.generate(requests(prompts), timeout=120)
+    check_greedy_equals_alone(reqs, alone)
+    assert static.stats()["preemptions"] == 0
+    for first, second in [((0, 1), (2, 3)), ((2, 3), (4, 5))]:  # batches of 2, one after the other
+        done = max(reqs[i].finish_time for i in first)
+        assert all(reqs[i].first_token_time > done for i in second)
+
+
+def test_bad_requests_are_refused_with_clear_errors(model):
+    eng = make_engine(model, "fcfs", max_new_tokens_limit=40, max_queue=2)
+    with pytest.raises(ValueError, match=r"17 tokens, longer than the largest bucket \(16\)"):
+        eng.submit(Request(list(range(1, 18)), max_new_tokens=4))
+    with pytest.raises(ValueError, match="exceeds the KV cache's 48 positions"):
+        eng.submit(Request([1] * 16, max_new_tokens=33))
+    with pytest.raises(ValueError, match="max_new_tokens_limit=40"):
+        eng.submit(Request([1, 2], max_new_tokens=41))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 97\)"):
+        eng.submit(Request([1, 97], max_new_tokens=2))
+    with pytest.raises(ValueError, match="no tokens"):
+        eng.submit(Request([], max_new_tokens=2))
+    eng.submit(Request([1], max_new_tokens=2))
+    eng.submit(Request([2], max_new_tokens=2))
+    with pytest.raises(QueueFull):
+        eng.submit(Request([3], max_new_tokens=2))
+    r = Request([4], max_new_tokens=2)
+    with pytest.raises(ValueError, match="already submitted"):
+        eng.run_until_done(timeout=60) or eng.submit(r) and eng.submit(r)
+    eng.run_until_done(timeout=60)
+    assert eng.pending == 0
+
+
+def test_seeded_sampling_is_reproducible_per_request_whatever_the_slot(model, prompts):
+    eng = make_engine(model, "fcfs")
+    kw = dict(max_new_tokens=16, temperature=1.0, top_k=40, top_p=0.95)
+    alone = eng.generate([Request(prompts[0], seed=7, **kw)])[0].output
+    # the same request next to others (it lands in slot 1 now), and twice in one batch
+    crowd = eng.generate([Request(prompts[4], seed=1, **kw), Request(prompts[0], seed=7, **kw)])
+    twins = eng.generate([Request(prompts[0], seed=7, **kw), Request(prompts[0], seed=7, **kw)])
+    other = eng.generate([Request(prompts[0], seed=8, **kw)])[0].output
+    assert crowd[1].output == alone and twins[0].output == alone and twins[1].output == alone
+    assert other != alone
+    # ... and under MLFQ preemption with offload / recompute
+    mlfq = make_engine(model, "mlfq", mlfq_levels=6, host_kv_slots=1, iteration_cost="profiled")
+    mixed = mlfq.generate([Request(p, seed=7, **kw) for p in prompts[:4]], timeout=120)
+    assert mixed[0].output == alone and mlfq.stats()["preemptions"] > 0
+
+
+def test_stop_tokens_streaming_and_the_background_runner(model, prompts, alone):
+    ref = alone(prompts[2], 10)
+    eng = make_engine(model, "mlfq", iteration_cost="profiled")
+    streamed, finished = [], threading.Event()
+    stop_at = ref[3]
+    first = ref.index(stop_at)                              # a stop token ends the output and is included
+    eng.start()
+    try:
+        r1 = eng.submit(Request(prompts[2], max_new_tokens=10, stop_ids=[stop_at],
+                                on_token=lambda r, t: streamed.append(t), on_finish=lambda r: finished.set()))
+        r2 = eng.submit(Request(prompts[3], max_new_tokens=8))
+        assert list(r2.stream(timeout=60)) == alone(prompts[3], 8)
+        assert finished.wait(60) and r1.finish_reason == "stop" and r1.output == ref[:first + 1] == streamed
+        r3 = eng.submit(Request(prompts[1], max_new_tokens=30))
+        eng.cancel(r3)
+        assert r3.wait(60) and r3.finish_reason == "cancelled"
+    finally:
+        eng.stop()
+    assert eng.pending == 0
