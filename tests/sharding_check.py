@@ -62,11 +62,24 @@ def run(shape, restore_dir=None):
         state, metrics = step(state, parallel.host_to_global(split_micro_batches(batch, 2), mesh, leading=1))
         losses.append(float(metrics["loss_sum"] / metrics["weight"]))
     spec = lambda x: [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
+    # Sharded inference: greedy KV-cached generation over the same weights, and the cache's own sharding.
+    import jax.numpy as jnp
+    from flax import nnx
+    from fastserve.core import infer
+    prompts = jnp.asarray(tokens[:4, :6])
+    with jax.set_mesh(mesh):
+        generated, _ = jax.jit(lambda p: infer.generate(
+            nnx.merge(graphdef, p), prompts, jnp.full((4,), 6, jnp.int32), jax.random.key(0), max_new_tokens=5,
+            temperature=jnp.zeros(4), top_k=jnp.zeros(4, jnp.int32), top_p=jnp.ones(4),
+            stop_tokens=jnp.array([-1], jnp.int32)))(state["params"])
+        cache_k = jax.jit(lambda p: nnx.merge(graphdef, p).init_cache(4, 16)[0]["k"])(state["params"])
     layer = state["params"]["layers"][0]
     adam = state["opt_state"][1][0]  # chain(clip, adamw) → adamw's ScaleByAdamState
     return {
         "restored": restore_elsewhere(state, shardings, OVERRIDES, restore_dir) if restore_dir else {},
         "losses": losses,
+        "generated": np.asarray(generated).tolist(),
+        "cache_spec": spec(cache_k),
         "params": {"embed": spec(state["params"]["embed"]["embedding"]), "q": spec(layer["attn"]["q"]["kernel"]),
                    "o": spec(layer["attn"]["o"]["kernel"]), "gate": spec(layer["mlp"]["gate"]["kernel"]),
                    "down": spec(layer["mlp"]["down"]["kernel"]), "norm": spec(layer["attn_norm"]["scale"]),

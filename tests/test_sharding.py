@@ -80,3 +80,8 @@ def test_checkpoint_restores_onto_other_mesh_shapes(eight_device_run):
     assert restored["1x1x1"]["q_devices"] == 1
     assert restored["1x4x2"]["q_spec"] == ["fsdp", "tensor"] and restored["1x4x2"]["q_devices"] == 8
     assert restored["4x1x2"]["q_spec"] == [None, "tensor"]  # no fsdp axis: only tensor-sharded, replicated over data
+
+
+def test_sharded_generation_equals_one_device_and_the_cache_follows_the_rules(eight_device_run):
+    assert eight_device_run["mesh"]["generated"] == eight_device_run["one"]["generated"]
+    assert eight_device_run["mesh"]["cache_spec"][:3] == [["data", "fsdp"], None, "tensor"]  # batch, seq, kv heads (, dim)

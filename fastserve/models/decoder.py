@@ -42,8 +42,8 @@ class Attention(nnx.Module):
         # Write the new keys/values at their absolute positions (rows past the cache are dropped), then attend
         # over the whole cache: the position mask hides slots not yet written for this query.
         rows = jnp.arange(b)[:, None]
-        ck = cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype), mode="drop")
-        cv = cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype), mode="drop")
+        ck = constrain(cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype), mode="drop"), CACHE_AXES)
+        cv = constrain(cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype), mode="drop"), CACHE_AXES)
         k_pos = jnp.broadcast_to(jnp.arange(ck.shape[1], dtype=positions.dtype), (b, ck.shape[1]))
         out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), positions, k_pos)
         return self.o(out), {"k": ck, "v": cv}
@@ -114,8 +114,9 @@ class DecoderLM(nnx.Module):
         """Zeroed KV cache: one {"k", "v"} of [batch, length, kv_heads, head_dim] per layer."""
         kv, hd = self.cache_dims
         dtype = dtype or self.dtype
-        return [{"k": jnp.zeros((batch, length, kv, hd), dtype), "v": jnp.zeros((batch, length, kv, hd), dtype)}
-                for _ in range(len(self.layers))]
+        def zeros():  # laid out by logical axes, so the cache shards by the same rules as everything else
+            return constrain(jnp.zeros((batch, length, kv, hd), dtype), CACHE_AXES)
+        return [{"k": zeros(), "v": zeros()} for _ in range(len(self.layers))]
 
 
 def count_flops_per_token(cfg: Any, seq_len: int) -> float:
