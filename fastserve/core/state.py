@@ -59,6 +59,11 @@ def opt_state_shardings(tx: optax.GradientTransformation, params: Any, param_sha
 
 def create_train_state(model_cfg: Any, tx: optax.GradientTransformation, mesh: Mesh, seed: int) -> tuple[nnx.GraphDef, TrainState, Any]:
     """(graphdef, state, state shardings) for a fresh run."""
+    int8_layers = [path for path, spec in getattr(model_cfg, "compressed", {}).items() if spec.get("kind") == "int8"]
+    if int8_layers:
+        raise ValueError(f"model.compressed has int8 layers ({', '.join(sorted(int8_layers)[:4])}"
+                         f"{', ...' if len(int8_layers) > 4 else ''}): quantized models are inference-only; train or "
+                         "fine-tune before quantizing (low-rank layers train)")
     graphdef, params, p_shard = init_params(model_cfg, mesh, seed)
     shardings = {"step": parallel.replicated(mesh), "params": p_shard,
                  "opt_state": opt_state_shardings(tx, params, p_shard, mesh), "rng": parallel.replicated(mesh)}

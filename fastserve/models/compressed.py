@@ -1,0 +1,174 @@
+"""Compressed stand-ins for `Linear`: low-rank factors and int8 weights, swapped in by dotted path.
+
+A compressed model is a model config (`ModelConfig.compressed`: path → {"kind": "lowrank", "rank": r} or
+{"kind": "int8"}) plus its params: `build_model` builds the dense model and calls `apply_structure`, so the
+compressed layers' params name logical axes like every other one and the model shards, checkpoints, trains,
+generates and exports unchanged. The parameter transforms that produce such params live in fastserve.transforms.
+
+- `LowRankLinear`: u (in, r) on ("<in axis>", "rank"), v (r, out) on ("rank", "<out axis>"); y = (x @ u) @ v,
+  W = u @ v is never formed. Trainable (low-rank fine-tuning to recover accuracy).
+- `QuantizedLinear`: int8 kernel (in, out) + float32 per-output-channel scale (out,), symmetric; the kernel is
+  dequantized inside the matmul: (x @ kernel.astype(dtype)) * scale. INFERENCE ONLY: the int8 kernel is an
+  `nnx.Param` (so it checkpoints and exports like any weight) but it has no gradient — `jax.grad` refuses
+  integer inputs, so building a train step on a model with int8 layers fails at trace time.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fastserve.models.layers import Linear
+
+KINDS = ("lowrank", "int8")
+
+
+class LowRankLinear(nnx.Module):
+    """y = (x @ u) @ v (+ b), u of shape (in, rank), v of shape (rank, out)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, axes: tuple[str, str], *, rngs: nnx.Rngs,
+                 use_bias: bool = False, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 init_std: Any = 0.02):
+        # Each factor with std (init_std² / rank)^¼: the product u @ v then has entries of std init_std.
+        std = (init_std ** 2 / rank) ** 0.25
+        init = nnx.initializers.normal(std)
+        self.u = nnx.Param(init(rngs.params(), (in_features, rank), param_dtype), out_sharding=(axes[0], "rank"))
+        self.v = nnx.Param(init(rngs.params(), (rank, out_features), param_dtype), out_sharding=("rank", axes[1]))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=(axes[1],)) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jnp.dot(x.astype(self.dtype), self.u[...].astype(self.dtype))
+        y = jnp.dot(h, self.v[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class QuantizedLinear(nnx.Module):
+    """y = (x @ kernel.astype(dtype)) * scale (+ b): int8 kernel (in, out), float32 scale (out,). Inference only."""
+
+    def __init__(self, in_features: int, out_features: int, axes: tuple[str, str], *, rngs: nnx.Rngs | None = None,
+                 use_bias: bool = False, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 kernel: jax.Array | None = None):
+        if kernel is None:
+            kernel = jnp.zeros((in_features, out_features), jnp.float32)
+        q, scale = quantize_int8(kernel)
+        self.kernel = nnx.Param(q, out_sharding=axes)
+        self.scale = nnx.Param(scale, out_sharding=(axes[1],))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=(axes[1],)) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = y * self.scale[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def quantize_int8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric per-output-channel int8: scale[j] = max_i |w[i, j]| / 127, q = round(w / scale) in [-127, 127].
+
+    An all-zero column gets scale 1 (its codes are all 0). Works on numpy arrays, jax arrays and tracers.
+    """
+    w = jnp.asarray(w, jnp.float32)
+    amax = jnp.max(jnp.abs(w), axis=0)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float32)
+    q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+    return q, scale
+
+
+# ----------------------------------------------------------------------------------------- structure
+
+def _kernel_info(layer: Linear) -> tuple[int, int, tuple[str, str], Any]:
+    value = layer.kernel.get_value()
+    axes = tuple(layer.kernel.get_metadata().get("out_sharding") or (None, None))
+    return value.shape[0], value.shape[1], axes, value.dtype
+
+
+def linear_layers(model: nnx.Module) -> dict[str, str]:
+    """Dotted path → "dense" | "lowrank" | "int8" for every Linear (or compressed Linear) in the model."""
+    kinds = {Linear: "dense", LowRankLinear: "lowrank", QuantizedLinear: "int8"}
+    out = {}
+    for path, module in nnx.iter_modules(model):
+        kind = kinds.get(type(module))
+        if kind is not None:
+            out[".".join(str(p) for p in path)] = kind
+    return out
+
+
+def validate_entry(path: str, entry: Any, where: str = "model.compressed") -> dict:
+    """Checks one `compressed` entry: {"kind": "lowrank", "rank": r>0} or {"kind": "int8"}; errors name the key."""
+    key = f"{where}[{path!r}]"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{key}: expected a mapping like {{kind: lowrank, rank: 32}} or {{kind: int8}}, got {entry!r}")
+    kind = entry.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"{key}.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    allowed = {"kind", "rank"} if kind == "lowrank" else {"kind"}
+    for name in entry:
+        if name not in allowed:
+            near = difflib.get_close_matches(str(name), sorted(allowed), n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise ValueError(f"{key}: unknown key '{name}' for kind {kind}{hint} (valid: {', '.join(sorted(allowed))})")
+    if kind == "lowrank":
+        rank = entry.get("rank")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise ValueError(f"{key}.rank: expected a positive int, got {rank!r}")
+    return entry
+
+
+def _resolve(model: nnx.Module, path: str, dense: dict[str, str]) -> tuple[Any, str | int, Linear]:
+    if path not in dense:
+        near = difflib.get_close_matches(path, list(dense), n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise ValueError(f"model.compressed[{path!r}]: not a Linear layer of this model{hint}")
+    if dense[path] != "dense":
+        raise ValueError(f"model.compressed[{path!r}]: the layer is already {dense[path]}")
+    parent: Any = model
+    parts = path.split(".")
+    for part in parts[:-1]:
+        parent = parent[int(part)] if isinstance(parent, nnx.List) else getattr(parent, part)
+    last: str | int = int(parts[-1]) if isinstance(parent, nnx.List) else parts[-1]
+    layer = parent[last] if isinstance(last, int) else getattr(parent, last)
+    return parent, last, layer
+
+
+def apply_structure(model: nnx.Module, structure: dict[str, dict], rngs: nnx.Rngs | None = None) -> nnx.Module:
+    """Swaps the `Linear` at each dotted path (e.g. "layers.3.mlp.gate") for its compressed variant, in place.
+
+    structure: path → {"kind": "lowrank", "rank": r} | {"kind": "int8"}. The new layers keep the dense layer's
+    logical axes, bias, dtype and param dtype. Their initial values (a fresh model) are random factors whose product
+    has the dense kernel's spread, or the int8 quantization of the dense kernel; the params of a transformed model
+    replace them (fastserve.transforms). Returns the model.
+    """
+    if not structure:
+        return model
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    layers = linear_layers(model)
+    for path, entry in structure.items():
+        validate_entry(path, entry)
+        parent, last, layer = _resolve(model, path, layers)
+        m, n, axes, pdt = _kernel_info(layer)
+        kernel = layer.kernel.get_value()
+        kw = dict(use_bias=layer.bias is not None, dtype=layer.dtype, param_dtype=pdt)
+        if entry["kind"] == "lowrank":
+            rank = entry["rank"]
+            if rank > min(m, n):
+                raise ValueError(f"model.compressed[{path!r}].rank={rank} exceeds min{(m, n)} of the layer's kernel")
+            # the product u @ v starts with the dense kernel's spread (init_std may be traced: jnp, not math)
+            new = LowRankLinear(m, n, rank, axes, rngs=rngs, init_std=jnp.std(kernel.astype(jnp.float32)), **kw)
+        else:
+            new = QuantizedLinear(m, n, axes, kernel=kernel, **kw)
+        if layer.bias is not None:
+            new.bias.set_value(layer.bias.get_value())
+        if isinstance(last, int):
+            parent[last] = new
+        else:
+            setattr(parent, last, new)
+        layers[path] = entry["kind"]
+    return model
