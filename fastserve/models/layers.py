@@ -26,6 +26,31 @@ def constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, x.shape, mesh))
 
 
+@jax.custom_vjp
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] @ w [in, out], with a backward pass laid out for XLA:CPU.
+
+    Plain autodiff gives the weight gradient as dot(x, dy) contracting the token axis of both, and XLA:CPU then
+    transposes dy — the [tokens, out] activation gradient, fused into the elementwise op that produces it — before
+    an Eigen matmul: ~13 % of a train step (d512 decoder, measured with experiments/profile_train.py). Computing
+    (dyᵀ·x)ᵀ instead moves the transpose onto the small [out, in] result. Same math (equal up to float rounding).
+    """
+    return jnp.dot(x, w)
+
+
+def _matmul_fwd(x, w):
+    return jnp.dot(x, w), (x, w)
+
+
+def _matmul_bwd(res, dy):
+    x, w = res
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    return jnp.dot(dy, w.T), jnp.dot(dy2.T, x2).T
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Linear(nnx.Module):
     """y = x @ W (+ b), W of shape (in, out) stored in `param_dtype`, computed in `dtype`."""
 
@@ -38,7 +63,7 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -90,13 +115,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
     q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K; q_pos: [B, T]; k_pos: [B, S].
     A query sees the keys whose position is <= its own, which covers training (S = T) and decoding from a
     KV cache (S = cache length; slots past the query's position are masked whatever they hold).
+
+    Laid out heads-major as plain batched matmuls over (B, K) — the G query heads of a KV group stacked along the
+    query axis — and the 1/sqrt(D) scale folded into q (T·D multiplies, not T·S): on XLA:CPU this measured ~4 %
+    faster per train step than the 5-D einsum form it replaced, which needed extra transposes around each matmul.
     """
     b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-    mask = k_pos[:, None, None, None, :] <= q_pos[:, None, None, :, None]
+    s, kv = k.shape[1], k.shape[2]
+    g = h // kv
+    qh = (q * d ** -0.5).reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                 # [B, K, S, D]
+    scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)
+    q_pos = jnp.tile(q_pos, (1, g))                                            # [B, G·T], group-major like qh
+    mask = k_pos[:, None, None, :] <= q_pos[:, None, :, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h * d)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, vh)                             # [B, K, G·T, D]
+    return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
