@@ -166,19 +166,30 @@ class ServeConfig:
     buckets: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # prompt lengths (compiled at start)
     max_cache_len: int = 0         # KV positions per slot (prompt + generated); 0: model.max_seq_len
     scheduler: str = "mlfq"        # fcfs: run to completion in arrival order | static: whole batches | mlfq: skip-join
-    mlfq_levels: int = 4           # priority levels K; level i has the quantum q0 * 2**i
+    mlfq_levels: int = 0           # priority levels K; level i has the quantum q0 * 2**i. 0: enough levels that
+                                   # the longest job (max_new_tokens_limit steps) never sinks to the last one
     mlfq_base_quantum_s: float = 0.0  # q0 in seconds; 0: the profiled decode step time
     starvation_s: float = 10.0     # a job that has waited this long is promoted to the top level (0: never)
+    starvation_quanta: float = 0.0  # mlfq: also promote a job that has waited this many quanta of its level (0: off)
     iteration_cost: str = "measured"  # what the scheduler is charged per iteration: measured wall time | profiled
                                    # (the start-up profile of prefill per bucket and of the decode step: deterministic)
     batch_timeout_s: float = 0.05  # static: start a partial batch once its oldest request waited this long
-    host_kv_slots: int = 16        # preempted jobs whose KV may live in host memory (beyond: recompute on resume)
+    host_kv_slots: int = 256       # preempted jobs whose KV may live in host memory (beyond: recompute on resume);
+                                   # each holds up to max_cache_len positions of k and v, all layers
     max_queue: int = 256           # requests waiting or running; more are refused
     max_new_tokens_limit: int = 1024  # the largest max_new_tokens a request may ask for
     host: str = "127.0.0.1"        # HTTP server
     port: int = 8000
     api_key: str = ""              # empty: no authentication
     max_body_bytes: int = 1_000_000
+
+
+@dataclass
+class DistillConfig:
+    """`train.task: distill`: the student (this config's model) learns from a trained teacher's logits."""
+    teacher: str = ""              # the teacher's fastserve work dir (same tokenizer / vocabulary as the student)
+    temperature: float = 2.0       # T: both distributions are softened by T; the KL term is scaled by T²
+    alpha: float = 0.5             # loss = alpha · T² · KL(teacher ‖ student) + (1 − alpha) · CE(data)
 
 
 @dataclass
@@ -196,6 +207,11 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    # Parameter transforms (fastserve.transforms), in order: applied by `fastserve.compress` and by
+    # `fastserve.export` before writing, e.g. [{lowrank: {include: "layers.*.mlp.*", rank_ratio: 0.25}},
+    # {quantize: {bits: 8}}].
+    transforms: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

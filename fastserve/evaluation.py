@@ -2,7 +2,9 @@
 on the held-out split (loss, perplexity, token accuracy) and prints one JSON line."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
 from typing import Any, Sequence
 
@@ -10,27 +12,33 @@ import jax
 
 from fastserve import cli, parallel
 from fastserve.checkpoint import CheckpointError
-from fastserve.config import Config
+from fastserve.config import Config, SourceConfig
 from fastserve.core.steps import make_eval_step
 from fastserve.core.tasks import make_task
-from fastserve.pipeline import prepare_lm_data, prepare_state, with_vocab
+from fastserve.pipeline import prepare_lm_data, with_vocab
 from fastserve.training import evaluate_params
 
 
 def evaluate(cfg: Config) -> dict[str, Any]:
-    """Held-out metrics of the newest readable checkpoint in `cfg.train.workdir`."""
+    """Held-out metrics of the newest readable checkpoint in `cfg.train.workdir`.
+
+    Restores the params only (no optimizer state), so a work dir written by `fastserve.compress` scores too: its
+    step-0 checkpoint, and int8 (inference-only) models. A distilled work dir is scored as plain language modeling.
+    """
+    from fastserve.inference import load_model
+
     data = prepare_lm_data(cfg)
     cfg = with_vocab(cfg, data.tokenizer)
-    setup = prepare_state(cfg)
-    setup.checkpointer.close()
-    if setup.start_step == 0:
-        raise CheckpointError(f"no checkpoint in {setup.checkpointer.directory}: train first")
     if not data.eval:
         raise ValueError("data.eval_fraction is 0: there is no held-out split to evaluate on")
+    workdir = cfg.train.workdir
+    if not os.path.isfile(os.path.join(workdir, "config.yaml")):
+        raise CheckpointError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first")
+    loaded = load_model(dataclasses.replace(cfg, source=SourceConfig(kind="checkpoint", path=workdir)))
     task = make_task(cfg.train.task)
-    eval_step = make_eval_step(setup.graphdef, task, setup.shardings["params"], setup.mesh)
-    metrics = evaluate_params(eval_step, setup.state["params"], data.eval, task, setup.mesh)
-    return {"step": setup.start_step, **metrics}
+    eval_step = make_eval_step(loaded.graphdef, task, jax.tree.map(lambda x: x.sharding, loaded.params), loaded.mesh)
+    metrics = evaluate_params(eval_step, loaded.params, data.eval, task, loaded.mesh)
+    return {"step": loaded.step, **metrics}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -378,7 +378,8 @@ def load_training_config(config_path: str | None, checkpoint: str | None, overri
 
 
 def export_from_config(cfg: Config, out_dir: str | None = None, options: ExportOptions | None = None) -> dict[str, Any]:
-    """Loads `cfg.source` (a trained work dir, a GGUF file or a HF directory) and exports it with `cfg.export`."""
+    """Loads `cfg.source` (a trained work dir, a GGUF file or a HF directory), applies `cfg.transforms` when there
+    are any (the manifest's model config and weights are then the compressed ones), and exports with `cfg.export`."""
     from fastserve.inference import load_model
 
     options = options or options_from_config(cfg.export)
@@ -388,7 +389,15 @@ def export_from_config(cfg: Config, out_dir: str | None = None, options: ExportO
     loaded = load_model(cfg)
     source = {"kind": cfg.source.kind, "path": os.path.abspath(cfg.source.path or cfg.train.workdir),
               "step": loaded.step}
-    return export_params(loaded.model_cfg, loaded.params, loaded.tokenizer, out_dir, options, source=source)
+    model_cfg, params = loaded.model_cfg, loaded.params
+    if cfg.transforms:  # low-rank / int8 / prune before writing (fastserve.transforms)
+        from fastserve.transforms import TransformError, apply_transforms
+        try:
+            model_cfg, params, _ = apply_transforms(model_cfg, params, cfg.transforms)
+        except TransformError as e:
+            raise ExportError(str(e)) from None
+        source["transforms"] = cfg.transforms
+    return export_params(model_cfg, params, loaded.tokenizer, out_dir, options, source=source)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

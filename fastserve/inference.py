@@ -23,6 +23,10 @@ from fastserve.core import infer
 from fastserve.core.infer import SamplingParams
 from fastserve.core.state import abstract_model
 
+# An imported byte-level BPE tokenizer stored in a work dir (written by fastserve.compress from a GGUF / HF source);
+# not `tokenizer.json`, which is the sentencepiece training record there.
+BPE_TOKENIZER_FILE = "tokenizer.bpe.json"
+
 @dataclass
 class LoadedModel:
     model_cfg: ModelConfig
@@ -69,7 +73,13 @@ def _load_checkpoint(cfg: Config, mesh) -> LoadedModel:
         raise FileNotFoundError(f"{workdir} is not a fastserve work dir (no config.yaml): train a model there first")
     with open(trained_cfg) as f:
         model_cfg = config_from_dict(yaml.safe_load(f)).model
-    tokenizer = Tokenizer.from_file(os.path.join(workdir, "tokenizer.model"))
+    bpe_file = os.path.join(workdir, BPE_TOKENIZER_FILE)
+    if os.path.isfile(bpe_file):
+        from fastserve.interop.tokenizer import BPETokenizer
+        with open(bpe_file, encoding="utf-8") as f:
+            tokenizer = BPETokenizer.from_json(f.read())
+    else:
+        tokenizer = Tokenizer.from_file(os.path.join(workdir, "tokenizer.model"))
     ckpt = Checkpointer(ckpt_dir)
     steps = ckpt.all_steps()
     if not steps:
@@ -81,7 +91,8 @@ def _load_checkpoint(cfg: Config, mesh) -> LoadedModel:
         try:
             params = ckpt.restore_params(step, target)
             ckpt.close()
-            return LoadedModel(model_cfg, graphdef, params, tokenizer, mesh, step=step)
+            return LoadedModel(model_cfg, graphdef, params, tokenizer, mesh,
+                               chat_template=getattr(tokenizer, "chat_template", None), step=step)
         except Exception as e:  # a corrupt save: report it and use the previous one
             import logging
             logging.getLogger(__name__).warning("checkpoint step %d unreadable (%s); trying the previous one", step, e)

@@ -2,9 +2,12 @@
 
 Reads top to bottom: data → mesh and state (resuming the work dir's latest checkpoint) → compiled steps → the loop
 (train, log, evaluate, checkpoint; stop cleanly on SIGTERM/Ctrl-C, refuse to go on after a NaN) → final samples.
+`train.task: distill` also loads the teacher work dir (`distill.teacher`) onto the same mesh; its params are an
+argument of the compiled steps (the task's `task_state`).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -20,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from fastserve import cli, parallel
-from fastserve.config import Config, dump_config
+from fastserve.config import Config, SourceConfig, dump_config
 from fastserve.core import infer
 from fastserve.core.steps import make_eval_step, make_train_step, split_micro_batches
 from fastserve.core.tasks import make_task
@@ -59,11 +62,12 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def evaluate_params(eval_step, params, batches, task, mesh) -> dict[str, float]:
+def evaluate_params(eval_step, params, batches, task, mesh, task_state=None) -> dict[str, float]:
     """Metric sums over every held-out batch, summarized by the task (loss, perplexity, accuracy)."""
     total: dict[str, float] = {}
+    extra = () if task_state is None else (task_state,)
     for batch in batches:
-        sums = jax.device_get(eval_step(params, parallel.host_to_global(batch, mesh)))
+        sums = jax.device_get(eval_step(params, parallel.host_to_global(batch, mesh), *extra))
         for k, v in sums.items():
             total[k] = total.get(k, 0.0) + float(v)
     return task.summarize(total) if total else {}
@@ -99,11 +103,45 @@ def sample_continuations(graphdef, params, tokenizer, texts: list[str], mesh, n:
     return results
 
 
+def _check_trainable_workdir(cfg: Config) -> Config:
+    """Refuses work dirs the data pipeline cannot feed; a distilled student shares the teacher's tokenizer."""
+    from fastserve.inference import BPE_TOKENIZER_FILE
+
+    if os.path.isfile(os.path.join(cfg.train.workdir, BPE_TOKENIZER_FILE)):
+        raise ValueError(f"{cfg.train.workdir} holds an imported byte-level BPE model ({BPE_TOKENIZER_FILE}): the "
+                         "training data pipeline reads sentencepiece tokenizers only, so it cannot be fine-tuned "
+                         "here (generate / export / serve it instead)")
+    if cfg.train.task == "distill":
+        if not cfg.distill.teacher:
+            raise ValueError("train.task=distill needs distill.teacher (a trained fastserve work dir)")
+        teacher_tok = os.path.join(cfg.distill.teacher, "tokenizer.model")
+        if not cfg.tokenizer.path and os.path.isfile(teacher_tok):
+            cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=teacher_tok))
+    return cfg
+
+
+def load_teacher(cfg: Config, student_tokenizer: Any) -> Any:
+    """The `distill.teacher` work dir's model (inference.load_model, on the mesh of `cfg.mesh`), checked against
+    the student's vocabulary and tokenizer."""
+    from fastserve.inference import load_model
+
+    teacher = load_model(dataclasses.replace(cfg, source=SourceConfig(kind="checkpoint", path=cfg.distill.teacher)))
+    if teacher.model_cfg.vocab_size != cfg.model.vocab_size:
+        raise ValueError(f"distill.teacher {cfg.distill.teacher}: vocabulary {teacher.model_cfg.vocab_size} differs "
+                         f"from the student's model.vocab_size={cfg.model.vocab_size}")
+    same = getattr(teacher.tokenizer, "model_proto", None) == getattr(student_tokenizer, "model_proto", None)
+    if not same:
+        raise ValueError(f"distill.teacher {cfg.distill.teacher}: its tokenizer differs from the student's "
+                         f"(leave tokenizer.path empty to use the teacher's)")
+    return teacher
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Runs (or resumes) the training described by `cfg`; returns the final metrics."""
     parallel.initialize_distributed(cfg.distributed)
     parallel.enable_compilation_cache()
     os.makedirs(cfg.train.workdir, exist_ok=True)
+    cfg = _check_trainable_workdir(cfg)
 
     # 1. Data: corpus, held-out split, tokenizer (cached), packed sequences.
     data = prepare_lm_data(cfg)
@@ -117,11 +155,21 @@ def train(cfg: Config) -> dict[str, Any]:
     mesh, state, ckpt = setup.mesh, setup.state, setup.checkpointer
     if setup.data_state is not None:
         data.train.set_state(setup.data_state)
-    task = make_task(cfg.train.task)
+    task_state = task_state_shardings = None
+    if cfg.train.task == "distill":
+        teacher = load_teacher(cfg, data.tokenizer)
+        task = make_task("distill", teacher_graphdef=teacher.graphdef, temperature=cfg.distill.temperature,
+                         alpha=cfg.distill.alpha)
+        task_state = teacher.params
+        task_state_shardings = jax.tree.map(lambda x: x.sharding, task_state)
+    else:
+        task = make_task(cfg.train.task)
+    extra = () if task_state is None else (task_state,)
 
     # 3. Compiled steps.
-    train_step = make_train_step(setup.graphdef, task, setup.tx, setup.schedule, setup.shardings, mesh)
-    eval_step = make_eval_step(setup.graphdef, task, setup.shardings["params"], mesh)
+    train_step = make_train_step(setup.graphdef, task, setup.tx, setup.schedule, setup.shardings, mesh,
+                                 task_state_shardings)
+    eval_step = make_eval_step(setup.graphdef, task, setup.shardings["params"], mesh, task_state_shardings)
 
     # 4. Accounting: tokens per step, FLOPs per token, and the matmul peak MFU is stated against (measured now).
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -138,7 +186,7 @@ def train(cfg: Config) -> dict[str, Any]:
     step = setup.start_step
     last_eval: dict[str, float] = {}
     if step == 0 and data.eval:
-        initial_eval = evaluate_params(eval_step, state["params"], data.eval, task, mesh)
+        initial_eval = evaluate_params(eval_step, state["params"], data.eval, task, mesh, task_state)
         monitor.write(0, "eval", initial_eval)
         monitor.print(f"step 0: held-out loss {initial_eval['loss']:.4f}, perplexity {initial_eval['perplexity']:.2f}")
     last: dict[str, float] = {}
@@ -150,7 +198,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 batch = parallel.host_to_global(split_micro_batches(next(data.train), cfg.train.grad_accum),
                                                 mesh, leading=1)
                 t0 = time.perf_counter()
-                state, metrics = train_step(state, batch)
+                state, metrics = train_step(state, batch, *extra)
                 metrics = jax.device_get(metrics)
                 window_time += time.perf_counter() - t0
                 window_steps += 1
@@ -171,7 +219,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     monitor.progress(step, {"loss": f"{loss:.3f}", "tok/s": f"{tps:,.0f}", "mfu": f"{last['mfu']:.0%}"})
                     window_time, window_steps = 0.0, 0
                 if data.eval and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-                    last_eval = evaluate_params(eval_step, state["params"], data.eval, task, mesh)
+                    last_eval = evaluate_params(eval_step, state["params"], data.eval, task, mesh, task_state)
                     monitor.write(step, "eval", last_eval)
                     monitor.print(f"step {step}: held-out loss {last_eval['loss']:.4f}, "
                                   f"perplexity {last_eval['perplexity']:.2f}")
