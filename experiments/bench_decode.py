@@ -65,6 +65,32 @@ def run_loop(prefill, decode, prompts, lengths, new_tokens):
     return ttft, statistics.median(steps)
 
 
+def markdown(out: dict) -> str:
+    """The results as a Markdown table, with the targets checked."""
+    lines = [f"# Decode benchmark ({out['date']}, {out['device']}, jax {out['jax']})", "",
+             "Command: `python experiments/bench_decode.py`. Model: " + out["model"] + f"; prompt {out['prompt_len']} "
+             f"tokens, {out['new_tokens']} new tokens, greedy. Parameter bytes {out['param_bytes'] / 1e6:.0f} MB; "
+             f"read bandwidth measured in the run {out['bandwidth_GBps']} GB/s. Load average "
+             f"{out['load_avg_start']} → {out['load_avg_end']} (shared 2-core host). Medians over {ROUNDS} "
+             "alternating rounds.", "",
+             "| batch | path | TTFT (s) | decode step (ms) | decode tokens/s |", "|---|---|---|---|---|"]
+    for key, row in out["results"].items():
+        for name in ("inprocess", "exported"):
+            r = row[name]
+            lines.append(f"| {key.split('_')[1]} | {name} | {r['ttft_s']} | {r['step_s'] * 1e3:.2f} | "
+                         f"{r['tokens_per_s']} |")
+        lines.append(f"| {key.split('_')[1]} | generate (while_loop) | | | {row['generate']['tokens_per_s']} |")
+    b1 = out["results"]["batch_1"]
+    lines += ["", "## Targets", "",
+              f"- Batch-1 decode step {b1['inprocess']['step_s'] * 1e3:.2f} ms vs the bandwidth bound "
+              f"{b1['bandwidth_bound_step_s'] * 1e3:.2f} ms: {b1['inprocess_step_over_bound']}× "
+              f"(target ≤ 2×: {'met' if b1['inprocess_step_over_bound'] <= 2 else 'not met'}).",
+              *(f"- Exported / in-process decode tokens/s at {k.replace('_', ' ')}: {r['exported_vs_inprocess']} "
+                f"(target ≥ 0.95: {'met' if r['exported_vs_inprocess'] >= 0.95 else 'not met'})."
+                for k, r in out["results"].items())]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -138,8 +164,11 @@ def main() -> int:
            "load_avg_start": round(load_start, 2), "load_avg_end": round(os.getloadavg()[0], 2),
            "date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0].device_kind)}
     if not args.quick:
-        with open(os.path.join(os.path.dirname(__file__), "results", "bench_decode.json"), "w") as f:
+        results_dir = os.path.join(os.path.dirname(__file__), "results")
+        with open(os.path.join(results_dir, "bench_decode.json"), "w") as f:
             json.dump(out, f, indent=1)
+        with open(os.path.join(results_dir, "bench_decode.md"), "w") as f:
+            f.write(markdown(out))
     print(json.dumps(out))
     return 0
 
