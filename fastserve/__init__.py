@@ -49,5 +49,13 @@ def load_exported(directory: str, platform: str | None = None, **kwargs: Any) ->
     return _load(directory, platform, **kwargs)
 
 
+def deploy(config: str | Config | None, *overrides: str, block: bool = True) -> Any:
+    """Serves `config.source`'s model over the OpenAI-compatible HTTP API of `config.serve`, as
+    `python -m fastserve.serve` does. block=True: until SIGINT / SIGTERM (returns None); block=False: returns at
+    once a running handle with `.url` and `.stop()`."""
+    from fastserve.serve.cli import serve
+    return serve(_config(config, overrides), block=block)
+
+
 __all__ = ["Config", "ConfigError", "load_config", "train", "evaluate", "infer", "export", "load_exported",
-           "__version__"]
+           "deploy", "__version__"]

@@ -166,11 +166,13 @@ class ServeConfig:
     buckets: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # prompt lengths (compiled at start)
     max_cache_len: int = 0         # KV positions per slot (prompt + generated); 0: model.max_seq_len
     scheduler: str = "mlfq"        # fcfs: run to completion in arrival order | static: whole batches | mlfq: skip-join
+                                   # | gittins: Gittins index over the learned job-size distribution
     mlfq_levels: int = 0           # priority levels K; level i has the quantum q0 * 2**i. 0: enough levels that
                                    # the longest job (max_new_tokens_limit steps) never sinks to the last one
-    mlfq_base_quantum_s: float = 0.0  # q0 in seconds; 0: the profiled decode step time
+    mlfq_base_quantum_s: float = 0.0  # q0 in seconds; 0: the profiled decode step time (gittins: its index's grid)
     starvation_s: float = 10.0     # a job that has waited this long is promoted to the top level (0: never)
-    starvation_quanta: float = 0.0  # mlfq: also promote a job that has waited this many quanta of its level (0: off)
+    starvation_quanta: float = 0.0  # mlfq: also promote a job that has waited this many quanta of its level (0: off;
+                                   # off by default: measured, K = 2 thrashes into round-robin, K = 8 never fires)
     iteration_cost: str = "measured"  # what the scheduler is charged per iteration: measured wall time | profiled
                                    # (the start-up profile of prefill per bucket and of the decode step: deterministic)
     batch_timeout_s: float = 0.05  # static: start a partial batch once its oldest request waited this long

@@ -12,7 +12,7 @@ from fastserve.config import ServeConfig, load_config
 from fastserve.core import infer
 from fastserve.core.state import init_params
 from fastserve.serve.engine import Engine, QueueFull, Request
-from fastserve.serve.scheduler import Scheduler
+from fastserve.serve.scheduler import Scheduler, levels_covering
 
 BUCKETS = [8, 16]
 MAX_NEW = 24
@@ -143,6 +143,16 @@ def test_every_token_after_an_eviction_equals_alone(model, prompts, alone, host_
         assert st["offloads"] == 0 and st["recomputes"] > 20 and st["recompute_extends"] > 0
 
 
+def test_gittins_under_preemption_equals_alone(model, prompts, alone):
+    eng = make_engine(model, "gittins", mlfq_base_quantum_s=0.0, host_kv_slots=1, iteration_cost="profiled")
+    programs = compiled_programs()
+    reqs = eng.generate(requests(prompts), timeout=120)
+    check_greedy_equals_alone(reqs, alone)
+    st = eng.stats()
+    assert st["preemptions"] > 0 and st["offloads"] > 0
+    assert compiled_programs() == programs
+
+
 def test_fcfs_and_static_give_the_same_tokens_and_their_batching(model, prompts, alone):
     fcfs = make_engine(model, "fcfs")
     reqs = fcfs.generate(requests(prompts), timeout=120)
@@ -203,6 +213,11 @@ def test_seeded_sampling_is_reproducible_per_request_whatever_the_slot(model, pr
 def test_stop_tokens_streaming_and_the_background_runner(model, prompts, alone):
     ref = alone(prompts[2], 10)
     eng = make_engine(model, "mlfq", iteration_cost="profiled")
+    # serve.mlfq_levels 0: enough levels that the longest job (48 positions of decode steps here) never sinks to
+    # the last one; q0 = the profiled decode step
+    prof = eng.profile
+    assert eng.scheduler.levels == levels_covering(prof["decode_s"], prof["prefill_s"][16] + 48 * prof["decode_s"])
+    assert eng.scheduler.base_quantum_s == prof["decode_s"] and eng.scheduler.levels >= 7
     streamed, finished = [], threading.Event()
     stop_at = ref[3]
     first = ref.index(stop_at)                              # a stop token ends the output and is included

@@ -19,6 +19,7 @@ from fastserve.config import ModelConfig, load_config
 from fastserve.core import infer
 from fastserve.core.state import abstract_model
 from fastserve.interop import BPETokenizer, ImportedModel, load_gguf, load_hf_llama
+from tiny_bpe import CHATML, train_tiny_bpe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTION = "What is the capital of France?"
@@ -261,20 +262,9 @@ def tiny_model_cfg(tied: bool) -> ModelConfig:
                        tie_embeddings=tied, max_seq_len=128)
 
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
 def write_tiny_tokenizer(directory) -> None:
     """A byte-level BPE trained on a few sentences, saved as tokenizer.json + tokenizer_config.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["the capital of France is Paris", "hello world, hello there"] * 20, trainer)
+    tok = train_tiny_bpe()
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}))

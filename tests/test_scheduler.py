@@ -3,7 +3,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from fastserve.serve.scheduler import FCFSScheduler, MLFQScheduler, StaticScheduler, make_scheduler
+from fastserve.serve.scheduler import (FCFSScheduler, GittinsScheduler, MLFQScheduler, StaticScheduler, gittins_table,
+                                       levels_covering, make_scheduler)
 
 
 @dataclass(eq=False)
@@ -146,11 +147,73 @@ def test_starved_job_runs_once_promoted():
     assert names(s.select(now=3.0, slots=1)) == ["b"]
 
 
+def test_promotion_after_a_number_of_quanta_of_the_jobs_level():
+    # starvation_quanta 3: a job at level i is promoted once it has waited > 3 * q_i (q = 1, 2, 4)
+    s = MLFQScheduler(levels=3, base_quantum_s=1.0, starvation_s=0.0, starvation_quanta=3.0)
+    assert [s.starvation_limit(i) for i in range(3)] == [3.0, 6.0, 12.0]
+    hi, mid, low = J("hi", 0.0, 0.1), J("mid", 0.0, 1.5), J("low", 0.0, 3.0)   # levels 0, 1, 2
+    for j in (hi, mid, low):
+        s.add(j)
+    assert names(s.select(now=6.0, slots=1)) == ["hi"]      # mid waited exactly 3 x q1 = 6 s: not longer
+    assert s.promotions == 0
+    assert names(s.select(now=6.5, slots=1)) == ["hi"]      # mid promoted to level 0's tail; low (12 s) not yet
+    assert (s.level(mid), s.level(low), s.promotions) == (0, 2, 1)
+    assert names(s.select(now=12.5, slots=2)) == ["hi", "mid"]
+    assert (s.level(low), s.promotions) == (0, 2)
+    # with starvation_s as well, the sooner of the two limits applies
+    both = MLFQScheduler(levels=3, base_quantum_s=1.0, starvation_s=5.0, starvation_quanta=3.0)
+    assert [both.starvation_limit(i) for i in range(3)] == [3.0, 5.0, 5.0]
+    assert MLFQScheduler(levels=2, starvation_s=0.0).starvation_limit(1) == float("inf")
+    with pytest.raises(ValueError, match="starvation_quanta"):
+        MLFQScheduler(levels=2, starvation_quanta=-1.0)
+
+
 def test_mlfq_rejects_bad_settings():
     with pytest.raises(ValueError, match="mlfq_levels"):
         MLFQScheduler(levels=0, base_quantum_s=1.0)
     with pytest.raises(ValueError, match="mlfq_base_quantum_s"):
         MLFQScheduler(levels=2, base_quantum_s=0.0)
+
+
+def test_levels_covering_the_longest_job():
+    assert levels_covering(1.0, 0.0) == 1
+    k = levels_covering(0.01, 2.5)                          # the last level is entered after 2 x 2.5 s of service
+    assert 0.01 * (2 ** (k - 1) - 1) >= 5.0 > 0.01 * (2 ** (k - 2) - 1)
+    with pytest.raises(ValueError, match="mlfq_base_quantum_s"):
+        levels_covering(0.0, 1.0)
+
+
+def simulate(sched, jobs, slots):
+    """Discrete time, one unit per iteration: jobs = [(job, arrival, work units)] → {job: completion time}."""
+    left = {j: w for j, _, w in jobs}
+    pending = sorted(jobs, key=lambda x: x[1])
+    done, t = {}, 0.0
+    while len(done) < len(jobs):
+        while pending and pending[0][1] <= t:
+            sched.add(pending.pop(0)[0], t)
+        for j in sched.select(t, slots):
+            left[j] -= 1
+            sched.on_iteration(j, 1.0)
+            if left[j] == 0:
+                done[j] = t + 1
+                sched.remove(j)
+        t += 1
+    return done
+
+
+def test_covering_levels_keep_short_jobs_ahead_of_long_ones():
+    """The loss to fcfs found in the serving benchmark: with too few levels, short jobs are demoted into the last
+    (FCFS) level before they finish and queue there behind every long job, worse off than under plain FCFS; levels
+    that cover the longest job keep them in the upper levels, above the long jobs (which attained more service)."""
+    def mean_short_jct(sched):
+        longs = [(J(f"L{i}", i), i, 100) for i in range(4)]                        # 4 long jobs, 2 slots
+        shorts = [(J(f"s{i}", 5 + 10 * i), 5 + 10 * i, 12) for i in range(20)]     # 12 units each, every 10 units
+        done = simulate(sched, longs + shorts, slots=2)
+        return sum(done[j] - j.arrival for j, _, _ in shorts) / len(shorts)
+    few = mean_short_jct(MLFQScheduler(levels=4, base_quantum_s=1.0))
+    covering = mean_short_jct(MLFQScheduler(levels=levels_covering(1.0, 100), base_quantum_s=1.0))
+    fcfs = mean_short_jct(FCFSScheduler())
+    assert few > fcfs > 5 * covering and covering < 2.5 * 12
 
 
 # ------------------------------------------------------------------------------------------------ FCFS
@@ -216,6 +279,40 @@ def test_static_priority_puts_the_running_batch_first():
     s.add(b)
     assert names(s.select(now=1.0, slots=2)) == ["a"]
     assert s.priority(a) < s.priority(b)
+
+
+# --------------------------------------------------------------------------------------------- Gittins
+
+def test_gittins_index_of_a_bimodal_size_distribution():
+    # 90 % of jobs need 1 s of service, 10 % need 10 s: a fresh job (likely short) ranks first; a job past 1 s is
+    # known long, and among long jobs the one closest to finishing ranks first (increasing hazard), unlike LAS
+    g = gittins_table([1.0] * 9 + [10.0], quantum_s=0.5)
+    assert len(g) == 21
+    assert g[0] == pytest.approx(9 / (9 * 1.0 + 1 * 1.0))            # s = 1: 9 of 10 done per 10 s of service
+    assert g[2] == pytest.approx(1 / 9.0)                            # a = 1: only the 10 s job is left
+    assert g[2] < g[10] < g[0] < g[18]      # closer to 10 s: higher; with 1 s left it outranks a fresh job (SRPT)
+    assert g[20] == 0.0                                              # past every recorded size
+
+
+def test_gittins_learns_the_sizes_and_runs_the_longest_attained_long_job_first():
+    s = GittinsScheduler(quantum_s=0.5, min_history=10, refresh=1)
+    old, new = J("old", 0.0), J("new", 1.0)
+    s.add(old)
+    s.add(new)
+    s.on_iteration(old, 3.0)
+    assert names(s.select(1.0, 1)) == ["new"]                        # no history yet: least attained service
+    for k in range(10):                                              # the sizes: 1 s x 9, 10 s x 1
+        j = J(f"j{k}", 0.0)
+        s.add(j)
+        s.on_iteration(j, 10.0 if k == 0 else 1.0)
+        s.remove(j)
+    s.on_iteration(new, 1.5)                                         # both known long now; old is closer to done
+    assert names(s.select(2.0, 2)) == ["old", "new"]
+    fresh = J("fresh", 2.0)
+    s.add(fresh)
+    assert names(s.select(2.0, 1)) == ["fresh"]                      # a fresh job (likely short) preempts both
+    assert s.priority(new) > s.priority(old)                         # the engine evicts `new` first
+    assert isinstance(make_scheduler("gittins", base_quantum_s=0.5), GittinsScheduler)
 
 
 def test_make_scheduler_names():

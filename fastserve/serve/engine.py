@@ -22,162 +22,28 @@ from prompt + generated tokens on resume (counted as recomputes).
 from __future__ import annotations
 
 import contextlib
-import functools
-import itertools
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from fastserve.config import ServeConfig
-from fastserve.core import infer
-from fastserve.serve.kv import HostKV, KVPool
-from fastserve.serve.scheduler import SCHEDULERS, MLFQScheduler, Scheduler, make_scheduler
+from fastserve.serve.kv import KVPool
+from fastserve.serve.programs import decode_fn, extend_fn, prefill_fn
+from fastserve.serve.request import _END, QueueFull, Request, summarize
+from fastserve.serve.scheduler import SCHEDULERS, MLFQScheduler, Scheduler, levels_covering, make_scheduler
 
 log = logging.getLogger(__name__)
 
-_ids = itertools.count()
-_END = object()
-
-
-class QueueFull(RuntimeError):
-    """The engine holds `serve.max_queue` unfinished requests already (an HTTP server answers 503)."""
-
-
-@dataclass(eq=False)
-class Request:
-    """One generation job: the prompt's token ids, sampling settings, and (filled by the engine) its results/timings.
-
-    temperature 0 → greedy; top_k 0 → off; top_p 1.0 → off. stop_ids None → the model's stop tokens.
-    A stop token ends the output and is included in it (finish_reason "stop"); else "length" at max_new_tokens.
-    Times are on the engine's clock (time.perf_counter by default).
-    """
-    tokens: Sequence[int]
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    stop_ids: Sequence[int] | None = None
-    on_token: Callable[["Request", int], None] | None = None     # called on the engine thread
-    on_finish: Callable[["Request"], None] | None = None
-    id: str = field(default_factory=lambda: f"req-{next(_ids)}")
-
-    # results and metrics (engine-owned)
-    output: list[int] = field(default_factory=list)
-    finish_reason: str | None = None        # stop | length | cancelled | error
-    error: str | None = None
-    arrival: float = 0.0
-    first_token_time: float | None = None
-    token_times: list[float] = field(default_factory=list)
-    finish_time: float | None = None
-    preemptions: int = 0                    # times it ran in one iteration and not in the next, unfinished
-    offloads: int = 0                       # evictions whose KV went to host memory
-    offloaded_bytes: int = 0
-    recomputes: int = 0                     # evictions whose KV was dropped and recomputed on resume
-    bucket: int = 0
-    prefill_time: float = 0.0               # the profiled prefill time of its bucket (MLFQ skip-join)
-
-    def __post_init__(self) -> None:
-        self.tokens = [int(t) for t in self.tokens]
-        self._slot: int | None = None
-        self._host: HostKV | None = None
-        self._recompute = False
-        self._cancel = False
-        self._submitted = False
-        self._stop: frozenset[int] = frozenset()
-        self._queue: queue.Queue = queue.Queue()
-        self._done = threading.Event()
-
-    # -- results
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
-
-    def stream(self, timeout: float | None = None) -> Iterator[int]:
-        """Yields the generated token ids as they come, until the request finishes (raises on an engine error)."""
-        while True:
-            item = self._queue.get(timeout=timeout)
-            if item is _END:
-                if self.finish_reason == "error":
-                    raise RuntimeError(f"request {self.id} failed: {self.error}")
-                return
-            yield item
-
-    # -- metrics
-    @property
-    def ttft(self) -> float | None:
-        """Time to first token (arrival → first token)."""
-        return None if self.first_token_time is None else self.first_token_time - self.arrival
-
-    @property
-    def tpot(self) -> float | None:
-        """Time per output token after the first (mean gap)."""
-        if len(self.token_times) < 2:
-            return None
-        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
-
-    @property
-    def jct(self) -> float | None:
-        """Job completion time (arrival → finish)."""
-        return None if self.finish_time is None else self.finish_time - self.arrival
-
-
-def _sample_rows(logits, seeds, counts, temperature, top_k, top_p):
-    """infer.sample per row with the row's own key fold_in(key(seed), count)."""
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
-    one = lambda lg, k, t, tk, tp: infer.sample(lg[None], k, t[None], tk[None], tp[None])[0]  # noqa: E731
-    return jax.vmap(one)(logits, keys, temperature, top_k, top_p)
-
-
-# The compiled steps live at module level (the model's graphdef is a static argument), so that engines over the
-# same model and shapes share their programs.
-
-@functools.partial(jax.jit, static_argnums=0)
-def _prefill_fn(graphdef, params, tokens, lengths, ints, floats):
-    """tokens [1, T] → (first token [1], KV rows [1, T, ...]); ints [3, 1]: seed, count, top_k; floats [2, 1]:
-    temperature, top_p."""
-    model = nnx.merge(graphdef, params)
-    cache = model.init_cache(tokens.shape[0], tokens.shape[1])
-    logits, cache = infer.prefill(model, tokens, lengths, cache)
-    return _sample_rows(logits, ints[0], ints[1], floats[0], ints[2], floats[1]), cache
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
-def _decode_fn(graphdef, max_len, params, cache, ints, floats):
-    """ints [6, S]: token, position, seed, count, top_k, active; floats [2, S]: temperature, top_p."""
-    model = nnx.merge(graphdef, params)
-    tokens, positions, seeds, counts, top_k, active = ints
-    active = active > 0
-    positions = jnp.where(active, positions, max_len)      # masked rows: their KV write is dropped
-    logits, cache = infer.decode(model, tokens, positions, cache)
-    sampled = _sample_rows(logits, seeds, counts, floats[0], top_k, floats[1])
-    return jnp.where(active, sampled, -1), cache
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _extend_fn(graphdef, params, cache, slot, tokens, start):
-    """Writes the KV of tokens [1, T] at positions start, start+1, ... into `slot` (recompute past one bucket)."""
-    model = nnx.merge(graphdef, params)
-    row = [{n: jax.lax.dynamic_slice_in_dim(c[n], slot, 1, axis=0) for n in ("k", "v")} for c in cache]
-    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    _, row = model(tokens, positions, row)
-    return [{n: jax.lax.dynamic_update_slice_in_dim(c[n], r[n], slot, axis=0) for n in ("k", "v")}
-            for c, r in zip(cache, row)]
+__all__ = ["Engine", "Request", "QueueFull", "summarize"]   # Request & co. live in fastserve/serve/request.py
 
 
 class Engine:
-    """Continuous-batching engine over `cfg.slots` decode slots, scheduled by fcfs / static / mlfq.
+    """Continuous-batching engine over `cfg.slots` decode slots, scheduled by fcfs / static / mlfq / gittins.
 
     graphdef, params: the model (`nnx.split`, params a pure dict placed on `mesh`); model_cfg: its ModelConfig.
     `scheduler` overrides the one named by cfg.scheduler; `iteration_cost` overrides cfg.iteration_cost.
@@ -194,6 +60,8 @@ class Engine:
             raise ValueError(f"serve.iteration_cost='{self.iteration_cost}': choose measured or profiled")
         if scheduler is None and cfg.scheduler not in SCHEDULERS:
             raise ValueError(f"serve.scheduler='{cfg.scheduler}': choose from {', '.join(SCHEDULERS)}")
+        if cfg.mlfq_levels < 0:
+            raise ValueError(f"serve.mlfq_levels={cfg.mlfq_levels}: must be >= 0 (0: as many as the longest job needs)")
         if cfg.slots < 1:
             raise ValueError(f"serve.slots={cfg.slots}: must be at least 1")
         self.max_len = cfg.max_cache_len or model_cfg.max_seq_len
@@ -223,16 +91,24 @@ class Engine:
         self._host_jobs: set[Request] = set()
         self._last_running: list[Request] = []
         self.counters = dict(steps=0, decode_steps=0, prefills=0, tokens=0, preemptions=0, offloads=0,
-                             offloaded_bytes=0, restores=0, recomputes=0, recompute_extends=0, finished=0)
+                             offloaded_bytes=0, restores=0, recomputes=0, recompute_extends=0, finished=0,
+                             decode_slot_steps=0)        # decode_slot_steps: jobs decoded, summed over decode steps
+        # wall seconds spent per kind of work (where a step's time goes: the benchmark's throughput breakdown)
+        self.timings = dict(schedule=0.0, prefill=0.0, decode=0.0, restore=0.0, offload=0.0, recompute=0.0)
         self._thread: threading.Thread | None = None
         self._stop_event = threading.Event()
         self._wake = threading.Event()
 
         self.profile = self._warm_and_profile()
         q0 = cfg.mlfq_base_quantum_s or self.profile["decode_s"]
+        # the longest job the engine accepts, at the profiled speed: the largest bucket's prefill, then decode steps
+        longest = self.profile["prefill_s"][self.buckets[-1]] + \
+            min(cfg.max_new_tokens_limit, self.max_len) * self.profile["decode_s"]
+        self.mlfq_levels = cfg.mlfq_levels or levels_covering(q0, longest)
         if scheduler is None:   # (an empty Scheduler is falsy: it has a length)
-            scheduler = make_scheduler(cfg.scheduler, levels=cfg.mlfq_levels, base_quantum_s=q0,
-                                       starvation_s=cfg.starvation_s, batch_timeout_s=cfg.batch_timeout_s)
+            scheduler = make_scheduler(cfg.scheduler, levels=self.mlfq_levels, base_quantum_s=q0,
+                                       starvation_s=cfg.starvation_s, starvation_quanta=cfg.starvation_quanta,
+                                       batch_timeout_s=cfg.batch_timeout_s)
         self.scheduler = scheduler
 
     @classmethod
@@ -257,7 +133,7 @@ class Engine:
                 times = []
                 for _ in range(repeats + 1):
                     t0 = self.clock()
-                    tok, rows = _prefill_fn(self.graphdef, self.params, tokens, np.array([b], np.int32), ints1, floats1)
+                    tok, rows = prefill_fn(self.graphdef, self.params, tokens, np.array([b], np.int32), ints1, floats1)
                     self.pool.insert(rows, 0)
                     jax.device_get(tok)
                     times.append(self.clock() - t0)
@@ -266,13 +142,13 @@ class Engine:
             times = []
             for _ in range(repeats + 1):
                 t0 = self.clock()
-                toks, self.pool.cache = _decode_fn(self.graphdef, self.max_len, self.params, self.pool.cache, ints,
+                toks, self.pool.cache = decode_fn(self.graphdef, self.max_len, self.params, self.pool.cache, ints,
                                                    floats)
                 jax.device_get(toks)
                 times.append(self.clock() - t0)
             decode_s = float(np.median(times[1:]))
             big = self.buckets[-1]
-            self.pool.cache = _extend_fn(self.graphdef, self.params, self.pool.cache, np.int32(0),
+            self.pool.cache = extend_fn(self.graphdef, self.params, self.pool.cache, np.int32(0),
                                          np.full((1, big), self.pad_id, np.int32), np.int32(0))
             jax.block_until_ready(self.pool.cache)
         return {"prefill_s": prefill_s, "decode_s": decode_s}
@@ -336,6 +212,7 @@ class Engine:
         for req in [j for j in self._jobs if j._cancel]:
             self._finish(req, "cancelled", now)
         selected = list(self.scheduler.select(now, self.slots))[:self.slots]
+        self.timings["schedule"] += self.clock() - now
         finished_last = {j for j in self._last_running if j.finish_reason is not None}
         for job in self._last_running:
             if job not in finished_last and job not in selected:
@@ -354,8 +231,10 @@ class Engine:
         if len(need) > len(free):
             paused = [j for j in self._slot_job if j is not None and j not in chosen]
             paused.sort(key=self.scheduler.priority, reverse=True)
+            t0 = self.clock()
             for victim in paused[:len(need) - len(free)]:
                 free.append(self._evict(victim))
+            self.timings["offload"] += self.clock() - t0
         # place: prefill new jobs, bring back offloaded ones, recompute dropped ones
         prefilled = []
         for job in need:
@@ -366,12 +245,15 @@ class Engine:
                 self._host_jobs.discard(job)
                 job._host = None
                 self.counters["restores"] += 1
+                self.timings["restore"] += self.clock() - t0
             elif job._recompute:
                 self._recompute(job, slot)
                 job._recompute = False
+                self.timings["recompute"] += self.clock() - t0
             else:
                 tok = self._prefill_into(job, slot)
                 t = self.clock()
+                self.timings["prefill"] += t - t0
                 cost[job] += t - t0 if self.iteration_cost == "measured" else job.prefill_time
                 prefilled.append(job)
                 self._slot_job[slot], job._slot = job, slot
@@ -385,10 +267,12 @@ class Engine:
         if decoding:
             ints, floats = self._slot_arrays(decoding)
             t0 = self.clock()
-            toks, self.pool.cache = _decode_fn(self.graphdef, self.max_len, self.params, self.pool.cache, ints, floats)
+            toks, self.pool.cache = decode_fn(self.graphdef, self.max_len, self.params, self.pool.cache, ints, floats)
             toks = np.asarray(jax.device_get(toks))          # the one device→host transfer of the step
             t = self.clock()
             self.counters["decode_steps"] += 1
+            self.counters["decode_slot_steps"] += len(decoding)
+            self.timings["decode"] += t - t0
             for job in decoding:
                 cost[job] += t - t0 if self.iteration_cost == "measured" else self.profile["decode_s"]
                 self._emit(job, int(toks[job._slot]), t)
@@ -413,7 +297,7 @@ class Engine:
         tokens[0, :len(job.tokens)] = job.tokens
         ints = np.array([[job.seed % 2 ** 31], [0], [job.top_k]], np.int32)
         floats = np.array([[job.temperature], [job.top_p]], np.float32)
-        tok, rows = _prefill_fn(self.graphdef, self.params, tokens, np.array([len(job.tokens)], np.int32), ints, floats)
+        tok, rows = prefill_fn(self.graphdef, self.params, tokens, np.array([len(job.tokens)], np.int32), ints, floats)
         self.pool.insert(rows, slot)
         self.counters["prefills"] += 1
         return int(jax.device_get(tok)[0])
@@ -427,13 +311,13 @@ class Engine:
         tokens = np.full((1, bucket), self.pad_id, np.int32)
         tokens[0, :len(head)] = head
         ints, floats = np.zeros((3, 1), np.int32), np.array([[0.0], [1.0]], np.float32)
-        _, rows = _prefill_fn(self.graphdef, self.params, tokens, np.array([len(head)], np.int32), ints, floats)
+        _, rows = prefill_fn(self.graphdef, self.params, tokens, np.array([len(head)], np.int32), ints, floats)
         self.pool.insert(rows, slot)
         for start in range(big, len(seq), big):
             chunk = np.full((1, big), self.pad_id, np.int32)
             part = seq[start:start + big]
             chunk[0, :len(part)] = part
-            self.pool.cache = _extend_fn(self.graphdef, self.params, self.pool.cache, np.int32(slot), chunk,
+            self.pool.cache = extend_fn(self.graphdef, self.params, self.pool.cache, np.int32(slot), chunk,
                                          np.int32(start))
             self.counters["recompute_extends"] += 1
 
@@ -568,17 +452,3 @@ class Engine:
                                queue_lengths=[len(q) for q in self.scheduler.queues()],
                                demotions=self.scheduler.demotions, promotions=self.scheduler.promotions)
         return out
-
-
-def summarize(requests: Sequence[Request]) -> dict[str, float]:
-    """Mean / p50 / p99 of TTFT, TPOT and JCT (seconds) over finished requests."""
-    out: dict[str, float] = {}
-    for name in ("ttft", "tpot", "jct"):
-        vals = sorted(v for v in (getattr(r, name) for r in requests) if v is not None)
-        if vals:
-            out[f"{name}_mean"] = float(np.mean(vals))
-            out[f"{name}_p50"] = float(np.percentile(vals, 50))
-            out[f"{name}_p99"] = float(np.percentile(vals, 99))
-    out["requests"] = float(len(requests))
-    out["tokens"] = float(sum(len(r.output) for r in requests))
-    return out

@@ -15,13 +15,21 @@ engine's eviction of preempted jobs' KV (the largest key is evicted, i.e. offloa
   mlfq    FastServe's skip-join multi-level feedback queue (Wu et al., 2023): K levels, quantum q_i = q0 * 2**i;
           an arriving job joins the highest level whose quantum is at least its prefill time; a job whose time at
           its level exceeds that level's quantum moves down one level; a job that has waited longer than
-          `starvation_s` moves to the top; FCFS within a level (a job entering a level queues at its tail)
+          `starvation_s` moves to the top; FCFS within a level (a job entering a level queues at its tail).
+          The engine picks K with `levels_covering` unless serve.mlfq_levels is set: too few levels let short jobs
+          sink into the last level (FCFS, no demotion) behind the long ones, which made mlfq lose to fcfs.
+          `starvation_quanta` K also promotes a job that waited K x its level's quantum (off by default).
+  gittins the Gittins index over the service times of recently finished jobs (learned online): LAS where the sizes
+          have a decreasing hazard, closest-to-done first where they have an increasing one (e.g. among long jobs)
 """
 from __future__ import annotations
 
+import collections
 import itertools
 from dataclasses import dataclass
 from typing import Any, Hashable, Iterable, Protocol
+
+import numpy as np
 
 
 class Job(Protocol):
@@ -123,7 +131,8 @@ class MLFQScheduler(Scheduler):
 
     name = "mlfq"
 
-    def __init__(self, levels: int = 4, base_quantum_s: float = 0.01, starvation_s: float = 0.0) -> None:
+    def __init__(self, levels: int = 4, base_quantum_s: float = 0.01, starvation_s: float = 0.0,
+                 starvation_quanta: float = 0.0) -> None:
         super().__init__()
         if levels < 1:
             raise ValueError(f"serve.mlfq_levels={levels}: must be at least 1")
@@ -131,7 +140,10 @@ class MLFQScheduler(Scheduler):
             raise ValueError(f"serve.mlfq_base_quantum_s={base_quantum_s}: must be positive")
         self.levels = levels
         self.base_quantum_s = base_quantum_s
+        if starvation_s < 0 or starvation_quanta < 0:
+            raise ValueError("serve.starvation_s and serve.starvation_quanta must be >= 0 (0: off)")
         self.starvation_s = starvation_s
+        self.starvation_quanta = starvation_quanta
         self._state: dict[Hashable, _Level] = {}
         self._enq = itertools.count()
         self.demotions = 0
@@ -146,6 +158,14 @@ class MLFQScheduler(Scheduler):
             if self.quantum(i) >= prefill_time:
                 return i
         return self.levels - 1
+
+    def starvation_limit(self, level: int) -> float:
+        """How long a job at `level` may wait before it is promoted (inf: never): starvation_s, or, if sooner,
+        starvation_quanta x the level's quantum: a wait that is long relative to the service the level grants."""
+        limits = [self.starvation_s] if self.starvation_s > 0 else []
+        if self.starvation_quanta > 0:
+            limits.append(self.starvation_quanta * self.quantum(level))
+        return min(limits, default=float("inf"))
 
     def level(self, job: Any) -> int:
         return self._state[job].level
@@ -164,8 +184,8 @@ class MLFQScheduler(Scheduler):
         return (st.level, st.enqueued)
 
     def select(self, now: float, slots: int) -> list[Any]:
-        if self.starvation_s > 0:
-            starving = [j for j, st in self._state.items() if now - st.since > self.starvation_s]
+        if self.starvation_s > 0 or self.starvation_quanta > 0:
+            starving = [j for j, st in self._state.items() if now - st.since > self.starvation_limit(st.level)]
             # to level 0's tail, the longest-waiting first
             for job in sorted(starving, key=lambda j: (self._state[j].since, self._fcfs_key(j))):
                 st = self._state[job]
@@ -195,17 +215,108 @@ class MLFQScheduler(Scheduler):
         return out
 
 
-SCHEDULERS = ("fcfs", "static", "mlfq")
+class GittinsScheduler(Scheduler):
+    """Gittins-index scheduling with the job-size distribution learned online (Gittins, 1989; for batching servers
+    see Scully et al., "The Gittins policy in the M/G/k queue", 2021): the mean-JCT-optimal policy for unknown job
+    sizes. A job that has attained service a has the index
+
+        G(a) = max over s > a of  P(S <= s | S > a) / E[min(S, s) - a | S > a]
+
+    (the best rate of completions per unit of service it can offer), S drawn from the service times of the last
+    `history` finished jobs; the `slots` highest indices run. Where sizes have a decreasing hazard (a heavy tail)
+    this is least-attained-service, like MLFQ; where they have an increasing one (e.g. within a class of long jobs)
+    it favours the job closest to finishing, which MLFQ's processor sharing among the long jobs does not. Until
+    `min_history` jobs have finished it falls back to least attained service. The index is tabulated per quantum of
+    attained service and refreshed every `refresh` completions; ties (and jobs past every recorded size) go FCFS."""
+
+    name = "gittins"
+
+    def __init__(self, quantum_s: float = 0.01, history: int = 1000, min_history: int = 20, refresh: int = 32):
+        super().__init__()
+        if quantum_s <= 0:
+            raise ValueError(f"gittins quantum {quantum_s}: must be positive")
+        self.quantum_s, self.min_history, self.refresh = quantum_s, min_history, refresh
+        self.attained: dict[Hashable, float] = {}
+        self.sizes: collections.deque[float] = collections.deque(maxlen=history)
+        self._table: np.ndarray | None = None
+        self._since_refresh = 0
+
+    def add(self, job: Any, now: float | None = None) -> None:
+        super().add(job, now)
+        self.attained[job] = 0.0
+
+    def on_iteration(self, job: Any, seconds: float) -> None:
+        if job in self.attained:
+            self.attained[job] += seconds
+
+    def remove(self, job: Any) -> None:
+        a = self.attained.pop(job, None)
+        super().remove(job)
+        if a:                                   # a finished (or cancelled) job's service time: one more sample
+            self.sizes.append(a)
+            self._since_refresh += 1
+            if len(self.sizes) >= self.min_history and (self._table is None or self._since_refresh >= self.refresh):
+                self._table = gittins_table(np.asarray(self.sizes), self.quantum_s)
+                self._since_refresh = 0
+
+    def index(self, job: Any) -> float:
+        a = self.attained[job]
+        if self._table is None:
+            return -a                           # least attained service first
+        b = int(a / self.quantum_s)
+        return float(self._table[b]) if b < len(self._table) else 0.0
+
+    def priority(self, job: Any) -> tuple:
+        return (-self.index(job), *self._fcfs_key(job))
+
+    def select(self, now: float, slots: int) -> list[Any]:
+        return sorted(self._order, key=self.priority)[:max(slots, 0)]
+
+
+def gittins_table(sizes: np.ndarray, quantum_s: float) -> np.ndarray:
+    """G(a) for a = 0, q, 2q, ... up to the largest size, from samples of the service time S (seconds)."""
+    x = np.sort(sizes)
+    out = np.zeros(int(x[-1] / quantum_s) + 1)
+    for b in range(len(out)):
+        a = b * quantum_s
+        rest = x[x > a] - a                     # S - a given S > a, sorted
+        if not len(rest):
+            break
+        k = np.arange(1, len(rest) + 1)
+        spent = np.cumsum(rest) + (len(rest) - k) * rest   # E[min(S - a, s)] x n for s = each remaining size
+        out[b] = np.max(k / spent)
+    return out
+
+
+SCHEDULERS = ("fcfs", "static", "mlfq", "gittins")
+
+
+def levels_covering(base_quantum_s: float, longest_s: float, margin: float = 2.0) -> int:
+    """The number of MLFQ levels K such that a job is demoted into the last level only after it has run
+    `margin` x `longest_s` (the longest job's profiled time): q0 * (2**(K-1) - 1) >= margin * longest_s.
+
+    With too few levels, short jobs sink to the last level along with the long ones before they finish; the last
+    level is FCFS and never demotes, so they then queue behind every long job there and MLFQ degrades to FCFS plus
+    preemption overhead. Covering the longest job keeps jobs sorted by attained service (geometric bins) instead.
+    The margin absorbs measured iteration times above the start-up profile (a loaded machine)."""
+    if base_quantum_s <= 0:
+        raise ValueError(f"serve.mlfq_base_quantum_s={base_quantum_s}: must be positive")
+    k = 1
+    while base_quantum_s * (2 ** (k - 1) - 1) < margin * longest_s:
+        k += 1
+    return k
 
 
 def make_scheduler(name: str, *, levels: int = 4, base_quantum_s: float = 0.01, starvation_s: float = 0.0,
-                   batch_timeout_s: float = 0.05) -> Scheduler:
+                   starvation_quanta: float = 0.0, batch_timeout_s: float = 0.05) -> Scheduler:
     if name == "fcfs":
         return FCFSScheduler()
     if name == "static":
         return StaticScheduler(batch_timeout_s)
     if name == "mlfq":
-        return MLFQScheduler(levels, base_quantum_s, starvation_s)
+        return MLFQScheduler(levels, base_quantum_s, starvation_s, starvation_quanta)
+    if name == "gittins":
+        return GittinsScheduler(base_quantum_s)
     raise ValueError(f"serve.scheduler='{name}': choose from {', '.join(SCHEDULERS)}")
 
 

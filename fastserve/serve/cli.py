@@ -1,0 +1,52 @@
+"""The command line and deployment entry points: `python -m fastserve.serve --config FILE [key=value ...]` and
+`fastserve.deploy(config)`: load the model of `config.source`, compile the engine of `config.serve`, serve HTTP."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Sequence
+
+from fastserve.config import Config
+from fastserve.serve.engine import Engine
+from fastserve.serve.server import Server
+
+
+def model_name(cfg: Config) -> str:
+    """The id under which the model is served: the work dir's or the weight file's name."""
+    path = cfg.source.path or (cfg.train.workdir if cfg.source.kind == "checkpoint" else "")
+    name = os.path.basename(os.path.normpath(path.split("/", 1)[-1] if path.startswith("package:") else path))
+    for ext in (".gguf", ".safetensors"):
+        name = name[:-len(ext)] if name.endswith(ext) else name
+    return name or "fastserve"
+
+
+def serve(cfg: Config, block: bool = True) -> Server | None:
+    """Loads `cfg.source`, compiles the engine of `cfg.serve`, and serves it (block=False: returns the running
+    Server, whose `.url` and `.stop()` the caller uses)."""
+    from fastserve.inference import load_model
+    t0 = time.perf_counter()
+    loaded = load_model(cfg)
+    engine = Engine.from_loaded(loaded, cfg.serve)
+    server = Server(engine, loaded, cfg.serve, model_name(cfg))
+    if not block:
+        return server.start()
+    print(f"fastserve: '{server.model_name}' loaded and compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr,
+          flush=True)
+    server.run()
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fastserve import cli
+    from fastserve.checkpoint import CheckpointError
+    p = cli.parser("Serve a model over an OpenAI-compatible HTTP API (POST /v1/completions, /v1/chat/completions).")
+    args = p.parse_args(argv)
+    cfg = cli.load_or_exit(args.config, args.overrides)
+    cli.quiet_logs()
+    try:
+        serve(cfg, block=True)
+    except (ValueError, OSError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,424 @@
+"""The HTTP server: an OpenAI-compatible API (Starlette on uvicorn) around one Engine on its background thread.
+
+  POST /v1/completions        prompt: a string, strings, token ids (one choice per prompt); `stream: true` → SSE
+  POST /v1/chat/completions   messages, rendered with the model's chat template (400 if it has none)
+  GET  /v1/models[/{id}]      the one served model
+  GET  /health                200 while the engine runs (never needs the API key)
+  GET  /metrics               Prometheus text: queue, slots, TTFT / TPOT / E2E histograms, requests by status, ...
+
+Each prompt becomes one engine Request whose `on_token` / `on_finish` callbacks (engine thread) hand the tokens to
+the event loop; the text goes through `api.TextStream` (stop strings, incomplete characters held back). A client
+that disconnects cancels its requests, which frees their slots at the engine's next iteration. Protocol rules
+(validation, bodies) live in fastserve/serve/api.py, the metrics in metrics.py, the entry points in cli.py.
+
+    python -m fastserve.serve --config configs/serve_quickstart.yaml [key=value ...]
+    fastserve.deploy("configs/serve_quickstart.yaml", block=False)  → handle with .url and .stop()
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from fastserve.config import ServeConfig
+from fastserve.serve import api
+from fastserve.serve.api import APIError
+from fastserve.serve.engine import Engine, QueueFull, Request
+from fastserve.serve.metrics import Metrics
+
+_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16      # OpenAI's default for /v1/completions; chat defaults to the room left
+
+
+# ----------------------------------------------------------------------------------------------- the app
+
+@dataclass
+class _Choice:
+    req: Request
+    text: api.TextStream
+    reason: str | None = None       # set once the choice is complete (stop | length | error)
+    tokens: int = 0                 # completion tokens counted for usage
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _error(e: APIError) -> JSONResponse:
+    return _json(e.status, e.body(), e.headers)
+
+
+async def _disconnected(receive: Any) -> None:
+    """Returns when the client has gone (after the request body was read, receive() only reports that)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _SSEResponse(Response):
+    """Server-sent events written by `run(receive, send)`; the client's disconnect is watched by `run` itself."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, run: Any):
+        self.status_code, self.background, self._run = 200, None, run
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        await self._run(receive, send)
+
+
+class Server:
+    """The OpenAI-compatible app over `engine` (which this server starts and stops) and `loaded`'s tokenizer.
+
+    `start()` serves on a background thread (returns self: `.url`, `.stop()`); `run()` serves in the foreground
+    until SIGINT / SIGTERM."""
+
+    def __init__(self, engine: Engine, loaded: Any, cfg: ServeConfig | None = None, model_name: str = "fastserve"):
+        self.engine, self.loaded, self.cfg = engine, loaded, cfg or engine.cfg
+        self.model_name = model_name
+        self.tokenizer = loaded.tokenizer
+        self.chat_template = loaded.chat_template
+        self.stop_ids = list(loaded.stop_ids)
+        self.metrics = Metrics(engine)
+        self.created = int(time.time())
+        self.url: str | None = None
+        self._uvicorn: Any = None
+        self._thread: threading.Thread | None = None
+        routes = [Route("/v1/completions", self.completions, methods=["POST"]),
+                  Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                  Route("/v1/models", self.models, methods=["GET"]),
+                  Route("/v1/models/{model:path}", self.model, methods=["GET"]),
+                  Route("/health", self.health, methods=["GET"]),
+                  Route("/metrics", self.prometheus, methods=["GET"])]
+        starlette = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
+        self.app = self._guard(starlette)
+
+    # -- middleware: API key and the per-status request counter
+    def _guard(self, inner: Any) -> Any:
+        key = self.cfg.api_key.encode()
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                return await inner(scope, receive, send)
+            path = scope["path"]
+            label = next((p for p in _PATHS if path == p or path.startswith(p + "/")), "other")
+
+            async def counted_send(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    self.metrics.http.labels(label, str(message["status"])).inc()
+                await send(message)
+
+            if key and path != "/health":
+                auth = dict(scope["headers"]).get(b"authorization", b"")
+                token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+                if not hmac.compare_digest(token, key):
+                    msg = "missing API key: send 'Authorization: Bearer KEY'" if not auth else "invalid API key"
+                    resp = _error(APIError(401, msg, code="invalid_api_key",
+                                           headers={"WWW-Authenticate": "Bearer"}))
+                    return await resp(scope, receive, counted_send)
+            await inner(scope, receive, counted_send)
+        return app
+
+    async def _http_error(self, request: HTTPRequest, exc: HTTPException) -> Response:
+        message = {404: f"no route {request.method} {request.url.path}",
+                   405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+        return _json(exc.status_code, api.error_body(message, code="not_found" if exc.status_code == 404 else None),
+                     getattr(exc, "headers", None))
+
+    # -- small endpoints
+    async def health(self, request: HTTPRequest) -> Response:
+        e = self.engine
+        alive = e._thread is not None and e._thread.is_alive()
+        body = {"status": "ok" if alive else "engine stopped", "model": self.model_name, "slots": e.slots,
+                "pending": e.pending, "scheduler": e.scheduler.name}
+        return _json(200 if alive else 503, body)
+
+    async def prometheus(self, request: HTTPRequest) -> Response:
+        return Response(self.metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fastserve",
+                "max_model_len": self.engine.max_len}
+
+    async def models(self, request: HTTPRequest) -> Response:
+        return _json(200, {"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: HTTPRequest) -> Response:
+        if request.path_params["model"] != self.model_name:
+            return _error(self._unknown_model(request.path_params["model"]))
+        return _json(200, self._model_card())
+
+    def _unknown_model(self, name: str) -> APIError:
+        return APIError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
+                        param="model", code="model_not_found")
+
+    # -- generation
+    async def completions(self, request: HTTPRequest) -> Response:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: HTTPRequest) -> Response:
+        return await self._generate(request, chat=True)
+
+    async def _read_body(self, request: HTTPRequest) -> bytes:
+        limit = self.cfg.max_body_bytes
+        too_big = APIError(413, f"the request body exceeds serve.max_body_bytes={limit} bytes",
+                           code="request_too_large")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _encode(self, parsed: api.ParsedRequest) -> list[list[int]]:
+        tok = self.tokenizer
+        if parsed.chat:
+            if not self.chat_template or not hasattr(tok, "apply_chat_template"):
+                raise APIError(400, f"the model '{self.model_name}' has no chat template: use /v1/completions",
+                               param="messages", code="no_chat_template")
+            try:
+                text = tok.apply_chat_template(parsed.messages, add_generation_prompt=True)
+            except Exception as e:  # the template's own checks (e.g. roles that must alternate)
+                raise APIError(400, f"the chat template rejected the messages: {e}", param="messages",
+                               code="invalid_value") from None
+            return [tok.encode(text)]
+        out = []
+        bos = tok.bos_id >= 0 and getattr(tok, "add_bos", True)
+        for p in parsed.prompts:
+            if isinstance(p, str):
+                p = ([tok.bos_id] if bos else []) + tok.encode(p)
+            out.append(list(p))
+        return out
+
+    def _submit(self, parsed: api.ParsedRequest, prompts: list[list[int]], queue: asyncio.Queue) -> list[_Choice]:
+        loop = asyncio.get_running_loop()
+        s, eng = parsed.sampling, self.engine
+        param = "messages" if parsed.chat else "prompt"
+
+        def put(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:   # the event loop has closed (server stopped)
+                pass
+
+        choices: list[_Choice] = []
+        try:
+            for i, ids in enumerate(prompts):
+                max_new = s.max_tokens
+                if max_new is None:
+                    room = eng.max_len - len(ids)
+                    max_new = max(1, min(self.cfg.max_new_tokens_limit, room if parsed.chat else
+                                         min(COMPLETIONS_DEFAULT_MAX_TOKENS, room)))
+
+                def on_finish(r: Request, i: int = i) -> None:
+                    self.metrics.observe(r)
+                    put((i, None))
+                req = Request(ids, max_new_tokens=max_new, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                              seed=s.seed, stop_ids=self.stop_ids, on_token=lambda r, t, i=i: put((i, t)),
+                              on_finish=on_finish)
+                eng.submit(req)
+                choices.append(_Choice(req, api.TextStream(self.tokenizer.decode, s.stop, self.stop_ids)))
+        except ValueError as e:
+            self._cancel(choices)
+            where = "max_tokens" if "max_new_tokens" in str(e) and "prompt" not in str(e) else param
+            raise APIError(400, str(e) + (f" (prompt {i})" if len(prompts) > 1 else ""), param=where,
+                           code="invalid_value") from None
+        except QueueFull as e:
+            self._cancel(choices)
+            raise APIError(429, f"the server is at capacity ({e}); retry later", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+        return choices
+
+    def _cancel(self, choices: Sequence[_Choice]) -> None:
+        for c in choices:
+            if not c.req.done:
+                self.engine.cancel(c.req)
+
+    def _consume(self, c: _Choice, token: int | None) -> tuple[str, bool]:
+        """One engine event for choice `c` → (new text, whether the choice just completed)."""
+        if c.reason is not None:
+            return "", False
+        if token is None:           # the engine finished the request
+            r = c.req.finish_reason
+            c.reason = "error" if r == "error" else ("length" if r == "length" else "stop")
+            text = "" if r == "error" else c.text.finish()
+        else:
+            c.tokens += 1
+            text = c.text.add(token)
+            if not c.text.stopped:
+                return text, False
+            c.reason = "stop"       # a stop string: the engine may stop now
+            self.engine.cancel(c.req)
+        self.metrics.finished.labels(c.reason).inc()
+        return text, True
+
+    async def _generate(self, request: HTTPRequest, chat: bool) -> Response:
+        try:
+            body = api.parse_json(await self._read_body(request))
+            parsed = api.parse_chat(body, self.cfg.max_new_tokens_limit) if chat else \
+                api.parse_completion(body, self.cfg.max_new_tokens_limit)
+            if parsed.model is not None and parsed.model != self.model_name:
+                raise self._unknown_model(parsed.model)
+            prompts = self._encode(parsed)
+            queue: asyncio.Queue = asyncio.Queue()
+            choices = self._submit(parsed, prompts, queue)
+        except APIError as e:
+            return _error(e)
+        rid, created = api.new_id(chat), api.now()
+        prompt_tokens = sum(len(p) for p in prompts)
+        if parsed.stream:
+            async def run(receive: Any, send: Any) -> None:
+                await self._stream(parsed, choices, queue, rid, created, prompt_tokens, receive, send)
+            return _SSEResponse(run)
+
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            while any(c.reason is None for c in choices):
+                get = asyncio.ensure_future(queue.get())
+                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    self.metrics.finished.labels("cancelled").inc(sum(c.reason is None for c in choices))
+                    return Response(status_code=499)        # nobody reads it
+                i, token = get.result()
+                self._consume(choices[i], token)
+        finally:
+            gone.cancel()
+            self._cancel(choices)
+        failed = [c for c in choices if c.reason == "error"]
+        if failed:
+            return _error(APIError(500, f"generation failed: {failed[0].req.error}", type="server_error",
+                                   code="engine_error"))
+        return _json(200, api.completion_body(rid, self.model_name, created, chat,
+                                              [(c.text.text, c.reason) for c in choices], prompt_tokens,
+                                              sum(c.tokens for c in choices)))
+
+    async def _stream(self, parsed: api.ParsedRequest, choices: list[_Choice], queue: asyncio.Queue, rid: str,
+                      created: int, prompt_tokens: int, receive: Any, send: Any) -> None:
+        chat, name = parsed.chat, self.model_name
+
+        async def event(data: Any) -> None:
+            await send({"type": "http.response.body", "body": api.sse(data), "more_body": True})
+
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            if chat:
+                for i in range(len(choices)):
+                    await event(api.chunk_body(rid, name, created, chat, i, "", role=True))
+            while any(c.reason is None for c in choices):
+                get = asyncio.ensure_future(queue.get())
+                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():            # the client went away: the finally frees the slots
+                    get.cancel()
+                    self.metrics.finished.labels("cancelled").inc(sum(c.reason is None for c in choices))
+                    return
+                i, token = get.result()
+                text, completed = self._consume(choices[i], token)
+                if choices[i].reason == "error":
+                    await event(api.error_body(f"generation failed: {choices[i].req.error}", "server_error",
+                                               code="engine_error"))
+                    break
+                if text:
+                    await event(api.chunk_body(rid, name, created, chat, i, text))
+                if completed:
+                    await event(api.chunk_body(rid, name, created, chat, i, None if chat else "", choices[i].reason))
+            if parsed.include_usage:
+                await event(api.usage_chunk(rid, name, created, chat, prompt_tokens, sum(c.tokens for c in choices)))
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        except OSError:   # the connection broke while writing
+            pass
+        finally:
+            gone.cancel()
+            self._cancel(choices)
+
+    # ------------------------------------------------------------------------------------------- serving
+
+    def _bind(self, host: str | None, port: int | None) -> socket.socket:
+        host = self.cfg.host if host is None else host
+        port = self.cfg.port if port is None else port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            sock.close()
+            raise OSError(f"cannot listen on {host}:{port} ({e.strerror}); set serve.port (0: any free port)") from e
+        shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        self.url = f"http://[{shown}]:{sock.getsockname()[1]}" if ":" in shown else \
+            f"http://{shown}:{sock.getsockname()[1]}"
+        return sock
+
+    def _make_uvicorn(self) -> Any:
+        import uvicorn
+        config = uvicorn.Config(self.app, lifespan="off", log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=5)
+        self._uvicorn = uvicorn.Server(config)
+        return self._uvicorn
+
+    def start(self, host: str | None = None, port: int | None = None, timeout: float = 30.0) -> "Server":
+        """Starts the engine and serves on a background thread; returns once the port accepts connections."""
+        sock = self._bind(host, port)
+        self.engine.start()
+        server = self._make_uvicorn()
+        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="fastserve-http",
+                                        daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the HTTP server did not start on {self.url}")
+            time.sleep(0.01)
+        return self
+
+    def run(self, host: str | None = None, port: int | None = None) -> None:
+        """Serves in the foreground until SIGINT / SIGTERM, then stops the engine."""
+        sock = self._bind(host, port)
+        self.engine.start()
+        print(f"fastserve: serving '{self.model_name}' at {self.url} (OpenAI API under /v1; scheduler "
+              f"{self.engine.scheduler.name}, {self.engine.slots} slots, buckets {self.engine.buckets}); Ctrl-C stops",
+              file=sys.stderr, flush=True)
+        try:
+            self._make_uvicorn().run(sockets=[sock])
+        except KeyboardInterrupt:   # uvicorn re-raises the SIGINT it shut down on
+            pass
+        finally:
+            self.engine.stop()
+            print("fastserve: stopped", file=sys.stderr, flush=True)
+
+    def stop(self, engine: bool = True) -> None:
+        """Stops the HTTP server (open streams get a few seconds) and, unless engine=False, the engine."""
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(15)
+            self._thread = None
+        if engine:
+            self.engine.stop()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
