@@ -31,10 +31,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import safetensors
 from flax import nnx
@@ -42,9 +41,9 @@ from flax import nnx
 from fastserve import cli
 from fastserve.checkpoint import CheckpointError
 from fastserve.config import Config, ConfigError, ModelConfig, load_config
-from fastserve.core import infer
 from fastserve.core.state import abstract_model
 from fastserve.data.tokenizer import Tokenizer
+from fastserve.export_functions import FUNCTION_KINDS, build_functions, describe, export_one, plan_exports
 from fastserve.exported import (EXPORTED_SUFFIX, FORMAT_VERSION, MANIFEST_FILE, SAFETENSORS_DTYPES,
                                 WEIGHTS_FILE, sha256_file)
 from fastserve.models.layers import dtype_of
@@ -52,17 +51,6 @@ from fastserve.models.layers import dtype_of
 log = logging.getLogger("fastserve.export")
 
 KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
-FUNCTION_KINDS = ("prefill", "decode", "generate")
-
-
-FUNCTION_DOCS = {
-    "prefill": "right-padded prompts and their true lengths -> logits after each row's last prompt token, and a "
-               "fresh KV cache of max_cache_len positions holding the prompt",
-    "decode": "one token per row at its absolute position -> next-token logits and the updated KV cache",
-    "generate": "prefill + a while_loop of sampled decode steps; per-row temperature (0: greedy), top_k (0: off), "
-                "top_p (1: off), max_new (capped by max_new_tokens and max_seq_len - length); stop_tokens padded "
-                "with -1; tokens after a row ends are -1, counts include the stop token",
-}
 
 
 class ExportError(ValueError):
@@ -125,14 +113,6 @@ def param_names(params: Any) -> list[str]:
             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
-def _dim(d: Any) -> int | str:
-    return int(d) if isinstance(d, (int, np.integer)) else str(d)
-
-
-def _spec(name: str, aval: Any) -> dict[str, Any]:
-    return {"name": name, "shape": [_dim(d) for d in aval.shape], "dtype": str(np.dtype(aval.dtype))}
-
-
 def save_weights(path: str, names: Sequence[str], leaves: Sequence[Any]) -> None:
     """Writes the leaves as safetensors (bfloat16 and float8 included), keyed by their tree-path names."""
     arrays = {}
@@ -166,44 +146,7 @@ def _check_params(params: Any, abstract: Any) -> None:
         raise ExportError("parameter shapes do not match the model config: " + "; ".join(bad[:8]))
 
 
-# ----------------------------------------------------------------------------------------- the functions
-
-def build_functions(graphdef: nnx.GraphDef, treedef: Any, opts: ExportOptions, max_seq_len: int
-                    ) -> dict[str, Callable]:
-    """The three serving functions over a flat list of weight leaves (pure; jit/export them)."""
-
-    def model_of(leaves):
-        return nnx.merge(graphdef, jax.tree.unflatten(treedef, list(leaves)))
-
-    def prefill(leaves, tokens, lengths):
-        model = model_of(leaves)
-        cache = model.init_cache(tokens.shape[0], opts.max_cache_len)
-        return infer.prefill(model, tokens, lengths, cache)
-
-    def decode(leaves, tokens, positions, cache):
-        return infer.decode(model_of(leaves), tokens, positions, cache)
-
-    def generate(leaves, tokens, lengths, seed, temperature, top_k, top_p, max_new, stop_tokens):
-        # Rows never run past the model's context: at most max_seq_len - length new tokens.
-        row_max_new = jnp.clip(jnp.minimum(max_new, max_seq_len - lengths), 0, opts.max_new_tokens)
-        return infer.generate(model_of(leaves), tokens, lengths, jax.random.key(seed),
-                              max_new_tokens=opts.max_new_tokens, temperature=temperature, top_k=top_k,
-                              top_p=top_p, stop_tokens=stop_tokens, row_max_new=row_max_new)
-
-    return {"prefill": prefill, "decode": decode, "generate": generate}
-
-
-def _batch_variants(sizes: Sequence[int]) -> list[tuple[Any, str]]:
-    """[(batch dim, name suffix)]: a symbolic "b" when no fixed sizes are given."""
-    if not sizes:
-        (b,) = jax.export.symbolic_shape("b")
-        return [(b, "")]
-    return [(int(n), f"_b{n}") for n in sizes]
-
-
-def _export_one(fn: Callable, args: Sequence[Any], platforms: Sequence[str]) -> jax.export.Exported:
-    return jax.export.export(jax.jit(fn), platforms=tuple(platforms))(*args)
-
+# --------------------------------------------------------------------------------------------- the export
 
 def export_params(model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, out_dir: str,
                   options: ExportOptions = ExportOptions(), *, source: dict[str, Any] | None = None
@@ -234,28 +177,7 @@ def export_params(model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, out
         a = jax.ShapeDtypeStruct((b, opts.max_cache_len, kv_heads, head_dim), cache_dtype)
         return [{"k": a, "v": a} for _ in range(n_layers)]
 
-    i32, f32 = jnp.int32, jnp.float32
-    sds = jax.ShapeDtypeStruct
-    plan: list[tuple[str, str, int | None, Any, tuple, list[str], list[str]]] = []
-    if "prefill" in opts.functions:
-        for b, suffix in _batch_variants(opts.batch_sizes):
-            for t in opts.buckets:
-                plan.append((f"prefill_{t}{suffix}", "prefill", t, b,
-                             (leaf_specs, sds((b, t), i32), sds((b,), i32)),
-                             ["tokens", "lengths"], ["logits", "cache"]))
-    if "decode" in opts.functions:
-        for b, suffix in _batch_variants(opts.batch_sizes):
-            plan.append((f"decode{suffix}", "decode", None, b,
-                         (leaf_specs, sds((b,), i32), sds((b,), i32), cache_spec(b)),
-                         ["tokens", "positions", "cache"], ["logits", "cache"]))
-    if "generate" in opts.functions:
-        for b, suffix in _batch_variants(opts.generate_batch_sizes):
-            for t in opts.buckets:
-                plan.append((f"generate_{t}{suffix}", "generate", t, b,
-                             (leaf_specs, sds((b, t), i32), sds((b,), i32), sds((), jnp.uint32), sds((b,), f32),
-                              sds((b,), i32), sds((b,), f32), sds((b,), i32), sds((opts.max_stop_tokens,), i32)),
-                             ["tokens", "lengths", "seed", "temperature", "top_k", "top_p", "max_new", "stop_tokens"],
-                             ["tokens", "counts"]))
+    plan = plan_exports(opts, leaf_specs, cache_spec)
 
     os.makedirs(out_dir, exist_ok=True)
     manifest_path = os.path.join(out_dir, MANIFEST_FILE)
@@ -267,12 +189,12 @@ def export_params(model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, out
     functions: dict[str, Any] = {}
     for name, kind, bucket, b, args, arg_names, result_names in plan:
         t0 = time.perf_counter()
-        exp = _export_one(fns[kind], args, opts.platforms)
+        exp = export_one(fns[kind], args, opts.platforms)
         blob = exp.serialize()
         fname = name + EXPORTED_SUFFIX
         with open(os.path.join(out_dir, fname), "wb") as f:
             f.write(blob)
-        functions[name] = _describe(exp, fname, kind, bucket, b, len(leaves), arg_names, result_names, n_layers)
+        functions[name] = describe(exp, fname, kind, bucket, b, len(leaves), arg_names, result_names, n_layers)
         log.info("exported %s (%d bytes, %.1f s)", fname, len(blob), time.perf_counter() - t0)
 
     save_weights(os.path.join(out_dir, WEIGHTS_FILE), names, leaves)
@@ -323,33 +245,6 @@ def export_params(model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, out
     }
     _atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return manifest
-
-
-def _describe(exp: jax.export.Exported, fname: str, kind: str, bucket: int | None, b: Any, n_params: int,
-              arg_names: list[str], result_names: list[str], n_layers: int) -> dict[str, Any]:
-    """Arguments and results of one exported function, read from its own avals (so they cannot drift)."""
-    in_avals, out_avals = list(exp.in_avals), list(exp.out_avals)
-    args: list[dict[str, Any]] = [{"name": "params", "kind": "weights", "count": n_params,
-                                   "order": "manifest.params.names"}]
-    rest = in_avals[n_params:]
-    for name in arg_names:
-        if name == "cache":
-            args.append({**_spec("cache", rest[0]), "kind": "kv_cache", "layers": n_layers, "entries": ["k", "v"]})
-            rest = rest[2 * n_layers:]
-        else:
-            args.append(_spec(name, rest[0]))
-            rest = rest[1:]
-    results = []
-    for name in result_names:
-        if name == "cache":
-            results.append({**_spec("cache", out_avals[0]), "kind": "kv_cache", "layers": n_layers,
-                            "entries": ["k", "v"]})
-            out_avals = out_avals[2 * n_layers:]
-        else:
-            results.append(_spec(name, out_avals[0]))
-            out_avals = out_avals[1:]
-    return {"file": fname, "kind": kind, "doc": FUNCTION_DOCS[kind], "bucket": bucket, "batch": _dim(b), "platforms": list(exp.platforms),
-            "calling_convention_version": exp.calling_convention_version, "args": args, "results": results}
 
 
 def _atomic_write_text(path: str, text: str) -> None:

@@ -24,8 +24,10 @@ def model_name(cfg: Config) -> str:
 def serve(cfg: Config, block: bool = True) -> Server | None:
     """Loads `cfg.source`, compiles the engine of `cfg.serve`, and serves it (block=False: returns the running
     Server, whose `.url` and `.stop()` the caller uses)."""
+    from fastserve import parallel
     from fastserve.inference import load_model
     t0 = time.perf_counter()
+    parallel.enable_compilation_cache()  # a restarted server compiles its buckets from the on-disk cache
     loaded = load_model(cfg)
     engine = Engine.from_loaded(loaded, cfg.serve)
     server = Server(engine, loaded, cfg.serve, model_name(cfg))

@@ -33,9 +33,10 @@ from flax import nnx
 
 from fastserve.config import ServeConfig
 from fastserve.serve.kv import KVPool
-from fastserve.serve.programs import decode_fn, extend_fn, prefill_fn
+from fastserve.serve.programs import decode_fn, extend_fn, prefill_fn, warm_and_profile
 from fastserve.serve.request import _END, QueueFull, Request, summarize
-from fastserve.serve.scheduler import SCHEDULERS, MLFQScheduler, Scheduler, levels_covering, make_scheduler
+from fastserve.serve.scheduler import MLFQScheduler, Scheduler, levels_covering, make_scheduler
+from fastserve.serve.validation import check_config, check_request
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +57,7 @@ class Engine:
         self.cfg, self.model_cfg, self.graphdef, self.params, self.mesh = cfg, model_cfg, graphdef, params, mesh
         self.clock = clock
         self.iteration_cost = iteration_cost or cfg.iteration_cost
-        if self.iteration_cost not in ("measured", "profiled"):
-            raise ValueError(f"serve.iteration_cost='{self.iteration_cost}': choose measured or profiled")
-        if scheduler is None and cfg.scheduler not in SCHEDULERS:
-            raise ValueError(f"serve.scheduler='{cfg.scheduler}': choose from {', '.join(SCHEDULERS)}")
-        if cfg.mlfq_levels < 0:
-            raise ValueError(f"serve.mlfq_levels={cfg.mlfq_levels}: must be >= 0 (0: as many as the longest job needs)")
-        if cfg.slots < 1:
-            raise ValueError(f"serve.slots={cfg.slots}: must be at least 1")
-        self.max_len = cfg.max_cache_len or model_cfg.max_seq_len
-        if not 0 < self.max_len <= model_cfg.max_seq_len:
-            raise ValueError(f"serve.max_cache_len={cfg.max_cache_len} must be in (0, model.max_seq_len="
-                             f"{model_cfg.max_seq_len}] (0: model.max_seq_len)")
-        self.buckets = sorted({int(b) for b in cfg.buckets if 0 < b <= self.max_len})
-        if not self.buckets:
-            raise ValueError(f"serve.buckets={list(cfg.buckets)}: none fits max_cache_len={self.max_len}")
+        self.max_len, self.buckets = check_config(cfg, model_cfg, self.iteration_cost, scheduler is not None)
         self.slots = cfg.slots
         self.vocab = model_cfg.vocab_size
         self.stop_ids = frozenset(int(t) for t in stop_ids)
@@ -124,63 +111,22 @@ class Engine:
 
     def _warm_and_profile(self, repeats: int = 3) -> dict[str, Any]:
         """Compiles every bucket's prefill, the decode step, the recompute extend and the pool's moves; times them."""
-        prefill_s = {}
         with self._ctx():
-            self.pool.warm()
-            ints1, floats1 = np.zeros((3, 1), np.int32), np.array([[0.0], [1.0]], np.float32)
-            for b in self.buckets:
-                tokens = np.full((1, b), self.pad_id, np.int32)
-                times = []
-                for _ in range(repeats + 1):
-                    t0 = self.clock()
-                    tok, rows = prefill_fn(self.graphdef, self.params, tokens, np.array([b], np.int32), ints1, floats1)
-                    self.pool.insert(rows, 0)
-                    jax.device_get(tok)
-                    times.append(self.clock() - t0)
-                prefill_s[b] = float(np.median(times[1:]))
-            ints, floats = self._slot_arrays([])
-            times = []
-            for _ in range(repeats + 1):
-                t0 = self.clock()
-                toks, self.pool.cache = decode_fn(self.graphdef, self.max_len, self.params, self.pool.cache, ints,
-                                                   floats)
-                jax.device_get(toks)
-                times.append(self.clock() - t0)
-            decode_s = float(np.median(times[1:]))
-            big = self.buckets[-1]
-            self.pool.cache = extend_fn(self.graphdef, self.params, self.pool.cache, np.int32(0),
-                                         np.full((1, big), self.pad_id, np.int32), np.int32(0))
-            jax.block_until_ready(self.pool.cache)
-        return {"prefill_s": prefill_s, "decode_s": decode_s}
+            return warm_and_profile(self.graphdef, self.params, self.pool, self.buckets, self.max_len, self.pad_id,
+                                    self._slot_arrays([]), self.clock, repeats)
 
     # ----------------------------------------------------------------------------------------- requests
 
     def submit(self, req: Request) -> Request:
         """Validates and queues a request (thread-safe). Raises ValueError for a bad request, QueueFull when full."""
-        p, n = len(req.tokens), req.max_new_tokens
-        if p == 0:
-            raise ValueError("the prompt has no tokens")
-        if p > self.buckets[-1]:
-            raise ValueError(f"the prompt has {p} tokens, longer than the largest bucket ({self.buckets[-1]}); "
-                             f"raise serve.buckets or shorten the prompt")
-        if n < 1:
-            raise ValueError(f"max_new_tokens={n}: must be at least 1")
-        if n > self.cfg.max_new_tokens_limit:
-            raise ValueError(f"max_new_tokens={n} exceeds serve.max_new_tokens_limit={self.cfg.max_new_tokens_limit}")
-        if p + n > self.max_len:
-            raise ValueError(f"the prompt has {p} tokens; with max_new_tokens={n} that exceeds the KV cache's "
-                             f"{self.max_len} positions (serve.max_cache_len)")
-        if self.vocab and any(not 0 <= t < self.vocab for t in req.tokens):
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab})")
-        if req.temperature < 0 or req.top_k < 0 or not 0 < req.top_p <= 1:
-            raise ValueError("sampling: temperature >= 0, top_k >= 0 and 0 < top_p <= 1 are required")
+        check_request(req, self.buckets, self.max_len, self.cfg.max_new_tokens_limit, self.vocab)
         with self._lock:
             if req._submitted:
                 raise ValueError(f"request {req.id} was already submitted")
             if len(self._inbox) + len(self._jobs) >= self.cfg.max_queue:
                 raise QueueFull(f"the engine holds serve.max_queue={self.cfg.max_queue} requests")
             req.arrival = self.clock()
-            req.bucket = next(b for b in self.buckets if b >= p)
+            req.bucket = next(b for b in self.buckets if b >= len(req.tokens))
             req.prefill_time = self.profile["prefill_s"][req.bucket]
             req._stop = frozenset(int(t) for t in req.stop_ids) if req.stop_ids is not None else self.stop_ids
             req._submitted = True

@@ -1,12 +1,15 @@
 """The engine's compiled programs: prefill one bucket-padded prompt, one decode step over every slot, and the
-recompute extend. They live at module level with the model's graphdef a static argument, so that engines over the
-same model and shapes share their compiled programs (a server and a benchmark may hold several engines)."""
+recompute extend; `warm_and_profile` compiles and times them at start-up. They live at module level with the
+model's graphdef a static argument, so that engines over the same model and shapes share their compiled programs
+(a server and a benchmark may hold several engines)."""
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fastserve.core import infer
@@ -50,3 +53,35 @@ def extend_fn(graphdef, params, cache, slot, tokens, start):
     _, row = model(tokens, positions, row)
     return [{n: jax.lax.dynamic_update_slice_in_dim(c[n], r[n], slot, axis=0) for n in ("k", "v")}
             for c, r in zip(cache, row)]
+
+
+def warm_and_profile(graphdef, params, pool: Any, buckets: list[int], max_len: int, pad_id: int,
+                     decode_inputs: tuple[np.ndarray, np.ndarray], clock: Callable[[], float], repeats: int = 3
+                     ) -> dict[str, Any]:
+    """Compiles every bucket's prefill, the decode step (on `decode_inputs`: no slot active), the recompute extend
+    and the KV pool's moves; returns the median times {"prefill_s": {bucket: s}, "decode_s": s}."""
+    prefill_s = {}
+    pool.warm()
+    ints1, floats1 = np.zeros((3, 1), np.int32), np.array([[0.0], [1.0]], np.float32)
+    for b in buckets:
+        tokens = np.full((1, b), pad_id, np.int32)
+        times = []
+        for _ in range(repeats + 1):
+            t0 = clock()
+            tok, rows = prefill_fn(graphdef, params, tokens, np.array([b], np.int32), ints1, floats1)
+            pool.insert(rows, 0)
+            jax.device_get(tok)
+            times.append(clock() - t0)
+        prefill_s[b] = float(np.median(times[1:]))
+    ints, floats = decode_inputs
+    times = []
+    for _ in range(repeats + 1):
+        t0 = clock()
+        toks, pool.cache = decode_fn(graphdef, max_len, params, pool.cache, ints, floats)
+        jax.device_get(toks)
+        times.append(clock() - t0)
+    decode_s = float(np.median(times[1:]))
+    big = buckets[-1]
+    pool.cache = extend_fn(graphdef, params, pool.cache, np.int32(0), np.full((1, big), pad_id, np.int32), np.int32(0))
+    jax.block_until_ready(pool.cache)
+    return {"prefill_s": prefill_s, "decode_s": decode_s}

@@ -9,7 +9,8 @@
 Each prompt becomes one engine Request whose `on_token` / `on_finish` callbacks (engine thread) hand the tokens to
 the event loop; the text goes through `api.TextStream` (stop strings, incomplete characters held back). A client
 that disconnects cancels its requests, which frees their slots at the engine's next iteration. Protocol rules
-(validation, bodies) live in fastserve/serve/api.py, the metrics in metrics.py, the entry points in cli.py.
+(validation, bodies) live in fastserve/serve/api.py, the ASGI plumbing (responses, API key, body limit) in
+asgi.py, the metrics in metrics.py, the entry points in cli.py.
 
     python -m fastserve.serve --config configs/serve_quickstart.yaml [key=value ...]
     fastserve.deploy("configs/serve_quickstart.yaml", block=False)  → handle with .url and .stop()
@@ -17,7 +18,6 @@ that disconnects cancels its requests, which frees their slots at the engine's n
 from __future__ import annotations
 
 import asyncio
-import hmac
 import socket
 import sys
 import threading
@@ -29,12 +29,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from fastserve.config import ServeConfig
 from fastserve.serve import api
 from fastserve.serve.api import APIError
+from fastserve.serve.asgi import SSEResponse, disconnected, error_response, guard, json_response, read_body
 from fastserve.serve.engine import Engine, QueueFull, Request
 from fastserve.serve.metrics import Metrics
 
@@ -50,36 +51,6 @@ class _Choice:
     text: api.TextStream
     reason: str | None = None       # set once the choice is complete (stop | length | error)
     tokens: int = 0                 # completion tokens counted for usage
-
-
-def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _error(e: APIError) -> JSONResponse:
-    return _json(e.status, e.body(), e.headers)
-
-
-async def _disconnected(receive: Any) -> None:
-    """Returns when the client has gone (after the request body was read, receive() only reports that)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-class _SSEResponse(Response):
-    """Server-sent events written by `run(receive, send)`; the client's disconnect is watched by `run` itself."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, run: Any):
-        self.status_code, self.background, self._run = 200, None, run
-        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        await self._run(receive, send)
 
 
 class Server:
@@ -106,39 +77,13 @@ class Server:
                   Route("/health", self.health, methods=["GET"]),
                   Route("/metrics", self.prometheus, methods=["GET"])]
         starlette = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
-        self.app = self._guard(starlette)
-
-    # -- middleware: API key and the per-status request counter
-    def _guard(self, inner: Any) -> Any:
-        key = self.cfg.api_key.encode()
-
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] != "http":
-                return await inner(scope, receive, send)
-            path = scope["path"]
-            label = next((p for p in _PATHS if path == p or path.startswith(p + "/")), "other")
-
-            async def counted_send(message: Any) -> None:
-                if message["type"] == "http.response.start":
-                    self.metrics.http.labels(label, str(message["status"])).inc()
-                await send(message)
-
-            if key and path != "/health":
-                auth = dict(scope["headers"]).get(b"authorization", b"")
-                token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
-                if not hmac.compare_digest(token, key):
-                    msg = "missing API key: send 'Authorization: Bearer KEY'" if not auth else "invalid API key"
-                    resp = _error(APIError(401, msg, code="invalid_api_key",
-                                           headers={"WWW-Authenticate": "Bearer"}))
-                    return await resp(scope, receive, counted_send)
-            await inner(scope, receive, counted_send)
-        return app
+        self.app = guard(starlette, self.cfg.api_key, self.metrics.http, _PATHS)
 
     async def _http_error(self, request: HTTPRequest, exc: HTTPException) -> Response:
         message = {404: f"no route {request.method} {request.url.path}",
                    405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
-        return _json(exc.status_code, api.error_body(message, code="not_found" if exc.status_code == 404 else None),
-                     getattr(exc, "headers", None))
+        code = "not_found" if exc.status_code == 404 else None
+        return json_response(exc.status_code, api.error_body(message, code=code), getattr(exc, "headers", None))
 
     # -- small endpoints
     async def health(self, request: HTTPRequest) -> Response:
@@ -146,7 +91,7 @@ class Server:
         alive = e._thread is not None and e._thread.is_alive()
         body = {"status": "ok" if alive else "engine stopped", "model": self.model_name, "slots": e.slots,
                 "pending": e.pending, "scheduler": e.scheduler.name}
-        return _json(200 if alive else 503, body)
+        return json_response(200 if alive else 503, body)
 
     async def prometheus(self, request: HTTPRequest) -> Response:
         return Response(self.metrics.text(), media_type=CONTENT_TYPE_LATEST)
@@ -156,12 +101,12 @@ class Server:
                 "max_model_len": self.engine.max_len}
 
     async def models(self, request: HTTPRequest) -> Response:
-        return _json(200, {"object": "list", "data": [self._model_card()]})
+        return json_response(200, {"object": "list", "data": [self._model_card()]})
 
     async def model(self, request: HTTPRequest) -> Response:
         if request.path_params["model"] != self.model_name:
-            return _error(self._unknown_model(request.path_params["model"]))
-        return _json(200, self._model_card())
+            return error_response(self._unknown_model(request.path_params["model"]))
+        return json_response(200, self._model_card())
 
     def _unknown_model(self, name: str) -> APIError:
         return APIError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
@@ -173,21 +118,6 @@ class Server:
 
     async def chat_completions(self, request: HTTPRequest) -> Response:
         return await self._generate(request, chat=True)
-
-    async def _read_body(self, request: HTTPRequest) -> bytes:
-        limit = self.cfg.max_body_bytes
-        too_big = APIError(413, f"the request body exceeds serve.max_body_bytes={limit} bytes",
-                           code="request_too_large")
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            raise too_big
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     def _encode(self, parsed: api.ParsedRequest) -> list[list[int]]:
         tok = self.tokenizer
@@ -274,7 +204,7 @@ class Server:
 
     async def _generate(self, request: HTTPRequest, chat: bool) -> Response:
         try:
-            body = api.parse_json(await self._read_body(request))
+            body = api.parse_json(await read_body(request, self.cfg.max_body_bytes))
             parsed = api.parse_chat(body, self.cfg.max_new_tokens_limit) if chat else \
                 api.parse_completion(body, self.cfg.max_new_tokens_limit)
             if parsed.model is not None and parsed.model != self.model_name:
@@ -283,15 +213,15 @@ class Server:
             queue: asyncio.Queue = asyncio.Queue()
             choices = self._submit(parsed, prompts, queue)
         except APIError as e:
-            return _error(e)
+            return error_response(e)
         rid, created = api.new_id(chat), api.now()
         prompt_tokens = sum(len(p) for p in prompts)
         if parsed.stream:
             async def run(receive: Any, send: Any) -> None:
                 await self._stream(parsed, choices, queue, rid, created, prompt_tokens, receive, send)
-            return _SSEResponse(run)
+            return SSEResponse(run)
 
-        gone = asyncio.ensure_future(_disconnected(request.receive))
+        gone = asyncio.ensure_future(disconnected(request.receive))
         try:
             while any(c.reason is None for c in choices):
                 get = asyncio.ensure_future(queue.get())
@@ -307,11 +237,11 @@ class Server:
             self._cancel(choices)
         failed = [c for c in choices if c.reason == "error"]
         if failed:
-            return _error(APIError(500, f"generation failed: {failed[0].req.error}", type="server_error",
-                                   code="engine_error"))
-        return _json(200, api.completion_body(rid, self.model_name, created, chat,
-                                              [(c.text.text, c.reason) for c in choices], prompt_tokens,
-                                              sum(c.tokens for c in choices)))
+            return error_response(APIError(500, f"generation failed: {failed[0].req.error}", type="server_error",
+                                           code="engine_error"))
+        return json_response(200, api.completion_body(rid, self.model_name, created, chat,
+                                                      [(c.text.text, c.reason) for c in choices], prompt_tokens,
+                                                      sum(c.tokens for c in choices)))
 
     async def _stream(self, parsed: api.ParsedRequest, choices: list[_Choice], queue: asyncio.Queue, rid: str,
                       created: int, prompt_tokens: int, receive: Any, send: Any) -> None:
@@ -320,7 +250,7 @@ class Server:
         async def event(data: Any) -> None:
             await send({"type": "http.response.body", "body": api.sse(data), "more_body": True})
 
-        gone = asyncio.ensure_future(_disconnected(receive))
+        gone = asyncio.ensure_future(disconnected(receive))
         try:
             if chat:
                 for i in range(len(choices)):

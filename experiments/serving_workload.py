@@ -1,0 +1,80 @@
+"""The serving benchmark's workload (experiments/bench_serving.py): engine shape, scheduler variants, the seeded
+heavy-tailed trace, and vLLM's summary of per-request timings (TTFT / TPOT / E2E, throughput, goodput)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+SLOTS = 8
+BUCKETS = [32, 64]
+MAX_LEN = 320
+PROMPT_RANGE = (8, 48)
+SHORT, LONG, LONG_FRACTION = (8, 16), (128, 256), 0.1
+SLO_TTFT_S, SLO_TPOT_S = 1.0, 0.1           # goodput: requests meeting both
+P99_SLO_S = 5.0                             # the p99 E2E latency at which schedulers' sustainable rates are compared
+
+# Scheduler variants: a name, optionally `name:key=value;key=value` with ServeConfig fields (e.g. mlfq_levels).
+# mlfq4 is the configuration that lost to fcfs (4 levels: short jobs sank to the last level with the long ones;
+# 16 host KV slots: most evictions dropped the KV and recomputed it); run at high load only, for the record.
+VARIANTS = {"mlfq4": "mlfq:mlfq_levels=4;host_kv_slots=16"}
+REFERENCE_ONLY_AT_HIGH_LOAD = {"mlfq4"}
+HIGH_LOAD = 0.85                            # "high load": offered rate >= this fraction of the measured capacity
+
+
+def serve_config(variant: str):
+    from fastserve.config import ServeConfig
+    spec = VARIANTS.get(variant, variant)
+    name, _, extra = spec.partition(":")
+    kw = {k: type(getattr(ServeConfig, k, 0))(v) for k, v in (kv.split("=") for kv in extra.split(";") if kv)}
+    return ServeConfig(slots=SLOTS, buckets=BUCKETS, max_cache_len=MAX_LEN, scheduler=name, max_queue=100_000,
+                       max_new_tokens_limit=LONG[1], port=0, **kw)
+
+
+@dataclasses.dataclass
+class Item:
+    t: float                # arrival offset (s)
+    prompt: list[int]
+    out: int                # output tokens
+
+
+def workload(n: int, rate: float, seed: int, burstiness: float = 1.0) -> list[Item]:
+    rng = np.random.default_rng(seed)
+    gaps = rng.gamma(burstiness, 1.0 / (rate * burstiness), n)
+    times = np.cumsum(gaps) - gaps[0]
+    items = []
+    for t in times:
+        p = int(rng.integers(PROMPT_RANGE[0], PROMPT_RANGE[1] + 1))
+        lo, hi = LONG if rng.random() < LONG_FRACTION else SHORT
+        items.append(Item(float(t), rng.integers(4, 4000, p).tolist(), int(rng.integers(lo, hi + 1))))
+    return items
+
+
+def mean_output() -> float:
+    return (1 - LONG_FRACTION) * sum(SHORT) / 2 + LONG_FRACTION * sum(LONG) / 2
+
+
+# --------------------------------------------------------------------------------------------------- metrics
+
+def summarize(recs: list[dict[str, float]], duration: float) -> dict[str, Any]:
+    """recs: per measured request {ttft, tpot, e2e, tokens}; vLLM's summary."""
+    out: dict[str, Any] = {"completed": len(recs), "duration_s": round(duration, 3)}
+    for key in ("ttft", "tpot", "e2e"):
+        vals = np.array([r[key] for r in recs if r[key] is not None])
+        if len(vals):
+            out[f"{key}_mean_s"] = round(float(vals.mean()), 5)
+            out[f"{key}_median_s"] = round(float(np.median(vals)), 5)
+            out[f"{key}_p99_s"] = round(float(np.percentile(vals, 99)), 5)
+    tokens = sum(r["tokens"] for r in recs)
+    good = sum(1 for r in recs if r["ttft"] is not None and r["ttft"] <= SLO_TTFT_S
+               and (r["tpot"] is None or r["tpot"] <= SLO_TPOT_S))
+    out.update(throughput_req_s=round(len(recs) / duration, 3), throughput_tok_s=round(tokens / duration, 1),
+               goodput_req_s=round(good / duration, 3), slo_attained=round(good / max(len(recs), 1), 4))
+    short = [r["e2e"] for r in recs if r["tokens"] <= SHORT[1]]
+    long = [r["e2e"] for r in recs if r["tokens"] >= LONG[0]]
+    if short:
+        out["e2e_mean_short_s"] = round(float(np.mean(short)), 5)
+    if long:
+        out["e2e_mean_long_s"] = round(float(np.mean(long)), 5)
+    return out
