@@ -127,6 +127,7 @@ class DistributedConfig:
 class SourceConfig:
     """Where inference, export and serving take their weights from."""
     kind: str = "checkpoint"       # checkpoint: a fastserve work dir | gguf: a llama.cpp file | hf: a HF Llama directory
+                                   # | exported: a `fastserve.export` directory (serving only)
     path: str = ""                 # checkpoint: the work dir (empty: train.workdir); gguf / hf: a file or directory;
                                    # "package:NAME/FILE" finds FILE inside the installed Python package NAME
     dtype: str = "float32"         # parameter dtype after import (float32 | bfloat16)

@@ -234,3 +234,71 @@ def test_stop_tokens_streaming_and_the_background_runner(model, prompts, alone):
     finally:
         eng.stop()
     assert eng.pending == 0
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    """The tiny model exported for CPU with the engine's buckets and max_cache_len (prefill + decode, symbolic
+    batch), loaded back. Its tokenizer is a stand-in of the model's 97 ids: the engine never tokenizes."""
+    from types import SimpleNamespace
+
+    from fastserve.exported import load_exported
+    from fastserve.exporting import ExportOptions, export_params
+    from fastserve.interop.tokenizer import BPETokenizer
+    from tiny_bpe import train_tiny_bpe
+
+    _, params, model_cfg, _ = model
+    bpe = BPETokenizer(train_tiny_bpe(), bos_id=1, eos_id=2, pad_id=0)
+    tok = SimpleNamespace(vocab_size=97, pad_id=0, bos_id=1, eos_id=2, add_bos=False, stop_ids=[2],
+                          chat_template=None, export_file=bpe.export_file)
+    out = tmp_path_factory.mktemp("engine_export") / "tiny"
+    export_params(model_cfg, params, tok, str(out), ExportOptions(platforms=("cpu",), buckets=tuple(BUCKETS),
+                                                                  max_cache_len=48, functions=("prefill", "decode")))
+    return load_exported(str(out), "cpu")
+
+
+def test_exported_engine_equals_the_in_process_engine(model, prompts, exported):
+    """The engine over an export's functions gives the in-process engine's greedy tokens, under MLFQ preemption
+    with host offload and recompute (extends past the largest bucket: exported decode steps), and round robin."""
+    from dataclasses import replace
+
+    serve = dict(scheduler="mlfq", mlfq_levels=6, mlfq_base_quantum_s=0.0, host_kv_slots=1, starvation_s=0.0,
+                 iteration_cost="profiled")
+    cfg = ServeConfig(slots=2, buckets=BUCKETS, max_cache_len=48, **serve)
+    want = make_engine(model, **serve).generate(requests(prompts), timeout=120)
+    eng = Engine.from_exported(exported, replace(cfg, max_cache_len=0))      # 0: the export's max_cache_len
+    assert eng.max_len == 48 and eng.buckets == BUCKETS and eng.graphdef is None
+    programs = compiled_programs()
+    got = eng.generate(requests(prompts), timeout=120)
+    assert compiled_programs() == programs                  # every bucket and slot served by start-up programs
+    assert [r.output for r in got] == [r.output for r in want]
+    st = eng.stats()
+    assert st["preemptions"] > 0 and st["offloads"] > 0 and st["recomputes"] > 0 and st["tokens"] == sum(NEW_TOKENS)
+
+    picked = [prompts[i] for i in (1, 3, 0, 5)]             # 16 + 24 tokens: every resume recomputes past a bucket
+    rr = Engine.from_exported(exported, replace(cfg, host_kv_slots=0), scheduler=RoundRobin())
+    got = rr.generate([Request(p, max_new_tokens=MAX_NEW) for p in picked], timeout=120)
+    want = make_engine(model, host_kv_slots=0, scheduler_obj=RoundRobin()).generate(
+        [Request(p, max_new_tokens=MAX_NEW) for p in picked], timeout=120)
+    assert [r.output for r in got] == [r.output for r in want]
+    assert rr.stats()["recompute_extends"] > 0
+
+
+def test_exported_decode_drops_the_write_of_a_masked_row(exported):
+    """The engine masks an idle slot by giving it position max_cache_len: the exported decode must drop that
+    write (as the in-process one does), leaving the slot's KV untouched."""
+    cache = [{n: jnp.ones_like(c[n]) for n in c} for c in exported.init_cache(2)]
+    step = jax.jit(lambda p, t, q, c: exported.exported["decode"].call(p, t, q, c))
+    _, out = step(exported.params, np.array([5, 6], np.int32), np.array([3, 48], np.int32), cache)
+    for c in out:
+        for n in ("k", "v"):
+            row0 = np.asarray(c[n][0])
+            assert not np.all(row0[3] == 1.0) and np.all(np.delete(row0, 3, axis=0) == 1.0)   # wrote position 3
+            assert np.all(np.asarray(c[n][1]) == 1.0)                                         # masked: dropped
+
+
+def test_exported_engine_refuses_shapes_the_export_lacks(exported):
+    with pytest.raises(ValueError, match=r"serve.max_cache_len=40 differs from the export's max_cache_len=48"):
+        Engine.from_exported(exported, ServeConfig(slots=2, buckets=BUCKETS, max_cache_len=40))
+    with pytest.raises(ValueError, match=r"serve.buckets=\[8, 12, 16\]: \[12\] not exported .*buckets: \[8, 16\]"):
+        Engine.from_exported(exported, ServeConfig(slots=2, buckets=[8, 12, 16], max_cache_len=48))

@@ -345,6 +345,50 @@ def test_deploy_serves_a_work_dir(tmp_path):
     with pytest.raises(OSError):
         request(handle, "GET", "/health")
 
+    # ... and exported (python -m fastserve.export), served with source.kind=exported: the same text
+    from fastserve.exporting import ExportOptions, export_from_config
+    export_from_config(cfg, str(tmp_path / "toy-export"), ExportOptions(platforms=("cpu",), buckets=(16,),
+                                                                        max_cache_len=48,
+                                                                        functions=("prefill", "decode")))
+    handle = fastserve.deploy(None, "source.kind=exported", f"source.path={tmp_path / 'toy-export'}", *overrides[1:],
+                              block=False)
+    try:
+        c = client(handle)
+        assert [m.id for m in c.models.list().data] == ["toy-export"]
+        r = c.completions.create(model="toy-export", prompt="the print", max_tokens=8, temperature=0)
+        assert r.choices[0].text == want[0] and r.usage.prompt_tokens == 1 + len(tok.encode("the print"))
+    finally:
+        handle.stop()
+
+
+def test_deploy_serves_an_export_with_its_chat_template_and_stop_ids(loaded, reference, tmp_path):
+    """source.kind=exported: the export's tokenizer, chat template and stop ids reach the server, and greedy text
+    over HTTP equals in-process generation; serve.max_cache_len 0 takes the export's, a mismatch is refused."""
+    from fastserve.exporting import ExportOptions, export_params
+    out = tmp_path / "tiny-chat"
+    export_params(loaded.model_cfg, loaded.params, loaded.tokenizer, str(out),
+                  ExportOptions(platforms=("cpu",), buckets=tuple(BUCKETS), max_cache_len=96,
+                                functions=("prefill", "decode")))
+    overrides = ["source.kind=exported", f"source.path={out}", "serve.port=0", "serve.slots=2",
+                 f"serve.buckets={BUCKETS}", "serve.scheduler=mlfq", f"serve.max_new_tokens_limit={LIMIT}"]
+    handle = fastserve.deploy(None, *overrides, block=False)
+    try:
+        c = client(handle)
+        assert handle.engine.max_len == 96
+        for prompt in PROMPTS:
+            r = c.completions.create(model="tiny-chat", prompt=prompt, max_tokens=MAX_NEW, temperature=0)
+            text, reason, _ = expected(loaded, reference, loaded.tokenizer.encode(prompt))
+            assert (r.choices[0].text, r.choices[0].finish_reason) == (text, reason)
+        messages = [{"role": "user", "content": "hello"}]
+        ids = loaded.tokenizer.encode(loaded.tokenizer.apply_chat_template(messages))
+        text, reason, _ = expected(loaded, reference, ids)
+        r = c.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=MAX_NEW, temperature=0)
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == (text, reason)
+    finally:
+        handle.stop()
+    with pytest.raises(ValueError, match="differs from the export's max_cache_len=96"):
+        fastserve.deploy(None, *overrides, "serve.max_cache_len=64", block=False)
+
 
 def test_cli_reports_config_errors():
     from fastserve.serve.cli import main

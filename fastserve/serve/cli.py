@@ -23,13 +23,23 @@ def model_name(cfg: Config) -> str:
 
 def serve(cfg: Config, block: bool = True) -> Server | None:
     """Loads `cfg.source`, compiles the engine of `cfg.serve`, and serves it (block=False: returns the running
-    Server, whose `.url` and `.stop()` the caller uses)."""
+    Server, whose `.url` and `.stop()` the caller uses). source.kind=exported serves an export directory's
+    functions (its buckets and max_cache_len bound serve.buckets and serve.max_cache_len)."""
     from fastserve import parallel
-    from fastserve.inference import load_model
+    from fastserve.inference import load_model, resolve_path
     t0 = time.perf_counter()
     parallel.enable_compilation_cache()  # a restarted server compiles its buckets from the on-disk cache
-    loaded = load_model(cfg)
-    engine = Engine.from_loaded(loaded, cfg.serve)
+    if cfg.source.kind == "exported":   # the export's functions, weights and tokenizer instead of a model definition
+        from fastserve.exported import load_exported
+        from fastserve.serve.backends import served_model
+        if not cfg.source.path:
+            raise ValueError("source.kind=exported needs source.path (a directory written by python -m "
+                             "fastserve.export)")
+        exp = load_exported(resolve_path(cfg.source.path))   # verifies the manifest and every file's sha256
+        engine, loaded = Engine.from_exported(exp, cfg.serve), served_model(exp)
+    else:
+        loaded = load_model(cfg)
+        engine = Engine.from_loaded(loaded, cfg.serve)
     server = Server(engine, loaded, cfg.serve, model_name(cfg))
     if not block:
         return server.start()

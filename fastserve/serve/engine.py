@@ -16,8 +16,8 @@ iteration are evicted lowest priority first: their KV rows go to host memory (nu
 and come back into any free slot when the job runs again; beyond that budget the rows are dropped and recomputed
 from prompt + generated tokens on resume (counted as recomputes).
 
-`step()` is synchronous and single-threaded; `start()` runs it on a background thread for a server, and
-`submit()` is thread-safe. Each request streams through `Request.stream()` and / or its `on_token` callback.
+`step()` is synchronous and single-threaded; `start()` runs it on a background thread for a server, and `submit()`
+is thread-safe. Each request streams through `Request.stream()` and / or its `on_token` callback.
 """
 from __future__ import annotations
 
@@ -29,11 +29,10 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 
 from fastserve.config import ServeConfig
 from fastserve.serve.kv import KVPool
-from fastserve.serve.programs import decode_fn, extend_fn, prefill_fn, warm_and_profile
+from fastserve.serve.programs import ModelPrograms, warm_and_profile
 from fastserve.serve.request import _END, QueueFull, Request, summarize
 from fastserve.serve.scheduler import MLFQScheduler, Scheduler, levels_covering, make_scheduler
 from fastserve.serve.validation import check_config, check_request
@@ -47,12 +46,14 @@ class Engine:
     """Continuous-batching engine over `cfg.slots` decode slots, scheduled by fcfs / static / mlfq / gittins.
 
     graphdef, params: the model (`nnx.split`, params a pure dict placed on `mesh`); model_cfg: its ModelConfig.
-    `scheduler` overrides the one named by cfg.scheduler; `iteration_cost` overrides cfg.iteration_cost.
+    `scheduler` / `iteration_cost` override cfg's; `programs`: the prefill / decode / extend backend (default:
+    ModelPrograms over graphdef + params; `from_exported` passes an ExportedPrograms and no graphdef / params).
     """
 
     def __init__(self, graphdef: Any, params: Any, model_cfg: Any, cfg: ServeConfig | None = None, *, mesh: Any = None,
                  stop_ids: Sequence[int] = (), pad_id: int = 0, scheduler: Scheduler | None = None,
-                 iteration_cost: str | None = None, clock: Callable[[], float] = time.perf_counter):
+                 iteration_cost: str | None = None, clock: Callable[[], float] = time.perf_counter,
+                 programs: Any = None):
         cfg = cfg or ServeConfig()
         self.cfg, self.model_cfg, self.graphdef, self.params, self.mesh = cfg, model_cfg, graphdef, params, mesh
         self.clock = clock
@@ -63,11 +64,11 @@ class Engine:
         self.stop_ids = frozenset(int(t) for t in stop_ids)
         self.pad_id = max(int(pad_id), 0)
 
-        model = nnx.merge(graphdef, params)
-        kv_heads, head_dim = model.cache_dims
-        self.pool = KVPool(len(model.layers), self.slots, self.max_len, kv_heads, head_dim, model.dtype,
-                           self.buckets, mesh)
-        del model
+        self.programs = programs or ModelPrograms(graphdef, params, self.max_len)
+        self.programs.check(self.max_len, self.buckets, self.slots)
+        layers, kv_heads, head_dim, dtype = self.programs.cache_layout
+        self.pool = KVPool(layers, self.slots, self.max_len, kv_heads, head_dim, dtype, self.buckets, mesh,
+                           self.programs.device)
 
         # scheduling state
         self._lock = threading.Lock()            # guards the inbox (submit() runs on other threads)
@@ -104,6 +105,14 @@ class Engine:
         return cls(loaded.graphdef, loaded.params, loaded.model_cfg, cfg, mesh=loaded.mesh, stop_ids=loaded.stop_ids,
                    pad_id=getattr(loaded.tokenizer, "pad_id", 0), **kwargs)
 
+    @classmethod
+    def from_exported(cls, exp: Any, cfg: ServeConfig | None = None, **kwargs: Any) -> "Engine":
+        """From `fastserve.exported.load_exported(dir)`'s ExportedModel (serve.max_cache_len 0: the export's)."""
+        from fastserve.serve.backends import ExportedPrograms
+        p = ExportedPrograms(exp)
+        return cls(None, None, p.model_cfg, p.serve_config(cfg), stop_ids=exp.stop_ids, pad_id=exp.pad_id, programs=p,
+                   **kwargs)
+
     # ------------------------------------------------------------------------------------------- start-up
 
     def _ctx(self):
@@ -112,8 +121,8 @@ class Engine:
     def _warm_and_profile(self, repeats: int = 3) -> dict[str, Any]:
         """Compiles every bucket's prefill, the decode step, the recompute extend and the pool's moves; times them."""
         with self._ctx():
-            return warm_and_profile(self.graphdef, self.params, self.pool, self.buckets, self.max_len, self.pad_id,
-                                    self._slot_arrays([]), self.clock, repeats)
+            return warm_and_profile(self.programs, self.pool, self.buckets, self.pad_id, self._slot_arrays([]),
+                                    self.clock, repeats)
 
     # ----------------------------------------------------------------------------------------- requests
 
@@ -213,7 +222,7 @@ class Engine:
         if decoding:
             ints, floats = self._slot_arrays(decoding)
             t0 = self.clock()
-            toks, self.pool.cache = decode_fn(self.graphdef, self.max_len, self.params, self.pool.cache, ints, floats)
+            toks, self.pool.cache = self.programs.decode(self.pool.cache, ints, floats)
             toks = np.asarray(jax.device_get(toks))          # the one device→host transfer of the step
             t = self.clock()
             self.counters["decode_steps"] += 1
@@ -243,7 +252,7 @@ class Engine:
         tokens[0, :len(job.tokens)] = job.tokens
         ints = np.array([[job.seed % 2 ** 31], [0], [job.top_k]], np.int32)
         floats = np.array([[job.temperature], [job.top_p]], np.float32)
-        tok, rows = prefill_fn(self.graphdef, self.params, tokens, np.array([len(job.tokens)], np.int32), ints, floats)
+        tok, rows = self.programs.prefill(tokens, np.array([len(job.tokens)], np.int32), ints, floats)
         self.pool.insert(rows, slot)
         self.counters["prefills"] += 1
         return int(jax.device_get(tok)[0])
@@ -257,14 +266,13 @@ class Engine:
         tokens = np.full((1, bucket), self.pad_id, np.int32)
         tokens[0, :len(head)] = head
         ints, floats = np.zeros((3, 1), np.int32), np.array([[0.0], [1.0]], np.float32)
-        _, rows = prefill_fn(self.graphdef, self.params, tokens, np.array([len(head)], np.int32), ints, floats)
+        _, rows = self.programs.prefill(tokens, np.array([len(head)], np.int32), ints, floats)
         self.pool.insert(rows, slot)
         for start in range(big, len(seq), big):
             chunk = np.full((1, big), self.pad_id, np.int32)
             part = seq[start:start + big]
             chunk[0, :len(part)] = part
-            self.pool.cache = extend_fn(self.graphdef, self.params, self.pool.cache, np.int32(slot), chunk,
-                                         np.int32(start))
+            self.pool.cache = self.programs.extend(self.pool.cache, np.int32(slot), chunk, np.int32(start))
             self.counters["recompute_extends"] += 1
 
     def _evict(self, job: Request) -> int:

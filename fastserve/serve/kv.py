@@ -46,16 +46,24 @@ _extract_jit = jax.jit(_extract, static_argnums=2)
 
 
 class KVPool:
-    """The device cache of all slots plus jitted insert / extract (slot traced, the cache donated on insert)."""
+    """The device cache of all slots plus jitted insert / extract (slot traced, the cache donated on insert).
+
+    Placed by `mesh` (sharded by CACHE_AXES) or, without one, on `device` (an exported backend's device)."""
 
     def __init__(self, n_layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype: Any,
-                 lengths: Sequence[int], mesh: Any = None):
+                 lengths: Sequence[int], mesh: Any = None, device: Any = None):
         self.n_layers, self.slots, self.max_len = n_layers, slots, max_len
         self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, jnp.dtype(dtype)
         self.lengths = sorted({int(x) for x in lengths if 0 < x <= max_len} | {max_len})
         self.mesh = mesh
         shape = (slots, max_len, kv_heads, head_dim)
         sharding = parallel.named_sharding(mesh, CACHE_AXES, shape) if mesh is not None else None
+        # Committed from the start: the programs return a committed cache (placed like their weights), and jax
+        # compiles insert / extract apart for a committed and an uncommitted argument, so an uncommitted first cache
+        # would leave the start-up warm compiling the wrong variants.
+        self.device = device
+        if sharding is None and device is not None:
+            sharding = jax.sharding.SingleDeviceSharding(device)
 
         def zeros():
             return [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)} for _ in range(n_layers)]
@@ -99,7 +107,8 @@ class KVPool:
 
     def _row_shardings(self, rows: Rows) -> Any:
         if self.mesh is None:
-            return None
+            return None if self.device is None else [{n: jax.sharding.SingleDeviceSharding(self.device) for n in r}
+                                                     for r in rows]
         return [{n: parallel.named_sharding(self.mesh, CACHE_AXES, r[n].shape) for n in r} for r in rows]
 
     def warm(self) -> None:

@@ -1,7 +1,11 @@
 """The engine's compiled programs: prefill one bucket-padded prompt, one decode step over every slot, and the
 recompute extend; `warm_and_profile` compiles and times them at start-up. They live at module level with the
 model's graphdef a static argument, so that engines over the same model and shapes share their compiled programs
-(a server and a benchmark may hold several engines)."""
+(a server and a benchmark may hold several engines).
+
+The engine reaches them through a backend object with three operations (`prefill`, `decode`, `extend`) and the
+KV layout it needs for its pool: `ModelPrograms` here (graphdef + params), `ExportedPrograms` in
+fastserve/serve/backends.py (the functions of a `fastserve.export` directory)."""
 from __future__ import annotations
 
 import functools
@@ -32,16 +36,25 @@ def prefill_fn(graphdef, params, tokens, lengths, ints, floats):
     return sample_rows(logits, ints[0], ints[1], floats[0], ints[2], floats[1]), cache
 
 
+def masked_decode(step: Callable, max_len: int, cache: Any, ints: Any, floats: Any) -> tuple[jax.Array, Any]:
+    """One decode step over every slot, inactive slots masked; `step(tokens, positions, cache)` → (logits, cache)
+    is the model's decode. ints [6, S]: token, position, seed, count, top_k, active; floats [2, S]: temperature,
+    top_p. Shared by both backends so that their masking and sampling cannot drift apart."""
+    tokens, positions, seeds, counts, top_k, active = ints
+    active = active > 0
+    # masked rows: position = max_len, past the cache, so their KV write is dropped (the model scatters with
+    # mode="drop", exported or not) and their token is ignored
+    positions = jnp.where(active, positions, max_len)
+    logits, cache = step(tokens, positions, cache)
+    sampled = sample_rows(logits, seeds, counts, floats[0], top_k, floats[1])
+    return jnp.where(active, sampled, -1), cache
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
 def decode_fn(graphdef, max_len, params, cache, ints, floats):
     """ints [6, S]: token, position, seed, count, top_k, active; floats [2, S]: temperature, top_p."""
     model = nnx.merge(graphdef, params)
-    tokens, positions, seeds, counts, top_k, active = ints
-    active = active > 0
-    positions = jnp.where(active, positions, max_len)      # masked rows: their KV write is dropped
-    logits, cache = infer.decode(model, tokens, positions, cache)
-    sampled = sample_rows(logits, seeds, counts, floats[0], top_k, floats[1])
-    return jnp.where(active, sampled, -1), cache
+    return masked_decode(lambda t, p, c: infer.decode(model, t, p, c), max_len, cache, ints, floats)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
@@ -55,7 +68,34 @@ def extend_fn(graphdef, params, cache, slot, tokens, start):
             for c, r in zip(cache, row)]
 
 
-def warm_and_profile(graphdef, params, pool: Any, buckets: list[int], max_len: int, pad_id: int,
+class ModelPrograms:
+    """The in-process backend: the module-level programs above over a model's graphdef + params."""
+
+    def __init__(self, graphdef: Any, params: Any, max_len: int):
+        self.graphdef, self.params, self.max_len = graphdef, params, max_len
+        model = nnx.merge(graphdef, params)
+        kv_heads, head_dim = model.cache_dims
+        # (layers, kv_heads, head_dim, dtype) of the engine's KV pool
+        self.cache_layout = (len(model.layers), kv_heads, head_dim, model.dtype)
+        self.device = None     # the pool is placed by the engine's mesh
+
+    def check(self, max_len: int, buckets: list[int], slots: int) -> None:
+        """Nothing to check: the programs compile for whatever shapes the engine picked."""
+
+    def prefill(self, tokens: Any, lengths: Any, ints: Any, floats: Any) -> tuple[jax.Array, Any]:
+        """tokens [1, T] → (sampled first token [1], KV rows [1, T, ...] per layer)."""
+        return prefill_fn(self.graphdef, self.params, tokens, lengths, ints, floats)
+
+    def decode(self, cache: Any, ints: Any, floats: Any) -> tuple[jax.Array, Any]:
+        """One masked decode step over every slot (the cache is donated)."""
+        return decode_fn(self.graphdef, self.max_len, self.params, cache, ints, floats)
+
+    def extend(self, cache: Any, slot: Any, tokens: Any, start: Any) -> Any:
+        """Writes the KV of tokens [1, T] at positions start.. into `slot` (the cache is donated)."""
+        return extend_fn(self.graphdef, self.params, cache, slot, tokens, start)
+
+
+def warm_and_profile(programs: Any, pool: Any, buckets: list[int], pad_id: int,
                      decode_inputs: tuple[np.ndarray, np.ndarray], clock: Callable[[], float], repeats: int = 3
                      ) -> dict[str, Any]:
     """Compiles every bucket's prefill, the decode step (on `decode_inputs`: no slot active), the recompute extend
@@ -68,7 +108,7 @@ def warm_and_profile(graphdef, params, pool: Any, buckets: list[int], max_len: i
         times = []
         for _ in range(repeats + 1):
             t0 = clock()
-            tok, rows = prefill_fn(graphdef, params, tokens, np.array([b], np.int32), ints1, floats1)
+            tok, rows = programs.prefill(tokens, np.array([b], np.int32), ints1, floats1)
             pool.insert(rows, 0)
             jax.device_get(tok)
             times.append(clock() - t0)
@@ -77,11 +117,11 @@ def warm_and_profile(graphdef, params, pool: Any, buckets: list[int], max_len: i
     times = []
     for _ in range(repeats + 1):
         t0 = clock()
-        toks, pool.cache = decode_fn(graphdef, max_len, params, pool.cache, ints, floats)
+        toks, pool.cache = programs.decode(pool.cache, ints, floats)
         jax.device_get(toks)
         times.append(clock() - t0)
     decode_s = float(np.median(times[1:]))
     big = buckets[-1]
-    pool.cache = extend_fn(graphdef, params, pool.cache, np.int32(0), np.full((1, big), pad_id, np.int32), np.int32(0))
+    pool.cache = programs.extend(pool.cache, np.int32(0), np.full((1, big), pad_id, np.int32), np.int32(0))
     jax.block_until_ready(pool.cache)
     return {"prefill_s": prefill_s, "decode_s": decode_s}
