@@ -83,9 +83,10 @@ NOTES = """## How to read this
   the mean JCT can't drop below its value at low load (the 0.1 x capacity rows). fcfs's mean JCT at 0.85 x capacity
   is well under twice that, so "2x lower than fcfs" is out of reach there for any scheduler; the target can only be
   met where fcfs's queueing dominates (about >= 1 x capacity, over traces long enough for the queue to build).
-  `--mode sim` (the schedulers on a virtual clock with a fixed profile, 5 seeds per point) shows the same without
-  the machine's noise.
-* **Starvation promotion** (the paper's remedy for the long jobs) does not help mean JCT here: the default
+  `--mode sim` (the schedulers on a virtual clock with a fixed profile, 5 seeds per point; run it to check, its
+  output is not recorded here) showed the same without the machine's noise.
+* **Starvation promotion** (the paper's remedy for the long jobs; exploratory in-process runs, not recorded here)
+  did not help mean JCT: the default
   `starvation_s` of 10 s exceeds every wait, and a threshold of K x the level's quantum (`serve.starvation_quanta`)
   almost never fires (K = 8) or, at K = 2, promotes jobs by the thousand at 1.05 x: the queue degenerates to
   round-robin, with more preemptions, and short and long jobs both get slower. Promotion resets a job's attained

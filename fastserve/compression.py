@@ -36,12 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fastserve import cli, parallel
+from fastserve import cli
 from fastserve.checkpoint import CheckpointError, Checkpointer
 from fastserve.config import Config, ConfigError, SourceConfig, dump_config, load_config
 from fastserve.core import infer
 from fastserve.core.optim import make_optimizer
-from fastserve.core.state import abstract_model, opt_state_shardings
+from fastserve.core.state import opt_state_shardings
 from fastserve.core.steps import make_eval_step
 from fastserve.core.tasks import LanguageModeling
 
@@ -64,27 +64,15 @@ def param_stats(params: Any) -> dict[str, int]:
             "bytes": int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves))}
 
 
-def place(params: Any, model_cfg: Any, mesh: Any) -> tuple[Any, Any]:
-    """(graphdef, params placed with the model config's shardings on `mesh`)."""
-    graphdef, abstract, logical = abstract_model(model_cfg)
-    shardings = parallel.tree_shardings(mesh, abstract, logical)
-    placed = jax.tree.map(lambda x, a, s: jax.device_put(jnp.asarray(x, a.dtype), s), params, abstract, shardings)
-    return graphdef, placed
-
-
 def heldout_batches(cfg: Config, tokenizer: Any, max_batches: int = 0) -> list[dict[str, np.ndarray]]:
     """The training pipeline's held-out split (`data.source`, `data.eval_fraction`, `train.seed`), tokenized with
     `tokenizer` and packed to `data.seq_len` rows, as fastserve.pipeline.prepare_lm_data builds it; [] if none."""
-    from fastserve.data import eval_batches, load_texts, pack_documents, split_documents
+    from fastserve.data import load_texts, split_documents
+    from fastserve.pipeline import heldout_lm_batches
 
     docs = load_texts(cfg.data.source, cfg.data.paths)
     _, held_out = split_documents(docs, cfg.data.eval_fraction, cfg.train.seed)
-    if not held_out:
-        return []
-    rows = pack_documents(held_out, tokenizer, cfg.data.seq_len)
-    batches = eval_batches(rows, cfg.data.batch_size, jax.process_index(), jax.process_count())
-    limit = max_batches or cfg.train.eval_batches
-    return batches[:limit] if limit > 0 else batches
+    return heldout_lm_batches(cfg, tokenizer, held_out, max_batches)[0]
 
 
 def heldout_metrics(graphdef: Any, params: Any, batches: list, mesh: Any) -> dict[str, float]:
@@ -195,13 +183,14 @@ def write_workdir(cfg: Config, out_dir: str, model_cfg: Any, params: Any, tokeni
 
 def transform_loaded(loaded: Any, specs: list[dict]) -> tuple[Any, Any, Any, list[dict]]:
     """(new model config, graphdef, params placed on the loaded model's mesh, per-layer report) of a loaded model."""
+    from fastserve.inference import place_params
     from fastserve.transforms import TransformError, apply_transforms
 
     try:
         new_model_cfg, new_params, layers = apply_transforms(loaded.model_cfg, loaded.params, specs)
     except TransformError as e:
         raise CompressError(str(e)) from None
-    graphdef, placed = place(new_params, new_model_cfg, loaded.mesh)
+    graphdef, placed = place_params(new_params, new_model_cfg, loaded.mesh)
     return new_model_cfg, graphdef, placed, layers
 
 

@@ -52,13 +52,15 @@ def resolve_path(path: str) -> str:
         raise FileNotFoundError(f"source.path '{path}': Python package '{pkg}' is not installed (pip install it)")
     return os.path.join(list(spec.submodule_search_locations)[0], rel)
 
-def _place(params: Any, model_cfg: ModelConfig, mesh) -> tuple[Any, Any]:
+def place_params(params: Any, model_cfg: ModelConfig, mesh) -> tuple[Any, Any]:
+    """(graphdef, `params` cast and placed with `model_cfg`'s shardings on `mesh`); a clear error when the weights'
+    structure is not the config's."""
     graphdef, abstract, logical = abstract_model(model_cfg)
     shardings = parallel.tree_shardings(mesh, abstract, logical)
     try:
         placed = jax.tree.map(lambda x, a, s: jax.device_put(jnp.asarray(x, a.dtype), s), params, abstract, shardings)
     except ValueError as e:
-        raise ValueError(f"the imported weights do not match the model config's structure: {e}") from None
+        raise ValueError(f"the weights do not match the model config's structure: {e}") from None
     return graphdef, placed
 
 def _load_checkpoint(cfg: Config, mesh) -> LoadedModel:
@@ -110,7 +112,7 @@ def load_model(cfg: Config) -> LoadedModel:
         if not os.path.exists(path):
             raise FileNotFoundError(f"source.path: {path} does not exist")
         imported = interop.load_gguf(path, cfg.source.dtype) if kind == "gguf" else interop.load_hf_llama(path, cfg.source.dtype)
-        graphdef, params = _place(imported.params, imported.model_cfg, mesh)
+        graphdef, params = place_params(imported.params, imported.model_cfg, mesh)
         return LoadedModel(imported.model_cfg, graphdef, params, imported.tokenizer, mesh, imported.chat_template)
     raise ValueError(f"unknown source.kind '{kind}' (choose from checkpoint, gguf, hf)")
 

@@ -38,15 +38,20 @@ def prepare_lm_data(cfg: Config) -> LMData:
     train_rows = pack_documents(train_docs, tok, cfg.data.seq_len)
     pi, pc = jax.process_index(), jax.process_count()
     batches = LMBatches(train_rows, cfg.data.batch_size, cfg.train.seed, cfg.data.shuffle, pi, pc)
-    held_out = []
-    n_eval_rows = 0
-    if eval_docs:
-        eval_rows = pack_documents(eval_docs, tok, cfg.data.seq_len)
-        n_eval_rows = len(eval_rows)
-        held_out = eval_batches(eval_rows, cfg.data.batch_size, pi, pc)
-        if cfg.train.eval_batches > 0:
-            held_out = held_out[:cfg.train.eval_batches]
+    held_out, n_eval_rows = heldout_lm_batches(cfg, tok, eval_docs)
     return LMData(tok, batches, held_out, len(train_rows), n_eval_rows, eval_docs)
+
+
+def heldout_lm_batches(cfg: Config, tok: Any, eval_docs: list[str], max_batches: int = 0
+                       ) -> tuple[list[dict[str, np.ndarray]], int]:
+    """(this host's held-out batches of `eval_docs` packed to `data.seq_len` rows, the number of rows); at most
+    `max_batches` or else `train.eval_batches` batches when either is > 0."""
+    if not eval_docs:
+        return [], 0
+    rows = pack_documents(eval_docs, tok, cfg.data.seq_len)
+    batches = eval_batches(rows, cfg.data.batch_size, jax.process_index(), jax.process_count())
+    limit = max_batches or cfg.train.eval_batches
+    return (batches[:limit] if limit > 0 else batches), len(rows)
 
 
 def _tokenizer_once(cfg: Config, texts: list[str]) -> Tokenizer:

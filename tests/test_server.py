@@ -390,11 +390,13 @@ def test_deploy_serves_an_export_with_its_chat_template_and_stop_ids(loaded, ref
         fastserve.deploy(None, *overrides, "serve.max_cache_len=64", block=False)
 
 
-def test_cli_reports_config_errors():
+def test_cli_reports_config_errors(capsys):
     from fastserve.serve.cli import main
     with pytest.raises(SystemExit) as e:
         main(["serve.slotz=2"])
     assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "serve.slotz" in err and "serve.slots" in err     # names the typo and the nearest valid key
 
 
 def _metric(srv, line_prefix):

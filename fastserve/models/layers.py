@@ -63,7 +63,10 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        # the CPU-laid-out backward only where it was measured to help; elsewhere plain autodiff (which also
+        # keeps forward-mode differentiation through the layer)
+        dot = matmul if jax.default_backend() == "cpu" else jnp.dot
+        y = dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fastserve.serve.kv import extract_rows, insert_rows
 from fastserve.serve.programs import masked_decode, sample_rows
 
 _KV = ("k", "v")
@@ -86,15 +87,14 @@ class ExportedPrograms:
             return masked_decode(step, self.max_len, cache, ints, floats)
 
         def extend(params, cache, slot, tokens, start):
-            row = [{n: jax.lax.dynamic_slice_in_dim(c[n], slot, 1, axis=0) for n in _KV} for c in cache]
+            row = extract_rows(cache, slot, self.max_len)
 
             def one(i, row):   # token i at position start + i; past max_cache_len the write is dropped
                 tok = jax.lax.dynamic_index_in_dim(tokens, i, axis=1, keepdims=False)
                 return decode1.call(params, tok, (start + i)[None], row)[1]
 
             row = jax.lax.fori_loop(0, tokens.shape[1], one, row)
-            return [{n: jax.lax.dynamic_update_slice_in_dim(c[n], r[n], slot, axis=0) for n in _KV}
-                    for c, r in zip(cache, row)]
+            return insert_rows(cache, row, slot)
 
         self._prefill = jax.jit(prefill)
         self._decode = jax.jit(decode_all, donate_argnums=1)

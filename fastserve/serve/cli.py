@@ -52,10 +52,8 @@ def serve(cfg: Config, block: bool = True) -> Server | None:
 def main(argv: Sequence[str] | None = None) -> int:
     from fastserve import cli
     from fastserve.checkpoint import CheckpointError
-    p = cli.parser("Serve a model over an OpenAI-compatible HTTP API (POST /v1/completions, /v1/chat/completions).")
-    args = p.parse_args(argv)
-    cfg = cli.load_or_exit(args.config, args.overrides)
-    cli.quiet_logs()
+    cfg = cli.parse(argv, "Serve a model over an OpenAI-compatible HTTP API (POST /v1/completions, "
+                    "/v1/chat/completions).")
     try:
         serve(cfg, block=True)
     except (ValueError, OSError, CheckpointError) as e:

@@ -30,19 +30,21 @@ class HostKV:
     nbytes: int
 
 
-def _insert(cache, rows, slot):
+def insert_rows(cache: Rows, rows: Rows, slot: Any) -> Rows:
+    """`rows` ([1, length ≤ L, ...] per layer) written into `slot` of the cache, from position 0 (traceable)."""
     return [{n: jax.lax.dynamic_update_slice(c[n], r[n].astype(c[n].dtype), (slot, 0, 0, 0)) for n in ("k", "v")}
             for c, r in zip(cache, rows)]
 
 
-def _extract(cache, slot, length):
+def extract_rows(cache: Rows, slot: Any, length: int) -> Rows:
+    """The first `length` positions of `slot`'s rows ([1, length, ...] per layer; traceable, length static)."""
     return [{n: jax.lax.dynamic_slice(c[n], (slot, 0, 0, 0), (1, length) + c[n].shape[2:]) for n in ("k", "v")}
             for c in cache]
 
 
 # Module-level jits: engines over the same model shapes share their compiled programs.
-_insert_jit = jax.jit(_insert, donate_argnums=0)
-_extract_jit = jax.jit(_extract, static_argnums=2)
+_insert_jit = jax.jit(insert_rows, donate_argnums=0)
+_extract_jit = jax.jit(extract_rows, static_argnums=2)
 
 
 class KVPool:

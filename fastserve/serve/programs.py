@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from fastserve.core import infer
+from fastserve.serve.kv import extract_rows, insert_rows
 
 
 def sample_rows(logits, seeds, counts, temperature, top_k, top_p):
@@ -61,11 +62,10 @@ def decode_fn(graphdef, max_len, params, cache, ints, floats):
 def extend_fn(graphdef, params, cache, slot, tokens, start):
     """Writes the KV of tokens [1, T] at positions start, start+1, ... into `slot` (recompute past one bucket)."""
     model = nnx.merge(graphdef, params)
-    row = [{n: jax.lax.dynamic_slice_in_dim(c[n], slot, 1, axis=0) for n in ("k", "v")} for c in cache]
+    row = extract_rows(cache, slot, cache[0]["k"].shape[1])
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     _, row = model(tokens, positions, row)
-    return [{n: jax.lax.dynamic_update_slice_in_dim(c[n], r[n], slot, axis=0) for n in ("k", "v")}
-            for c, r in zip(cache, row)]
+    return insert_rows(cache, row, slot)
 
 
 class ModelPrograms:

@@ -252,7 +252,8 @@ class GittinsScheduler(Scheduler):
     def remove(self, job: Any) -> None:
         a = self.attained.pop(job, None)
         super().remove(job)
-        if a:                                   # a finished (or cancelled) job's service time: one more sample
+        # a finished job's service time is one more sample; a cancelled job's partial time is not its size
+        if a and getattr(job, "finish_reason", None) != "cancelled":
             self.sizes.append(a)
             self._since_refresh += 1
             if len(self.sizes) >= self.min_history and (self._table is None or self._since_refresh >= self.refresh):

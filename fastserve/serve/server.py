@@ -169,8 +169,7 @@ class Server:
                 choices.append(_Choice(req, api.TextStream(self.tokenizer.decode, s.stop, self.stop_ids)))
         except ValueError as e:
             self._cancel(choices)
-            where = "max_tokens" if "max_new_tokens" in str(e) and "prompt" not in str(e) else param
-            raise APIError(400, str(e) + (f" (prompt {i})" if len(prompts) > 1 else ""), param=where,
+            raise APIError(400, str(e) + (f" (prompt {i})" if len(prompts) > 1 else ""), param=param,
                            code="invalid_value") from None
         except QueueFull as e:
             self._cancel(choices)
