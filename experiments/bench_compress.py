@@ -8,8 +8,8 @@ and an imported model — parameters, bytes, held-out perplexity and greedy batc
 Models:
 - quickstart: configs/quickstart.yaml trained 300 steps into a cached work dir (runs/bench_compress/base300; it
   overfits past ~300), held-out perplexity on its own held-out split (all of it). Each low-rank setting goes through
-  `fastserve.compression.compress` (the `python -m fastserve.compress` path: a new work dir at step 0), then a
-  recovery fine-tune of that work dir with `fastserve.training.train` (RECOVERY_STEPS at RECOVERY_LR); for the
+  `fastserve.transforms.report.compress` (the `python -m fastserve.compress` path: a new work dir at step 0), then a
+  recovery fine-tune of that work dir with `fastserve.core.trainer.train` (RECOVERY_STEPS at RECOVERY_LR); for the
   bytes-halving ratio also the same steps as distillation from the original (`train.task=distill`). The rank-1.0
   row's "recovery" is the control: the uncompressed model trained the same extra steps.
 - SmolLM2-135M-Instruct (GGUF Q4_1 → float32; no fine-tune: byte-level BPE, which the training pipeline cannot
@@ -35,11 +35,11 @@ import time
 import jax
 import numpy as np
 
-from fastserve.compression import (compress, decode_prompt_ids, heldout_batches, heldout_metrics, measure,
+from fastserve.transforms.report import (compress, decode_prompt_ids, heldout_batches, heldout_metrics, measure,
                                    transform_loaded)
 from fastserve.config import SourceConfig, load_config
-from fastserve.inference import load_model
-from fastserve.training import train
+from fastserve.workdir import load_model
+from fastserve.core.trainer import train
 from fastserve.transforms.common import describe, get_node, replace_node, select
 from fastserve.transforms.lowrank import choose_rank
 

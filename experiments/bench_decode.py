@@ -26,9 +26,9 @@ import numpy as np
 from flax import nnx
 
 import fastserve
-from fastserve.core import infer
-from fastserve.exporting import ExportOptions, export_params
-from fastserve.inference import load_model
+from fastserve.generation import decoding as infer
+from fastserve.artifacts.writer import ExportOptions, export_params
+from fastserve.workdir import load_model
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "smollm2_135m.yaml")
 PROMPT_LEN = 32

@@ -99,7 +99,7 @@ def run_inprocess(engine, items: list[Item], warmup: int) -> dict[str, Any]:
 
 def worker(port_file: str, variants: list[str]) -> int:
     """The server process of HTTP mode: one Engine + Server per scheduler on free ports; runs until killed."""
-    from fastserve.inference import LoadedModel
+    from fastserve.workdir import LoadedModel
     from fastserve.serve.engine import Engine
     from fastserve.serve.server import Server
 

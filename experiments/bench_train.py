@@ -66,7 +66,7 @@ class JaxBench:
         from fastserve.core.optim import make_optimizer
         from fastserve.core.state import count_params, create_train_state
         from fastserve.core.steps import make_train_step, split_micro_batches
-        from fastserve.core.tasks import make_task
+        from fastserve.tasks import make_task
         from fastserve.models import count_flops_per_token
 
         self.jax = jax
@@ -98,7 +98,7 @@ class JaxBench:
         return times
 
     def peak(self) -> float:
-        from fastserve.perf import measure_matmul_peak
+        from fastserve.core.perf import measure_matmul_peak
         return measure_matmul_peak(2048, "float32", repeats=5, device=self.device)
 
 

@@ -27,7 +27,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Source files whose lines name a thunk; the innermost such frame wins (optax internals are grouped by file).
-INTERESTING = ("fastserve/models/", "fastserve/core/tasks.py", "fastserve/core/steps.py", "optax/")
+INTERESTING = ("fastserve/models/", "fastserve/tasks/__init__.py", "fastserve/core/steps.py", "optax/")
 
 
 def parse_hlo(path: str) -> dict[str, dict]:

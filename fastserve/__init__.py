@@ -20,32 +20,32 @@ def _config(config: str | Config | None, overrides: Sequence[str]) -> Config:
 
 def train(config: str | Config | None = None, *overrides: str) -> dict[str, Any]:
     """Trains (or resumes) as `python -m fastserve.train` does; returns final train/eval metrics and samples."""
-    from fastserve.training import train as _train
+    from fastserve.core.trainer import train as _train
     return _train(_config(config, overrides))
 
 
 def evaluate(config: str | Config | None = None, *overrides: str) -> dict[str, Any]:
     """Held-out metrics of the work dir's latest checkpoint."""
-    from fastserve.evaluation import evaluate as _evaluate
+    from fastserve.core.evaluator import evaluate as _evaluate
     return _evaluate(_config(config, overrides))
 
 
 def infer(config: str | Config | None, prompts: Sequence[str] | None = None, *overrides: str) -> list[str]:
     """Completes `prompts` with the model of `config.source` (default: the trained work dir); returns the texts."""
-    from fastserve.inference import generate
+    from fastserve.generation.runner import generate
     return [c.text for c in generate(_config(config, overrides), prompts)]
 
 
 def export(config: str | Config | None, out: str | None = None, *overrides: str) -> dict[str, Any]:
     """Exports the serving functions of `config.source`'s model (default: the trained work dir) to `out`
     (default: `export.out`); returns the manifest."""
-    from fastserve.exporting import export_from_config
+    from fastserve.artifacts.writer import export_from_config
     return export_from_config(_config(config, overrides), out)
 
 
 def load_exported(directory: str, platform: str | None = None, **kwargs: Any) -> Any:
     """Loads an export: ready prefill / decode / generate callables that need no fastserve model code."""
-    from fastserve.exported import load_exported as _load  # keeps flax and the model code out of the import
+    from fastserve.artifacts.loader import load_exported as _load  # keeps flax and the model code out of the import
     return _load(directory, platform, **kwargs)
 
 

@@ -1,7 +1,7 @@
-"""`python -m fastserve.compress --config FILE --checkpoint WORKDIR --out NEW [key=value ...]` (fastserve/compression.py)."""
+"""`python -m fastserve.compress --config FILE --checkpoint WORKDIR --out NEW [key=value ...]` (fastserve/transforms/report.py)."""
 import sys
 
-from fastserve.compression import main
+from fastserve.transforms.report import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -77,7 +77,7 @@ class OptimizerConfig:
 
 @dataclass
 class TrainConfig:
-    task: str = "lm"               # registry key: see fastserve.core.tasks
+    task: str = "lm"               # registry key: see fastserve.tasks
     steps: int = 500
     run_steps: int = 0             # stop (saving a checkpoint) after this many steps in one invocation: time-sliced jobs
     grad_accum: int = 1            # micro-batches per optimizer step (batch_size must divide evenly)

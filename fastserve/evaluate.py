@@ -1,7 +1,7 @@
-"""`python -m fastserve.evaluate --config FILE [key=value ...]` (the code lives in fastserve/evaluation.py)."""
+"""`python -m fastserve.evaluate --config FILE [key=value ...]` (the code lives in fastserve/core/evaluator.py)."""
 import sys
 
-from fastserve.evaluation import main
+from fastserve.core.evaluator import main
 
 if __name__ == "__main__":
     sys.exit(main())

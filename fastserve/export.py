@@ -1,8 +1,8 @@
 """`python -m fastserve.export --config FILE --checkpoint WORKDIR --out DIR [key=value ...]`
-(the code lives in fastserve/exporting.py)."""
+(the code lives in fastserve/artifacts/writer.py)."""
 import sys
 
-from fastserve.exporting import main
+from fastserve.artifacts.writer import main
 
 if __name__ == "__main__":
     sys.exit(main())

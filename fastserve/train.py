@@ -1,7 +1,7 @@
-"""`python -m fastserve.train --config FILE [key=value ...]` (the code lives in fastserve/training.py)."""
+"""`python -m fastserve.train --config FILE [key=value ...]` (the code lives in fastserve/core/trainer.py)."""
 import sys
 
-from fastserve.training import main
+from fastserve.core.trainer import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""One process of the multi-host test (tests/test_multihost.py): runs `fastserve.training.train` and writes a JSON report.
+"""One process of the multi-host test (tests/test_multihost.py): runs `fastserve.core.trainer.train` and writes a JSON report.
 
     python tests/multihost_worker.py --out report.json --local-devices 2 [key=value ...]
 
@@ -58,7 +58,7 @@ def main() -> int:
     if args.local_devices > 1:
         jax.config.update("jax_num_cpu_devices", args.local_devices)  # before any array exists
 
-    from fastserve import training as train_mod
+    from fastserve.core import trainer as train_mod
     from fastserve.config import load_config
 
     cfg = load_config(None, args.overrides)

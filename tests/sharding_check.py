@@ -17,12 +17,12 @@ from fastserve.config import load_config  # noqa: E402
 from fastserve.core.optim import make_optimizer  # noqa: E402
 from fastserve.core.state import create_train_state  # noqa: E402
 from fastserve.core.steps import make_train_step, split_micro_batches  # noqa: E402
-from fastserve.core.tasks import make_task  # noqa: E402
+from fastserve.tasks import make_task  # noqa: E402
 
 
 def restore_elsewhere(state, shardings, cfg_overrides, directory):
     """Saves the 2×2×2 state, restores it onto other mesh shapes; returns max abs difference and specs per shape."""
-    from fastserve.checkpoint import Checkpointer
+    from fastserve.core.checkpoint import Checkpointer
     from fastserve.core.state import abstract_train_state
     ckpt = Checkpointer(directory)
     ckpt.save(3, state, {"data": {"epoch": 0, "index": 3}})
@@ -65,7 +65,7 @@ def run(shape, restore_dir=None):
     # Sharded inference: greedy KV-cached generation over the same weights, and the cache's own sharding.
     import jax.numpy as jnp
     from flax import nnx
-    from fastserve.core import infer
+    from fastserve.generation import decoding as infer
     prompts = jnp.asarray(tokens[:4, :6])
     with jax.set_mesh(mesh):
         generated, _ = jax.jit(lambda p: infer.generate(

@@ -13,17 +13,17 @@ import yaml
 from flax import nnx
 
 from conftest import TINY
-from fastserve.checkpoint import Checkpointer
-from fastserve.compression import REPORT_FILE, main as compress_main
+from fastserve.core.checkpoint import Checkpointer
+from fastserve.transforms.report import REPORT_FILE, main as compress_main
 from fastserve.config import SourceConfig, load_config
-from fastserve.core import infer
+from fastserve.generation import decoding as infer
 from fastserve.core.state import abstract_model
-from fastserve.evaluation import evaluate
-from fastserve.exported import load_exported
-from fastserve.exporting import main as export_main
-from fastserve.inference import BPE_TOKENIZER_FILE, generate, load_model
-from fastserve.inference import main as generate_cli_main
-from fastserve.training import train
+from fastserve.core.evaluator import evaluate
+from fastserve.artifacts.loader import load_exported
+from fastserve.artifacts.writer import main as export_main
+from fastserve.workdir import BPE_TOKENIZER_FILE, generate, load_model
+from fastserve.generation.runner import main as generate_cli_main
+from fastserve.core.trainer import train
 from fastserve.transforms import apply_transforms
 
 EVAL = ["--eval-batches", "4"]
@@ -197,7 +197,7 @@ def test_errors_name_the_problem(base, capsys):
 
 def test_compress_recipe_halves_the_quickstart_model():
     from fastserve import parallel
-    from fastserve.compression import param_stats
+    from fastserve.transforms.report import param_stats
     from fastserve.config import MeshConfig
     from fastserve.core.state import init_params
 

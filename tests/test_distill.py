@@ -18,9 +18,9 @@ from fastserve.config import MeshConfig, ModelConfig, OptimizerConfig, SourceCon
 from fastserve.core.optim import make_optimizer
 from fastserve.core.state import create_train_state, init_params
 from fastserve.core.steps import make_eval_step, make_train_step
-from fastserve.core.tasks import Distillation, LanguageModeling, make_task
-from fastserve.inference import load_model
-from fastserve.training import train
+from fastserve.tasks import Distillation, LanguageModeling, make_task
+from fastserve.workdir import load_model
+from fastserve.core.trainer import train
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32,
                   init_std=0.3)

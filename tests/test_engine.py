@@ -9,7 +9,7 @@ import pytest
 
 from fastserve import parallel
 from fastserve.config import ServeConfig, load_config
-from fastserve.core import infer
+from fastserve.generation import decoding as infer
 from fastserve.core.state import init_params
 from fastserve.serve.engine import Engine, QueueFull, Request
 from fastserve.serve.scheduler import Scheduler, levels_covering
@@ -242,8 +242,8 @@ def exported(model, tmp_path_factory):
     batch), loaded back. Its tokenizer is a stand-in of the model's 97 ids: the engine never tokenizes."""
     from types import SimpleNamespace
 
-    from fastserve.exported import load_exported
-    from fastserve.exporting import ExportOptions, export_params
+    from fastserve.artifacts.loader import load_exported
+    from fastserve.artifacts.writer import ExportOptions, export_params
     from fastserve.interop.tokenizer import BPETokenizer
     from tiny_bpe import train_tiny_bpe
 

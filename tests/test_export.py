@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fastserve.checkpoint import Checkpointer
+from fastserve.core.checkpoint import Checkpointer
 from fastserve.config import Config, MeshConfig, ModelConfig, dump_config
-from fastserve.core import infer
+from fastserve.generation import decoding as infer
 from fastserve.core.optim import make_optimizer
 from fastserve.core.state import init_params
 from fastserve.data import load_texts, train_tokenizer
-from fastserve.exporting import ExportError, ExportOptions, export_params, main as export_main
-from fastserve.exported import (ExportIntegrityError, MissingExportFileError, UnsupportedPlatformError,
+from fastserve.artifacts.writer import ExportError, ExportOptions, export_params, main as export_main
+from fastserve.artifacts.loader import (ExportIntegrityError, MissingExportFileError, UnsupportedPlatformError,
                                 load_exported)
 from fastserve.parallel import make_mesh
 
@@ -64,7 +64,7 @@ def _inputs(tok):
 # The whole loader side, run in a fresh interpreter that cannot import the model code.
 _CHILD = textwrap.dedent("""
     import importlib.abc, json, sys
-    BLOCKED = ("flax", "fastserve.models", "fastserve.core", "fastserve.exporting", "optax", "orbax")
+    BLOCKED = ("flax", "fastserve.models", "fastserve.core", "fastserve.artifacts.writer", "optax", "orbax")
 
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
@@ -74,7 +74,7 @@ _CHILD = textwrap.dedent("""
 
     sys.meta_path.insert(0, Block())
     import numpy as np
-    from fastserve.exported import load_exported
+    from fastserve.artifacts.loader import load_exported
 
     export_dir, inputs, out = sys.argv[1:4]
     d = np.load(inputs)
@@ -125,7 +125,7 @@ def test_fresh_process_without_model_code_matches_in_process(tiny, tmp_path):
     res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
     got = np.load(tmp_path / "out.npz")
     assert res["blocked_loaded"] == []
-    assert "fastserve.exported" in res["fastserve_modules"]
+    assert "fastserve.artifacts.loader" in res["fastserve_modules"]
 
     # prefill + one decode step, in process
     graphdef = t.graphdef

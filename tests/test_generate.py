@@ -4,8 +4,8 @@ import json
 import pytest
 
 import fastserve
-from fastserve import inference as generate_cli
-from fastserve.checkpoint import CheckpointError
+from fastserve.generation import runner as generate_cli
+from fastserve.core.checkpoint import CheckpointError
 
 
 @pytest.fixture(scope="module")

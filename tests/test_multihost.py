@@ -2,7 +2,7 @@
 
 Each process has 2 CPU devices, so the mesh data=2 × fsdp=2 spans 4 global devices over 2 processes: batches and
 FSDP-sharded weights both cross the process boundary (gloo collectives). The workers (tests/multihost_worker.py) run
-the unmodified `fastserve.training.train` and report every step's loss, their slice of the first batches and their
+the unmodified `fastserve.core.trainer.train` and report every step's loss, their slice of the first batches and their
 tokenizer's hash. A 1-process run with 4 local devices and the same config (same global batch, same mesh) runs
 alongside as the reference.
 """

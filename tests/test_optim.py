@@ -8,7 +8,7 @@ from fastserve.config import load_config
 from fastserve.core.optim import OPTIMIZERS, make_optimizer, make_schedule
 from fastserve.core.state import create_train_state
 from fastserve.core.steps import make_train_step, split_micro_batches
-from fastserve.core.tasks import make_task
+from fastserve.tasks import make_task
 
 
 def test_warmup_then_cosine_and_linear_decay():

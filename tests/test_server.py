@@ -22,9 +22,9 @@ from flax import nnx
 import fastserve
 from fastserve import parallel
 from fastserve.config import ServeConfig, dump_config, load_config
-from fastserve.core import infer
+from fastserve.generation import decoding as infer
 from fastserve.core.state import init_params
-from fastserve.inference import LoadedModel
+from fastserve.workdir import LoadedModel
 from fastserve.serve import api
 from fastserve.serve.engine import Engine, Request
 from fastserve.serve.server import Server
@@ -310,7 +310,7 @@ def test_metrics_expose_the_counters(server):
 def test_deploy_serves_a_work_dir(tmp_path):
     """A sentencepiece work dir (the quickstart's layout) through fastserve.deploy: greedy text over HTTP equals
     fastserve.infer's; the model has no chat template."""
-    from fastserve.checkpoint import Checkpointer
+    from fastserve.core.checkpoint import Checkpointer
     from fastserve.data import train_tokenizer
 
     work = tmp_path / "toy"
@@ -346,7 +346,7 @@ def test_deploy_serves_a_work_dir(tmp_path):
         request(handle, "GET", "/health")
 
     # ... and exported (python -m fastserve.export), served with source.kind=exported: the same text
-    from fastserve.exporting import ExportOptions, export_from_config
+    from fastserve.artifacts.writer import ExportOptions, export_from_config
     export_from_config(cfg, str(tmp_path / "toy-export"), ExportOptions(platforms=("cpu",), buckets=(16,),
                                                                         max_cache_len=48,
                                                                         functions=("prefill", "decode")))
@@ -364,7 +364,7 @@ def test_deploy_serves_a_work_dir(tmp_path):
 def test_deploy_serves_an_export_with_its_chat_template_and_stop_ids(loaded, reference, tmp_path):
     """source.kind=exported: the export's tokenizer, chat template and stop ids reach the server, and greedy text
     over HTTP equals in-process generation; serve.max_cache_len 0 takes the export's, a mismatch is refused."""
-    from fastserve.exporting import ExportOptions, export_params
+    from fastserve.artifacts.writer import ExportOptions, export_params
     out = tmp_path / "tiny-chat"
     export_params(loaded.model_cfg, loaded.params, loaded.tokenizer, str(out),
                   ExportOptions(platforms=("cpu",), buckets=tuple(BUCKETS), max_cache_len=96,

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from fastserve.checkpoint import Checkpointer
-from fastserve.training import TrainingDiverged, train
+from fastserve.core.checkpoint import Checkpointer
+from fastserve.core.trainer import TrainingDiverged, train
 
 
 def train_losses(workdir, split="train"):
@@ -59,7 +59,7 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tiny_config):
     steps = ckpt.all_steps()
     assert steps, "the steps before the NaN were saved"
     import jax
-    from fastserve.pipeline import prepare_state, with_vocab
+    from fastserve.core.setup import prepare_state, with_vocab
     from fastserve.data import Tokenizer
     cfg = with_vocab(cfg, Tokenizer.from_file(os.path.join(cfg.train.workdir, "tokenizer.model")))
     setup = prepare_state(cfg)
@@ -78,7 +78,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_config, caplo
             if not name.startswith("_CHECKPOINT_METADATA"):
                 with open(os.path.join(root, name), "r+b") as f:
                     f.truncate(7)
-    from fastserve.pipeline import prepare_state, with_vocab
+    from fastserve.core.setup import prepare_state, with_vocab
     from fastserve.data import Tokenizer
     cfg = with_vocab(cfg, Tokenizer.from_file(os.path.join(cfg.train.workdir, "tokenizer.model")))
     with caplog.at_level("WARNING"):

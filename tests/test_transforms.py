@@ -15,7 +15,7 @@ from fastserve.config import ConfigError, MeshConfig, ModelConfig, OptimizerConf
 from fastserve.core.optim import make_optimizer
 from fastserve.core.state import abstract_model, create_train_state, init_params
 from fastserve.core.steps import make_train_step
-from fastserve.core.tasks import make_task
+from fastserve.tasks import make_task
 from fastserve.transforms import TransformError, apply_transforms, choose_rank, lowrank, prune, quantize
 from fastserve.transforms.common import get_node, replace_node
 

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fastserve import parallel
 from fastserve.core.state import TrainState
-from fastserve.core.tasks import Task
+from fastserve.tasks import Task
 
 
 def _tree_add(a: Any, b: Any) -> Any:

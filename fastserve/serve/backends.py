@@ -1,5 +1,5 @@
 """The engine's exported backend: the prefill / decode functions of a `python -m fastserve.export` directory
-(`fastserve.exported.load_exported`) run as the engine's three operations, without the model code.
+(`fastserve.artifacts.loader.load_exported`) run as the engine's three operations, without the model code.
 
   * prefill: the exported prefill of the bucket at batch 1, sampled in the same jit; its cache has max_cache_len
     positions, sliced to the bucket's length there so the KV pool inserts rows of the same lengths as in-process;

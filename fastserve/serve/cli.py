@@ -26,11 +26,11 @@ def serve(cfg: Config, block: bool = True) -> Server | None:
     Server, whose `.url` and `.stop()` the caller uses). source.kind=exported serves an export directory's
     functions (its buckets and max_cache_len bound serve.buckets and serve.max_cache_len)."""
     from fastserve import parallel
-    from fastserve.inference import load_model, resolve_path
+    from fastserve.workdir import load_model, resolve_path
     t0 = time.perf_counter()
     parallel.enable_compilation_cache()  # a restarted server compiles its buckets from the on-disk cache
     if cfg.source.kind == "exported":   # the export's functions, weights and tokenizer instead of a model definition
-        from fastserve.exported import load_exported
+        from fastserve.artifacts.loader import load_exported
         from fastserve.serve.backends import served_model
         if not cfg.source.path:
             raise ValueError("source.kind=exported needs source.path (a directory written by python -m "
@@ -51,7 +51,7 @@ def serve(cfg: Config, block: bool = True) -> Server | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from fastserve import cli
-    from fastserve.checkpoint import CheckpointError
+    from fastserve.core.checkpoint import CheckpointError
     cfg = cli.parse(argv, "Serve a model over an OpenAI-compatible HTTP API (POST /v1/completions, "
                     "/v1/chat/completions).")
     try:

@@ -101,13 +101,13 @@ class Engine:
 
     @classmethod
     def from_loaded(cls, loaded: Any, cfg: ServeConfig | None = None, **kwargs: Any) -> "Engine":
-        """From `fastserve.inference.load_model(cfg)`'s LoadedModel."""
+        """From `fastserve.workdir.load_model(cfg)`'s LoadedModel."""
         return cls(loaded.graphdef, loaded.params, loaded.model_cfg, cfg, mesh=loaded.mesh, stop_ids=loaded.stop_ids,
                    pad_id=getattr(loaded.tokenizer, "pad_id", 0), **kwargs)
 
     @classmethod
     def from_exported(cls, exp: Any, cfg: ServeConfig | None = None, **kwargs: Any) -> "Engine":
-        """From `fastserve.exported.load_exported(dir)`'s ExportedModel (serve.max_cache_len 0: the export's)."""
+        """From `fastserve.artifacts.loader.load_exported(dir)`'s ExportedModel (serve.max_cache_len 0: the export's)."""
         from fastserve.serve.backends import ExportedPrograms
         p = ExportedPrograms(exp)
         return cls(None, None, p.model_cfg, p.serve_config(cfg), stop_ids=exp.stop_ids, pad_id=exp.pad_id, programs=p,

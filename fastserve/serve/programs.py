@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fastserve.core import infer
+from fastserve.generation import decoding as infer
 from fastserve.serve.kv import extract_rows, insert_rows
 
 

@@ -1,6 +1,6 @@
 """Run an export made by `fastserve.export` without the model code: jax, numpy, safetensors and the tokenizer only.
 
-    from fastserve.exported import load_exported
+    from fastserve.artifacts.loader import load_exported
     m = load_exported("exports/quickstart")            # verifies manifest.json and the sha256 of every file
     m.generate(["def fib(n):"], max_new_tokens=32)      # → one continuation (str) per prompt
     logits, cache = m.prefill(tokens, lengths)          # [B, T] right-padded ids, true lengths

@@ -3,7 +3,7 @@
     python -m fastserve.export --config FILE --checkpoint WORKDIR_OR_CKPT_DIR --out DIR \
         [--platforms cpu,cuda,tpu] [--buckets 32,64,128] [--max-new-tokens 128] [key=value ...]
 
-What lands in DIR (read back by `fastserve.exported.load_exported`, which imports neither flax nor the model code):
+What lands in DIR (read back by `fastserve.artifacts.loader.load_exported`, which imports neither flax nor the model code):
 
     prefill_{T}.jax_exported    (params..., tokens [B, T] i32, lengths [B] i32) → (last logits [B, V] f32, cache)
     decode.jax_exported         (params..., tokens [B] i32, positions [B] i32, cache) → (logits [B, V] f32, cache)
@@ -39,12 +39,12 @@ import safetensors
 from flax import nnx
 
 from fastserve import cli
-from fastserve.checkpoint import CheckpointError
+from fastserve.core.checkpoint import CheckpointError
 from fastserve.config import Config, ConfigError, ModelConfig, load_config
 from fastserve.core.state import abstract_model
 from fastserve.data.tokenizer import Tokenizer
-from fastserve.export_functions import FUNCTION_KINDS, build_functions, describe, export_one, plan_exports
-from fastserve.exported import (EXPORTED_SUFFIX, FORMAT_VERSION, MANIFEST_FILE, SAFETENSORS_DTYPES,
+from fastserve.artifacts.functions import FUNCTION_KINDS, build_functions, describe, export_one, plan_exports
+from fastserve.artifacts.loader import (EXPORTED_SUFFIX, FORMAT_VERSION, MANIFEST_FILE, SAFETENSORS_DTYPES,
                                 WEIGHTS_FILE, sha256_file)
 from fastserve.models.layers import dtype_of
 
@@ -275,7 +275,7 @@ def load_training_config(config_path: str | None, checkpoint: str | None, overri
 def export_from_config(cfg: Config, out_dir: str | None = None, options: ExportOptions | None = None) -> dict[str, Any]:
     """Loads `cfg.source` (a trained work dir, a GGUF file or a HF directory), applies `cfg.transforms` when there
     are any (the manifest's model config and weights are then the compressed ones), and exports with `cfg.export`."""
-    from fastserve.inference import load_model
+    from fastserve.workdir import load_model
 
     options = options or options_from_config(cfg.export)
     out_dir = out_dir or cfg.export.out
@@ -335,7 +335,7 @@ def options_from_config(section: Any = None, **overrides: Any) -> ExportOptions:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastserve.export", description="Export serving functions (jax.export) with weights, tokenizer and "
-                                            "manifest; run them with fastserve.exported.load_exported.")
+                                            "manifest; run them with fastserve.artifacts.loader.load_exported.")
     p.add_argument("--config", help="training YAML (default: CHECKPOINT/config.yaml of a work dir)")
     p.add_argument("--checkpoint", help="training work dir or its checkpoints/ directory (sets source.path)")
     p.add_argument("--out", help="output directory (default: the config's export.out, when it has one)")

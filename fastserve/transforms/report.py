@@ -37,13 +37,13 @@ import numpy as np
 from flax import nnx
 
 from fastserve import cli
-from fastserve.checkpoint import CheckpointError, Checkpointer
+from fastserve.core.checkpoint import CheckpointError, Checkpointer
 from fastserve.config import Config, ConfigError, SourceConfig, dump_config, load_config
-from fastserve.core import infer
+from fastserve.generation import decoding as infer
 from fastserve.core.optim import make_optimizer
 from fastserve.core.state import opt_state_shardings
 from fastserve.core.steps import make_eval_step
-from fastserve.core.tasks import LanguageModeling
+from fastserve.tasks import LanguageModeling
 
 
 REPORT_FILE = "compression_report.json"
@@ -66,9 +66,9 @@ def param_stats(params: Any) -> dict[str, int]:
 
 def heldout_batches(cfg: Config, tokenizer: Any, max_batches: int = 0) -> list[dict[str, np.ndarray]]:
     """The training pipeline's held-out split (`data.source`, `data.eval_fraction`, `train.seed`), tokenized with
-    `tokenizer` and packed to `data.seq_len` rows, as fastserve.pipeline.prepare_lm_data builds it; [] if none."""
+    `tokenizer` and packed to `data.seq_len` rows, as fastserve.core.setup.prepare_lm_data builds it; [] if none."""
     from fastserve.data import load_texts, split_documents
-    from fastserve.pipeline import heldout_lm_batches
+    from fastserve.core.setup import heldout_lm_batches
 
     docs = load_texts(cfg.data.source, cfg.data.paths)
     _, held_out = split_documents(docs, cfg.data.eval_fraction, cfg.train.seed)
@@ -77,7 +77,7 @@ def heldout_batches(cfg: Config, tokenizer: Any, max_batches: int = 0) -> list[d
 
 def heldout_metrics(graphdef: Any, params: Any, batches: list, mesh: Any) -> dict[str, float]:
     """Held-out loss / perplexity / token accuracy of a model (the lm task's eval step)."""
-    from fastserve.training import evaluate_params
+    from fastserve.core.trainer import evaluate_params
 
     task = LanguageModeling()
     step = make_eval_step(graphdef, task, jax.tree.map(lambda x: x.sharding, params), mesh)
@@ -140,7 +140,7 @@ def _is_sentencepiece(tokenizer: Any) -> bool:
 def write_workdir(cfg: Config, out_dir: str, model_cfg: Any, params: Any, tokenizer: Any, mesh: Any,
                   provenance: dict[str, Any]) -> Config:
     """Writes `out_dir` as a work dir (config.yaml, tokenizer, step-0 checkpoint); returns its config."""
-    from fastserve.inference import BPE_TOKENIZER_FILE
+    from fastserve.workdir import BPE_TOKENIZER_FILE
 
     os.makedirs(out_dir, exist_ok=True)
     if _is_sentencepiece(tokenizer):
@@ -183,7 +183,7 @@ def write_workdir(cfg: Config, out_dir: str, model_cfg: Any, params: Any, tokeni
 
 def transform_loaded(loaded: Any, specs: list[dict]) -> tuple[Any, Any, Any, list[dict]]:
     """(new model config, graphdef, params placed on the loaded model's mesh, per-layer report) of a loaded model."""
-    from fastserve.inference import place_params
+    from fastserve.workdir import place_params
     from fastserve.transforms import TransformError, apply_transforms
 
     try:
@@ -207,7 +207,7 @@ def compress(cfg: Config, out_dir: str, *, heldout: bool | None = None, decode_t
     decode_tokens: greedy steps timed at batch 1 (0: skip). eval_batches: cap on held-out batches (0: all).
     loaded / before: an already loaded source (inference.load_model) and its measurements, to reuse (benchmarks).
     """
-    from fastserve.inference import load_model
+    from fastserve.workdir import load_model
 
     if not cfg.transforms:
         raise CompressError("no transforms to apply: set `transforms` in the config or as an override, e.g. "
@@ -282,7 +282,7 @@ def format_table(report: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------- CLI
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fastserve.exporting import load_training_config
+    from fastserve.artifacts.writer import load_training_config
 
     p = argparse.ArgumentParser(prog="python -m fastserve.compress",
                                 description="Apply the config's `transforms` (low-rank, int8, pruning) to a model "

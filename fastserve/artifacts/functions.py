@@ -1,4 +1,4 @@
-"""The serving functions `fastserve.exporting` traces: their bodies over a flat list of weight leaves, the plan of
+"""The serving functions `fastserve.artifacts.writer` traces: their bodies over a flat list of weight leaves, the plan of
 which (kind, bucket, batch size) to export with which argument specs, and each one's manifest entry."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fastserve.core import infer
+from fastserve.generation import decoding as infer
 
 if TYPE_CHECKING:
-    from fastserve.exporting import ExportOptions
+    from fastserve.artifacts.writer import ExportOptions
 
 FUNCTION_KINDS = ("prefill", "decode", "generate")
 FUNCTION_DOCS = {

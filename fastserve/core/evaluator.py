@@ -11,12 +11,12 @@ from typing import Any, Sequence
 import jax
 
 from fastserve import cli, parallel
-from fastserve.checkpoint import CheckpointError
+from fastserve.core.checkpoint import CheckpointError
 from fastserve.config import Config, SourceConfig
 from fastserve.core.steps import make_eval_step
-from fastserve.core.tasks import make_task
-from fastserve.pipeline import prepare_lm_data, with_vocab
-from fastserve.training import evaluate_params
+from fastserve.tasks import make_task
+from fastserve.core.setup import prepare_lm_data, with_vocab
+from fastserve.core.trainer import evaluate_params
 
 
 def evaluate(cfg: Config) -> dict[str, Any]:
@@ -25,7 +25,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     Restores the params only (no optimizer state), so a work dir written by `fastserve.compress` scores too: its
     step-0 checkpoint, and int8 (inference-only) models. A distilled work dir is scored as plain language modeling.
     """
-    from fastserve.inference import load_model
+    from fastserve.workdir import load_model
 
     data = prepare_lm_data(cfg)
     cfg = with_vocab(cfg, data.tokenizer)

