@@ -109,7 +109,7 @@ def bench_quickstart(scratch: str, quick: bool) -> list[dict]:
     steps, recovery = (40, 10) if quick else (300, RECOVERY_STEPS)
     name = "quickstart (small, quick)" if quick else "quickstart"
     base_dir = os.path.join(scratch, f"base{steps}")
-    common = ["train.samples=0", "log.progress=false", "log.tensorboard=false", "mesh.data=1"]
+    common = ["train.task.samples=0", "log.progress=false", "log.tensorboard=false", "mesh.data=1"]
     cfg = load_config(QUICKSTART, [*common, *(QUICK_MODEL if quick else []), f"train.workdir={base_dir}",
                                    f"train.steps={steps}", f"train.eval_every={steps}", f"checkpoint.every={steps}"])
     t0 = time.perf_counter()
@@ -151,7 +151,7 @@ def bench_quickstart(scratch: str, quick: bool) -> list[dict]:
         rows.append(_row(name, f"{label} + recovery {recovery}", rec, original, recovered=True,
                          recovery_steps=recovery, **info))
         if ratio == half:
-            ev = recover(out + "_distill", "train.task=distill", f"distill.teacher={base_dir}")
+            ev = recover(out + "_distill", "train.task=distill", f"train.task.teacher={base_dir}")
             dist = {**rep["after"], "loss": ev["ce"], "perplexity": ev["perplexity"]}  # the data CE, as above
             rows.append(_row(name, f"{label} + distill {recovery}", dist, original, recovered=True,
                              recovery_steps=recovery, distilled=True, kl=ev["kl"], **info))

@@ -23,10 +23,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import fastserve
 from fastserve.generation import decoding as infer
+from fastserve.generation.program import model_program
 from fastserve.artifacts.writer import ExportOptions, export_params
 from fastserve.workdir import load_model
 
@@ -107,12 +107,9 @@ def main() -> int:
     bandwidth = measure_bandwidth()
     bound_s = param_bytes / bandwidth
 
-    @jax.jit
-    def prefill_fn(params, tokens, lengths):
-        model = nnx.merge(graphdef, params)
-        return infer.prefill(model, tokens, lengths, model.init_cache(tokens.shape[0], cache_len))
-
-    decode_fn = jax.jit(lambda params, t, p, c: infer.decode(nnx.merge(graphdef, params), t, p, c), donate_argnums=3)
+    prefill_fn = model_program(graphdef, lambda model, tokens, lengths: infer.prefill(
+        model, tokens, lengths, model.init_cache(tokens.shape[0], cache_len)))
+    decode_fn = model_program(graphdef, infer.decode, donate_argnums=3)
 
     export_dir = tempfile.mkdtemp(prefix="fastserve-bench-decode-")
     export_params(loaded.model_cfg, params, loaded.tokenizer, export_dir,
@@ -129,8 +126,8 @@ def main() -> int:
             "inprocess": (lambda t, l: prefill_fn(params, t, l), lambda t, p, c: decode_fn(params, t, p, c)),
             "exported": (exported.prefill, exported.decode),
         }
-        gen = jax.jit(lambda params, t, l: infer.generate(
-            nnx.merge(graphdef, params), t, l, jax.random.key(0), max_new_tokens=new_tokens,
+        gen = model_program(graphdef, lambda model, t, l: infer.generate(
+            model, t, l, jax.random.key(0), max_new_tokens=new_tokens,
             temperature=jnp.zeros(b), top_k=jnp.zeros(b, jnp.int32), top_p=jnp.ones(b),
             stop_tokens=jnp.array([-1], jnp.int32)))
         for pf, dc in paths.values():

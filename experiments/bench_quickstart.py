@@ -27,7 +27,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     workdir = tempfile.mkdtemp(prefix="fastserve-quickstart-")
-    overrides = [f"train.workdir={workdir}", "log.progress=false", "train.samples=0"]
+    overrides = [f"train.workdir={workdir}", "log.progress=false", "train.task.samples=0"]
     if args.quick:
         overrides += ["train.steps=60", "train.eval_every=60"]
     load_start = os.getloadavg()[0]

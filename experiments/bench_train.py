@@ -83,7 +83,7 @@ class JaxBench:
         batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((BATCH, SEQ), np.float32)}
         self.batch = parallel.host_to_global(split_micro_batches(batch, 1), mesh, leading=1)
         t = time.perf_counter()
-        self.compiled = self.step.lower(self.state, self.batch).compile()
+        self.compiled = self.step.lower(self.state, self.batch, {}).compile()
         self.compile_s = time.perf_counter() - t
         self.losses: list[float] = []
 
@@ -91,7 +91,7 @@ class JaxBench:
         times = []
         for _ in range(n):
             t = time.perf_counter()
-            self.state, metrics = self.compiled(self.state, self.batch)
+            self.state, metrics = self.compiled(self.state, self.batch, {})
             self.jax.block_until_ready((self.state, metrics))
             times.append(time.perf_counter() - t)
             self.losses.append(float(metrics["loss_sum"]) / float(metrics["weight"]))

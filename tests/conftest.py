@@ -15,7 +15,7 @@ TINY = [
     "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=128",
     "model.max_seq_len=64", "tokenizer.vocab_size=400", "data.seq_len=32", "data.batch_size=8",
     "optimizer.learning_rate=3e-3", "optimizer.warmup_steps=2", "log.progress=false", "log.tensorboard=false",
-    "log.peak_flops=1e9", "log.every=1", "train.samples=0", "mesh.data=1",
+    "log.peak_flops=1e9", "log.every=1", "train.task.samples=0", "mesh.data=1",
 ]
 
 

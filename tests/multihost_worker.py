@@ -59,13 +59,14 @@ def main() -> int:
         jax.config.update("jax_num_cpu_devices", args.local_devices)  # before any array exists
 
     from fastserve.core import trainer as train_mod
+    from fastserve.data import text as text_data
     from fastserve.config import load_config
 
     cfg = load_config(None, args.overrides)
     t0 = time.perf_counter()
     report: dict = {"losses": [], "batches": []}
 
-    prepare_lm_data = train_mod.prepare_lm_data
+    prepare_lm_data = text_data.prepare_lm_data
 
     def recording_prepare_lm_data(c):
         t = time.perf_counter()
@@ -87,8 +88,8 @@ def main() -> int:
     def recording_make_train_step(*a, **kw):
         step_fn = make_train_step(*a, **kw)
 
-        def step(state, batch):
-            state, metrics = step_fn(state, batch)
+        def step(state, batch, task_state):
+            state, metrics = step_fn(state, batch, task_state)
             m = jax.device_get(metrics)  # train() fetches the same values right after; no extra sync point
             report.setdefault("first_step_seconds", time.perf_counter() - t0)
             report["losses"].append(float(m["loss_sum"]) / max(float(m["weight"]), 1e-9))
@@ -96,7 +97,7 @@ def main() -> int:
 
         return step
 
-    train_mod.prepare_lm_data = recording_prepare_lm_data
+    text_data.prepare_lm_data = recording_prepare_lm_data
     train_mod.make_train_step = recording_make_train_step
 
     results = train_mod.train(cfg)

@@ -59,7 +59,7 @@ def run(shape, restore_dir=None):
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((8, 16), np.float32)}
     losses = []
     for _ in range(3):
-        state, metrics = step(state, parallel.host_to_global(split_micro_batches(batch, 2), mesh, leading=1))
+        state, metrics = step(state, parallel.host_to_global(split_micro_batches(batch, 2), mesh, leading=1), {})
         losses.append(float(metrics["loss_sum"] / metrics["weight"]))
     spec = lambda x: [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
     # Sharded inference: greedy KV-cached generation over the same weights, and the cache's own sharding.

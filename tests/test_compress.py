@@ -21,7 +21,8 @@ from fastserve.core.state import abstract_model
 from fastserve.core.evaluator import evaluate
 from fastserve.artifacts.loader import load_exported
 from fastserve.artifacts.writer import main as export_main
-from fastserve.workdir import BPE_TOKENIZER_FILE, generate, load_model
+from fastserve.workdir import BPE_TOKENIZER_FILE, load_model
+from fastserve.generation.runner import generate
 from fastserve.generation.runner import main as generate_cli_main
 from fastserve.core.trainer import train
 from fastserve.transforms import apply_transforms

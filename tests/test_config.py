@@ -8,7 +8,10 @@ def test_defaults_and_quickstart_load():
     assert isinstance(load_config(None), Config)
     cfg = load_config("configs/quickstart.yaml", ["train.steps=50", "mesh.fsdp=2", "data.paths=[a.txt, b.txt]"])
     assert cfg.train.steps == 50 and cfg.mesh.fsdp == 2 and cfg.data.paths == ["a.txt", "b.txt"]
-    assert cfg.model.d_model == 256  # from the file
+    # from the file, where it differs from the defaults
+    assert (cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.max_seq_len) == (8, 4, 128)
+    assert (Config().model.n_heads, Config().model.max_seq_len) == (4, 2048)
+    assert cfg.train.workdir == "runs/quickstart" and cfg.train.eval_every == 50
 
 
 def test_override_values_get_yaml_types():
@@ -38,7 +41,7 @@ def test_wrong_type_names_key_and_expected_type():
         load_config(None, ["train.steps=many"])
     with pytest.raises(ConfigError, match=r"log\.progress: expected bool"):
         load_config(None, ["log.progress=3"])
-    with pytest.raises(ConfigError, match=r"model: expected a mapping"):
+    with pytest.raises(ConfigError, match=r"model: expected a model name or a mapping with 'name'"):
         load_config(None, ["model=5"])
 
 

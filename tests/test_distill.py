@@ -18,7 +18,9 @@ from fastserve.config import MeshConfig, ModelConfig, OptimizerConfig, SourceCon
 from fastserve.core.optim import make_optimizer
 from fastserve.core.state import create_train_state, init_params
 from fastserve.core.steps import make_eval_step, make_train_step
-from fastserve.tasks import Distillation, LanguageModeling, make_task
+from fastserve.config import ConfigError, load_config
+from fastserve.tasks.distill import DistillConfig
+from fastserve.tasks.lm import LanguageModeling
 from fastserve.workdir import load_model
 from fastserve.core.trainer import train
 
@@ -32,6 +34,13 @@ def _batch(b=2, t=12, seed=0):
     weights = np.ones((b, t), np.float32)
     weights[1, -3:] = 0.0  # padding: not counted
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
+
+
+def Distillation(teacher_graphdef, temperature, alpha):
+    """The distill task as `init_state` leaves it, for a teacher given here as (graphdef, variables)."""
+    task = DistillConfig(teacher="unused", temperature=temperature, alpha=alpha).build()
+    task.teacher_graphdef = teacher_graphdef
+    return task
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +63,7 @@ def test_kl_is_zero_when_student_equals_teacher(models):
     assert float(s_other["kl_sum"]) > 0.01 and float(loss_other) == pytest.approx(4.0 * float(s_other["kl_sum"]),
                                                                                    rel=1e-6)
     ce_only, _ = Distillation(graphdef, 2.0, alpha=0.0).loss(nnx.merge(graphdef, other), batch, None, teacher)
-    lm_loss, _ = LanguageModeling().loss(nnx.merge(graphdef, other), batch)
+    lm_loss, _ = LanguageModeling().loss(nnx.merge(graphdef, other), batch, None, {})
     assert float(ce_only) == pytest.approx(float(lm_loss), rel=1e-6)
     # the KL by hand, per token, weights respected
     t_logits = np.asarray(nnx.merge(graphdef, teacher)(batch["inputs"])[0], np.float64) / 2.0
@@ -63,11 +72,11 @@ def test_kl_is_zero_when_student_equals_teacher(models):
     log_q = s_logits - np.log(np.exp(s_logits).sum(-1, keepdims=True))
     kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)
     assert float(s_other["kl_sum"]) == pytest.approx(float((kl * batch["weights"]).sum()), rel=1e-4)
-    # without a teacher (fastserve.evaluate on a distilled work dir) it is the lm loss
-    plain, plain_sums = make_task("distill").loss(nnx.merge(graphdef, other), batch)
-    assert float(plain) == pytest.approx(float(lm_loss), rel=1e-6) and "kl_sum" not in plain_sums
-    with pytest.raises(ValueError, match="distill.alpha"):
-        Distillation(graphdef, 2.0, alpha=1.5)
+    # its options are checked when the config loads
+    with pytest.raises(ConfigError, match=r"train\.task\.alpha: must be in \[0, 1\]"):
+        load_config(None, ["train.task=distill", "train.task.teacher=runs/t", "train.task.alpha=1.5"])
+    with pytest.raises(ConfigError, match=r"train\.task\.teacher"):
+        load_config(None, ["train.task=distill"])
 
 
 def test_the_teacher_gets_no_gradient(models):
@@ -107,7 +116,7 @@ def test_teacher_params_are_jit_arguments(models):
     # and it runs: one step, the eval step takes the teacher too
     with jax.set_mesh(mesh):
         new_state, metrics = step(state, batch, teacher)
-        ev = make_eval_step(s_graphdef, task, shardings["params"], mesh, teacher_shardings)
+        ev = make_eval_step(s_graphdef, task, shardings["params"], mesh, teacher_shardings)  # no model state here
         sums = ev(new_state["params"], _batch(), teacher)
     assert math.isfinite(float(metrics["loss_sum"])) and float(sums["kl_sum"]) > 0
 
@@ -122,8 +131,8 @@ def test_distillation_from_a_trained_teacher_lowers_the_kl(tiny_config, tmp_path
                           f"train.workdir={tmp_path / 'teacher'}")
     train(teacher)
     # a smaller student, pure distillation (alpha=1), on the teacher's tokenizer (taken from its work dir)
-    student = tiny_config("train.task=distill", f"distill.teacher={tmp_path / 'teacher'}", "distill.alpha=1.0",
-                          "distill.temperature=2.0", "model.d_model=32", "model.d_ff=64", "train.steps=30",
+    student = tiny_config("train.task=distill", f"train.task.teacher={tmp_path / 'teacher'}", "train.task.alpha=1.0",
+                          "train.task.temperature=2.0", "model.d_model=32", "model.d_ff=64", "train.steps=30",
                           "train.eval_every=15", "checkpoint.every=30", "train.eval_batches=4",
                           f"train.workdir={tmp_path / 'student'}")
     teacher_before = load_model(dataclasses.replace(teacher, source=SourceConfig(path=teacher.train.workdir)))
@@ -151,7 +160,7 @@ def test_distillation_from_a_trained_teacher_lowers_the_kl(tiny_config, tmp_path
         assert got[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-5, abs=1e-6), step
     assert _records(parts.train.workdir, "eval")[30]["kl"] == pytest.approx(ev[30]["kl"], rel=1e-4)
     # a teacher of another vocabulary is refused by name
-    other = tiny_config("train.task=distill", f"distill.teacher={tmp_path / 'teacher'}", "model.vocab_size=512",
+    other = tiny_config("train.task=distill", f"train.task.teacher={tmp_path / 'teacher'}", "model.vocab_size=512",
                         "train.steps=1", f"train.workdir={tmp_path / 'bad'}")
     with pytest.raises(ValueError, match="vocabulary"):
         train(other)

@@ -58,7 +58,16 @@ def test_generate_cli_errors(trained, tmp_path, capsys):
     assert "no prompts" in capsys.readouterr().err
     assert generate_cli.main([f"--checkpoint={tmp_path}", "--prompt", "x"]) == 2
     assert "not a fastserve work dir" in capsys.readouterr().err
-    long_prompt = "word " * 200
+    # two distinct refusals, each read once (a second readouterr() would see an empty stream):
+    # prompt + max_new_tokens past the model's max_seq_len (64) ...
+    long_prompt = "word " * 200                     # ≥ 200 tokens
     assert generate_cli.main([f"--checkpoint={cfg.train.workdir}", "--prompt", long_prompt,
                               "generate.buckets=[16, 32]"]) == 2
-    assert "max_seq_len" in capsys.readouterr().err or "bucket" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: prompt 0 has" in err and "that exceeds the model's max_seq_len=64" in err, err
+    # ... and a prompt that fits the model but not the largest bucket
+    mid_prompt = "word " * 10                       # ~41 tokens (≈ 4 per word, + BOS): > 8, and + 8 new ≤ 64
+    assert generate_cli.main([f"--checkpoint={cfg.train.workdir}", "--prompt", mid_prompt,
+                              "generate.max_new_tokens=8", "generate.buckets=[8]"]) == 2
+    err = capsys.readouterr().err
+    assert "longer than the largest bucket (8)" in err and "max_seq_len" not in err, err

@@ -31,7 +31,7 @@ CONFIG = [
     "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
     "tokenizer.vocab_size=512",  # the pydoc corpus has 348 distinct characters: 300 pieces are too few
     "data.seq_len=32", "data.batch_size=4",
-    "train.steps=6", "train.eval_every=3", "train.eval_batches=2", "train.samples=0",
+    "train.steps=6", "train.eval_every=3", "train.eval_batches=2", "train.task.samples=0",
     "checkpoint.every=3", "log.every=1", "log.progress=false", "log.tensorboard=false",
     "log.peak_flops=1000000000.0",
     "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=1",

@@ -1,10 +1,12 @@
 """Optimizers and schedules from config: each optimizer trains, schedules have the promised shape."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
 from fastserve import parallel
-from fastserve.config import load_config
+from fastserve.config import ConfigError, load_config
 from fastserve.core.optim import OPTIMIZERS, make_optimizer, make_schedule
 from fastserve.core.state import create_train_state
 from fastserve.core.steps import make_train_step, split_micro_batches
@@ -21,8 +23,10 @@ def test_warmup_then_cosine_and_linear_decay():
     linear = make_schedule(load_config(None, ["optimizer.learning_rate=1.0", "optimizer.warmup_steps=10",
                                               "optimizer.schedule=linear"]).optimizer, 110)
     assert float(linear(60)) == pytest.approx(0.55) and float(linear(110)) == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="unknown optimizer.schedule 'cosin'"):
-        make_schedule(load_config(None, ["optimizer.schedule=cosin"]).optimizer, 10)
+    with pytest.raises(ConfigError, match="optimizer.schedule: unknown schedule 'cosin'; did you mean 'cosine'"):
+        load_config(None, ["optimizer.schedule=cosin"])
+    with pytest.raises(ValueError, match="unknown optimizer.schedule 'cosin'"):  # built from code, not a config
+        make_schedule(dataclasses.replace(load_config(None).optimizer, schedule="cosin"), 10)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -39,11 +43,13 @@ def test_every_optimizer_lowers_the_loss(name):
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((4, 16), np.float32)}
     losses = []
     for _ in range(6):
-        state, m = step(state, parallel.host_to_global(split_micro_batches(batch, 1), mesh, leading=1))
+        state, m = step(state, parallel.host_to_global(split_micro_batches(batch, 1), mesh, leading=1), {})
         losses.append(float(m["loss_sum"] / m["weight"]))
     assert losses[-1] < losses[0] - 0.05, losses
 
 
 def test_unknown_optimizer_is_named():
-    with pytest.raises(ValueError, match="unknown optimizer.name 'adamx'.*adamw"):
-        make_optimizer(load_config(None, ["optimizer.name=adamx"]).optimizer, 10)
+    with pytest.raises(ConfigError, match="optimizer.name: unknown optimizer 'adamx'.*adamw"):
+        load_config(None, ["optimizer.name=adamx"])
+    with pytest.raises(ValueError, match="unknown optimizer.name 'adamx'.*adamw"):  # built from code
+        make_optimizer(dataclasses.replace(load_config(None).optimizer, name="adamx"), 10)

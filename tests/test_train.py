@@ -1,6 +1,7 @@
 """Training end to end on a tiny config: loss falls, resume equals an uninterrupted run, failures keep checkpoints."""
 import json
 import math
+import dataclasses
 import os
 import signal
 import subprocess
@@ -59,12 +60,19 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tiny_config):
     steps = ckpt.all_steps()
     assert steps, "the steps before the NaN were saved"
     import jax
-    from fastserve.core.setup import prepare_state, with_vocab
-    from fastserve.data import Tokenizer
-    cfg = with_vocab(cfg, Tokenizer.from_file(os.path.join(cfg.train.workdir, "tokenizer.model")))
+    from fastserve.core.setup import prepare_state
+    cfg = trained_config(cfg)
     setup = prepare_state(cfg)
     assert setup.start_step == steps[-1]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(setup.state["params"]))
+
+
+def trained_config(cfg):
+    """The config as the trainer completed it (vocab_size from the work dir's tokenizer)."""
+    from fastserve.data import Tokenizer
+    from fastserve.data.dataset import fill_model_config
+    vocab = Tokenizer.from_file(os.path.join(cfg.train.workdir, "tokenizer.model")).vocab_size
+    return dataclasses.replace(cfg, model=fill_model_config(cfg.model, {"vocab_size": vocab}))
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_config, caplog):
@@ -78,9 +86,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_config, caplo
             if not name.startswith("_CHECKPOINT_METADATA"):
                 with open(os.path.join(root, name), "r+b") as f:
                     f.truncate(7)
-    from fastserve.core.setup import prepare_state, with_vocab
-    from fastserve.data import Tokenizer
-    cfg = with_vocab(cfg, Tokenizer.from_file(os.path.join(cfg.train.workdir, "tokenizer.model")))
+    from fastserve.core.setup import prepare_state
+    cfg = trained_config(cfg)
     with caplog.at_level("WARNING"):
         setup = prepare_state(cfg)
     assert setup.start_step == 2

@@ -126,7 +126,7 @@ def test_factorized_model_shards_on_the_rank_axis_and_trains(base):
     step = make_train_step(graphdef, make_task("lm"), tx, schedule, shardings, mesh)
     batch = {"inputs": TOKENS[None], "targets": jnp.roll(TOKENS, -1, axis=1)[None],
              "weights": jnp.ones((1,) + TOKENS.shape, jnp.float32)}
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, {})
     assert math.isfinite(float(metrics["loss_sum"])) and float(metrics["grad_norm"]) > 0
     for name in ("u", "v"):
         before = np.asarray(new["layers"][0]["mlp"]["gate"][name])

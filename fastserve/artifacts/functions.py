@@ -2,7 +2,7 @@
 which (kind, bucket, batch size) to export with which argument specs, and each one's manifest entry."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -11,19 +11,7 @@ from flax import nnx
 
 from fastserve.generation import decoding as infer
 
-if TYPE_CHECKING:
-    from fastserve.artifacts.writer import ExportOptions
-
-FUNCTION_KINDS = ("prefill", "decode", "generate")
-FUNCTION_DOCS = {
-    "prefill": "right-padded prompts and their true lengths -> logits after each row's last prompt token, and a "
-               "fresh KV cache of max_cache_len positions holding the prompt",
-    "decode": "one token per row at its absolute position -> next-token logits and the updated KV cache",
-    "generate": "prefill + a while_loop of sampled decode steps; per-row temperature (0: greedy), top_k (0: off), "
-                "top_p (1: off), max_new (capped by max_new_tokens and max_seq_len - length); stop_tokens padded "
-                "with -1; tokens after a row ends are -1, counts include the stop token",
-}
-
+from fastserve.artifacts.options import FUNCTION_DOCS, ExportOptions
 
 def _dim(d: Any) -> int | str:
     return int(d) if isinstance(d, (int, np.integer)) else str(d)
@@ -60,7 +48,7 @@ def build_functions(graphdef: nnx.GraphDef, treedef: Any, opts: ExportOptions, m
     return {"prefill": prefill, "decode": decode, "generate": generate}
 
 
-def _batch_variants(sizes: Sequence[int]) -> list[tuple[Any, str]]:
+def batch_variants(sizes: Sequence[int]) -> list[tuple[Any, str]]:
     """[(batch dim, name suffix)]: a symbolic "b" when no fixed sizes are given."""
     if not sizes:
         (b,) = jax.export.symbolic_shape("b")
@@ -79,18 +67,18 @@ def plan_exports(opts: ExportOptions, leaf_specs: list[Any], cache_spec: Callabl
     sds = jax.ShapeDtypeStruct
     plan: list[tuple[str, str, int | None, Any, tuple, list[str], list[str]]] = []
     if "prefill" in opts.functions:
-        for b, suffix in _batch_variants(opts.batch_sizes):
+        for b, suffix in batch_variants(opts.batch_sizes):
             for t in opts.buckets:
                 plan.append((f"prefill_{t}{suffix}", "prefill", t, b,
                              (leaf_specs, sds((b, t), i32), sds((b,), i32)),
                              ["tokens", "lengths"], ["logits", "cache"]))
     if "decode" in opts.functions:
-        for b, suffix in _batch_variants(opts.batch_sizes):
+        for b, suffix in batch_variants(opts.batch_sizes):
             plan.append((f"decode{suffix}", "decode", None, b,
                          (leaf_specs, sds((b,), i32), sds((b,), i32), cache_spec(b)),
                          ["tokens", "positions", "cache"], ["logits", "cache"]))
     if "generate" in opts.functions:
-        for b, suffix in _batch_variants(opts.generate_batch_sizes):
+        for b, suffix in batch_variants(opts.generate_batch_sizes):
             for t in opts.buckets:
                 plan.append((f"generate_{t}{suffix}", "generate", t, b,
                              (leaf_specs, sds((b, t), i32), sds((b,), i32), sds((), jnp.uint32), sds((b,), f32),

@@ -31,8 +31,11 @@ SAFETENSORS_DTYPES = {
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
     "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
 }
-_REQUIRED_KEYS = ("format_version", "platforms", "buckets", "functions", "params", "tokenizer", "files",
-                  "max_new_tokens", "max_stop_tokens", "max_cache_len", "max_seq_len", "cache")
+_REQUIRED_KEYS = {  # by the export's capability
+    "causal_lm": ("format_version", "platforms", "buckets", "functions", "params", "tokenizer", "files",
+                  "max_new_tokens", "max_stop_tokens", "max_cache_len", "max_seq_len", "cache"),
+    "forward": ("format_version", "platforms", "functions", "params", "files", "inputs"),
+}
 
 
 class ExportIntegrityError(ValueError):
@@ -71,7 +74,8 @@ def read_manifest(directory: str, verify: bool = True) -> dict[str, Any]:
         raise ExportIntegrityError(f"{path}: unreadable manifest ({e})") from None
     if not isinstance(manifest, dict):
         raise ExportIntegrityError(f"{path}: the manifest must be a JSON object")
-    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
+    missing = [k for k in _REQUIRED_KEYS.get(manifest.get("capability", "causal_lm"), ("capability",))
+               if k not in manifest]
     if missing:
         raise ExportIntegrityError(f"{path}: manifest lacks {missing}")
     version = manifest["format_version"]
@@ -79,7 +83,7 @@ def read_manifest(directory: str, verify: bool = True) -> dict[str, Any]:
         raise ExportIntegrityError(f"{path}: format_version {version} is not supported by this loader "
                                    f"(it reads version {FORMAT_VERSION}); re-export or update fastserve")
     files = manifest["files"]
-    referenced = [manifest["params"]["file"], manifest["tokenizer"]["file"]]
+    referenced = [manifest["params"]["file"]] + ([manifest["tokenizer"]["file"]] if "tokenizer" in manifest else [])
     referenced += [fn["file"] for fn in manifest["functions"].values()]
     unlisted = [f for f in referenced if f not in files]
     if unlisted:
@@ -347,8 +351,9 @@ class ExportedModel:
                 f"functions={self.functions})")
 
 
-def load_exported(directory: str, platform: str | None = None, *, verify: bool = True) -> ExportedModel:
-    """Loads an export made by `fastserve.export`, checking its manifest and (with `verify`) every file's sha256.
+def load_exported(directory: str, platform: str | None = None, *, verify: bool = True) -> Any:
+    """Loads an export made by `fastserve.export`, checking its manifest and (with `verify`) every file's sha256:
+    an `ExportedModel` (causal LMs: prefill / decode / generate) or an `ExportedForward` (forward models).
 
     `platform`: "cpu", "cuda", "rocm" or "tpu" (default: this machine's default backend); it must be one the
     export was made for, and a device of it must be present.
@@ -376,8 +381,11 @@ def load_exported(directory: str, platform: str | None = None, *, verify: bool =
     p = manifest["params"]
     weights = load_weights(os.path.join(directory, p["file"]), p["names"], p.get("shapes"), p.get("dtypes"))
     params = [jax.device_put(w, device) for w in weights]
-    tokenizer = load_tokenizer(os.path.join(directory, manifest["tokenizer"]["file"]),
-                               manifest["tokenizer"].get("kind", "sentencepiece"))
+    tok = manifest.get("tokenizer")
+    tokenizer = load_tokenizer(os.path.join(directory, tok["file"]), tok.get("kind", "sentencepiece")) if tok else None
+    if manifest.get("capability") == "forward":  # encoders, classifiers, CNNs
+        from fastserve.artifacts.forward_runtime import ExportedForward
+        return ExportedForward(directory, manifest, platform, device, params, exported, tokenizer)
     return ExportedModel(directory, manifest, platform, device, params, exported, tokenizer)
 
 

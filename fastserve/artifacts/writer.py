@@ -30,7 +30,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import jax
@@ -40,69 +39,19 @@ from flax import nnx
 
 from fastserve import cli
 from fastserve.core.checkpoint import CheckpointError
-from fastserve.config import Config, ConfigError, ModelConfig, load_config
+from fastserve.config import Config, ConfigError, load_config
 from fastserve.core.state import abstract_model
 from fastserve.data.tokenizer import Tokenizer
-from fastserve.artifacts.functions import FUNCTION_KINDS, build_functions, describe, export_one, plan_exports
+from fastserve.artifacts.functions import batch_variants, build_functions, describe, export_one, plan_exports
+from fastserve.artifacts.options import ExportError, ExportOptions
+from fastserve.models import build_model
+from fastserve.models import capabilities as caps
+from fastserve.models.capabilities import capability
 from fastserve.artifacts.loader import (EXPORTED_SUFFIX, FORMAT_VERSION, MANIFEST_FILE, SAFETENSORS_DTYPES,
                                 WEIGHTS_FILE, sha256_file)
-from fastserve.models.layers import dtype_of
 
 log = logging.getLogger("fastserve.export")
 
-KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
-
-
-class ExportError(ValueError):
-    """Export options, parameters or a checkpoint that cannot be exported as asked."""
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """What gets exported. Empty batch-size tuples mean a symbolic batch dimension (any size)."""
-
-    platforms: tuple[str, ...] = ("cpu", "cuda", "tpu")
-    buckets: tuple[int, ...] = (32, 64, 128, 256)   # prompt lengths; those above max_cache_len are dropped
-    batch_sizes: tuple[int, ...] = ()               # prefill/decode: () → symbolic "b"; else one export per size
-    generate_batch_sizes: tuple[int, ...] = ()      # generate: () → symbolic "b"; else one export per size
-    max_cache_len: int = 0                          # KV positions of prefill/decode caches; 0 → model.max_seq_len
-    max_new_tokens: int = 128                       # length of the generate loop (callers may ask for fewer per row)
-    max_stop_tokens: int = 4                        # stop-token slots of generate (padded with -1)
-    functions: tuple[str, ...] = FUNCTION_KINDS     # a subset of prefill / decode / generate
-
-    def resolve(self, model_cfg: ModelConfig) -> ExportOptions:
-        """Checks every field and returns the options with defaults filled in and buckets capped."""
-        platforms = tuple(dict.fromkeys(p.strip().lower() for p in self.platforms if p.strip()))
-        if not platforms:
-            raise ExportError("export.platforms: at least one platform is required")
-        bad = [p for p in platforms if p not in KNOWN_PLATFORMS]
-        if bad:
-            raise ExportError(f"export.platforms: unknown platform(s) {bad} (choose from {', '.join(KNOWN_PLATFORMS)})")
-        functions = tuple(dict.fromkeys(self.functions))
-        bad = [f for f in functions if f not in FUNCTION_KINDS]
-        if bad or not functions:
-            raise ExportError(f"export.functions: {bad or 'empty'} (choose from {', '.join(FUNCTION_KINDS)})")
-        max_cache = self.max_cache_len or model_cfg.max_seq_len
-        if max_cache <= 0:
-            raise ExportError(f"export.max_cache_len={self.max_cache_len}: must be positive (or 0 for model.max_seq_len)")
-        if max_cache > model_cfg.max_seq_len:
-            raise ExportError(f"export.max_cache_len={max_cache} exceeds model.max_seq_len={model_cfg.max_seq_len}")
-        for name in ("buckets", "batch_sizes", "generate_batch_sizes"):
-            vals = getattr(self, name)
-            if any((not isinstance(v, (int, np.integer))) or isinstance(v, bool) or v <= 0 for v in vals):
-                raise ExportError(f"export.{name}={list(vals)}: every entry must be a positive integer")
-        buckets = tuple(sorted({int(b) for b in self.buckets if b <= max_cache}))
-        if not buckets:
-            raise ExportError(f"export.buckets={list(self.buckets)}: none fits max_cache_len={max_cache} "
-                              f"(model.max_seq_len={model_cfg.max_seq_len})")
-        if self.max_new_tokens <= 0:
-            raise ExportError(f"export.max_new_tokens={self.max_new_tokens}: must be positive")
-        if self.max_stop_tokens <= 0:
-            raise ExportError(f"export.max_stop_tokens={self.max_stop_tokens}: must be positive")
-        return dataclasses.replace(
-            self, platforms=platforms, functions=functions, max_cache_len=max_cache, buckets=buckets,
-            batch_sizes=tuple(sorted({int(b) for b in self.batch_sizes})),
-            generate_batch_sizes=tuple(sorted({int(b) for b in self.generate_batch_sizes})))
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -148,62 +97,52 @@ def _check_params(params: Any, abstract: Any) -> None:
 
 # --------------------------------------------------------------------------------------------- the export
 
-def export_params(model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, out_dir: str,
+def model_capability(model_cfg: Any) -> tuple[str, Any, Any]:
+    """(capability, graphdef, abstract module) of a model config, without allocating any weight."""
+    model = nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0)))
+    return capability(model_cfg, model), nnx.graphdef(model), model
+
+
+def export_params(model_cfg: Any, params: Any, tokenizer: Tokenizer | None, out_dir: str,
                   options: ExportOptions = ExportOptions(), *, source: dict[str, Any] | None = None
                   ) -> dict[str, Any]:
-    """Exports the model described by `model_cfg` with `params` (a pure nested dict) into `out_dir`.
+    """Exports the model described by `model_cfg` with `params` (its variables: a pure nested dict) into `out_dir`,
+    with the serving functions its capability allows (fastserve.models.capabilities).
 
     Returns the manifest (also written to `out_dir/manifest.json`, last, so a half-written export has none).
     """
-    if model_cfg.name != "decoder":
-        raise ExportError(f"model.name '{model_cfg.name}': only decoder LMs have serving functions to export")
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ExportError(f"tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size={model_cfg.vocab_size}")
-    opts = options.resolve(model_cfg)
+    kind, _, model = model_capability(model_cfg)
+    opts = options.resolve(model_cfg, kind)
     if isinstance(params, nnx.State):
         params = nnx.to_pure_dict(params)
+    if kind == "forward":
+        return export_forward(model_cfg, params, tokenizer, out_dir, opts, source=source)
+    if tokenizer is None or tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ExportError(f"tokenizer has {getattr(tokenizer, 'vocab_size', 'no')} pieces but model.vocab_size="
+                          f"{model_cfg.vocab_size}")
     graphdef, abstract, _ = abstract_model(model_cfg)
     _check_params(params, abstract)
     leaves, treedef = jax.tree.flatten(params)
-    names = param_names(params)
     leaf_specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
     fns = build_functions(graphdef, treedef, opts, model_cfg.max_seq_len)
-    n_layers = model_cfg.n_layers
-    kv_heads = model_cfg.n_kv_heads or model_cfg.n_heads
-    head_dim = model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
-    cache_dtype = np.dtype(dtype_of(model_cfg.dtype))
 
-    def cache_spec(b):
-        a = jax.ShapeDtypeStruct((b, opts.max_cache_len, kv_heads, head_dim), cache_dtype)
-        return [{"k": a, "v": a} for _ in range(n_layers)]
+    def cache_spec(b):  # the model's own cache layout (a list of {"k", "v"} per layer for the decoder)
+        return caps.cache_spec(model, b, opts.max_cache_len)
+
+    n_layers = len(cache_spec(1))
+    one = cache_spec(1)[0]["k"]
+    kv_heads, head_dim, cache_dtype = one.shape[2], one.shape[3], np.dtype(one.dtype)
 
     plan = plan_exports(opts, leaf_specs, cache_spec)
 
-    os.makedirs(out_dir, exist_ok=True)
-    manifest_path = os.path.join(out_dir, MANIFEST_FILE)
-    if os.path.exists(manifest_path):
-        os.unlink(manifest_path)  # an interrupted re-export must not leave the old manifest vouching for new files
-    for stale in os.listdir(out_dir):  # functions of an earlier export into the same directory
-        if stale.endswith(EXPORTED_SUFFIX):
-            os.unlink(os.path.join(out_dir, stale))
-    functions: dict[str, Any] = {}
-    for name, kind, bucket, b, args, arg_names, result_names in plan:
-        t0 = time.perf_counter()
-        exp = export_one(fns[kind], args, opts.platforms)
-        blob = exp.serialize()
-        fname = name + EXPORTED_SUFFIX
-        with open(os.path.join(out_dir, fname), "wb") as f:
-            f.write(blob)
-        functions[name] = describe(exp, fname, kind, bucket, b, len(leaves), arg_names, result_names, n_layers)
-        log.info("exported %s (%d bytes, %.1f s)", fname, len(blob), time.perf_counter() - t0)
-
-    save_weights(os.path.join(out_dir, WEIGHTS_FILE), names, leaves)
-    tok_kind, tok_file, tok_bytes = tokenizer.export_file()
-    with open(os.path.join(out_dir, tok_file), "wb") as f:
-        f.write(tok_bytes)
-
-    files = [WEIGHTS_FILE, tok_file] + [fn["file"] for fn in functions.values()]
+    manifest_path = _prepare_dir(out_dir)
+    functions = {name: _write_function(out_dir, fns[kind], args, opts.platforms, name, kind, bucket, b, len(leaves),
+                                       arg_names, result_names, n_layers)
+                 for name, kind, bucket, b, args, arg_names, result_names in plan}
+    save_weights(os.path.join(out_dir, WEIGHTS_FILE), param_names(params), leaves)
+    tok_file = _write_tokenizer(out_dir, tokenizer)
     manifest = {
+        "capability": "causal_lm",
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "jax_version": jax.__version__,
@@ -223,26 +162,101 @@ def export_params(model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, out
             "layers": n_layers, "shape": ["b", opts.max_cache_len, kv_heads, head_dim],
             "dtype": str(cache_dtype),
         },
-        "params": {
-            "file": WEIGHTS_FILE,
-            "order": "every function takes the weights as its first argument: a list of arrays in this order",
-            "names": names,
-            "shapes": [list(map(int, x.shape)) for x in leaves],
-            "dtypes": [str(np.dtype(x.dtype)) for x in leaves],
-            "num_leaves": len(leaves),
-            "num_parameters": int(sum(int(np.prod(x.shape)) for x in leaves)),
-        },
-        "tokenizer": {
-            "file": tok_file, "kind": tok_kind, "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id,
-            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "add_bos": bool(tokenizer.add_bos),
-            "stop_ids": [int(i) for i in tokenizer.stop_ids],
-            "chat_template": getattr(tokenizer, "chat_template", None),
-        },
+        "params": _params_entry(params, leaves),
+        "tokenizer": _tokenizer_entry(tokenizer, tok_file),
         "functions": functions,
         "source": source or {},
-        "files": {f: {"sha256": sha256_file(os.path.join(out_dir, f)), "bytes": os.path.getsize(os.path.join(out_dir, f))}
-                  for f in files},
     }
+    return _finish(out_dir, manifest_path, manifest, [WEIGHTS_FILE, tok_file])
+
+
+def export_forward(model_cfg: Any, params: Any, tokenizer: Tokenizer | None, out_dir: str, opts: ExportOptions, *,
+                   source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A `forward_{b}` function per batch variant: (params..., the model's inputs) → its outputs, in eval mode.
+    The inputs are what `model_cfg.forward_inputs(batch)` names (e.g. tokens + mask, or images)."""
+    graphdef, abstract, _ = abstract_model(model_cfg)
+    _check_params(params, abstract)
+    leaves, treedef = jax.tree.flatten(params)
+    leaf_specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+    manifest_path = _prepare_dir(out_dir)
+    functions, inputs = {}, {}
+    for b, suffix in batch_variants(opts.batch_sizes):
+        specs = model_cfg.forward_inputs(b)
+        input_names = list(specs)
+
+        def forward(leaves, *args, input_names=input_names):
+            model = nnx.merge(graphdef, jax.tree.unflatten(treedef, list(leaves)))
+            named = dict(zip(input_names[1:], args[1:]))
+            return model(args[0], **named)
+
+        name = f"forward{suffix}"
+        functions[name] = _write_function(out_dir, forward, (leaf_specs, *specs.values()), opts.platforms, name,
+                                          "forward", None, b, len(leaves), input_names, ["outputs"], 0)
+        inputs = {k: {"shape": [str(d) for d in v.shape], "dtype": str(np.dtype(v.dtype))} for k, v in specs.items()}
+    save_weights(os.path.join(out_dir, WEIGHTS_FILE), param_names(params), leaves)
+    files = [WEIGHTS_FILE]
+    manifest = {"capability": "forward", "format_version": FORMAT_VERSION,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "jax_version": jax.__version__,
+                "platforms": list(opts.platforms), "model": dataclasses.asdict(model_cfg), "inputs": inputs,
+                "batch": {"forward": list(opts.batch_sizes) or "symbolic"}, "params": _params_entry(params, leaves),
+                "functions": functions, "source": source or {}}
+    if tokenizer is not None:
+        tok_file = _write_tokenizer(out_dir, tokenizer)
+        manifest["tokenizer"] = _tokenizer_entry(tokenizer, tok_file)
+        files.append(tok_file)
+    return _finish(out_dir, manifest_path, manifest, files)
+
+
+def _params_entry(params: Any, leaves: list[Any]) -> dict[str, Any]:
+    return {"file": WEIGHTS_FILE,
+            "order": "every function takes the weights as its first argument: a list of arrays in this order",
+            "names": param_names(params), "shapes": [list(map(int, x.shape)) for x in leaves],
+            "dtypes": [str(np.dtype(x.dtype)) for x in leaves], "num_leaves": len(leaves),
+            "num_parameters": int(sum(int(np.prod(x.shape)) for x in leaves))}
+
+
+def _prepare_dir(out_dir: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    manifest_path = os.path.join(out_dir, MANIFEST_FILE)
+    if os.path.exists(manifest_path):
+        os.unlink(manifest_path)  # an interrupted re-export must not leave the old manifest vouching for new files
+    for stale in os.listdir(out_dir):  # functions of an earlier export into the same directory
+        if stale.endswith(EXPORTED_SUFFIX):
+            os.unlink(os.path.join(out_dir, stale))
+    return manifest_path
+
+
+def _write_function(out_dir, fn, args, platforms, name, kind, bucket, b, n_leaves, arg_names, result_names,
+                    n_layers) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    exp = export_one(fn, args, platforms)
+    blob = exp.serialize()
+    fname = name + EXPORTED_SUFFIX
+    with open(os.path.join(out_dir, fname), "wb") as f:
+        f.write(blob)
+    log.info("exported %s (%d bytes, %.1f s)", fname, len(blob), time.perf_counter() - t0)
+    return describe(exp, fname, kind, bucket, b, n_leaves, arg_names, result_names, n_layers)
+
+
+def _write_tokenizer(out_dir: str, tokenizer: Any) -> str:
+    _, tok_file, tok_bytes = tokenizer.export_file()
+    with open(os.path.join(out_dir, tok_file), "wb") as f:
+        f.write(tok_bytes)
+    return tok_file
+
+
+def _tokenizer_entry(tokenizer: Any, tok_file: str) -> dict[str, Any]:
+    return {"file": tok_file, "kind": tokenizer.export_file()[0], "vocab_size": tokenizer.vocab_size,
+            "pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
+            "add_bos": bool(tokenizer.add_bos), "stop_ids": [int(i) for i in tokenizer.stop_ids],
+            "chat_template": getattr(tokenizer, "chat_template", None)}
+
+
+def _finish(out_dir: str, manifest_path: str, manifest: dict[str, Any], files: list[str]) -> dict[str, Any]:
+    """Hashes every file into the manifest and writes it last (atomically): a half-written export has none."""
+    files = files + [fn["file"] for fn in manifest["functions"].values()]
+    manifest["files"] = {f: {"sha256": sha256_file(os.path.join(out_dir, f)),
+                             "bytes": os.path.getsize(os.path.join(out_dir, f))} for f in files}
     _atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
@@ -279,8 +293,8 @@ def export_from_config(cfg: Config, out_dir: str | None = None, options: ExportO
 
     options = options or options_from_config(cfg.export)
     out_dir = out_dir or cfg.export.out
-    if cfg.source.kind == "checkpoint" and cfg.model.vocab_size:
-        options.resolve(cfg.model)  # bad options fail before the (possibly long) restore
+    if cfg.source.kind == "checkpoint" and cfg.model.vocab_size:  # bad options fail before the (long) restore
+        options.resolve(cfg.model, model_capability(cfg.model)[0])
     loaded = load_model(cfg)
     source = {"kind": cfg.source.kind, "path": os.path.abspath(cfg.source.path or cfg.train.workdir),
               "step": loaded.step}

@@ -15,29 +15,31 @@ from fastserve.core.checkpoint import CheckpointError
 from fastserve.config import Config, SourceConfig
 from fastserve.core.steps import make_eval_step
 from fastserve.tasks import make_task
-from fastserve.core.setup import prepare_lm_data, with_vocab
 from fastserve.core.trainer import evaluate_params
 
 
 def evaluate(cfg: Config) -> dict[str, Any]:
-    """Held-out metrics of the newest readable checkpoint in `cfg.train.workdir`.
+    """Held-out metrics of the newest readable checkpoint in `cfg.train.workdir`, by the config's task (with its
+    options: a distillation task loads its teacher and reports the KL too).
 
-    Restores the params only (no optimizer state), so a work dir written by `fastserve.compress` scores too: its
-    step-0 checkpoint, and int8 (inference-only) models. A distilled work dir is scored as plain language modeling.
+    Restores the model's variables only (no optimizer state), so a work dir written by `fastserve.compress` scores
+    too: its step-0 checkpoint, and int8 (inference-only) models.
     """
     from fastserve.workdir import load_model
 
-    data = prepare_lm_data(cfg)
-    cfg = with_vocab(cfg, data.tokenizer)
-    if not data.eval:
-        raise ValueError("data.eval_fraction is 0: there is no held-out split to evaluate on")
+    task = make_task(cfg.train.task)
+    cfg = task.configure(cfg)
     workdir = cfg.train.workdir
     if not os.path.isfile(os.path.join(workdir, "config.yaml")):
         raise CheckpointError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first")
+    data = cfg.data.load(cfg)
+    if not data.eval:
+        raise ValueError("there is no held-out split to evaluate on (data.eval_fraction is 0?)")
     loaded = load_model(dataclasses.replace(cfg, source=SourceConfig(kind="checkpoint", path=workdir)))
-    task = make_task(cfg.train.task)
-    eval_step = make_eval_step(loaded.graphdef, task, jax.tree.map(lambda x: x.sharding, loaded.params), loaded.mesh)
-    metrics = evaluate_params(eval_step, loaded.params, data.eval, task, loaded.mesh)
+    task_state, task_shardings = task.init_state(dataclasses.replace(cfg, model=loaded.model_cfg), loaded.mesh)
+    eval_step = make_eval_step(loaded.graphdef, task, jax.tree.map(lambda x: x.sharding, loaded.params), loaded.mesh,
+                               task_shardings)
+    metrics = evaluate_params(eval_step, loaded.params, data.eval, task, loaded.mesh, task_state)
     return {"step": loaded.step, **metrics}
 
 

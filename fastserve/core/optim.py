@@ -6,8 +6,7 @@ from typing import Any
 import jax
 import optax
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "adafactor")
-SCHEDULES = ("cosine", "linear", "constant")
+from fastserve.config import OPTIMIZERS, SCHEDULES  # the names a config may use (checked when it loads)
 
 
 def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:

@@ -1,9 +1,8 @@
 """Training, run by `python -m fastserve.train --config configs/quickstart.yaml [key=value ...]`.
 
-Reads top to bottom: data → mesh and state (resuming the work dir's latest checkpoint) → compiled steps → the loop
-(train, log, evaluate, checkpoint; stop cleanly on SIGTERM/Ctrl-C, refuse to go on after a NaN) → final samples.
-`train.task: distill` also loads the teacher work dir (`distill.teacher`) onto the same mesh; its params are an
-argument of the compiled steps (the task's `task_state`).
+Reads top to bottom, for every model family and task: task → data → mesh and state (resuming the work dir's latest
+checkpoint) → the task's state → compiled steps → the loop (train, log, evaluate, checkpoint; stop cleanly on
+SIGTERM/Ctrl-C, refuse to go on after a NaN) → what the task shows at the end.
 """
 from __future__ import annotations
 
@@ -18,19 +17,17 @@ import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from fastserve import cli, parallel
-from fastserve.config import Config, SourceConfig, dump_config
-from fastserve.generation import decoding as infer
-from fastserve.core.steps import make_eval_step, make_train_step, split_micro_batches
-from fastserve.tasks import make_task
-from fastserve.models import count_flops_per_token
+from fastserve.config import Config, dump_config
 from fastserve.core.monitor import Monitor
 from fastserve.core.perf import measure_matmul_peak
-from fastserve.core.setup import prepare_lm_data, prepare_state, with_vocab
+from fastserve.core.setup import prepare_state
+from fastserve.core.state import merge_trees
+from fastserve.core.steps import make_eval_step, make_train_step, split_micro_batches
+from fastserve.data.dataset import fill_model_config
+from fastserve.tasks import make_task
 
 log = logging.getLogger("fastserve.train")
 
@@ -62,78 +59,18 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def evaluate_params(eval_step, params, batches, task, mesh, task_state=None) -> dict[str, float]:
-    """Metric sums over every held-out batch, summarized by the task (loss, perplexity, accuracy)."""
-    total: dict[str, float] = {}
-    extra = () if task_state is None else (task_state,)
+def evaluate_params(eval_step, variables, batches, task, mesh, task_state) -> dict[str, float]:
+    """Metric sums over every held-out batch, summarized by the task."""
+    total: dict[str, Any] = {}
     for batch in batches:
-        sums = jax.device_get(eval_step(params, parallel.host_to_global(batch, mesh), *extra))
-        for k, v in sums.items():
-            total[k] = total.get(k, 0.0) + float(v)
+        sums = jax.device_get(eval_step(variables, parallel.host_to_global(batch, mesh), task_state))
+        for k, v in sums.items():  # float64 on the host: long evaluations add up exactly enough
+            total[k] = total.get(k, 0.0) + np.asarray(v, np.float64)
     return task.summarize(total) if total else {}
 
 
-def sample_continuations(graphdef, params, tokenizer, texts: list[str], mesh, n: int, max_new: int,
-                         temperature: float, seed: int) -> list[tuple[str, str]]:
-    """A few continuations of held-out text openings: a human-readable check of what the model learned."""
-    prompts = [p for p in (tokenizer.encode(t)[:12] for t in texts) if p][:n]
-    if not prompts:
-        return []
-    if tokenizer.bos_id >= 0:
-        prompts = [[tokenizer.bos_id] + p for p in prompts]
-    tokens, lengths = infer.pad_prompts(prompts, pad_id=max(tokenizer.pad_id, 0))
-    b = len(prompts)
-    stop = np.array([tokenizer.eos_id], np.int32)
-
-    @jax.jit
-    def run(params, tokens, lengths, rng):
-        model = nnx.merge(graphdef, params)
-        return infer.generate(model, tokens, lengths, rng, max_new_tokens=max_new,
-                              temperature=jnp.full((b,), temperature), top_k=jnp.full((b,), 40, jnp.int32),
-                              top_p=jnp.full((b,), 0.95), stop_tokens=stop)
-
-    rep = parallel.replicated(mesh)
-    args = [jax.make_array_from_process_local_data(rep, x) for x in (tokens, lengths)]
-    with jax.set_mesh(mesh):
-        out, count = jax.device_get(run(params, *args, jax.random.key(seed)))
-    results = []
-    for p, row, c in zip(prompts, out, count):
-        p = [t for t in p if t != tokenizer.bos_id]
-        results.append((tokenizer.decode(p), tokenizer.decode([int(t) for t in row[:c] if t != tokenizer.eos_id])))
-    return results
-
-
-def _check_trainable_workdir(cfg: Config) -> Config:
-    """Refuses work dirs the data pipeline cannot feed; a distilled student shares the teacher's tokenizer."""
-    from fastserve.workdir import BPE_TOKENIZER_FILE
-
-    if os.path.isfile(os.path.join(cfg.train.workdir, BPE_TOKENIZER_FILE)):
-        raise ValueError(f"{cfg.train.workdir} holds an imported byte-level BPE model ({BPE_TOKENIZER_FILE}): the "
-                         "training data pipeline reads sentencepiece tokenizers only, so it cannot be fine-tuned "
-                         "here (generate / export / serve it instead)")
-    if cfg.train.task == "distill":
-        if not cfg.distill.teacher:
-            raise ValueError("train.task=distill needs distill.teacher (a trained fastserve work dir)")
-        teacher_tok = os.path.join(cfg.distill.teacher, "tokenizer.model")
-        if not cfg.tokenizer.path and os.path.isfile(teacher_tok):
-            cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=teacher_tok))
-    return cfg
-
-
-def load_teacher(cfg: Config, student_tokenizer: Any) -> Any:
-    """The `distill.teacher` work dir's model (inference.load_model, on the mesh of `cfg.mesh`), checked against
-    the student's vocabulary and tokenizer."""
-    from fastserve.workdir import load_model
-
-    teacher = load_model(dataclasses.replace(cfg, source=SourceConfig(kind="checkpoint", path=cfg.distill.teacher)))
-    if teacher.model_cfg.vocab_size != cfg.model.vocab_size:
-        raise ValueError(f"distill.teacher {cfg.distill.teacher}: vocabulary {teacher.model_cfg.vocab_size} differs "
-                         f"from the student's model.vocab_size={cfg.model.vocab_size}")
-    same = getattr(teacher.tokenizer, "model_proto", None) == getattr(student_tokenizer, "model_proto", None)
-    if not same:
-        raise ValueError(f"distill.teacher {cfg.distill.teacher}: its tokenizer differs from the student's "
-                         f"(leave tokenizer.path empty to use the teacher's)")
-    return teacher
+def format_metrics(metrics: dict[str, float], names: Sequence[str]) -> str:
+    return ", ".join(f"{n} {metrics[n]:.4f}" for n in names if n in metrics)
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -141,66 +78,63 @@ def train(cfg: Config) -> dict[str, Any]:
     parallel.initialize_distributed(cfg.distributed)
     parallel.enable_compilation_cache()
     os.makedirs(cfg.train.workdir, exist_ok=True)
-    cfg = _check_trainable_workdir(cfg)
+    task = make_task(cfg.train.task)
+    cfg = task.configure(cfg)
 
-    # 1. Data: corpus, held-out split, tokenizer (cached), packed sequences.
-    data = prepare_lm_data(cfg)
-    cfg = with_vocab(cfg, data.tokenizer)
+    # 1. Data: the configured source's resumable batches and held-out split; it fills what it determines in the
+    #    model config (vocabulary size, number of classes).
+    data = cfg.data.load(cfg)
+    cfg = dataclasses.replace(cfg, model=fill_model_config(cfg.model, data.model_fields))
     if jax.process_index() == 0:
         with open(os.path.join(cfg.train.workdir, "config.yaml"), "w") as f:
             f.write(dump_config(cfg))
 
-    # 2. Mesh, model and optimizer state; resume from the newest readable checkpoint.
+    # 2. Mesh, model state and optimizer state; resume from the newest readable checkpoint; the task's state.
     setup = prepare_state(cfg)
     mesh, state, ckpt = setup.mesh, setup.state, setup.checkpointer
     if setup.data_state is not None:
         data.train.set_state(setup.data_state)
-    task_state = task_state_shardings = None
-    if cfg.train.task == "distill":
-        teacher = load_teacher(cfg, data.tokenizer)
-        task = make_task("distill", teacher_graphdef=teacher.graphdef, temperature=cfg.distill.temperature,
-                         alpha=cfg.distill.alpha)
-        task_state = teacher.params
-        task_state_shardings = jax.tree.map(lambda x: x.sharding, task_state)
-    else:
-        task = make_task(cfg.train.task)
-    extra = () if task_state is None else (task_state,)
+    task_state, task_shardings = task.init_state(cfg, mesh)
 
     # 3. Compiled steps.
-    train_step = make_train_step(setup.graphdef, task, setup.tx, setup.schedule, setup.shardings, mesh,
-                                 task_state_shardings)
-    eval_step = make_eval_step(setup.graphdef, task, setup.shardings["params"], mesh, task_state_shardings)
+    train_step = make_train_step(setup.graphdef, task, setup.tx, setup.schedule, setup.shardings, mesh, task_shardings)
+    variable_shardings = merge_trees(setup.shardings["params"], setup.shardings["model_state"])
+    eval_step = make_eval_step(setup.graphdef, task, variable_shardings, mesh, task_shardings)
 
-    # 4. Accounting: tokens per step, FLOPs per token, and the matmul peak MFU is stated against (measured now).
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    flops_per_token = count_flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = cfg.log.peak_flops or measure_matmul_peak()
+    def variables(state):
+        return merge_trees(state["params"], state["model_state"])
+
+    # 4. Accounting: the task's throughput unit and FLOPs per unit; the matmul peak MFU is stated against.
+    flops_per_unit = task.flops_per_unit(cfg)
+    peak = cfg.log.peak_flops or (measure_matmul_peak() if flops_per_unit else 0.0)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     monitor = Monitor(cfg.train.workdir, cfg.train.steps, setup.start_step, cfg.log.progress, cfg.log.tensorboard)
-    monitor.print(f"fastserve: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
-                  f"{data.train_rows} train / {data.eval_rows} held-out sequences of {cfg.data.seq_len} tokens, "
-                  f"vocab {cfg.model.vocab_size}, "
-                  + (f"resuming at step {setup.start_step}" if setup.start_step else "fresh start"))
+    monitor.print(f"fastserve: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, task {task.name}, "
+                  f"{data.description}, " + (f"resuming at step {setup.start_step}" if setup.start_step else "fresh start"))
 
-    # 5. The loop (a fresh run first measures the held-out loss of the untrained model: the baseline it must beat).
+    # 5. The loop (a fresh run first measures the held-out metrics of the untrained model: the baseline to beat).
     step = setup.start_step
     last_eval: dict[str, float] = {}
     if step == 0 and data.eval:
-        initial_eval = evaluate_params(eval_step, state["params"], data.eval, task, mesh, task_state)
+        initial_eval = evaluate_params(eval_step, variables(state), data.eval, task, mesh, task_state)
         monitor.write(0, "eval", initial_eval)
-        monitor.print(f"step 0: held-out loss {initial_eval['loss']:.4f}, perplexity {initial_eval['perplexity']:.2f}")
+        monitor.print(f"step 0: held-out {format_metrics(initial_eval, task.report)}")
     last: dict[str, float] = {}
-    window_time, window_steps = 0.0, 0
+    window_time, window_units, window_steps = 0.0, 0, 0
     stopped_early = False
+    unit_rate = f"{task.unit}_per_s"
     try:
         with _StopFlag() as stop:
             while step < cfg.train.steps:
-                batch = parallel.host_to_global(split_micro_batches(next(data.train), cfg.train.grad_accum),
-                                                mesh, leading=1)
+                host_batch = next(data.train)
+                if step == setup.start_step:
+                    task.check_batch(host_batch)
+                batch = parallel.host_to_global(split_micro_batches(host_batch, cfg.train.grad_accum), mesh, leading=1)
                 t0 = time.perf_counter()
-                state, metrics = train_step(state, batch, *extra)
+                state, metrics = train_step(state, batch, task_state)
                 metrics = jax.device_get(metrics)
                 window_time += time.perf_counter() - t0
+                window_units += task.units(host_batch) * jax.process_count()
                 window_steps += 1
                 step += 1
                 loss = float(metrics["loss_sum"]) / max(float(metrics["weight"]), 1e-9)
@@ -212,17 +146,21 @@ def train(cfg: Config) -> dict[str, Any]:
                         f"optimizer.learning_rate or raise optimizer.warmup_steps, then re-run to resume from it.")
                 last = {"loss": loss, "grad_norm": grad_norm, "learning_rate": float(metrics["learning_rate"])}
                 if step % cfg.log.every == 0 or step == cfg.train.steps:
-                    tps = tokens_per_step * window_steps / max(window_time, 1e-9)
-                    last.update(perplexity=math.exp(min(loss, 80.0)), tokens_per_s=tps,
-                                mfu=tps * flops_per_token / (peak * mesh.size))
+                    rate = window_units / max(window_time, 1e-9)
+                    last[unit_rate] = rate
+                    shown = {"loss": f"{loss:.3f}", f"{task.unit}/s": f"{rate:,.0f}"}
+                    if flops_per_unit:
+                        last["mfu"] = rate * flops_per_unit / (peak * mesh.size)
+                        shown["mfu"] = f"{last['mfu']:.0%}"
+                    if "perplexity" in task.report:
+                        last["perplexity"] = math.exp(min(loss, 80.0))
                     monitor.write(step, "train", last)
-                    monitor.progress(step, {"loss": f"{loss:.3f}", "tok/s": f"{tps:,.0f}", "mfu": f"{last['mfu']:.0%}"})
-                    window_time, window_steps = 0.0, 0
+                    monitor.progress(step, shown)
+                    window_time, window_units, window_steps = 0.0, 0, 0
                 if data.eval and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-                    last_eval = evaluate_params(eval_step, state["params"], data.eval, task, mesh, task_state)
+                    last_eval = evaluate_params(eval_step, variables(state), data.eval, task, mesh, task_state)
                     monitor.write(step, "eval", last_eval)
-                    monitor.print(f"step {step}: held-out loss {last_eval['loss']:.4f}, "
-                                  f"perplexity {last_eval['perplexity']:.2f}")
+                    monitor.print(f"step {step}: held-out {format_metrics(last_eval, task.report)}")
                 slice_done = cfg.train.run_steps > 0 and step - setup.start_step >= cfg.train.run_steps
                 if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop.requested or slice_done:
                     ckpt.save(step, state, {"data": data.train.get_state()})
@@ -236,15 +174,13 @@ def train(cfg: Config) -> dict[str, Any]:
         monitor.close()
 
     results: dict[str, Any] = {"step": step, "train": last, "eval": last_eval, "stopped_early": stopped_early,
-                               "params": n_params}
-    # 6. A few sampled continuations of held-out openings (every process computes, process 0 prints).
-    if not stopped_early and cfg.train.samples > 0:
-        samples = sample_continuations(setup.graphdef, state["params"], data.tokenizer, data.eval_texts or ["The"],
-                                       mesh, cfg.train.samples, cfg.train.sample_tokens, cfg.train.sample_temperature,
-                                       cfg.train.seed)
-        results["samples"] = samples
+                               "params": n_params, "report": list(task.report)}
+    # 6. Whatever the task shows once training ends (LM: sampled continuations; every process computes them).
+    if not stopped_early:
+        extra = task.after_training(setup.graphdef, variables(state), data, mesh, cfg)
+        results.update(extra)
         if jax.process_index() == 0:
-            for prompt, completion in samples:
+            for prompt, completion in extra.get("samples", []):
                 print(f"\n>>> {prompt!r}\n{prompt}{completion}", flush=True)
     return results
 
@@ -258,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     ev = results.get("eval") or {}
     if ev and jax.process_index() == 0:
-        print(f"\nfinal held-out loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} at step {results['step']}")
+        print(f"\nfinal held-out {format_metrics(ev, results['report'])} at step {results['step']}")
     return 0
 
 

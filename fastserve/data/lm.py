@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from fastserve.data.dataset import ExampleBatches, check_process as _check_process
 from fastserve.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -47,21 +48,6 @@ def pack_documents(docs: list[str], tokenizer: Tokenizer, seq_len: int) -> np.nd
     return stream[index]
 
 
-def _check_process(global_batch: int, process_index: int, process_count: int) -> int:
-    """Validate the process layout and return the per-process batch size."""
-    if global_batch < 1:
-        raise ValueError(f"global_batch must be >= 1, got {global_batch}")
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(
-            f"need 0 <= process_index < process_count, got {process_index} and {process_count}"
-        )
-    if global_batch % process_count:
-        raise ValueError(
-            f"global_batch {global_batch} is not divisible by process_count {process_count}"
-        )
-    return global_batch // process_count
-
-
 def _check_rows(rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows)
     if rows.ndim != 2 or rows.shape[1] < 2:
@@ -77,87 +63,17 @@ def _to_batch(rows: np.ndarray, weights: np.ndarray) -> Batch:
     }
 
 
-class LMBatches:
-    """Endless, deterministic and resumable iterator of training batches.
+class LMBatches(ExampleBatches):
+    """Training batches of packed rows: {inputs, targets, weights}, each [local_batch, seq_len]."""
 
-    The batch sequence is a pure function of (rows, global_batch, seed,
-    shuffle) and the position ``(epoch, index)``; every process computes the
-    same global batch and keeps only its contiguous slice, so no coordination
-    between hosts is needed. The remainder of each epoch (``len(rows) %
-    global_batch`` rows) is skipped so all batches have one shape.
-    """
+    def __init__(self, rows: np.ndarray, global_batch: int, seed: int, shuffle: bool = True,
+                 process_index: int = 0, process_count: int = 1):
+        super().__init__({"rows": _check_rows(rows)}, global_batch, seed, shuffle, process_index, process_count,
+                         what="rows", hint="use more data, a shorter seq_len or a smaller batch")
 
-    def __init__(
-        self,
-        rows: np.ndarray,
-        global_batch: int,
-        seed: int,
-        shuffle: bool = True,
-        process_index: int = 0,
-        process_count: int = 1,
-    ):
-        self._rows = _check_rows(rows)
-        self._local_batch = _check_process(global_batch, process_index, process_count)
-        if len(self._rows) < global_batch:
-            raise ValueError(
-                f"only {len(self._rows)} rows, fewer than global_batch {global_batch}: "
-                "use more data, a shorter seq_len or a smaller batch"
-            )
-        self._global_batch = global_batch
-        self._seed = seed
-        self._shuffle = shuffle
-        self._process_index = process_index
-        self._epoch = 0
-        self._index = 0
-        self._perm_epoch = -1
-        self._perm = np.arange(len(self._rows))
-
-    @property
-    def batches_per_epoch(self) -> int:
-        """Full global batches per epoch (the remainder is dropped)."""
-        return len(self._rows) // self._global_batch
-
-    @property
-    def local_batch(self) -> int:
-        return self._local_batch
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        # Cached per epoch: regenerating a permutation of N rows every step
-        # would cost O(N) per batch.
-        if epoch != self._perm_epoch:
-            if self._shuffle:
-                self._perm = np.random.default_rng([self._seed, epoch]).permutation(len(self._rows))
-            else:
-                self._perm = np.arange(len(self._rows))
-            self._perm_epoch = epoch
-        return self._perm
-
-    def __iter__(self) -> LMBatches:
-        return self
-
-    def __next__(self) -> Batch:
-        perm = self._permutation(self._epoch)
-        start = self._index * self._global_batch + self._process_index * self._local_batch
-        rows = self._rows[perm[start : start + self._local_batch]]
-        self._index += 1
-        if self._index == self.batches_per_epoch:
-            self._epoch, self._index = self._epoch + 1, 0
-        weights = np.ones((self._local_batch, rows.shape[1] - 1), np.float32)
-        return _to_batch(rows, weights)
-
-    def get_state(self) -> dict[str, int]:
-        """Position of the next batch, as JSON-serializable ints."""
-        return {"epoch": int(self._epoch), "index": int(self._index)}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Resume at a position returned by :meth:`get_state`."""
-        epoch, index = int(state["epoch"]), int(state["index"])
-        if epoch < 0 or not 0 <= index < self.batches_per_epoch:
-            raise ValueError(
-                f"invalid iterator state {state!r}: need epoch >= 0 and "
-                f"0 <= index < batches_per_epoch ({self.batches_per_epoch})"
-            )
-        self._epoch, self._index = epoch, index
+    def make_batch(self, examples: dict[str, np.ndarray]) -> Batch:
+        rows = examples["rows"]
+        return _to_batch(rows, np.ones((rows.shape[0], rows.shape[1] - 1), np.float32))
 
 
 def eval_batches(

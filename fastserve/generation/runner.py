@@ -16,6 +16,8 @@ from fastserve import cli
 from fastserve.config import Config
 from fastserve.generation import decoding as infer
 from fastserve.generation.decoding import SamplingParams
+from fastserve.generation.program import model_program
+from fastserve.models.capabilities import capability
 from fastserve.workdir import LoadedModel, load_model
 
 
@@ -29,6 +31,10 @@ class Generator:
     """Batched, bucketed generation with one compiled program per (bucket, max_new_tokens)."""
 
     def __init__(self, loaded: LoadedModel, batch_size: int = 8, buckets: Sequence[int] = (32, 64, 128, 256, 512)):
+        model = nnx.merge(loaded.graphdef, loaded.params)
+        if capability(loaded.model_cfg, model) != "causal_lm" or loaded.tokenizer is None:
+            raise ValueError(f"model.name '{loaded.model_cfg.name}' is not a causal language model with a tokenizer: "
+                             "it cannot generate text (export it for its forward function instead)")
         self.m = loaded
         self.batch_size = batch_size
         self.buckets = sorted(b for b in buckets if b <= loaded.model_cfg.max_seq_len) or [loaded.model_cfg.max_seq_len]
@@ -37,12 +43,10 @@ class Generator:
     def _program(self, max_new: int):
         graphdef = self.m.graphdef
 
-        @jax.jit
-        def run(params, tokens, lengths, rng, temperature, top_k, top_p, stop, row_max):
-            return infer.generate(nnx.merge(graphdef, params), tokens, lengths, rng, max_new_tokens=max_new,
-                                  temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop,
-                                  row_max_new=row_max)
-        return run
+        def run(model, tokens, lengths, rng, temperature, top_k, top_p, stop, row_max):
+            return infer.generate(model, tokens, lengths, rng, max_new_tokens=max_new, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, stop_tokens=stop, row_max_new=row_max)
+        return model_program(graphdef, run)
 
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
         tok = self.m.tokenizer

@@ -5,6 +5,7 @@ The same `__call__` serves training (no cache) and KV-cached inference (prefill 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -12,6 +13,65 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fastserve.models.layers import Embed, Linear, RMSNorm, attention, constrain, dtype_of, rope
+
+@dataclass
+class DecoderConfig:
+    """`model.name: decoder` — a Llama-style causal LM (registered in fastserve.registry)."""
+    name: str = "decoder"
+    vocab_size: int = 0            # 0: take it from the tokenizer
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0            # 0: same as n_heads (multi-head); fewer: grouped-query attention
+    head_dim: int = 0              # 0: d_model // n_heads
+    d_ff: int = 688                # SwiGLU hidden width
+    max_seq_len: int = 2048        # longest position the model (and its KV cache) supports
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dtype: str = "float32"         # compute dtype: float32 | bfloat16 (parameters stay float32)
+    param_dtype: str = "float32"
+    remat: bool = False            # recompute layer activations in the backward pass (saves memory)
+    init_std: float = 0.02
+    # Compressed layers (written by fastserve.transforms): dotted path → {kind: lowrank, rank: R} | {kind: int8}.
+    # int8 layers are inference-only (no gradient through an int8 kernel).
+    compressed: dict[str, dict] = field(default_factory=dict)
+
+    def checks(self):
+        from fastserve.models.compressed import validate_entry
+        from fastserve.models.layers import check_dtypes
+
+        for n in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "rope_theta", "norm_eps", "init_std"):
+            if not getattr(self, n) > 0:
+                yield n, f"must be positive, got {getattr(self, n)}"
+        for n in ("vocab_size", "n_kv_heads", "head_dim"):
+            if getattr(self, n) < 0:
+                yield n, f"must be >= 0 (0: derived), got {getattr(self, n)}"
+        yield from check_dtypes(self)
+        if self.n_heads <= 0:
+            return
+        if not self.head_dim and self.d_model % self.n_heads:
+            yield "n_heads", (f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; choose a divisor "
+                              f"or set model.head_dim explicitly")
+        head_dim = self.head_dim or self.d_model // self.n_heads
+        if head_dim % 2:
+            yield "head_dim" if self.head_dim else "n_heads", (
+                f"the head dimension {head_dim} is odd; rotary position embeddings need an even head_dim")
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            yield "n_kv_heads", f"n_heads={self.n_heads} must be a multiple of n_kv_heads={kv}"
+        for path, entry in self.compressed.items():
+            try:
+                validate_entry(path, entry, where="compressed")
+            except ValueError as e:
+                yield "compressed", str(e)
+
+    def build(self, rngs: nnx.Rngs) -> "DecoderLM":
+        return DecoderLM(self, rngs=rngs)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return count_flops_per_token(self, seq_len)
+
 
 # A KV cache is a list (one entry per layer) of {"k": [B, S, K, D], "v": [B, S, K, D]}.
 KVCache = list[dict[str, jax.Array]]

@@ -34,16 +34,16 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from fastserve import cli
 from fastserve.core.checkpoint import CheckpointError, Checkpointer
 from fastserve.config import Config, ConfigError, SourceConfig, dump_config, load_config
 from fastserve.generation import decoding as infer
 from fastserve.core.optim import make_optimizer
-from fastserve.core.state import opt_state_shardings
+from fastserve.core.state import abstract_model_split, opt_state_shardings, split_like
 from fastserve.core.steps import make_eval_step
-from fastserve.tasks import LanguageModeling
+from fastserve.generation.program import model_program
+from fastserve.tasks.lm import LanguageModeling
 
 
 REPORT_FILE = "compression_report.json"
@@ -66,9 +66,9 @@ def param_stats(params: Any) -> dict[str, int]:
 
 def heldout_batches(cfg: Config, tokenizer: Any, max_batches: int = 0) -> list[dict[str, np.ndarray]]:
     """The training pipeline's held-out split (`data.source`, `data.eval_fraction`, `train.seed`), tokenized with
-    `tokenizer` and packed to `data.seq_len` rows, as fastserve.core.setup.prepare_lm_data builds it; [] if none."""
+    `tokenizer` and packed to `data.seq_len` rows, as fastserve.data.text.prepare_lm_data builds it; [] if none."""
     from fastserve.data import load_texts, split_documents
-    from fastserve.core.setup import heldout_lm_batches
+    from fastserve.data.text import heldout_lm_batches
 
     docs = load_texts(cfg.data.source, cfg.data.paths)
     _, held_out = split_documents(docs, cfg.data.eval_fraction, cfg.train.seed)
@@ -81,7 +81,7 @@ def heldout_metrics(graphdef: Any, params: Any, batches: list, mesh: Any) -> dic
 
     task = LanguageModeling()
     step = make_eval_step(graphdef, task, jax.tree.map(lambda x: x.sharding, params), mesh)
-    m = evaluate_params(step, params, batches, task, mesh)
+    m = evaluate_params(step, params, batches, task, mesh, {})
     return {"loss": m["loss"], "perplexity": m["perplexity"], "accuracy": m["accuracy"]}
 
 
@@ -94,12 +94,9 @@ def decode_speed(graphdef: Any, params: Any, prompt_ids: Sequence[int], new_toke
     new_tokens = max(2, min(new_tokens, max_seq_len - prompt.shape[1]))
     cache_len = prompt.shape[1] + new_tokens
 
-    @jax.jit
-    def prefill(params, tokens, lengths):
-        model = nnx.merge(graphdef, params)
-        return infer.prefill(model, tokens, lengths, model.init_cache(tokens.shape[0], cache_len))
-
-    decode = jax.jit(lambda params, t, p, c: infer.decode(nnx.merge(graphdef, params), t, p, c), donate_argnums=3)
+    prefill = model_program(graphdef, lambda model, tokens, lengths: infer.prefill(
+        model, tokens, lengths, model.init_cache(tokens.shape[0], cache_len)))
+    decode = model_program(graphdef, infer.decode, donate_argnums=3)
 
     def run(n):
         logits, cache = prefill(params, prompt, lengths)
@@ -163,7 +160,8 @@ def write_workdir(cfg: Config, out_dir: str, model_cfg: Any, params: Any, tokeni
         f.write(dump_config(new_cfg))
 
     seed = new_cfg.train.seed
-    state: dict[str, Any] = {"step": jnp.zeros((), jnp.int32), "params": params,
+    params, model_state = split_like(params, abstract_model_split(model_cfg)[1])
+    state: dict[str, Any] = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
                              "rng": jax.random.key_data(jax.random.key(seed + 1))}
     int8 = [p for p, e in model_cfg.compressed.items() if e.get("kind") == "int8"]
     if not int8:  # the layout create_train_state gives a fresh run, so `fastserve.train` resumes it at step 0
@@ -171,7 +169,7 @@ def write_workdir(cfg: Config, out_dir: str, model_cfg: Any, params: Any, tokeni
         p_shard = jax.tree.map(lambda x: x.sharding, params)
         with jax.set_mesh(mesh):
             state["opt_state"] = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, p_shard, mesh))(params)
-        state = {k: state[k] for k in ("step", "params", "opt_state", "rng")}
+        state = {k: state[k] for k in ("step", "params", "model_state", "opt_state", "rng")}
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=new_cfg.checkpoint.max_to_keep,
                         async_save=False)
     ckpt.save(0, state, {"compressed_from": provenance})

@@ -1,0 +1,38 @@
+"""Every model family, task and data source, by the name a config selects it with.
+
+Each entry points (lazily, as "module:ConfigClass") at the config dataclass of that family / task / source; the
+dataclass builds the rest (`build()` for models and tasks, `load()` for data), so adding a family is its own files
+plus one line here, and nothing in the core. Lazy so that reading a config does not import JAX.
+"""
+from __future__ import annotations
+
+import importlib
+
+MODELS: dict[str, str] = {
+    "decoder": "fastserve.models.decoder:DecoderConfig",
+    "seq2seq": "fastserve.models.seq2seq:Seq2SeqConfig",
+    "cnn": "fastserve.models.cnn:CNNConfig",
+    "encoder": "fastserve.models.encoder:EncoderConfig",
+}
+
+TASKS: dict[str, str] = {
+    "lm": "fastserve.tasks.lm:LMConfig",
+    "distill": "fastserve.tasks.distill:DistillConfig",
+    "classify": "fastserve.tasks.classify:ClassifyConfig",
+    "seq2seq": "fastserve.tasks.seq2seq:Seq2SeqTaskConfig",
+}
+
+DATA_SOURCES: dict[str, str] = {
+    "pydoc": "fastserve.data.text:TextDataConfig",
+    "text": "fastserve.data.text:TextDataConfig",
+    "synthetic_pairs": "fastserve.data.synthetic_pairs:SyntheticPairsConfig",
+    "synthetic_images": "fastserve.data.images:SyntheticImagesConfig",
+    "synthetic_classes": "fastserve.data.synthetic_text:SyntheticClassesConfig",
+}
+
+KINDS = {"model": MODELS, "task": TASKS, "data": DATA_SOURCES}
+
+
+def resolve(ref: str) -> type:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
