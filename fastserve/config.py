@@ -297,9 +297,6 @@ class Config:
         if batch and batch % self.train.grad_accum:
             yield "train.grad_accum", (f"data.batch_size={batch} does not divide into {self.train.grad_accum} "
                                        f"micro-batches; choose a divisor of the batch size")
-        seq_len, max_len = getattr(self.data, "seq_len", 0), getattr(self.model, "max_seq_len", 0)
-        if seq_len and max_len and seq_len > max_len:
-            yield "data.seq_len", f"{seq_len} exceeds model.max_seq_len={max_len}"
         for i, spec in enumerate(self.transforms):
             if not isinstance(spec, dict) or len(spec) != 1:
                 yield f"transforms[{i}]", f"expected a one-key mapping like {{lowrank: {{...}}}}, got {spec!r}"

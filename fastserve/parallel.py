@@ -97,6 +97,36 @@ def make_mesh(cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
+def mesh_fits(cfg: Any, n_devices: int | None = None) -> bool:
+    """Whether a `MeshConfig` can be laid on `n_devices` (default: this process's) or on the first few of them."""
+    n = jax.local_device_count() if n_devices is None else n_devices
+    dims = [cfg.data, cfg.fsdp, cfg.tensor]
+    known = math.prod(d for d in dims if d != -1)
+    return known <= n and (n % known == 0 if -1 in dims else True)
+
+
+def make_tool_mesh(cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh a single-process tool (evaluate, generate, compress, export, serve) restores a work dir onto.
+
+    `cfg` is the mesh the work dir was trained on, often for another machine. When it fits here it is used (on the
+    first devices if it needs fewer than there are); when it does not, the tool runs on one device and says so in
+    one line: checkpoints restore onto any mesh, so only speed and memory change. A multi-process run keeps
+    `make_mesh` (its processes must agree on one global mesh).
+    """
+    if jax.process_count() > 1:
+        return make_mesh(cfg, devices)
+    devices = list(devices) if devices is not None else jax.local_devices()
+    if mesh_fits(cfg, len(devices)):
+        dims = [cfg.data, cfg.fsdp, cfg.tensor]
+        n = len(devices) if -1 in dims else math.prod(dims)
+        if n < len(devices):
+            log.info("mesh data=%d fsdp=%d tensor=%d uses %d of the %d devices here", *dims, n, len(devices))
+        return make_mesh(cfg, devices[:n])
+    log.info("mesh data=%d fsdp=%d tensor=%d (from the config) does not fit the %d device(s) here: running on "
+             "1 device", cfg.data, cfg.fsdp, cfg.tensor, len(devices))
+    return jax.make_mesh((1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices[:1])
+
+
 # ------------------------------------------------------------------------------------------- shardings
 
 def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None) -> P:

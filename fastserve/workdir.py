@@ -94,21 +94,18 @@ def _load_checkpoint(cfg: Config, mesh) -> LoadedModel:
         shardings = parallel.tree_shardings(mesh, abstract, logical)
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     entries = {"params": target(params, p_axes), "model_state": target(state, s_axes)}
-    for step in reversed(steps):
-        try:
-            restored = ckpt.restore_entries(step, entries)
-            params = merge_trees(restored["params"], restored["model_state"])
-            ckpt.close()
-            return LoadedModel(model_cfg, graphdef, params, tokenizer, mesh,
-                               chat_template=getattr(tokenizer, "chat_template", None), step=step)
-        except Exception as e:  # a corrupt save: report it and use the previous one
-            log.warning("checkpoint step %d unreadable (%s); trying the previous one", step, e)
-    raise CheckpointError(f"none of the checkpoints in {ckpt_dir} (steps {steps}) could be read")
+    try:  # checked against the save's checksums; a corrupt or unreadable step is reported and the previous one used
+        step, restored = ckpt.restore_entries_latest(entries)
+    finally:
+        ckpt.close()
+    params = merge_trees(restored["params"], restored["model_state"])
+    return LoadedModel(model_cfg, graphdef, params, tokenizer, mesh,
+                       chat_template=getattr(tokenizer, "chat_template", None), step=step)
 
 def load_model(cfg: Config, mesh: Any = None) -> LoadedModel:
     """Weights (params ∪ model state), tokenizer and model definition from `cfg.source`, placed on `mesh` (default:
-    the config's)."""
-    mesh = mesh if mesh is not None else parallel.make_mesh(cfg.mesh)
+    the config's when it fits the devices here, else one device: `parallel.make_tool_mesh`)."""
+    mesh = mesh if mesh is not None else parallel.make_tool_mesh(cfg.mesh)
     kind = cfg.source.kind
     if kind == "checkpoint":
         return _load_checkpoint(cfg, mesh)

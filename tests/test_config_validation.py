@@ -24,7 +24,6 @@ BAD = [  # (override(s), the key the error names, words the message has)
     (["data.eval_fraction=1.5"], "data.eval_fraction", "[0, 1)"),
     (["data.source=txt"], "data.source", "did you mean 'text'"),
     (["data.source=text"], "data.paths", "at least one file"),
-    (["data.seq_len=4096"], "data.seq_len", "exceeds model.max_seq_len"),
     (["tokenizer.vocab_size=2"], "tokenizer.vocab_size", "at least 8"),
     (["tokenizer.model_type=wordpiece"], "tokenizer.model_type", "bpe or unigram"),
     (["train.steps=0"], "train.steps", "must be positive"),

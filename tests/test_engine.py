@@ -24,7 +24,7 @@ NEW_TOKENS = [20, 12, 24, 8, 24, 15]
 def model():
     cfg = load_config(None, ["model.vocab_size=97", "model.d_model=48", "model.n_layers=2", "model.n_heads=4",
                              "model.n_kv_heads=2", "model.d_ff=96", "model.init_std=0.3", "model.max_seq_len=64",
-                             "mesh.data=1"])
+                             "data.seq_len=64", "mesh.data=1"])
     mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
     graphdef, params, _ = init_params(cfg.model, mesh, seed=3)
     return graphdef, params, cfg.model, mesh
@@ -187,10 +187,19 @@ def test_bad_requests_are_refused_with_clear_errors(model):
     eng.submit(Request([2], max_new_tokens=2))
     with pytest.raises(QueueFull):
         eng.submit(Request([3], max_new_tokens=2))
-    r = Request([4], max_new_tokens=2)
-    with pytest.raises(ValueError, match="already submitted"):
-        eng.run_until_done(timeout=60) or eng.submit(r) and eng.submit(r)
+    # the full queue drains; then a request is accepted once, and submitting the same object again is refused
+    # (queued, and again once finished) without queueing a duplicate
     eng.run_until_done(timeout=60)
+    assert eng.pending == 0
+    r = Request([4], max_new_tokens=2)
+    assert eng.submit(r) is r and eng.pending == 1
+    with pytest.raises(ValueError, match=f"request {r.id} was already submitted"):
+        eng.submit(r)
+    assert eng.pending == 1
+    eng.run_until_done(timeout=60)
+    assert eng.pending == 0 and r.done and r.finish_reason == "length" and len(r.output) == 2
+    with pytest.raises(ValueError, match="already submitted"):
+        eng.submit(r)
     assert eng.pending == 0
 
 

@@ -267,13 +267,13 @@ def test_cli_exports_a_training_work_dir(tiny, tmp_path):
     work = tmp_path / "run"
     work.mkdir()
     cfg = Config(model=tiny.cfg)
-    cfg.train.workdir, cfg.train.steps = str(work), 3
+    cfg.train.workdir, cfg.train.steps, cfg.data.seq_len = str(work), 3, 32
     (work / "config.yaml").write_text(dump_config(cfg))
     shutil.copy(tiny.root / "tok.model", work / "tokenizer.model")
     # the train state's layout (create_train_state's keys), built eagerly: jitting its init costs seconds here
     tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
     params = jax.tree.map(lambda x: x * 1.5, tiny.params)  # not the fixture's weights: the restored ones must be used
-    state = {"step": jnp.int32(3), "params": params, "opt_state": tx.init(params),
+    state = {"step": jnp.int32(3), "params": params, "model_state": {}, "opt_state": tx.init(params),
              "rng": jax.random.key_data(jax.random.key(1))}
     ckpt = Checkpointer(str(work / "checkpoints"), async_save=False)
     ckpt.save(3, state, {"data": {}})

@@ -1,4 +1,5 @@
-"""Sharding: parameters land where THE rules table says, and a step computes the same loss on 1 and 8 devices."""
+"""Sharding: parameters (dense and low-rank) land where THE rules table says, and a step computes the same loss on
+1 and 8 devices (AdamW on data × fsdp × tensor, Adafactor on fsdp × tensor)."""
 import json
 import os
 import subprocess
@@ -85,3 +86,32 @@ def test_checkpoint_restores_onto_other_mesh_shapes(eight_device_run):
 def test_sharded_generation_equals_one_device_and_the_cache_follows_the_rules(eight_device_run):
     assert eight_device_run["mesh"]["generated"] == eight_device_run["one"]["generated"]
     assert eight_device_run["mesh"]["cache_spec"][:3] == [["data", "fsdp"], None, "tensor"]  # batch, seq, kv heads (, dim)
+
+
+def test_low_rank_factors_shard_their_outer_axes_and_replicate_the_rank_axis(eight_device_run):
+    """Layer 1's MLP gate and down are low-rank (rank 16) in the 8-device run: each factor's outer axis shards like the
+    dense kernel's would ("embed" → fsdp, "mlp" → tensor), the "rank" axis stays whole on every device; the Adam
+    moments follow; and training/generation/restore above ran with them (same losses on 1 device and on the mesh)."""
+    low, one = eight_device_run["mesh"]["lowrank"], eight_device_run["one"]["lowrank"]
+    want = {"gate.u": (["fsdp", None], [64, 16], [32, 16]),    # (embed, rank)
+            "gate.v": ([None, "tensor"], [16, 128], [16, 64]),  # (rank, mlp)
+            "down.u": (["tensor", None], [128, 16], [64, 16]),  # (mlp, rank)
+            "down.v": ([None, "fsdp"], [16, 64], [16, 32])}     # (rank, embed)
+    assert set(low) == set(want)
+    for name, (spec, shape, shard) in want.items():
+        got = low[name]
+        assert (got["spec"], got["shape"], got["shard"], got["devices"]) == (spec, shape, shard, 8), (name, got)
+        assert got["adam_mu_spec"] == spec, name
+        assert one[name]["shard"] == one[name]["shape"] == shape and one[name]["devices"] == 1, name
+
+
+def test_adafactor_trains_on_a_two_axis_mesh_like_on_one_device(eight_device_run):
+    """Adafactor's factored moments (a vector per matrix, shaped unlike the parameter) are replicated and its step
+    counter lives on the mesh: no "incompatible devices"; two steps on fsdp=2 × tensor=2 equal those on 1 device."""
+    ada = eight_device_run["adafactor"]
+    one, mesh = ada["one"], ada["mesh"]
+    assert mesh["q_spec"] == ["fsdp", "tensor"] and mesh["q_devices"] == 4 and one["q_devices"] == 1
+    assert mesh["v_row_q_shape"] == [128] and mesh["v_row_q_spec"] == []   # factored (128×128 kernel), replicated
+    assert one["losses"][1] < one["losses"][0]                              # the first update lowered the loss
+    assert mesh["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert one["max_update"] > 1e-3 and ada["max_param_diff"] < 1e-5, ada

@@ -111,14 +111,17 @@ def test_a_rank_that_saves_nothing_stays_dense(base):
     assert row["action"] == "factorized" and cfg.compressed == {"layers.0.mlp.gate": {"kind": "lowrank", "rank": 21}}
 
 
-def test_factorized_model_shards_on_the_rank_axis_and_trains(base):
+def test_factorized_model_names_logical_axes_and_its_svd_factors_train(base):
+    """The factors name (outer axis, "rank") / ("rank", outer axis), and the SVD factors train on 1 device. Where they
+    really land on a multi-device mesh (outer axis sharded, rank axis whole) is checked in the 8-device subprocess:
+    test_sharding.py::test_low_rank_factors_shard_their_outer_axes_and_replicate_the_rank_axis."""
     mesh, _, params = base
     cfg, new, _ = lowrank(CFG, params, include="layers.*.mlp.*", rank_ratio=0.25)
     _, abstract, logical = abstract_model(cfg)
     assert logical["layers"][0]["mlp"]["gate"] == {"u": ("embed", "rank"), "v": ("rank", "mlp")}
     assert logical["layers"][1]["mlp"]["down"] == {"u": ("mlp", "rank"), "v": ("rank", "embed")}
     assert abstract["layers"][0]["mlp"]["down"]["u"].shape == (64, 8)
-    assert parallel.logical_to_spec(("rank", "mlp")) == P(None, "tensor")
+    assert parallel.logical_to_spec(("rank", "mlp")) == P(None, "tensor")   # the rules table: rank is replicated
 
     tx, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0), 10)
     graphdef, state, shardings = create_train_state(cfg, tx, mesh, seed=0)

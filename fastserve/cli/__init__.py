@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
@@ -34,6 +35,14 @@ def parse(argv: Sequence[str] | None, description: str) -> Config:
 
 
 def quiet_logs() -> None:
+    """INFO from fastserve, WARNING from the libraries. FASTSERVE_LOG_LEVEL=DEBUG adds fastserve's debug log, e.g. the
+    full cause of a checkpoint that was reported unreadable in one line."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    level = os.environ.get("FASTSERVE_LOG_LEVEL", "").strip().upper()
+    if level:
+        try:
+            logging.getLogger("fastserve").setLevel(level)
+        except ValueError:
+            print(f"FASTSERVE_LOG_LEVEL={level}: not a logging level (DEBUG, INFO, WARNING, ERROR)", file=sys.stderr)

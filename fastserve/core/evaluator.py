@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import signal
 import sys
+import threading
 from typing import Any, Sequence
 
 import jax
@@ -43,16 +46,35 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     return {"step": loaded.step, **metrics}
 
 
+def _stop_now(signum: int, frame: Any) -> None:
+    """SIGTERM ends an evaluation at once: it writes nothing, so there is nothing to finish, and unwinding through
+    orbax's and XLA's threads would only print tracebacks."""
+    os.write(2, b"evaluate: terminated (SIGTERM) before finishing; nothing was written\n")
+    os._exit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = cli.parse(argv, "Evaluate the latest checkpoint of a work dir on held-out data.")
-    parallel.initialize_distributed(cfg.distributed)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop_now) if in_main_thread else None
     try:
-        result = evaluate(cfg)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        parallel.initialize_distributed(cfg.distributed)
+        try:
+            result = evaluate(cfg)
+        except (CheckpointError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     if jax.process_index() == 0:
         print(json.dumps(result))
+    bad = {k: v for k, v in result.items() if "loss" in k and isinstance(v, float) and not math.isfinite(v)}
+    if bad:  # a NaN score must not pass for a result in scripts that only check the exit status
+        print(f"error: held-out {', '.join(f'{k} is {v}' for k, v in bad.items())} for checkpoint step "
+              f"{result.get('step')} of {cfg.train.workdir}: its weights hold NaN/inf or the evaluation overflowed "
+              "(evaluate an earlier checkpoint, or retrain with a lower learning rate)", file=sys.stderr)
+        return 1
     return 0
 
 

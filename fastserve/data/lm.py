@@ -7,7 +7,6 @@ token of the stream is a target exactly once (except the very first one).
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 
@@ -55,29 +54,37 @@ def _check_rows(rows: np.ndarray) -> np.ndarray:
     return rows.astype(np.int32, copy=False)
 
 
-def _to_batch(rows: np.ndarray, weights: np.ndarray) -> Batch:
-    return {
-        "inputs": np.ascontiguousarray(rows[:, :-1]),
-        "targets": np.ascontiguousarray(rows[:, 1:]),
-        "weights": weights,
-    }
+def _to_batch(rows: np.ndarray, weights: np.ndarray, eos_id: int = -1) -> Batch:
+    """{inputs, targets, weights}; with `eos_id` >= 0 also the document `segments` of each input token (a new one
+    starts after every EOS) and `positions` restarting at 0 at each document's start."""
+    inputs = np.ascontiguousarray(rows[:, :-1])
+    batch = {"inputs": inputs, "targets": np.ascontiguousarray(rows[:, 1:]), "weights": weights}
+    if eos_id >= 0:
+        ends = inputs == eos_id
+        segments = np.concatenate([np.zeros_like(ends[:, :1]), ends[:, :-1]], axis=1).cumsum(axis=1).astype(np.int32)
+        t = np.arange(inputs.shape[1], dtype=np.int32)[None, :].repeat(len(inputs), 0)
+        starts = np.where(np.concatenate([np.ones_like(ends[:, :1]), ends[:, :-1]], axis=1), t, 0)
+        batch["segments"] = segments
+        batch["positions"] = t - np.maximum.accumulate(starts, axis=1)
+    return batch
 
 
 class LMBatches(ExampleBatches):
     """Training batches of packed rows: {inputs, targets, weights}, each [local_batch, seq_len]."""
 
     def __init__(self, rows: np.ndarray, global_batch: int, seed: int, shuffle: bool = True,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, eos_id: int = -1):
         super().__init__({"rows": _check_rows(rows)}, global_batch, seed, shuffle, process_index, process_count,
                          what="rows", hint="use more data, a shorter seq_len or a smaller batch")
+        self._eos_id = eos_id
 
     def make_batch(self, examples: dict[str, np.ndarray]) -> Batch:
         rows = examples["rows"]
-        return _to_batch(rows, np.ones((rows.shape[0], rows.shape[1] - 1), np.float32))
+        return _to_batch(rows, np.ones((rows.shape[0], rows.shape[1] - 1), np.float32), self._eos_id)
 
 
 def eval_batches(
-    rows: np.ndarray, global_batch: int, process_index: int = 0, process_count: int = 1
+    rows: np.ndarray, global_batch: int, process_index: int = 0, process_count: int = 1, eos_id: int = -1
 ) -> list[Batch]:
     """All ``rows`` in order as fixed batches, for evaluation.
 
@@ -99,5 +106,5 @@ def eval_batches(
         start = b * global_batch + process_index * local_batch
         sl = slice(start, start + local_batch)
         weights = np.repeat(row_weight[sl, None], width - 1, axis=1)
-        out.append(_to_batch(padded[sl], weights))
+        out.append(_to_batch(padded[sl], weights, eos_id))
     return out

@@ -23,6 +23,9 @@ class TextDataConfig:
     batch_size: int = 16           # global batch (sequences per optimizer step, all hosts together)
     eval_fraction: float = 0.1     # documents held out for evaluation
     shuffle: bool = True
+    # packed documents attend only within themselves, positions restarting at each (segment ids in the batch);
+    # off: a row is one stream, as GPT-2-style packing has it
+    document_masking: bool = False
 
     def checks(self):
         for n in ("seq_len", "batch_size"):
@@ -52,7 +55,8 @@ def prepare_lm_data(cfg: Any) -> Dataset:
     tok = tokenizer_once(cfg, train_docs)
     train_rows = pack_documents(train_docs, tok, cfg.data.seq_len)
     pi, pc = jax.process_index(), jax.process_count()
-    batches = LMBatches(train_rows, cfg.data.batch_size, cfg.train.seed, cfg.data.shuffle, pi, pc)
+    eos = tok.eos_id if cfg.data.document_masking else -1
+    batches = LMBatches(train_rows, cfg.data.batch_size, cfg.train.seed, cfg.data.shuffle, pi, pc, eos_id=eos)
     held_out, n_eval_rows = heldout_lm_batches(cfg, tok, eval_docs)
     return Dataset(batches, held_out, len(train_rows), n_eval_rows,
                    f"{len(train_rows)} train / {n_eval_rows} held-out sequences of {cfg.data.seq_len} tokens",
@@ -68,7 +72,8 @@ def heldout_lm_batches(cfg: Any, tok: Any, eval_docs: list[str], max_batches: in
     if not eval_docs:
         return [], 0
     rows = pack_documents(eval_docs, tok, cfg.data.seq_len)
-    batches = eval_batches(rows, cfg.data.batch_size, jax.process_index(), jax.process_count())
+    eos = tok.eos_id if getattr(cfg.data, "document_masking", False) else -1
+    batches = eval_batches(rows, cfg.data.batch_size, jax.process_index(), jax.process_count(), eos_id=eos)
     limit = max_batches or cfg.train.eval_batches
     return (batches[:limit] if limit > 0 else batches), len(rows)
 

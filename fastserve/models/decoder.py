@@ -91,13 +91,14 @@ class Attention(nnx.Module):
         self.o = Linear(h * hd, d, ("heads", "embed"), **{**kw, "init_std": cfg.init_std / (2 * cfg.n_layers) ** 0.5})
         self.n_heads, self.n_kv_heads, self.head_dim, self.theta = h, kv, hd, cfg.rope_theta
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array] | None):
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array] | None,
+                 segments: jax.Array | None = None):
         b, t, _ = x.shape
         q = rope(self.q(x).reshape(b, t, self.n_heads, self.head_dim), positions, self.theta)
         k = rope(self.k(x).reshape(b, t, self.n_kv_heads, self.head_dim), positions, self.theta)
         v = self.v(x).reshape(b, t, self.n_kv_heads, self.head_dim)
-        if cache is None:
-            out = attention(q, k, v, positions, positions)
+        if cache is None:  # training: packed documents (segments) do not see each other
+            out = attention(q, k, v, positions, positions, q_segments=segments, k_segments=segments)
             return self.o(out), None
         # Write the new keys/values at their absolute positions (rows past the cache are dropped), then attend
         # over the whole cache: the position mask hides slots not yet written for this query.
@@ -129,8 +130,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, **kw)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array] | None):
-        h, cache = self.attn(self.attn_norm(x), positions, cache)
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array] | None,
+                 segments: jax.Array | None = None):
+        h, cache = self.attn(self.attn_norm(x), positions, cache, segments)
         x = constrain(x + h, ("batch", "seq", "embed"))
         x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "seq", "embed"))
         return x, cache
@@ -152,7 +154,10 @@ class DecoderLM(nnx.Module):
         self.cache_dims = (cfg.n_kv_heads or cfg.n_heads, cfg.head_dim or cfg.d_model // cfg.n_heads)
         self.dtype = dt
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None):
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None,
+                 segments: jax.Array | None = None):
+        """`segments` [B, T] (training only): packed documents attend within their own segment; pass `positions`
+        that restart at each segment's start with it."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         x = constrain(self.embed(tokens), ("batch", "seq", "embed"))
@@ -160,9 +165,9 @@ class DecoderLM(nnx.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
             if self.remat and cache is None:
-                x, _ = nnx.remat(lambda blk, x, p: blk(x, p, None))(layer, x, positions)
+                x, _ = nnx.remat(lambda blk, x, p, s: blk(x, p, None, s))(layer, x, positions, segments)
             else:
-                x, layer_cache = layer(x, positions, layer_cache)
+                x, layer_cache = layer(x, positions, layer_cache, segments)
             if new_cache is not None:
                 new_cache.append(layer_cache)
         x = self.final_norm(x)

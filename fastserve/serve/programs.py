@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from fastserve.generation import decoding as infer
+from fastserve.models.capabilities import CausalLM, cache_spec
 from fastserve.serve.kv import extract_rows, insert_rows
 
 
@@ -74,9 +75,12 @@ class ModelPrograms:
     def __init__(self, graphdef: Any, params: Any, max_len: int):
         self.graphdef, self.params, self.max_len = graphdef, params, max_len
         model = nnx.merge(graphdef, params)
-        kv_heads, head_dim = model.cache_dims
-        # (layers, kv_heads, head_dim, dtype) of the engine's KV pool
-        self.cache_layout = (len(model.layers), kv_heads, head_dim, model.dtype)
+        if not isinstance(model, CausalLM):
+            raise ValueError(f"{type(model).__name__} is not a causal LM (no KV cache): the serving engine decodes "
+                             "tokens; export a forward model instead")
+        # (layers, kv_heads, head_dim, dtype) of the engine's KV pool, as the model builds its own cache
+        one = cache_spec(model, 1, 1)
+        self.cache_layout = (len(one), one[0]["k"].shape[2], one[0]["k"].shape[3], one[0]["k"].dtype)
         self.device = None     # the pool is placed by the engine's mesh
 
     def check(self, max_len: int, buckets: list[int], slots: int) -> None:

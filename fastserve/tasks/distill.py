@@ -10,13 +10,12 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fastserve.tasks.lm import LanguageModeling, LMConfig, token_cross_entropy
+from fastserve.tasks.lm import LanguageModeling, LMConfig, packed_documents, token_cross_entropy
 from fastserve.tasks.base import weighted_mean
 
 
@@ -76,11 +75,12 @@ class Distillation(LanguageModeling):
         return cfg
 
     def loss(self, model, batch, rngs, task_state):
-        logits, _ = model(batch["inputs"])
+        docs = packed_documents(batch)
+        logits, _ = model(batch["inputs"], **docs)
         logits = logits.astype(jnp.float32)
         weights = batch["weights"].astype(jnp.float32)
         ce_sum, sums = token_cross_entropy(logits, batch)
-        teacher_logits, _ = nnx.merge(self.teacher_graphdef, task_state)(batch["inputs"])
+        teacher_logits, _ = nnx.merge(self.teacher_graphdef, task_state)(batch["inputs"], **docs)
         teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
         t = self.cfg.temperature
         log_p = jax.nn.log_softmax(teacher_logits / t, axis=-1)

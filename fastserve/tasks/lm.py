@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from fastserve.tasks.base import Task, weighted_mean
 
@@ -38,6 +36,11 @@ def token_cross_entropy(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple
     return jnp.sum(ce * weights), {"weight": jnp.sum(weights), "correct": jnp.sum(correct * weights)}
 
 
+def packed_documents(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The model's `positions` and `segments` when the batch carries them (`data.document_masking`)."""
+    return {k: batch[k] for k in ("positions", "segments") if k in batch}
+
+
 class LanguageModeling(Task):
     """Next-token prediction: batch = {inputs, targets, weights} of [B, T] (causal LM models)."""
 
@@ -50,7 +53,7 @@ class LanguageModeling(Task):
         self.cfg = cfg or LMConfig()
 
     def loss(self, model, batch, rngs, task_state):
-        logits, _ = model(batch["inputs"])
+        logits, _ = model(batch["inputs"], **packed_documents(batch))
         loss_sum, sums = token_cross_entropy(logits, batch)
         return loss_sum, {**sums, "loss_sum": loss_sum}
 

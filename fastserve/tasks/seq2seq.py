@@ -58,6 +58,12 @@ class Seq2SeqTask(Task):
     def __init__(self, cfg: Seq2SeqTaskConfig | None = None):
         self.cfg = cfg or Seq2SeqTaskConfig()
 
+    def configure(self, cfg):
+        if not hasattr(cfg.model, "max_target_len"):  # duck-typed: any encoder–decoder family's config
+            raise ValueError(f"train.task=seq2seq needs an encoder–decoder model (model.name: seq2seq), "
+                             f"got model.name={getattr(cfg.model, 'name', '?')}")
+        return cfg
+
     def loss(self, model, batch, rngs, task_state):
         logits = model(batch["src"], batch["tgt_in"], src_mask=batch["src_mask"], rngs=rngs).astype(jnp.float32)
         labels = batch["tgt_out"]

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastserve import cli
+from fastserve import cli, parallel
 from fastserve.core.checkpoint import CheckpointError, Checkpointer
 from fastserve.config import Config, ConfigError, SourceConfig, dump_config, load_config
 from fastserve.generation import decoding as infer
@@ -153,6 +153,9 @@ def write_workdir(cfg: Config, out_dir: str, model_cfg: Any, params: Any, tokeni
         # the trainer reads exactly this tokenizer (never retrains one over it)
         tokenizer=dataclasses.replace(cfg.tokenizer, path=tok_path, vocab_size=int(tokenizer.vocab_size)),
         source=SourceConfig(kind="checkpoint", path="", dtype=cfg.source.dtype),
+        # the mesh it ran on when the configured one does not fit this machine (make_tool_mesh fell back)
+        mesh=cfg.mesh if parallel.mesh_fits(cfg.mesh) else dataclasses.replace(
+            cfg.mesh, **{axis: int(mesh.shape[axis]) for axis in parallel.MESH_AXES}),
         transforms=[])  # applied: recorded in model.compressed (and compression_report.json)
     with open(os.path.join(out_dir, "config.yaml"), "w") as f:
         f.write(f"# written by fastserve.compress from {provenance.get('source')}: transforms "
