@@ -147,6 +147,18 @@ def test_dropout_is_on_in_training_off_in_eval_and_follows_the_rng():
         assert min(moved) > 0
 
 
+@pytest.mark.parametrize("residual", [True, False])
+def test_plain_and_residual_networks_give_logits_per_image(residual):
+    cfg = tiny_model_config(f"model.residual={str(residual).lower()}", "model.blocks=[2,1]")
+    graphdef, variables = split_model(cfg)
+    out = jax.eval_shape(lambda v, x: forward(graphdef, v, x), variables, jnp.zeros((2, 8, 8, 1)))
+    assert out.shape == (2, 4) and out.dtype == jnp.float32
+    # stem + 3 blocks (+ 1 projection where the width changes) convs, each followed by its batch norm
+    convs = 1 + 3 * (2 if residual else 1) + (1 if residual else 0)
+    assert len(jax.tree.leaves(abstract_model_split(cfg)[3])) == 2 * convs
+    assert cfg.flops_per_example() > 0
+
+
 def test_wrong_image_shape_is_refused_with_the_config_keys():
     graphdef, variables = split_model(tiny_model_config())
     with pytest.raises(ValueError, match=r"model.channels=1.*got shape \(2, 8, 8, 3\)"):

@@ -24,7 +24,7 @@ SMALL = ["model.vocab_size=64", "model.d_model=32", "model.n_layers=1", "model.n
          "optimizer.warmup_steps=0", "optimizer.schedule=constant"]
 
 
-def setup(*overrides):
+def make_run(*overrides):
     cfg = load_config(None, [*SMALL, *overrides])
     mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
     tx, schedule = make_optimizer(cfg.optimizer, 100)
@@ -52,7 +52,7 @@ def test_gradient_accumulation_equals_one_step_over_the_whole_batch():
     """SGD (update = -lr·g, so params expose the gradient itself) on a batch whose rows count unequal tokens:
     k=1 and k=2 micro-batches give the params of one plain-autodiff step on the mean loss over every token."""
     lr = 1.0
-    cfg, mesh, tx, schedule, graphdef, state, shardings = setup(
+    cfg, mesh, tx, schedule, graphdef, state, shardings = make_run(
         "optimizer.name=sgd", f"optimizer.learning_rate={lr}", "optimizer.clip_norm=0")
     batch = lm_batch()
     # unequal tokens per micro-batch: the first half of the rows (micro-batch 0 at k=2) keeps only 4 of 16
@@ -101,7 +101,7 @@ def test_remat_gives_the_same_loss_and_gradients():
     task = make_task("lm")
     out = {}
     for remat in (False, True):
-        cfg, mesh, tx, schedule, graphdef, state, _ = setup(f"model.remat={str(remat).lower()}")
+        cfg, mesh, tx, schedule, graphdef, state, _ = make_run(f"model.remat={str(remat).lower()}")
         loss_grad = jax.value_and_grad(make_loss_fn(graphdef, task), has_aux=True)
         args = (state["params"], state["model_state"], batch, jax.random.key(0), {})
         # remat must really be in the program (else this test compares a model with itself)
@@ -120,7 +120,7 @@ def test_remat_gives_the_same_loss_and_gradients():
 # ---------------------------------------------------------------------------------------------- bfloat16
 
 def test_bfloat16_compute_trains_with_float32_params():
-    cfg, mesh, tx, schedule, graphdef, state, shardings = setup("model.dtype=bfloat16", "optimizer.learning_rate=1e-2")
+    cfg, mesh, tx, schedule, graphdef, state, shardings = make_run("model.dtype=bfloat16", "optimizer.learning_rate=1e-2")
     batch = lm_batch(pattern=True)
     # the compute really is bfloat16 (activations), the parameters float32
     model = nnx.merge(graphdef, merge_trees(state["params"], state["model_state"]))

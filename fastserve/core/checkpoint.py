@@ -144,6 +144,21 @@ class _AsyncioLeftovers(logging.Filter):
         return True
 
 
+class _DiskErrorsReported(logging.Filter):
+    """Orbax logs a full disk four times with tracebacks from its save threads; `Checkpointer` raises it once as a
+    CheckpointError naming the disk, so those records go to the debug log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+            log.debug("orbax: %s (%s)", record.getMessage()[:300], exc)
+            return False
+        return True
+
+
+_DISK_FILTER = _DiskErrorsReported()
+
+
 def _quiet_orbax_leftovers(step_dir: str) -> None:
     """Called when a restore from `step_dir` failed. Orbax leaves that failure's asyncio work behind, and it then
     printed 12-60 tracebacks around our one warning ("Event loop is closed", "Exception ignored in <coroutine>",
@@ -189,6 +204,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        logging.getLogger("absl").addFilter(_DISK_FILTER)  # idempotent: a logger holds a filter once
         self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-crc32")
         self._saving: int | None = None      # the step whose async save may still be running
         self._failed = False                 # a save failure was raised: close() does not raise another

@@ -35,7 +35,8 @@ POOLINGS = ("cls", "mean")
 @dataclass
 class EncoderConfig:
     """`model.name: encoder` — a BERT-style bidirectional encoder with a classification head (registered in
-    fastserve.registry). Defaults are BERT's where it has one (post-LN, eps 1e-12, GELU, dropout 0.1)."""
+    fastserve.registry). Defaults are BERT's (post-LN, eps 1e-12, exact GELU, dropout 0.1), except that dropout on the
+    attention probabilities is off unless `attention_dropout` asks for it."""
     name: str = "encoder"
     vocab_size: int = 0            # 0: take it from the data
     d_model: int = 256
@@ -46,7 +47,8 @@ class EncoderConfig:
     type_vocab_size: int = 2       # token-type (segment) ids; 0: no token-type embedding
     num_classes: int = 0           # 0: take it from the data
     dropout: float = 0.1           # embeddings, after each sublayer, before the classifier
-    attention_dropout: float | None = None  # on the attention probabilities; null: same as `dropout`
+    attention_dropout: float = 0.0  # on the attention probabilities (BERT: 0.1); > 0 trains through a local twin of
+                                    # layers.attention, which has no dropout hook (eval always uses layers.attention)
     norm_eps: float = 1e-12
     pre_ln: bool = False           # false: BERT's post-LN (norm after each residual add); true: pre-LN + final norm
     pooling: str = "cls"           # cls: tanh pooler on the first ([CLS]) position | mean: masked mean over tokens
@@ -66,9 +68,8 @@ class EncoderConfig:
         if self.n_heads > 0 and self.d_model % self.n_heads:
             yield "n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; choose a divisor"
         for n in ("dropout", "attention_dropout"):
-            v = getattr(self, n)
-            if v is not None and not 0 <= v < 1:
-                yield n, f"must be in [0, 1), got {v}"
+            if not 0 <= getattr(self, n) < 1:
+                yield n, f"must be in [0, 1), got {getattr(self, n)}"
         if self.pooling not in POOLINGS:
             yield "pooling", f"expected one of {', '.join(POOLINGS)}, got {self.pooling!r}"
         yield from check_dtypes(self)
@@ -151,8 +152,7 @@ class SelfAttention(nnx.Module):
         self.v = Linear(d, d, ("embed", "heads"), use_bias=True, **kw)
         self.o = Linear(d, d, ("heads", "embed"), use_bias=True, **kw)
         self.n_heads, self.head_dim = cfg.n_heads, d // cfg.n_heads
-        rate = cfg.dropout if cfg.attention_dropout is None else cfg.attention_dropout
-        self.probs_dropout = nnx.Dropout(rate)
+        self.probs_dropout = nnx.Dropout(cfg.attention_dropout)
 
     def __call__(self, x: jax.Array, mask: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
         b, t, _ = x.shape

@@ -37,8 +37,8 @@ class Seq2SeqConfig:
     n_decoder_layers: int = 3
     n_heads: int = 4
     d_ff: int = 688                # SwiGLU hidden width
-    max_source_len: int = 0        # longest source (padded) the model accepts; 0: from the data
-    max_target_len: int = 0        # longest target (padded); 0: from the data
+    max_source_len: int = 0        # longest (padded) source it is trained for; 0: from the data (a data longer than a
+    max_target_len: int = 0        # set value fails at start-up); RoPE itself sets no hard limit. Target: the same
     dropout: float = 0.0           # on embeddings and on every residual branch, in train mode only
     tie_embeddings: bool = True    # the output projection is the (shared) embedding table
     cross_attention_rope: bool = True  # rotate cross-attention by target (q) and source (k) positions
