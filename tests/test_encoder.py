@@ -98,7 +98,8 @@ def padded_inputs(t, extra, seed=0):
 
 
 def compiled(cfg, seed=0):
-    """(variables, eval_fn, train_fn, graphdef): one model, its eval pass (logits, embed, encode) and its train-mode logits.
+    """(variables, eval_fn, train_fn, graphdef): one model, its eval pass (logits, embed, encode) and its
+    train-mode logits.
     Shared by the tests below so that each shape compiles once (compiles dominate these tests' time)."""
     graphdef, state = nnx.split(build_model(cfg, nnx.Rngs(seed)))
 
@@ -168,7 +169,8 @@ def test_dropout_only_in_train_mode(bert):
     (tokens, mask), _ = padded_inputs(T, EXTRA, seed=2)
     types = jnp.zeros_like(tokens)
     eval_out = eval_fn(state, tokens, mask, types)[0]
-    a, b = train_fn(state, tokens, mask, types, jax.random.key(0)), train_fn(state, tokens, mask, types, jax.random.key(1))
+    a = train_fn(state, tokens, mask, types, jax.random.key(0))
+    b = train_fn(state, tokens, mask, types, jax.random.key(1))
     assert float(jnp.max(jnp.abs(a - eval_out))) > 1e-3 and float(jnp.max(jnp.abs(a - b))) > 1e-3
     np.testing.assert_array_equal(train_fn(state, tokens, mask, types, jax.random.key(0)), a)
     np.testing.assert_array_equal(eval_fn(state, tokens, mask, types)[0], eval_out)
@@ -226,7 +228,8 @@ def test_synthetic_classes_data():
     assert not (make_examples(cfg, 300, split=1)["inputs"] == ex["inputs"]).all()
     present = make_examples(dataclasses.replace(cfg, rule="present"), 300, split=0)
     found = [[j for j in range(3) if (row == 2 + j).any()] for row in present["inputs"]]
-    assert all(f == [lab] and (row == 2 + lab).sum() == 1 for f, lab, row in zip(found, present["labels"], present["inputs"]))
+    assert all(f == [lab] and (row == 2 + lab).sum() == 1
+               for f, lab, row in zip(found, present["labels"], present["inputs"]))     # exactly one marker: the label
 
 
 def test_head_count_that_does_not_divide_d_model_is_a_config_error(capsys):

@@ -254,6 +254,12 @@ class Checkpointer:
             self.manager.close()
             self._hasher.shutdown(wait=True)
 
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def _save_error(self, e: BaseException, step: int | None) -> CheckpointError:
         """A CheckpointError that says what failed and what is left; a full disk is named as such."""
         self._failed = True
@@ -331,7 +337,9 @@ class Checkpointer:
         reason = ""
         for i, step in enumerate(reversed(steps)):
             try:
-                return step, attempt(step)
+                found = step, attempt(step)
+                log.debug("restored step %d of %s", step, self.directory)
+                return found
             except Exception as e:  # orbax raises many types for truncated / corrupt files
                 reason = _reason(e)
                 if log.isEnabledFor(logging.DEBUG):  # text, not exc_info: a kept record would keep orbax's tasks alive

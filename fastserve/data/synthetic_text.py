@@ -50,7 +50,8 @@ class SyntheticClassesConfig:
                                  f"{self.num_classes} markers and one ordinary token), got {self.vocab_size}")
         markers = self.num_classes if self.rule == "first" else 1
         if self.min_len < markers + 1:
-            yield "min_len", f"must leave room for [CLS] and {markers} marker(s): at least {markers + 1}, got {self.min_len}"
+            yield "min_len", (f"must leave room for [CLS] and {markers} marker(s): at least {markers + 1}, "
+                              f"got {self.min_len}")
         if self.min_len > self.seq_len:
             yield "min_len", f"must be <= seq_len={self.seq_len}, got {self.min_len}"
         if self.train_examples < self.batch_size:

@@ -6,10 +6,11 @@ blocks each, every stage after the first opening with a 2×2 max pool; global av
 head. A block is conv-BN-ReLU (`residual: false`) or a basic residual block (`residual: true`: two conv-BN, an
 identity shortcut, or a 1×1 conv-BN projection where the width changes, then ReLU).
 
-Train mode (`model.train()`): batch norm normalizes with the statistics of the batch (over every example of the
-global batch: on a mesh they are reduced across devices, so the result does not depend on the device count) and
-updates its running statistics — model state, `nnx.BatchStat`, carried and checkpointed beside the parameters; dropout
-is on and draws from the `dropout` stream of the `rngs` passed to `__call__`. Eval mode (`model.eval()`, what
+Train mode (`model.train()`): batch norm normalizes with the statistics of the batch (of the whole micro-batch
+across devices: on a mesh they are reduced over the data-parallel shards, so the result does not depend on the
+device count; with `train.grad_accum` > 1, per micro-batch) and updates its running statistics — model state
+(`nnx.BatchStat`), carried and checkpointed beside the parameters; dropout is on and draws from the `dropout`
+stream of the `rngs` passed to `__call__`. Eval mode (`model.eval()`, what
 `build_model` returns): running statistics and no dropout, so an example's logits do not depend on the rest of its
 batch. The model holds no RNG: `nnx.Dropout` is built without one.
 
@@ -18,8 +19,6 @@ A pure definition: no I/O, no sharding decisions (only logical axis names, mappe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -95,6 +94,10 @@ class CNNConfig:
     def flops_per_example(self) -> float:
         """Training FLOPs (forward + backward ≈ 3 × forward) per image: convolutions and the head."""
         return 3.0 * forward_flops(self)
+
+    def forward_inputs(self, batch) -> dict[str, jax.ShapeDtypeStruct]:
+        """What a `forward` export takes: NHWC float32 images."""
+        return {"inputs": jax.ShapeDtypeStruct((batch, self.image_size, self.image_size, self.channels), jnp.float32)}
 
 
 def forward_flops(cfg: CNNConfig) -> float:

@@ -64,7 +64,8 @@ class EncoderConfig:
                 yield n, f"must be positive, got {getattr(self, n)}"
         for n in ("vocab_size", "num_classes", "type_vocab_size"):
             if getattr(self, n) < 0:
-                yield n, f"must be >= 0 (0: {'none' if n == 'type_vocab_size' else 'from the data'}), got {getattr(self, n)}"
+                zero = "none" if n == "type_vocab_size" else "from the data"
+                yield n, f"must be >= 0 (0: {zero}), got {getattr(self, n)}"
         if self.n_heads > 0 and self.d_model % self.n_heads:
             yield "n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; choose a divisor"
         for n in ("dropout", "attention_dropout"):
@@ -76,6 +77,11 @@ class EncoderConfig:
 
     def build(self, rngs: nnx.Rngs) -> "Encoder":
         return Encoder(self, rngs=rngs)
+
+    def forward_inputs(self, batch) -> dict[str, jax.ShapeDtypeStruct]:
+        """What a `forward` export takes: tokens and their padding mask, padded to max_seq_len."""
+        shape = (batch, self.max_seq_len)
+        return {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32), "mask": jax.ShapeDtypeStruct(shape, jnp.bool_)}
 
     def flops_per_example(self, seq_len: int) -> float:
         """Training FLOPs per example of `seq_len` tokens (forward + backward = 3× forward)."""

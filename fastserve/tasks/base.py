@@ -11,6 +11,7 @@ signature for every task, nothing baked into the program as constants.
 from __future__ import annotations
 
 import abc
+import inspect
 from typing import Any
 
 import jax
@@ -49,8 +50,13 @@ class Task(abc.ABC):
         return int(len(next(iter(batch.values()))))
 
     def flops_per_unit(self, cfg: Any) -> float | None:
-        """Training FLOPs (forward + backward) per unit, for MFU; None where no formula is known."""
-        return None
+        """Training FLOPs (forward + backward) per unit, for MFU; None where no formula is known. Default: the
+        model config's `flops_per_example(...)`, given the data fields its signature names (e.g. seq_len)."""
+        per_example = getattr(cfg.model, "flops_per_example", None)
+        if per_example is None or self.unit not in ("examples", "images"):
+            return None
+        names = inspect.signature(per_example).parameters
+        return per_example(**{n: getattr(cfg.data, n) for n in names if hasattr(cfg.data, n)})
 
     def check_batch(self, batch: dict[str, np.ndarray]) -> None:
         missing = [k for k in self.batch_keys if k not in batch]
