@@ -293,7 +293,7 @@ def export_from_config(cfg: Config, out_dir: str | None = None, options: ExportO
 
     options = options or options_from_config(cfg.export)
     out_dir = out_dir or cfg.export.out
-    if cfg.source.kind == "checkpoint" and cfg.model.vocab_size:  # bad options fail before the (long) restore
+    if cfg.source.kind == "checkpoint" and getattr(cfg.model, "vocab_size", 1):  # bad options fail before restoring
         options.resolve(cfg.model, model_capability(cfg.model)[0])
     loaded = load_model(cfg)
     source = {"kind": cfg.source.kind, "path": os.path.abspath(cfg.source.path or cfg.train.workdir),
