@@ -110,3 +110,20 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert "stop requested: saved step" in out
     saved = Checkpointer(str(tmp_path / "checkpoints")).all_steps()
     assert len(saved) == 1 and saved[0] >= 1
+
+
+def test_a_trained_work_dir_never_gets_its_tokenizer_silently_retrained(tiny_config, capsys):
+    from fastserve.core.trainer import main
+    cfg = tiny_config("train.steps=2", "checkpoint.every=2", "train.eval_every=100")
+    train(cfg)
+    tok = os.path.join(cfg.train.workdir, "tokenizer.model")
+    before = open(tok, "rb").read()
+    args = [f"{k}={v}" for k, v in [("train.workdir", cfg.train.workdir), ("model.d_model", 64),
+                                    ("model.n_layers", 2), ("model.n_heads", 4), ("model.n_kv_heads", 2),
+                                    ("model.d_ff", 128), ("model.max_seq_len", 64), ("data.seq_len", 32),
+                                    ("data.batch_size", 8), ("log.progress", "false"), ("mesh.data", 1),
+                                    ("train.steps", 4), ("tokenizer.vocab_size", 300)]]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "vocab_size 400 → 300" in err and "new train.workdir" in err, err
+    assert open(tok, "rb").read() == before

@@ -119,7 +119,7 @@ def _about_failed_restore(exc: BaseException | None) -> bool:
     """Raised in orbax / tensorstore code, or (tensorstore futures carry no traceback) naming a reported step dir."""
     tb = exc.__traceback__ if exc is not None else None
     return (any(d in f.f_code.co_filename for f, _ in traceback.walk_tb(tb) for d in _ORBAX_DIRS)
-            or any(d in str(exc) for d in _failed_dirs))
+            or any(d in str(exc) for d in tuple(_failed_dirs)))  # a snapshot: hooks run on other threads
 
 
 def _is_orbax_leftover(u: Any) -> bool:
@@ -364,7 +364,9 @@ class Checkpointer:
             with open(path, "rb") as f:
                 record = json.loads(f.read())
             saved = record["arrays"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            if not (saved is None or isinstance(saved, dict)) or record.get("algorithm") != "crc32":
+                raise ValueError(f"unexpected content (algorithm {record.get('algorithm')!r})")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointCorrupt(step, f"its checksum file {path} is unreadable ({e})") from None
         host = _host_leaves(tree) if saved is not None else None
         if host is None:

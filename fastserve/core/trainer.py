@@ -21,6 +21,7 @@ import numpy as np
 
 from fastserve import cli, parallel
 from fastserve.config import Config, dump_config
+from fastserve.core.checkpoint import CheckpointError
 from fastserve.core.monitor import Monitor
 from fastserve.core.perf import measure_matmul_peak
 from fastserve.core.setup import prepare_state
@@ -192,6 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (ValueError, FileNotFoundError, CheckpointError) as e:  # bad data, work dir or teacher: a message
+        log.debug("training refused", exc_info=True)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     ev = results.get("eval") or {}
     if ev and jax.process_index() == 0:
         print(f"\nfinal held-out {format_metrics(ev, results['report'])} at step {results['step']}")

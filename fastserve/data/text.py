@@ -82,9 +82,12 @@ def tokenizer_once(cfg: Any, texts: list[str]) -> Tokenizer:
     """Process 0 trains (or finds) the cached tokenizer first; the others then read that same file."""
     import jax
 
+    ckpt_dir = os.path.join(cfg.train.workdir, "checkpoints")
+    trained = os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
+
     def load():
         return load_or_train_tokenizer(cfg.tokenizer.path, texts, cfg.tokenizer.vocab_size, cfg.tokenizer.model_type,
-                                       cfg.train.workdir)
+                                       cfg.train.workdir, trained=trained)
     if jax.process_count() == 1:
         return load()
     from jax.experimental import multihost_utils

@@ -225,8 +225,12 @@ def _fingerprint(texts: Sequence[str], vocab_size: int, model_type: str) -> str:
     return h.hexdigest()
 
 
+class TokenizerMismatch(ValueError):
+    """The work dir's tokenizer was trained on other inputs, and a model trained with it is saved there."""
+
+
 def load_or_train_tokenizer(
-    path: str, texts: list[str], vocab_size: int, model_type: str, workdir: str
+    path: str, texts: list[str], vocab_size: int, model_type: str, workdir: str, trained: bool = False
 ) -> Tokenizer:
     """Return the tokenizer at ``path``, or a cached/trained one in ``workdir``.
 
@@ -234,16 +238,21 @@ def load_or_train_tokenizer(
     to ``workdir/tokenizer.json``, which records a sha256 of (texts,
     vocab_size, model_type). A matching record means the cached model is
     reused; anything else (no record, other corpus or settings, unreadable
-    files) retrains and overwrites both.
+    files) retrains and overwrites both — unless ``trained`` (the work dir
+    holds checkpoints of a model that reads this tokenizer): then the
+    mismatch is an error, never a silent retrain under a trained model.
 
     Raises:
         FileNotFoundError: ``path`` given but missing.
+        TokenizerMismatch: ``trained`` and the cached tokenizer's record does
+            not match (it names what differs).
     """
     if path:
         return Tokenizer.from_file(path)
     model_path = os.path.join(workdir, "tokenizer.model")
     meta_path = os.path.join(workdir, "tokenizer.json")
     digest = _fingerprint(texts, vocab_size, model_type)
+    meta: dict = {}
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -251,6 +260,14 @@ def load_or_train_tokenizer(
             return Tokenizer.from_file(model_path)
     except (OSError, ValueError, RuntimeError):
         pass  # no cache or a broken one: fall through and retrain
+    if trained and os.path.exists(model_path):
+        was = {k: meta.get(k) for k in ("vocab_size", "model_type", "num_texts")}
+        now = {"vocab_size": vocab_size, "model_type": model_type, "num_texts": len(texts)}
+        differs = [f"{k} {was[k]} → {now[k]}" for k in now if was[k] != now[k]] or ["the training texts' content"]
+        raise TokenizerMismatch(
+            f"{workdir} holds a model trained with its tokenizer.model, but this config would train another one "
+            f"({', '.join(differs)}). Use a new train.workdir, restore the tokenizer / data settings it was "
+            f"trained with, or point tokenizer.path at {model_path} to keep it.")
     # Drop the old record before touching the model: a crash after the new
     # model is written but before its record must not leave the old record
     # vouching for the new model.
