@@ -1,6 +1,5 @@
 """Faults a long run meets: corrupt or truncated checkpoints, a full disk, kill -9 mid-save, SIGTERM during
 evaluation, a NaN score, and a work dir trained on a mesh this machine does not have."""
-import dataclasses
 import errno
 import json
 import math
@@ -10,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -104,6 +104,7 @@ def test_checkpoint_without_checksums_still_loads(trained, tmp_path, caplog):
 
 
 def test_evaluate_falls_back_past_a_corrupt_step(trained, tmp_path, caplog):
+    """Parameter bytes flipped in the newest step: evaluation scores the step before, with a warning."""
     workdir = copy_of(trained, tmp_path)
     params = abstract_state(workdir)["params"]
     data_files = sorted((workdir / "checkpoints" / "4" / "state").rglob("d/*"), key=lambda p: -p.stat().st_size)
@@ -227,7 +228,8 @@ def test_sigterm_stops_evaluate_promptly(trained, tmp_path):
 
 
 def test_mesh_fits():
-    mesh = lambda d, f, t: dataclasses.make_dataclass("M", ["data", "fsdp", "tensor"])(d, f, t)
+    def mesh(data, fsdp, tensor):
+        return types.SimpleNamespace(data=data, fsdp=fsdp, tensor=tensor)
     assert parallel.mesh_fits(mesh(2, 2, 2), 8) and not parallel.mesh_fits(mesh(2, 2, 2), 1)
     assert parallel.mesh_fits(mesh(1, 1, 1), 8) and parallel.mesh_fits(mesh(-1, 2, 1), 4)
     assert not parallel.mesh_fits(mesh(-1, 2, 1), 3)
@@ -254,6 +256,7 @@ def test_work_dir_from_8_devices_loads_on_1(tmp_path, caplog):
                            "train.steps=3", "checkpoint.every=3", "train.eval_every=100", "train.eval_batches=2",
                            *mesh8], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in proc.stdout, proc.stdout
     on_8 = json.loads(proc.stdout.strip().splitlines()[-1])
     assert jax.device_count() == 1
     cfg = load_config(str(workdir / "config.yaml"), [])  # the saved config: its mesh wants 8 devices
