@@ -127,3 +127,20 @@ def test_a_trained_work_dir_never_gets_its_tokenizer_silently_retrained(tiny_con
     err = capsys.readouterr().err
     assert "error:" in err and "vocab_size 400 → 300" in err and "new train.workdir" in err, err
     assert open(tok, "rb").read() == before
+
+
+def test_a_config_change_on_resume_is_reported_as_such(tiny_config):
+    """Resuming a work dir with another model shape names the mismatch; it is not 'unreadable', and nothing falls
+    back to an older step or starts over."""
+    from fastserve.core.checkpoint import CheckpointMismatch
+    from fastserve.core.setup import prepare_state
+    cfg = tiny_config("train.steps=4", "checkpoint.every=2", "train.eval_every=100")
+    train(cfg)
+    changed = trained_config(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_ff=96)))
+    with pytest.raises(CheckpointMismatch, match=r"step 4 .* different model config \(params\.layers\.0\.mlp\..*"
+                                                 r"has shape \[64, 128\] there, \[64, 96\] in this config"):
+        prepare_state(changed)
+    untied = trained_config(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tie_embeddings=False)))
+    with pytest.raises(CheckpointMismatch, match=r"not saved: params\.lm_head\.kernel"):
+        prepare_state(untied)
+    assert Checkpointer(os.path.join(cfg.train.workdir, "checkpoints")).all_steps() == [2, 4]

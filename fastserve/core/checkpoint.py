@@ -50,6 +50,10 @@ class CheckpointCorrupt(CheckpointError):
         self.detail = detail
 
 
+class CheckpointMismatch(CheckpointError):
+    """A checkpoint saved by another model config (other shapes or parameters): no older step would fit either."""
+
+
 # ------------------------------------------------------------------------------------------------ checksums
 
 def _crc32(a: np.ndarray) -> int:
@@ -288,6 +292,7 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """(state, extra) of `step`, checked against its checksums (CheckpointCorrupt names the arrays that differ)."""
         def read():
+            self.check_layout(step, abstract_state)
             out = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
             self.verify(step, out["state"])
@@ -301,6 +306,7 @@ class Checkpointer:
         out = {k: v for k, v in entries.items() if k not in wanted}  # empty: nothing to read (older saves lack it)
 
         def read():
+            self.check_layout(step, wanted)
             if wanted:
                 restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), wanted)
                 got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -340,6 +346,8 @@ class Checkpointer:
                 found = step, attempt(step)
                 log.debug("restored step %d of %s", step, self.directory)
                 return found
+            except CheckpointMismatch:  # another config's checkpoint: falling back to older steps cannot help
+                raise
             except Exception as e:  # orbax raises many types for truncated / corrupt files
                 reason = _reason(e)
                 if log.isEnabledFor(logging.DEBUG):  # text, not exc_info: a kept record would keep orbax's tasks alive
@@ -353,6 +361,35 @@ class Checkpointer:
             raise CheckpointError(f"none of the checkpoints in {self.directory} (steps {steps}) could be read; the "
                                   f"oldest failed with: {reason}")
         return None
+
+    def check_layout(self, step: int, abstract: Any) -> None:
+        """CheckpointMismatch when the model variables the step recorded (names and shapes, from its checksum file)
+        are not the ones `abstract` expects: the config changed since the save. Steps without a record pass."""
+        path = os.path.join(self.directory, str(step), CHECKSUM_ITEM, CHECKSUM_FILE)
+        try:
+            with open(path, "rb") as f:
+                saved = json.loads(f.read()).get("arrays")
+        except (OSError, ValueError, AttributeError):
+            return  # no record (an older save) or an unreadable one: `verify` reports the latter
+        if not isinstance(saved, dict):
+            return
+        model_keys = ("params.", "model_state.")
+        want = {_key(p): list(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+        want = {k: v for k, v in want.items() if k.startswith(model_keys)}
+        have = {k: list(e.get("shape", ())) for k, e in saved.items() if k.startswith(model_keys)}
+        tops = {k.split(".")[0] for k in want}
+        have = {k: v for k, v in have.items() if k.split(".")[0] in tops}
+        shapes = [f"{k} has shape {have[k]} there, {v} in this config" for k, v in want.items()
+                  if k in have and have[k] != v]
+        missing = sorted(k for k in want if k not in have)
+        extra = sorted(k for k in have if k not in want)
+        if not (shapes or missing or extra):
+            return
+        parts = shapes[:3] + ([f"not saved: {', '.join(missing[:3])}"] if missing else []) + \
+            ([f"saved but not in this config: {', '.join(extra[:3])}"] if extra else [])
+        raise CheckpointMismatch(
+            f"checkpoint step {step} in {self.directory} was saved by a different model config ({'; '.join(parts)}). "
+            f"Use the config it was trained with (the work dir's config.yaml), or a new train.workdir")
 
     def verify(self, step: int, tree: Any) -> None:
         """Checks restored arrays (a prefix-matching part of the saved tree) against the step's checksums."""
