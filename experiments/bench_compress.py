@@ -43,6 +43,8 @@ from fastserve.core.trainer import train
 from fastserve.transforms.common import describe, get_node, replace_node, select
 from fastserve.transforms.lowrank import choose_rank
 
+from provenance import provenance  # experiments/: the script's own directory is on sys.path
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
@@ -351,7 +353,7 @@ def main() -> int:
         diagnosis = smollm_diagnosis()
     out = {"bench": "compress", "quick": args.quick, "rows": rows, "target": check_target(rows),
            "recovery_lr": RECOVERY_LR, "decode_tokens": 8 if args.quick else DECODE_TOKENS, "jax": jax.__version__,
-           "device": str(jax.devices()[0].device_kind), "date": time.strftime("%Y-%m-%d"),
+           "device": str(jax.devices()[0].device_kind), "date": time.strftime("%Y-%m-%d"), **provenance(),
            "load_avg_start": round(load_start, 2), "load_avg_end": round(os.getloadavg()[0], 2),
            "seconds": round(time.perf_counter() - t0), "smollm_diagnosis": diagnosis}
     if not args.quick:

@@ -30,6 +30,8 @@ from fastserve.generation.program import model_program
 from fastserve.artifacts.writer import ExportOptions, export_params
 from fastserve.workdir import load_model
 
+from provenance import provenance  # experiments/: the script's own directory is on sys.path
+
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "smollm2_135m.yaml")
 PROMPT_LEN = 32
 ROUNDS = 3
@@ -159,7 +161,7 @@ def main() -> int:
            "prompt_len": PROMPT_LEN, "new_tokens": new_tokens, "param_bytes": int(param_bytes),
            "bandwidth_GBps": round(bandwidth / 1e9, 2), "results": results, "jax": jax.__version__,
            "load_avg_start": round(load_start, 2), "load_avg_end": round(os.getloadavg()[0], 2),
-           "date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0].device_kind)}
+           "date": time.strftime("%Y-%m-%d"), **provenance(), "device": str(jax.devices()[0].device_kind)}
     if not args.quick:
         results_dir = os.path.join(os.path.dirname(__file__), "results")
         with open(os.path.join(results_dir, "bench_decode.json"), "w") as f:

@@ -19,6 +19,8 @@ import jax
 
 import fastserve
 
+from provenance import provenance  # experiments/: the script's own directory is on sys.path
+
 CLAIM_FINAL_LOSS = 4.9      # configs/quickstart.yaml: held-out loss at step 300 at or below this
 
 
@@ -48,7 +50,7 @@ def main() -> int:
                      (evals[results["step"]] < evals[0] - 2.0),
         "load_avg_start": round(load_start, 2), "load_avg_end": round(os.getloadavg()[0], 2),
         "jax": jax.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d"), **provenance(),
     }
     if not args.quick:
         with open(os.path.join(os.path.dirname(__file__), "results", "bench_quickstart.json"), "w") as f:

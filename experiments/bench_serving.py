@@ -36,6 +36,7 @@ import numpy as np
 
 from serving_report import plot, render, targets, write_markdown
 from serving_sim import simulate_sweep
+from provenance import provenance
 from serving_workload import (BUCKETS, HIGH_LOAD, LONG, LONG_FRACTION, MAX_LEN, P99_SLO_S, PROMPT_RANGE,
                               REFERENCE_ONLY_AT_HIGH_LOAD, SHORT, SLO_TPOT_S, SLO_TTFT_S, SLOTS, Item, mean_output,
                               serve_config, summarize, workload)
@@ -311,7 +312,7 @@ def main() -> int:
            "command": "python experiments/bench_serving.py" + (" --quick" if args.quick else ""),
            "wall_s": round(time.time() - t_start, 1), "load_avg_start": round(load_start, 2),
            "load_avg_end": round(os.getloadavg()[0], 2), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-           "date": time.strftime("%Y-%m-%d")}
+           "date": time.strftime("%Y-%m-%d"), **provenance()}
     custom = args.fractions or args.requests or args.mode != "both" or args.schedulers
     if not args.quick and not custom:       # only the default full run is recorded
         os.makedirs(os.path.join(HERE, "results"), exist_ok=True)

@@ -33,6 +33,8 @@ import time
 
 import numpy as np
 
+from provenance import provenance  # experiments/: the script's own directory is on sys.path
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 MODEL = dict(vocab_size=8000, d_model=512, n_layers=6, n_heads=8, n_kv_heads=8, d_ff=1408, max_seq_len=256,
@@ -276,7 +278,7 @@ def main(argv=None) -> dict:
 
     result = {
         "benchmark": "bench_train", "mode": "quick" if args.quick else "full",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), **provenance(),
         "machine": f"{cpu_name()}, {os.cpu_count()} CPUs ({platform.machine()}, {platform.system()})",
         "config": {**MODEL, "seq_len": SEQ, "batch_size": BATCH, "tokens_per_step": tok_per_step,
                    "optimizer": "adamw lr 3e-3 (cosine, warmup 50) b1 0.9 b2 0.95 wd 0.1 (matrices) clip 1.0",
