@@ -8,14 +8,14 @@ work is done. The parsing machinery is in `fastserve.config_parsing`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Sequence
+from typing import Annotated, Any, Sequence
 
 import yaml
 
 from fastserve import registry
+from fastserve.checks import at_least, fraction, one_of, positive, positive_list
 from fastserve.config_parsing import ConfigError, Tagged, config_from_dict as _from_dict, merge, override_dict, parse_override, read_yaml
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "adafactor")
@@ -26,42 +26,6 @@ SCHEDULERS = ("fcfs", "static", "mlfq", "gittins")
 
 def _default(kind: str, name: str) -> Any:
     return registry.resolve(registry.KINDS[kind][name])()
-
-
-# ------------------------------------------------------------------------ checks shared by every section
-
-def _near(name: str, valid: Sequence[str]) -> str:
-    near = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.5)
-    return f"; did you mean '{near[0]}'?" if near else ""
-
-
-def _positive(obj: Any, *names: str) -> Iterator[tuple[str, str]]:
-    for n in names:
-        v = getattr(obj, n)
-        if not v > 0:
-            yield n, f"must be positive, got {v}"
-
-
-def _at_least(obj: Any, low: float, *names: str) -> Iterator[tuple[str, str]]:
-    for n in names:
-        v = getattr(obj, n)
-        if not v >= low:
-            yield n, f"must be >= {low}, got {v}"
-
-
-def _fraction(obj: Any, *names: str, closed: bool = False) -> Iterator[tuple[str, str]]:
-    """Each of `names` in [0, 1) (or [0, 1] when `closed`)."""
-    for n in names:
-        v = getattr(obj, n)
-        if not (0 <= v <= 1 if closed else 0 <= v < 1):
-            yield n, f"must be in [0, 1{']' if closed else ')'}, got {v}"
-
-
-def _positive_list(obj: Any, *names: str) -> Iterator[tuple[str, str]]:
-    for n in names:
-        bad = [v for v in getattr(obj, n) if v <= 0]
-        if bad:
-            yield n, f"every entry must be positive, got {bad[0]}"
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -94,13 +58,11 @@ class OptimizerConfig:
     clip_norm: float = 1.0         # global-norm clipping; 0 turns it off
 
     def checks(self):
-        if self.name not in OPTIMIZERS:
-            yield "name", f"unknown optimizer '{self.name}'{_near(self.name, OPTIMIZERS)} (choose from {', '.join(OPTIMIZERS)})"
-        if self.schedule not in SCHEDULES:
-            yield "schedule", f"unknown schedule '{self.schedule}'{_near(self.schedule, SCHEDULES)} (choose from {', '.join(SCHEDULES)})"
-        yield from _positive(self, "learning_rate", "eps")
-        yield from _at_least(self, 0, "warmup_steps", "weight_decay", "clip_norm", "momentum")
-        yield from _fraction(self, "min_lr_ratio", "b1", "b2", closed=True)
+        yield from one_of(self, "name", OPTIMIZERS, "optimizer")
+        yield from one_of(self, "schedule", SCHEDULES, "schedule")
+        yield from positive(self, "learning_rate", "eps")
+        yield from at_least(self, 0, "warmup_steps", "weight_decay", "clip_norm", "momentum")
+        yield from fraction(self, "min_lr_ratio", "b1", "b2", closed=True)
 
 
 @dataclass
@@ -116,8 +78,8 @@ class TrainConfig:
     workdir: str = "runs/default"
 
     def checks(self):
-        yield from _positive(self, "steps", "grad_accum", "eval_every")
-        yield from _at_least(self, 0, "run_steps", "eval_batches", "seed")
+        yield from positive(self, "steps", "grad_accum", "eval_every")
+        yield from at_least(self, 0, "run_steps", "eval_batches", "seed")
         if not self.workdir:
             yield "workdir", "must not be empty"
 
@@ -141,7 +103,7 @@ class CheckpointConfig:
     async_save: bool = True
 
     def checks(self):
-        yield from _positive(self, "every", "max_to_keep")
+        yield from positive(self, "every", "max_to_keep")
 
 
 @dataclass
@@ -152,8 +114,8 @@ class LogConfig:
     peak_flops: float = 0.0        # FLOP/s per device for MFU; 0: measure a float32 matmul at start-up
 
     def checks(self):
-        yield from _positive(self, "every")
-        yield from _at_least(self, 0, "peak_flops")
+        yield from positive(self, "every")
+        yield from at_least(self, 0, "peak_flops")
 
 
 @dataclass
@@ -167,7 +129,7 @@ class DistributedConfig:
     timeout_s: int = 300
 
     def checks(self):
-        yield from _positive(self, "num_processes", "timeout_s")
+        yield from positive(self, "num_processes", "timeout_s")
         if not 0 <= self.process_id < self.num_processes:
             yield "process_id", f"must be in [0, num_processes={self.num_processes}), got {self.process_id}"
 
@@ -182,8 +144,7 @@ class SourceConfig:
     dtype: str = "float32"         # parameter dtype after import (float32 | bfloat16)
 
     def checks(self):
-        if self.kind not in SOURCE_KINDS:
-            yield "kind", f"unknown source kind '{self.kind}'{_near(self.kind, SOURCE_KINDS)} (choose from {', '.join(SOURCE_KINDS)})"
+        yield from one_of(self, "kind", SOURCE_KINDS, "source kind")
         if self.dtype not in ("float32", "bfloat16"):
             yield "dtype", f"expected float32 or bfloat16, got {self.dtype!r}"
 
@@ -202,11 +163,11 @@ class GenerateConfig:
     buckets: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # prompt lengths padded to these
 
     def checks(self):
-        yield from _positive(self, "max_new_tokens", "batch_size")
-        yield from _at_least(self, 0, "temperature", "top_k")
+        yield from positive(self, "max_new_tokens", "batch_size")
+        yield from at_least(self, 0, "temperature", "top_k")
         if not 0 < self.top_p <= 1:
             yield "top_p", f"must be in (0, 1], got {self.top_p}"
-        yield from _positive_list(self, "buckets")
+        yield from positive_list(self, "buckets")
 
 
 @dataclass
@@ -222,9 +183,9 @@ class ExportConfig:
     functions: list[str] = field(default_factory=list)  # []: all the model can do (LM: prefill, decode, generate; encoders, classifiers, CNNs: forward)
 
     def checks(self):
-        yield from _positive(self, "max_new_tokens", "max_stop_tokens")
-        yield from _at_least(self, 0, "max_cache_len")
-        yield from _positive_list(self, "buckets", "batch_sizes", "generate_batch_sizes")
+        yield from positive(self, "max_new_tokens", "max_stop_tokens")
+        yield from at_least(self, 0, "max_cache_len")
+        yield from positive_list(self, "buckets", "batch_sizes", "generate_batch_sizes")
 
 
 @dataclass
@@ -254,12 +215,11 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000
 
     def checks(self):
-        yield from _positive(self, "slots", "max_queue", "max_new_tokens_limit", "max_body_bytes")
-        yield from _at_least(self, 0, "max_cache_len", "mlfq_levels", "mlfq_base_quantum_s", "starvation_s",
+        yield from positive(self, "slots", "max_queue", "max_new_tokens_limit", "max_body_bytes")
+        yield from at_least(self, 0, "max_cache_len", "mlfq_levels", "mlfq_base_quantum_s", "starvation_s",
                              "starvation_quanta", "batch_timeout_s", "host_kv_slots")
-        yield from _positive_list(self, "buckets")
-        if self.scheduler not in SCHEDULERS:
-            yield "scheduler", f"unknown scheduler '{self.scheduler}'{_near(self.scheduler, SCHEDULERS)} (choose from {', '.join(SCHEDULERS)})"
+        yield from positive_list(self, "buckets")
+        yield from one_of(self, "scheduler", SCHEDULERS, "scheduler")
         if self.iteration_cost not in ("measured", "profiled"):
             yield "iteration_cost", f"expected measured or profiled, got {self.iteration_cost!r}"
         if not 0 <= self.port < 65536:

@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-
 from fastserve import parallel
 from fastserve.core.checkpoint import Checkpointer
 from fastserve.config import Config

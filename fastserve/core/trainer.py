@@ -121,7 +121,7 @@ def train(cfg: Config) -> dict[str, Any]:
         monitor.write(0, "eval", initial_eval)
         monitor.print(f"step 0: held-out {format_metrics(initial_eval, task.report)}")
     last: dict[str, float] = {}
-    window_time, window_units, window_steps = 0.0, 0, 0
+    window_time, window_units = 0.0, 0
     stopped_early = False
     unit_rate = f"{task.unit}_per_s"
     try:
@@ -136,7 +136,6 @@ def train(cfg: Config) -> dict[str, Any]:
                 metrics = jax.device_get(metrics)
                 window_time += time.perf_counter() - t0
                 window_units += task.units(host_batch) * jax.process_count()
-                window_steps += 1
                 step += 1
                 loss = float(metrics["loss_sum"]) / max(float(metrics["weight"]), 1e-9)
                 grad_norm = float(metrics["grad_norm"])
@@ -157,7 +156,7 @@ def train(cfg: Config) -> dict[str, Any]:
                         last["perplexity"] = math.exp(min(loss, 80.0))
                     monitor.write(step, "train", last)
                     monitor.progress(step, shown)
-                    window_time, window_units, window_steps = 0.0, 0, 0
+                    window_time, window_units = 0.0, 0
                 if data.eval and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                     last_eval = evaluate_params(eval_step, variables(state), data.eval, task, mesh, task_state)
                     monitor.write(step, "eval", last_eval)

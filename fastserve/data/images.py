@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from fastserve.checks import at_least, positive
 from fastserve.data.dataset import Dataset, ExampleBatches, padded_eval_batches
 
 
@@ -35,14 +36,10 @@ class SyntheticImagesConfig:
     shuffle: bool = True
 
     def checks(self):
-        for n in ("image_size", "channels", "train_examples", "batch_size", "components"):
-            if getattr(self, n) <= 0:
-                yield n, f"must be positive, got {getattr(self, n)}"
+        yield from positive(self, "image_size", "channels", "train_examples", "batch_size", "components")
         if self.num_classes < 2:
             yield "num_classes", f"must be at least 2, got {self.num_classes}"
-        for n in ("eval_examples", "noise", "max_shift", "seed"):
-            if getattr(self, n) < 0:
-                yield n, f"must be >= 0, got {getattr(self, n)}"
+        yield from at_least(self, 0, "eval_examples", "noise", "max_shift", "seed")
         if self.image_size < 4:
             yield "image_size", f"must be at least 4 (textures need room for a few periods), got {self.image_size}"
         if self.train_examples < self.batch_size:

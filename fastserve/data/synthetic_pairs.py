@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from fastserve.checks import at_least, positive
 from fastserve.data.dataset import Dataset, ExampleBatches, padded_eval_batches
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -41,13 +42,10 @@ class SyntheticPairsConfig:
     def checks(self):
         if self.vocab_size < N_SPECIAL + 2:
             yield "vocab_size", f"must be at least {N_SPECIAL + 2} (3 special ids + 2 content tokens), got {self.vocab_size}"
-        for n in ("min_len", "train_examples", "batch_size"):
-            if getattr(self, n) <= 0:
-                yield n, f"must be positive, got {getattr(self, n)}"
+        yield from positive(self, "min_len", "train_examples", "batch_size")
         if self.max_len < self.min_len:
             yield "max_len", f"must be >= data.min_len={self.min_len}, got {self.max_len}"
-        if self.eval_examples < 0:
-            yield "eval_examples", f"must be >= 0, got {self.eval_examples}"
+        yield from at_least(self, 0, "eval_examples")
         if 0 < self.train_examples < self.batch_size:
             yield "train_examples", f"must be at least data.batch_size={self.batch_size}, got {self.train_examples}"
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from fastserve.checks import at_least, positive
 from fastserve.data.dataset import Dataset, ExampleBatches, padded_eval_batches
 
 PAD_ID, CLS_ID, FIRST_MARKER = 0, 1, 2
@@ -36,11 +37,8 @@ class SyntheticClassesConfig:
     shuffle: bool = True
 
     def checks(self):
-        for n in ("num_classes", "seq_len", "min_len", "train_examples", "batch_size"):
-            if getattr(self, n) <= 0:
-                yield n, f"must be positive, got {getattr(self, n)}"
-        if self.eval_examples < 0:
-            yield "eval_examples", f"must be >= 0, got {self.eval_examples}"
+        yield from positive(self, "num_classes", "seq_len", "min_len", "train_examples", "batch_size")
+        yield from at_least(self, 0, "eval_examples")
         if self.rule not in RULES:
             yield "rule", f"expected one of {', '.join(RULES)}, got {self.rule!r}"
         if self.num_classes < 2:

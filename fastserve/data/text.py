@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from fastserve.checks import fraction, positive
 from fastserve.data.corpus import load_texts, split_documents
 from fastserve.data.dataset import Dataset
 from fastserve.data.lm import LMBatches, eval_batches, pack_documents
@@ -28,11 +29,8 @@ class TextDataConfig:
     document_masking: bool = False
 
     def checks(self):
-        for n in ("seq_len", "batch_size"):
-            if getattr(self, n) <= 0:
-                yield n, f"must be positive, got {getattr(self, n)}"
-        if not 0 <= self.eval_fraction < 1:
-            yield "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}"
+        yield from positive(self, "seq_len", "batch_size")
+        yield from fraction(self, "eval_fraction")
         if self.source == "text" and not self.paths:
             yield "paths", "data.source=text needs at least one file or glob in data.paths"
 

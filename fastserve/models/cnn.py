@@ -55,33 +55,22 @@ class CNNConfig:
     param_dtype: str = "float32"
 
     def checks(self):
+        from fastserve.checks import at_least, fraction, positive, positive_list
         from fastserve.models.layers import check_dtypes
 
-        for n in ("image_size", "channels", "num_classes"):
-            if getattr(self, n) < 0:
-                yield n, f"must be >= 0 (0: from the data), got {getattr(self, n)}"
+        yield from at_least(self, 0, "image_size", "channels", "num_classes", zero="from the data")
         if self.num_classes == 1:
             yield "num_classes", "a classifier needs at least 2 classes (0: from the data)"
         if not self.widths:
             yield "widths", "needs at least one stage width"
-        bad = [w for w in self.widths if w <= 0]
-        if bad:
-            yield "widths", f"every entry must be positive, got {bad[0]}"
+        yield from positive_list(self, "widths")
         if len(self.blocks) != len(self.widths):
             yield "blocks", (f"needs one entry per stage: {len(self.widths)} widths {self.widths} but "
                              f"{len(self.blocks)} block counts {self.blocks}")
-        bad = [b for b in self.blocks if b <= 0]
-        if bad:
-            yield "blocks", f"every entry must be positive, got {bad[0]}"
-        if self.kernel_size <= 0:
-            yield "kernel_size", f"must be positive, got {self.kernel_size}"
-        if not 0 <= self.dropout < 1:
-            yield "dropout", f"must be in [0, 1), got {self.dropout}"
-        if not 0 <= self.bn_momentum <= 1:
-            yield "bn_momentum", f"must be in [0, 1], got {self.bn_momentum}"
-        for n in ("bn_eps", "head_init_std"):
-            if not getattr(self, n) > 0:
-                yield n, f"must be positive, got {getattr(self, n)}"
+        yield from positive_list(self, "blocks")
+        yield from positive(self, "kernel_size", "bn_eps", "head_init_std")
+        yield from fraction(self, "dropout")
+        yield from fraction(self, "bn_momentum", closed=True)
         yield from check_dtypes(self)
         pools = len(self.widths) - 1
         if self.image_size and self.image_size < 2 ** pools:

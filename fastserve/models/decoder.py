@@ -38,15 +38,13 @@ class DecoderConfig:
     compressed: dict[str, dict] = field(default_factory=dict)
 
     def checks(self):
+        from fastserve.checks import at_least, positive
         from fastserve.models.compressed import validate_entry
         from fastserve.models.layers import check_dtypes
 
-        for n in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "rope_theta", "norm_eps", "init_std"):
-            if not getattr(self, n) > 0:
-                yield n, f"must be positive, got {getattr(self, n)}"
-        for n in ("vocab_size", "n_kv_heads", "head_dim"):
-            if getattr(self, n) < 0:
-                yield n, f"must be >= 0 (0: derived), got {getattr(self, n)}"
+        yield from positive(self, "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "rope_theta", "norm_eps",
+                            "init_std")
+        yield from at_least(self, 0, "vocab_size", "n_kv_heads", "head_dim", zero="derived")
         yield from check_dtypes(self)
         if self.n_heads <= 0:
             return

@@ -57,20 +57,17 @@ class EncoderConfig:
     init_std: float = 0.02
 
     def checks(self):
+        from fastserve.checks import fraction, positive
         from fastserve.models.layers import check_dtypes
 
-        for n in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "norm_eps", "init_std"):
-            if not getattr(self, n) > 0:
-                yield n, f"must be positive, got {getattr(self, n)}"
+        yield from positive(self, "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "norm_eps", "init_std")
         for n in ("vocab_size", "num_classes", "type_vocab_size"):
             if getattr(self, n) < 0:
                 zero = "none" if n == "type_vocab_size" else "from the data"
                 yield n, f"must be >= 0 (0: {zero}), got {getattr(self, n)}"
         if self.n_heads > 0 and self.d_model % self.n_heads:
             yield "n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; choose a divisor"
-        for n in ("dropout", "attention_dropout"):
-            if not 0 <= getattr(self, n) < 1:
-                yield n, f"must be in [0, 1), got {getattr(self, n)}"
+        yield from fraction(self, "dropout", "attention_dropout")
         if self.pooling not in POOLINGS:
             yield "pooling", f"expected one of {', '.join(POOLINGS)}, got {self.pooling!r}"
         yield from check_dtypes(self)

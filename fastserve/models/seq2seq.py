@@ -49,17 +49,13 @@ class Seq2SeqConfig:
     init_std: float = 0.02
 
     def checks(self):
+        from fastserve.checks import at_least, fraction, positive
         from fastserve.models.layers import check_dtypes
 
-        for n in ("d_model", "n_encoder_layers", "n_decoder_layers", "n_heads", "d_ff", "rope_theta", "norm_eps",
-                  "init_std"):
-            if not getattr(self, n) > 0:
-                yield n, f"must be positive, got {getattr(self, n)}"
-        for n in ("vocab_size", "max_source_len", "max_target_len"):
-            if getattr(self, n) < 0:
-                yield n, f"must be >= 0 (0: from the data), got {getattr(self, n)}"
-        if not 0 <= self.dropout < 1:
-            yield "dropout", f"must be in [0, 1), got {self.dropout}"
+        yield from positive(self, "d_model", "n_encoder_layers", "n_decoder_layers", "n_heads", "d_ff", "rope_theta",
+                            "norm_eps", "init_std")
+        yield from at_least(self, 0, "vocab_size", "max_source_len", "max_target_len", zero="from the data")
+        yield from fraction(self, "dropout")
         yield from check_dtypes(self)
         if self.n_heads > 0 and self.d_model > 0:
             if self.d_model % self.n_heads:

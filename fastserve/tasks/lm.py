@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fastserve.checks import at_least
 from fastserve.tasks.base import Task, weighted_mean
 
 
@@ -20,9 +21,7 @@ class LMConfig:
     sample_temperature: float = 0.8
 
     def checks(self):
-        for n in ("samples", "sample_tokens", "sample_temperature"):
-            if getattr(self, n) < 0:
-                yield n, f"must be >= 0, got {getattr(self, n)}"
+        yield from at_least(self, 0, "samples", "sample_tokens", "sample_temperature")
 
     def build(self) -> "LanguageModeling":
         return LanguageModeling(self)
