@@ -12,15 +12,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import errno
-import gc
 import json
 import logging
 import os
 import shutil
-import sys
 import traceback
-import warnings
 import zlib
 from typing import Any, Callable
 
@@ -30,12 +26,12 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_args
 from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpointHandler
 
+from fastserve.core.orbax_noise import DISK_ERRNOS, DISK_FILTER, collect_orbax_leftovers, quiet_orbax_leftovers
+
 log = logging.getLogger(__name__)
 
 CHECKSUM_ITEM = "checksums"          # the orbax item (a directory inside the step directory)
 CHECKSUM_FILE = "checksums.json"     # {"algorithm": "crc32", "arrays": {path: {"crc32", "dtype", "shape"}}}
-# Disk errors that free space (or another disk) fixes: the message says so instead of showing orbax's traceback.
-_DISK_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only"}
 
 
 class CheckpointError(RuntimeError):
@@ -112,86 +108,6 @@ class _ChecksumRestore(checkpoint_args.CheckpointArgs):  # orbax requires one; `
     item: Any = None
 
 
-# --------------------------------------------------------------------------- orbax's noise after a failure
-
-_ORBAX_DIRS = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorstore")
-_quieted = False
-_failed_dirs: set[str] = set()   # step directories whose restore failed and was reported
-
-
-def _about_failed_restore(exc: BaseException | None) -> bool:
-    """Raised in orbax / tensorstore code, or (tensorstore futures carry no traceback) naming a reported step dir."""
-    tb = exc.__traceback__ if exc is not None else None
-    return (any(d in f.f_code.co_filename for f, _ in traceback.walk_tb(tb) for d in _ORBAX_DIRS)
-            or any(d in str(exc) for d in tuple(_failed_dirs)))  # a snapshot: hooks run on other threads
-
-
-def _is_orbax_leftover(u: Any) -> bool:
-    """An unraisable exception left by an abandoned orbax restore: a tensorstore callback reaching the event loop
-    orbax already closed, or a half-run orbax read coroutine being collected."""
-    frames = [f.f_code.co_filename for f, _ in traceback.walk_tb(u.exc_traceback)]
-    if (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
-            and frames and frames[-1].endswith(os.path.join("asyncio", "base_events.py"))):
-        return True
-    code = getattr(u.object, "cr_code", None)
-    return code is not None and any(d in code.co_filename for d in _ORBAX_DIRS)
-
-
-class _AsyncioLeftovers(logging.Filter):
-    """'Task/Future exception was never retrieved' about an orbax/tensorstore error: to the debug log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if "was never retrieved" in str(record.msg) and _about_failed_restore(exc):
-            log.debug("after a failed restore (asyncio): %s: %s", type(exc).__name__, str(exc)[:300])
-            return False
-        return True
-
-
-class _DiskErrorsReported(logging.Filter):
-    """Orbax logs a full disk four times with tracebacks from its save threads; `Checkpointer` raises it once as a
-    CheckpointError naming the disk, so those records go to the debug log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
-            log.debug("orbax: %s (%s)", record.getMessage()[:300], exc)
-            return False
-        return True
-
-
-_DISK_FILTER = _DiskErrorsReported()
-
-
-def _quiet_orbax_leftovers(step_dir: str) -> None:
-    """Called when a restore from `step_dir` failed. Orbax leaves that failure's asyncio work behind, and it then
-    printed 12-60 tracebacks around our one warning ("Event loop is closed", "Exception ignored in <coroutine>",
-    "... exception was never retrieved"), some later from tensorstore's threads or the garbage collector, so a scoped
-    filter would miss them: these narrow filters stay for the process's life and log those at debug level."""
-    global _quieted
-    _failed_dirs.add(step_dir + os.sep)
-    if _quieted:
-        return
-    previous = sys.unraisablehook
-
-    def hook(u: Any) -> None:
-        if _is_orbax_leftover(u):
-            log.debug("after a failed restore (unraisable): %s: %s", type(u.exc_value).__name__, str(u.exc_value)[:300])
-            return
-        previous(u)
-
-    sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(_AsyncioLeftovers())
-    _quieted = True
-
-
-def _collect_orbax_leftovers() -> None:
-    """Collects a failed restore's abandoned read coroutines now, while their 'never awaited' warning is ignored."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
-        gc.collect()
-
-
 def _reason(e: BaseException) -> str:
     """One short line for the warning (tensorstore appends kilobytes of spec): the rest goes to the debug log."""
     if isinstance(e, CheckpointCorrupt):
@@ -208,7 +124,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
-        logging.getLogger("absl").addFilter(_DISK_FILTER)  # idempotent: a logger holds a filter once
+        logging.getLogger("absl").addFilter(DISK_FILTER)  # idempotent: a logger holds a filter once
         self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-crc32")
         self._saving: int | None = None      # the step whose async save may still be running
         self._failed = False                 # a save failure was raised: close() does not raise another
@@ -274,13 +190,13 @@ class Checkpointer:
         what = f"saving checkpoint step {step}" if step is not None else "saving a checkpoint"
         good = [s for s in self.all_steps() if s != step]
         kept = f"the previous checkpoint (step {good[-1]}) is intact" if good else "no earlier checkpoint exists"
-        if isinstance(cause, OSError) and cause.errno in _DISK_ERRNOS:
+        if isinstance(cause, OSError) and cause.errno in DISK_ERRNOS:
             try:
                 usage = shutil.disk_usage(self.directory)
                 space = f" ({usage.free / 2**20:.0f} MiB free of {usage.total / 2**30:.1f} GiB)"
             except OSError:
                 space = ""
-            err = CheckpointError(f"{what} failed: {_DISK_ERRNOS[cause.errno]} on the disk holding {self.directory}"
+            err = CheckpointError(f"{what} failed: {DISK_ERRNOS[cause.errno]} on the disk holding {self.directory}"
                                   f"{space}; {kept}. Free space (or lower checkpoint.max_to_keep), then re-run the "
                                   "same command to resume.")
         else:
@@ -335,7 +251,7 @@ class Checkpointer:
         try:
             return read()
         except Exception:
-            _quiet_orbax_leftovers(os.path.join(self.directory, str(step)))  # the caller may fall back: no noise
+            quiet_orbax_leftovers(os.path.join(self.directory, str(step)))  # the caller may fall back: no noise
             raise
 
     def _newest_good(self, attempt: Callable[[int], Any]) -> tuple[int, Any] | None:
@@ -353,7 +269,7 @@ class Checkpointer:
                 if log.isEnabledFor(logging.DEBUG):  # text, not exc_info: a kept record would keep orbax's tasks alive
                     log.debug("restoring step %d of %s failed:\n%s", step, self.directory,
                               "".join(traceback.format_exception(e)))
-            _collect_orbax_leftovers()  # outside `except`, where the failure's traceback (and orbax's tasks) is freed
+            collect_orbax_leftovers()  # outside `except`, where the failure's traceback (and orbax's tasks) is freed
             older = steps[-2 - i] if i + 1 < len(steps) else None
             log.warning("checkpoint step %d in %s is unreadable (%s); %s", step, self.directory, reason,
                         f"trying step {older}" if older is not None else "no older checkpoint to fall back to")
