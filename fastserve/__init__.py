@@ -10,5 +10,15 @@ from fastserve.config import Config, ConfigError, load_config
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # `fs.layers` (Keras-style layer specs, no JAX) and `fs.models` (`fs.models.Sequential`), imported on first use
+    # so that `import fastserve` stays light
+    if name in ("layers", "models", "keras"):
+        import importlib
+        return importlib.import_module(f"fastserve.{name}")
+    raise AttributeError(f"module 'fastserve' has no attribute {name!r}")
+
+
 __all__ = ["Config", "ConfigError", "load_config", "train", "evaluate", "infer", "export", "compress",
            "load_exported", "deploy", "__version__"]

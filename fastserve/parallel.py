@@ -42,6 +42,15 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     # image family (fastserve/models/cnn.py): a conv kernel is [kh, kw, conv_in, conv_out] (its taps unnamed)
     ("conv_in", "fsdp"),            # input channels: FSDP shards them, as it does `embed`
     ("conv_out", "tensor"),         # output channels: a conv's column-parallel split, like `mlp`
+    # recurrent family (fastserve/models/recurrent.py): kernel [F, G·H] is ("embed", "rnn_gates"), recurrent kernel
+    # [H, G·H] ("rnn_hidden", "rnn_gates"). Both replicated: each scan step splits the fused gate axis into its gates
+    # (a sharded fused axis that is split rematerializes, like a fused QKV) and needs the whole hidden vector, so
+    # sharding either would put a collective inside every time step.
+    ("rnn_gates", None),            # the fused gate axis G·H (LSTM 4H: i,f,c,o; GRU 3H: z,r,h; SimpleRNN H)
+    ("rnn_hidden", None),           # the hidden-state rows of a recurrent kernel
+    # sequential family (fastserve/models/sequential.py): a Keras Dense kernel is [dense_in, dense_out]
+    ("dense_in", "fsdp"),           # input features: FSDP shards them, as it does `embed`
+    ("dense_out", "tensor"),        # output units (and the bias): column-parallel, like `mlp`
 )
 _RULES = dict(LOGICAL_RULES)
 assert len(_RULES) == len(LOGICAL_RULES), "duplicate logical name in LOGICAL_RULES"

@@ -13,6 +13,7 @@ MODELS: dict[str, str] = {
     "seq2seq": "fastserve.models.seq2seq:Seq2SeqConfig",
     "cnn": "fastserve.models.cnn:CNNConfig",
     "encoder": "fastserve.models.encoder:EncoderConfig",
+    "sequential": "fastserve.models.sequential:SequentialConfig",
 }
 
 TASKS: dict[str, str] = {
@@ -20,6 +21,7 @@ TASKS: dict[str, str] = {
     "distill": "fastserve.tasks.distill:DistillConfig",
     "classify": "fastserve.tasks.classify:ClassifyConfig",
     "seq2seq": "fastserve.tasks.seq2seq:Seq2SeqTaskConfig",
+    "keras_loss": "fastserve.tasks.keras_loss:KerasLossConfig",
 }
 
 DATA_SOURCES: dict[str, str] = {
@@ -28,9 +30,18 @@ DATA_SOURCES: dict[str, str] = {
     "synthetic_pairs": "fastserve.data.synthetic_pairs:SyntheticPairsConfig",
     "synthetic_images": "fastserve.data.images:SyntheticImagesConfig",
     "synthetic_classes": "fastserve.data.synthetic_text:SyntheticClassesConfig",
+    "arrays": "fastserve.data.arrays:ArraysDataConfig",
 }
 
 KINDS = {"model": MODELS, "task": TASKS, "data": DATA_SOURCES}
+
+# The Keras-style face (fastserve/keras/) under the names Keras users look for (`fs.models.Sequential`,
+# `fs.models.load_model`): `fastserve.models` resolves them from here, lazily, because the face trains on the core,
+# which builds models from `fastserve.models` (a direct import there would be a cycle).
+KERAS_FACE: dict[str, str] = {
+    "Sequential": "fastserve.keras.model:Sequential",
+    "load_model": "fastserve.keras.model:load_model",
+}
 
 
 def resolve(ref: str) -> type:

@@ -52,8 +52,8 @@ def alone(model):
 
     def ref(tokens, n):
         key = (tuple(tokens), n)
-        if key not in memo:
-            t, lengths = infer.pad_prompts([tokens], BUCKETS)
+        if key not in memo:   # (a prompt longer than the buckets: one width for all, 40 + MAX_NEW = max_seq_len)
+            t, lengths = infer.pad_prompts([tokens], BUCKETS if len(tokens) <= BUCKETS[-1] else (40,))
             out, count = run(params, t, lengths, np.array([n], np.int32))
             memo[key] = out[0, :int(count[0])].tolist()
         return memo[key]
@@ -173,8 +173,8 @@ def test_fcfs_and_static_give_the_same_tokens_and_their_batching(model, prompts,
 
 def test_bad_requests_are_refused_with_clear_errors(model):
     eng = make_engine(model, "fcfs", max_new_tokens_limit=40, max_queue=2)
-    with pytest.raises(ValueError, match=r"17 tokens, longer than the largest bucket \(16\)"):
-        eng.submit(Request(list(range(1, 18)), max_new_tokens=4))
+    with pytest.raises(ValueError, match=r"48 tokens; the KV cache holds 48 positions .* at most 47 tokens"):
+        eng.submit(Request(list(range(1, 49)), max_new_tokens=1))
     with pytest.raises(ValueError, match="exceeds the KV cache's 48 positions"):
         eng.submit(Request([1] * 16, max_new_tokens=33))
     with pytest.raises(ValueError, match="max_new_tokens_limit=40"):
@@ -266,7 +266,7 @@ def exported(model, tmp_path_factory):
     return load_exported(str(out), "cpu")
 
 
-def test_exported_engine_equals_the_in_process_engine(model, prompts, exported):
+def test_exported_engine_equals_the_in_process_engine(model, prompts, exported, alone):
     """The engine over an export's functions gives the in-process engine's greedy tokens, under MLFQ preemption
     with host offload and recompute (extends past the largest bucket: exported decode steps), and round robin."""
     from dataclasses import replace
@@ -283,6 +283,10 @@ def test_exported_engine_equals_the_in_process_engine(model, prompts, exported):
     assert [r.output for r in got] == [r.output for r in want]
     st = eng.stats()
     assert st["preemptions"] > 0 and st["offloads"] > 0 and st["recomputes"] > 0 and st["tokens"] == sum(NEW_TOKENS)
+    # prompts longer than the largest bucket: chunked prefill by the exported extend (decode steps)
+    long = eng.generate(long_requests(), timeout=120)
+    assert compiled_programs() == programs and eng.stats()["prefill_extends"] == 6
+    check_greedy_equals_alone(long, alone)
 
     picked = [prompts[i] for i in (1, 3, 0, 5)]             # 16 + 24 tokens: every resume recomputes past a bucket
     rr = Engine.from_exported(exported, replace(cfg, host_kv_slots=0), scheduler=RoundRobin())
@@ -291,6 +295,38 @@ def test_exported_engine_equals_the_in_process_engine(model, prompts, exported):
         [Request(p, max_new_tokens=MAX_NEW) for p in picked], timeout=120)
     assert [r.output for r in got] == [r.output for r in want]
     assert rr.stats()["recompute_extends"] > 0
+
+
+LONG = [(17, 24), (30, 12), (33, 15), (40, 8)]      # (prompt tokens, new tokens): 2, 2, 3 and 3 chunks of 16
+
+
+def test_prompts_longer_than_the_largest_bucket_are_prefilled_in_chunks(model, alone):
+    """A prompt past the largest bucket: a bucket prefill, then extends of bucket-sized chunks, the first token from
+    the last chunk's logits; its greedy tokens equal the reference's, under MLFQ preemption with offload and
+    recompute, without compiling after start-up (over an export's functions: test_exported_engine_...)."""
+    long = long_requests()
+    serve = dict(mlfq_levels=6, mlfq_base_quantum_s=0.0, host_kv_slots=1, starvation_s=0.0, iteration_cost="profiled")
+    eng = make_engine(model, "mlfq", **serve)
+    assert eng.profile["extend_s"] > 0
+    programs = compiled_programs()
+    reqs = eng.generate(long + [Request(p, max_new_tokens=n) for p, n in zip(prompts_short(), (20, 12))],
+                        timeout=120)
+    assert compiled_programs() == programs
+    check_greedy_equals_alone(reqs, alone)
+    st = eng.stats()
+    assert st["prefill_extends"] == 1 + 1 + 2 + 2 and st["prefills"] == len(reqs) and st["preemptions"] > 0
+    assert [r.bucket for r in long] == [16] * len(long)
+    assert long[2].prefill_time == eng.profile["prefill_s"][16] + 2 * eng.profile["extend_s"]
+
+
+def long_requests():
+    rng = np.random.default_rng(1)
+    return [Request(rng.integers(1, 97, p).tolist(), max_new_tokens=n) for p, n in LONG]
+
+
+def prompts_short():
+    rng = np.random.default_rng(2)
+    return [rng.integers(1, 97, 5).tolist(), rng.integers(1, 97, 12).tolist()]
 
 
 def test_exported_decode_drops_the_write_of_a_masked_row(exported):

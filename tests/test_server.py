@@ -193,7 +193,8 @@ BAD = [
     ("/v1/completions", {"prompt": "hi", "model": "gpt-9"}, 404, "model", "'gpt-9' does not exist"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": LIMIT + 1}, 400, "max_tokens", f"limit of {LIMIT}"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", "at least 1"),
-    ("/v1/completions", {"prompt": "qzx#" * 30}, 400, "prompt", "longer than the largest bucket (48)"),
+    ("/v1/completions", {"prompt": "qzx#" * 30}, 400, "prompt", "KV cache holds 96 positions (serve.max_cache_len), "
+                                                                "so a prompt may have at most 95 tokens"),
     ("/v1/completions", {"prompt": [5, 100000]}, 400, "prompt", "token ids must be in"),
     ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n", "n=2 is not supported"),
     ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p", "(0, 1]"),

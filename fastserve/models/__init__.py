@@ -25,5 +25,14 @@ def build_model(cfg: Any, rngs: nnx.Rngs) -> nnx.Module:
     return model
 
 
-__all__ = ["DecoderConfig", "DecoderLM", "LowRankLinear", "QuantizedLinear", "apply_structure", "build_model",
-           "count_flops_per_token"]
+def __getattr__(name: str) -> Any:
+    # `fs.models.Sequential` / `fs.models.load_model`: the Keras-style face (fastserve/keras/), resolved through the
+    # registry because it trains on the core, which imports this package (see registry.KERAS_FACE)
+    from fastserve import registry
+    if name in registry.KERAS_FACE:
+        return registry.resolve(registry.KERAS_FACE[name])
+    raise AttributeError(f"module 'fastserve.models' has no attribute {name!r}")
+
+
+__all__ = ["DecoderConfig", "DecoderLM", "LowRankLinear", "QuantizedLinear", "Sequential", "apply_structure",
+           "build_model", "count_flops_per_token", "load_model"]

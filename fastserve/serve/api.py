@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 _MAX_STOP_STRINGS = 16
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")   # passed to the model's chat template as they are
 
 
 class APIError(Exception):
@@ -31,6 +32,22 @@ class APIError(Exception):
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def check_content_type(value: str | None) -> None:
+    """A POST body must be declared `application/json` (parameters allowed; a charset only utf-8): 415 otherwise.
+    (A `text/plain` or form body is a "simple" cross-origin request, sent by any web page without a CORS
+    preflight: refusing it keeps pages from making a local server generate.)"""
+    media, _, params = (value or "").partition(";")
+    if media.strip().lower() != "application/json":
+        got = f"got '{value}'" if value else "the request has no Content-Type header"
+        raise APIError(415, f"the request body must be JSON sent with 'Content-Type: application/json'; {got}",
+                       code="unsupported_media_type")
+    for param in params.split(";"):
+        name, _, v = param.partition("=")
+        if name.strip().lower() == "charset" and v.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise APIError(415, f"the request body must be UTF-8 JSON ('Content-Type: application/json' or "
+                                f"'application/json; charset=utf-8'); got '{value}'", code="unsupported_media_type")
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -241,6 +258,9 @@ def parse_chat(body: dict[str, Any], max_tokens_limit: int) -> ParsedRequest:
         role, content = m.get("role"), m.get("content")
         if not isinstance(role, str) or not role:
             raise _type_error(f"{where}.role", "a non-empty string", role)
+        if role not in CHAT_ROLES:
+            raise _invalid(f"{where}.role", f"{where}.role '{role[:40]}' is not supported: use one of "
+                                            f"{', '.join(CHAT_ROLES)}")
         if isinstance(content, list):   # [{"type": "text", "text": ...}, ...]
             parts = []
             for j, part in enumerate(content):

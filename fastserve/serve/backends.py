@@ -6,8 +6,9 @@
   * decode: the exported decode over every slot with the engine's masking (`programs.masked_decode`: an inactive
     row's position is max_cache_len, and the model's KV write is a scatter with mode="drop", traced into the
     export as it is, so that write is dropped exactly as in-process);
-  * extend (recompute past the largest bucket): the export has no chunked forward, so it is a `lax.fori_loop` of
-    exported decode steps at batch 1 on the slot's row, inside one jit.
+  * extend (recompute past the largest bucket, a long prompt's chunks): the export has no chunked forward, so it
+    is a `lax.fori_loop` of exported decode steps at batch 1 on the slot's row, inside one jit, keeping the logits
+    of the chunk's `last` token to sample from as prefill does.
 
 The engine's shapes must be the export's: its buckets a subset of the exported ones and its max_cache_len the
 export's (the cache is an argument of the exported decode, so its length is fixed). `served_model` gives the HTTP
@@ -86,15 +87,22 @@ class ExportedPrograms:
             step = lambda t, p, c: decode.call(params, t, p, c)  # noqa: E731
             return masked_decode(step, self.max_len, cache, ints, floats)
 
-        def extend(params, cache, slot, tokens, start):
+        def extend(params, cache, slot, tokens, start, last, ints, floats):
             row = extract_rows(cache, slot, self.max_len)
 
-            def one(i, row):   # token i at position start + i; past max_cache_len the write is dropped
+            def step(i, row):   # token i at position start + i; past max_cache_len the write is dropped
                 tok = jax.lax.dynamic_index_in_dim(tokens, i, axis=1, keepdims=False)
-                return decode1.call(params, tok, (start + i)[None], row)[1]
+                return decode1.call(params, tok, (start + i)[None], row)
 
-            row = jax.lax.fori_loop(0, tokens.shape[1], one, row)
-            return insert_rows(cache, row, slot)
+            def one(i, carry):
+                row, kept = carry
+                logits, row = step(i, row)
+                return row, jnp.where(i == last, logits.astype(kept.dtype), kept)
+
+            shape = jax.eval_shape(step, 0, row)[0]
+            carry = (row, jnp.zeros(shape.shape, shape.dtype))
+            row, logits = jax.lax.fori_loop(0, tokens.shape[1], one, carry)
+            return sample_rows(logits, ints[0], ints[1], floats[0], ints[2], floats[1]), insert_rows(cache, row, slot)
 
         self._prefill = jax.jit(prefill)
         self._decode = jax.jit(decode_all, donate_argnums=1)
@@ -108,9 +116,11 @@ class ExportedPrograms:
         """One masked decode step over every slot (the cache is donated)."""
         return self._decode(self.params, cache, ints, floats)
 
-    def extend(self, cache: Any, slot: Any, tokens: Any, start: Any) -> Any:
-        """Writes the KV of tokens [1, T] at positions start.. into `slot` (the cache is donated)."""
-        return self._extend(self.params, cache, slot, tokens, start)
+    def extend(self, cache: Any, slot: Any, tokens: Any, start: Any, last: Any, ints: Any, floats: Any
+               ) -> tuple[jax.Array, Any]:
+        """Writes the KV of tokens [1, T] at positions start.. into `slot` (the cache is donated) → (the token
+        sampled from the logits of tokens[0, last] with ints [3, 1] / floats [2, 1] as in prefill, the cache)."""
+        return self._extend(self.params, cache, slot, tokens, start, last, ints, floats)
 
 
 @dataclass

@@ -3,7 +3,10 @@
 Shapes stay static (ARCHITECTURE.md, "Serving keeps shapes static"):
   * a prompt is prefilled alone, right-padded to the smallest fitting bucket (every bucket compiled at start-up),
     into a fresh cache of the bucket's length; its rows are then written into a free slot by a jitted insert whose
-    slot index is a traced argument (one compile for all slots; the pool's cache is donated);
+    slot index is a traced argument (one compile for all slots; the pool's cache is donated). A prompt longer
+    than the largest bucket is prefilled in chunks: its first largest-bucket tokens as above, the rest by the
+    extend program (largest-bucket-sized chunks written into the slot), the first token sampled from the last
+    chunk's logits; any prompt that leaves room for one token in the cache is served;
   * one jitted decode step runs every slot (slots not scheduled this iteration are masked: their position is set
     past the cache, so their KV write is dropped and their token ignored), with per-slot temperature / top_k /
     top_p and per-slot randomness: the key of a request's i-th token is fold_in(key(seed), i), whatever slot or
@@ -71,16 +74,18 @@ class Engine:
                            self.programs.device)
 
         # scheduling state
-        self._lock = threading.Lock()            # guards the inbox (submit() runs on other threads)
+        self._lock = threading.Lock()            # guards the inbox and _live (submit() runs on other threads)
         self._step_lock = threading.Lock()
         self._inbox: list[Request] = []
+        self._live = 0                           # submitted, not cancelled, not finished: what max_queue bounds
         self._jobs: set[Request] = set()         # admitted, unfinished
         self._slot_job: list[Request | None] = [None] * self.slots
         self._host_jobs: set[Request] = set()
         self._last_running: list[Request] = []
         self.counters = dict(steps=0, decode_steps=0, prefills=0, tokens=0, preemptions=0, offloads=0,
                              offloaded_bytes=0, restores=0, recomputes=0, recompute_extends=0, finished=0,
-                             decode_slot_steps=0)        # decode_slot_steps: jobs decoded, summed over decode steps
+                             decode_slot_steps=0, prefill_extends=0)
+        # decode_slot_steps: jobs decoded, summed over decode steps; prefill_extends: prompt chunks past a bucket
         # wall seconds spent per kind of work (where a step's time goes: the benchmark's throughput breakdown)
         self.timings = dict(schedule=0.0, prefill=0.0, decode=0.0, restore=0.0, offload=0.0, recompute=0.0)
         self._thread: threading.Thread | None = None
@@ -126,27 +131,67 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- requests
 
+    def check(self, req: Request) -> None:
+        """Raises ValueError (naming the setting) unless this engine can serve `req`; queues nothing."""
+        check_request(req, self.buckets, self.max_len, self.cfg.max_new_tokens_limit, self.vocab)
+
     def submit(self, req: Request) -> Request:
         """Validates and queues a request (thread-safe). Raises ValueError for a bad request, QueueFull when full."""
-        check_request(req, self.buckets, self.max_len, self.cfg.max_new_tokens_limit, self.vocab)
-        with self._lock:
-            if req._submitted:
-                raise ValueError(f"request {req.id} was already submitted")
-            if len(self._inbox) + len(self._jobs) >= self.cfg.max_queue:
-                raise QueueFull(f"the engine holds serve.max_queue={self.cfg.max_queue} requests")
-            req.arrival = self.clock()
-            req.bucket = next(b for b in self.buckets if b >= len(req.tokens))
-            req.prefill_time = self.profile["prefill_s"][req.bucket]
-            req._stop = frozenset(int(t) for t in req.stop_ids) if req.stop_ids is not None else self.stop_ids
-            req._submitted = True
-            self._inbox.append(req)
-        self._wake.set()
+        self.submit_many([req])
         return req
 
-    def cancel(self, req: Request) -> None:
-        """Stops a request at the next iteration (finish_reason "cancelled"); thread-safe."""
-        req._cancel = True
+    def submit_many(self, reqs: Sequence[Request]) -> list[Request]:
+        """Validates and queues `reqs` all or none (thread-safe): ValueError for a bad request or a batch larger
+        than serve.max_queue, QueueFull when the free capacity cannot take the whole batch now; nothing is queued
+        then. Capacity counts live requests only (a cancelled one frees its place at once)."""
+        reqs = list(reqs)
+        for req in reqs:
+            self.check(req)
+        if len({id(r) for r in reqs}) != len(reqs):
+            raise ValueError("the same request object appears twice in the batch")
+        mq = self.cfg.max_queue
+        if len(reqs) > mq:
+            raise ValueError(f"{len(reqs)} requests at once; the engine queues at most {mq} (serve.max_queue)")
+        with self._lock:
+            for req in reqs:
+                if req._submitted:
+                    raise ValueError(f"request {req.id} was already submitted")
+            if self._live + len(reqs) > mq:
+                raise QueueFull(f"the engine holds serve.max_queue={mq} requests" if len(reqs) == 1 else
+                                f"the engine holds {self._live} of serve.max_queue={mq} requests; {len(reqs)} more "
+                                f"do not fit")
+            now = self.clock()
+            for req in reqs:
+                req.arrival = now
+                req.bucket = next((b for b in self.buckets if b >= len(req.tokens)), self.buckets[-1])
+                req.prefill_time = self._prefill_time(len(req.tokens))
+                req._stop = frozenset(int(t) for t in req.stop_ids) if req.stop_ids is not None else self.stop_ids
+                req._submitted = req._live = True
+                self._live += 1
+                self._inbox.append(req)
         self._wake.set()
+        return reqs
+
+    def _prefill_time(self, n: int) -> float:
+        """The profiled time to prefill n prompt tokens (a bucket's prefill, plus extends past the largest)."""
+        big = self.buckets[-1]
+        if n <= big:
+            return self.profile["prefill_s"][next(b for b in self.buckets if b >= n)]
+        return self.profile["prefill_s"][big] + -(-(n - big) // big) * self.profile["extend_s"]
+
+    def cancel(self, req: Request) -> None:
+        """Stops a request at the next iteration (finish_reason "cancelled"); thread-safe. It stops counting
+        against serve.max_queue at once."""
+        req._cancel = True
+        with self._lock:
+            self._release(req)
+        self._wake.set()
+
+    def _release(self, req: Request) -> None:
+        """`req` no longer counts as live (cancelled or finished); idempotent. Call with self._lock held."""
+        if req._live:
+            req._live = False
+            self._live -= 1
 
     # -------------------------------------------------------------------------------------------- the loop
 
@@ -247,13 +292,24 @@ class Engine:
         return ints, floats
 
     def _prefill_into(self, job: Request, slot: int) -> int:
-        """Prefills the prompt (bucket-padded) and inserts its rows into `slot`; returns the first token."""
+        """Prefills the prompt (bucket-padded) and inserts its rows into `slot`; returns the first token. A prompt
+        longer than the largest bucket: that bucket's prefill of its head, then extends of largest-bucket-sized
+        chunks, the first token sampled from the last chunk's logits at the prompt's last token."""
+        n, big = len(job.tokens), self.buckets[-1]
+        head = job.tokens[:big]
         tokens = np.full((1, job.bucket), self.pad_id, np.int32)
-        tokens[0, :len(job.tokens)] = job.tokens
+        tokens[0, :len(head)] = head
         ints = np.array([[job.seed % 2 ** 31], [0], [job.top_k]], np.int32)
         floats = np.array([[job.temperature], [job.top_p]], np.float32)
-        tok, rows = self.programs.prefill(tokens, np.array([len(job.tokens)], np.int32), ints, floats)
+        tok, rows = self.programs.prefill(tokens, np.array([len(head)], np.int32), ints, floats)
         self.pool.insert(rows, slot)
+        for start in range(big, n, big):
+            part = job.tokens[start:start + big]
+            chunk = np.full((1, big), self.pad_id, np.int32)
+            chunk[0, :len(part)] = part
+            tok, self.pool.cache = self.programs.extend(self.pool.cache, np.int32(slot), chunk, np.int32(start),
+                                                        np.int32(len(part) - 1), ints, floats)
+            self.counters["prefill_extends"] += 1
         self.counters["prefills"] += 1
         return int(jax.device_get(tok)[0])
 
@@ -272,7 +328,8 @@ class Engine:
             chunk = np.full((1, big), self.pad_id, np.int32)
             part = seq[start:start + big]
             chunk[0, :len(part)] = part
-            self.pool.cache = self.programs.extend(self.pool.cache, np.int32(slot), chunk, np.int32(start))
+            _, self.pool.cache = self.programs.extend(self.pool.cache, np.int32(slot), chunk, np.int32(start),
+                                                      np.int32(0), ints, floats)
             self.counters["recompute_extends"] += 1
 
     def _evict(self, job: Request) -> int:
@@ -311,6 +368,8 @@ class Engine:
             self._finish(job, "length", t)
 
     def _finish(self, job: Request, reason: str, t: float, error: str | None = None) -> None:
+        with self._lock:
+            self._release(job)
         job.finish_reason, job.finish_time, job.error = reason, t, error
         self.scheduler.remove(job)
         self._jobs.discard(job)
@@ -331,9 +390,15 @@ class Engine:
 
     @property
     def pending(self) -> int:
-        """Requests submitted and not finished."""
+        """Requests submitted and not finished (a cancelled one until the loop has retired it)."""
         with self._lock:
             return len(self._inbox) + len(self._jobs)
+
+    @property
+    def live(self) -> int:
+        """Requests submitted, not finished and not cancelled: what serve.max_queue bounds."""
+        with self._lock:
+            return self._live
 
     def run_until_done(self, timeout: float | None = None) -> None:
         """Steps synchronously until every submitted request has finished."""

@@ -22,9 +22,12 @@ class _EngineCollector:
     def collect(self):
         e = self.engine
         c = dict(e.counters)
-        running = sum(j is not None for j in list(e._slot_job))
+        resident = [j for j in list(e._slot_job) if j is not None]
+        running = len(resident)
+        # live requests only: a cancelled one stops counting at once, not when the loop retires it
+        waiting = max(e.live - sum(j._live for j in resident), 0)
         for name, doc, value in (
-                ("fastserve_queue_length", "Requests submitted and waiting for a slot", max(e.pending - running, 0)),
+                ("fastserve_queue_length", "Requests submitted and waiting for a slot", waiting),
                 ("fastserve_slots_used", "Decode slots holding a request", running),
                 ("fastserve_slots_total", "Decode slots (serve.slots)", e.slots),
                 ("fastserve_host_kv_in_use", "Preempted requests whose KV is in host memory", len(e._host_jobs))):

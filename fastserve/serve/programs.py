@@ -3,7 +3,8 @@ recompute extend; `warm_and_profile` compiles and times them at start-up. They l
 model's graphdef a static argument, so that engines over the same model and shapes share their compiled programs
 (a server and a benchmark may hold several engines).
 
-The engine reaches them through a backend object with three operations (`prefill`, `decode`, `extend`) and the
+The engine reaches them through a backend object with three operations (`prefill`, `decode`, `extend`: the
+recompute of an evicted job's KV and the chunks of a prompt longer than the largest bucket) and the
 KV layout it needs for its pool: `ModelPrograms` here (graphdef + params), `ExportedPrograms` in
 fastserve/serve/backends.py (the functions of a `fastserve.export` directory)."""
 from __future__ import annotations
@@ -60,13 +61,16 @@ def decode_fn(graphdef, max_len, params, cache, ints, floats):
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def extend_fn(graphdef, params, cache, slot, tokens, start):
-    """Writes the KV of tokens [1, T] at positions start, start+1, ... into `slot` (recompute past one bucket)."""
+def extend_fn(graphdef, params, cache, slot, tokens, start, last, ints, floats):
+    """Writes the KV of tokens [1, T] at positions start, start+1, ... into `slot` (recompute past one bucket, a
+    long prompt's chunks) → (the token [1] sampled from the logits of tokens[0, last], as prefill_fn samples with
+    ints [3, 1] / floats [2, 1]; the cache)."""
     model = nnx.merge(graphdef, params)
     row = extract_rows(cache, slot, cache[0]["k"].shape[1])
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    _, row = model(tokens, positions, row)
-    return insert_rows(cache, row, slot)
+    logits, row = model(tokens, positions, row)
+    logits = jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False)     # [1, V]
+    return sample_rows(logits, ints[0], ints[1], floats[0], ints[2], floats[1]), insert_rows(cache, row, slot)
 
 
 class ModelPrograms:
@@ -94,16 +98,19 @@ class ModelPrograms:
         """One masked decode step over every slot (the cache is donated)."""
         return decode_fn(self.graphdef, self.max_len, self.params, cache, ints, floats)
 
-    def extend(self, cache: Any, slot: Any, tokens: Any, start: Any) -> Any:
-        """Writes the KV of tokens [1, T] at positions start.. into `slot` (the cache is donated)."""
-        return extend_fn(self.graphdef, self.params, cache, slot, tokens, start)
+    def extend(self, cache: Any, slot: Any, tokens: Any, start: Any, last: Any, ints: Any, floats: Any
+               ) -> tuple[jax.Array, Any]:
+        """Writes the KV of tokens [1, T] at positions start.. into `slot` (the cache is donated) → (the token
+        sampled from the logits of tokens[0, last] with ints [3, 1] / floats [2, 1] as in prefill, the cache)."""
+        return extend_fn(self.graphdef, self.params, cache, slot, tokens, start, last, ints, floats)
 
 
 def warm_and_profile(programs: Any, pool: Any, buckets: list[int], pad_id: int,
                      decode_inputs: tuple[np.ndarray, np.ndarray], clock: Callable[[], float], repeats: int = 3
                      ) -> dict[str, Any]:
-    """Compiles every bucket's prefill, the decode step (on `decode_inputs`: no slot active), the recompute extend
-    and the KV pool's moves; returns the median times {"prefill_s": {bucket: s}, "decode_s": s}."""
+    """Compiles every bucket's prefill, the decode step (on `decode_inputs`: no slot active), the extend (of the
+    largest bucket's length) and the KV pool's moves; returns the median times {"prefill_s": {bucket: s},
+    "decode_s": s, "extend_s": s}."""
     prefill_s = {}
     pool.warm()
     ints1, floats1 = np.zeros((3, 1), np.int32), np.array([[0.0], [1.0]], np.float32)
@@ -126,6 +133,11 @@ def warm_and_profile(programs: Any, pool: Any, buckets: list[int], pad_id: int,
         times.append(clock() - t0)
     decode_s = float(np.median(times[1:]))
     big = buckets[-1]
-    pool.cache = programs.extend(pool.cache, np.int32(0), np.full((1, big), pad_id, np.int32), np.int32(0))
-    jax.block_until_ready(pool.cache)
-    return {"prefill_s": prefill_s, "decode_s": decode_s}
+    times = []
+    for _ in range(repeats + 1):
+        t0 = clock()
+        tok, pool.cache = programs.extend(pool.cache, np.int32(0), np.full((1, big), pad_id, np.int32), np.int32(0),
+                                          np.int32(0), ints1, floats1)
+        jax.device_get(tok)
+        times.append(clock() - t0)
+    return {"prefill_s": prefill_s, "decode_s": decode_s, "extend_s": float(np.median(times[1:]))}

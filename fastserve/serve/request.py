@@ -62,6 +62,7 @@ class Request:
         self._recompute = False
         self._cancel = False
         self._submitted = False
+        self._live = False                        # counts against the engine's serve.max_queue
         self._stop: frozenset[int] = frozenset()
         self._queue: queue.Queue = queue.Queue()
         self._done = threading.Event()

@@ -8,9 +8,13 @@
 
 Each prompt becomes one engine Request whose `on_token` / `on_finish` callbacks (engine thread) hand the tokens to
 the event loop; the text goes through `api.TextStream` (stop strings, incomplete characters held back). A client
-that disconnects cancels its requests, which frees their slots at the engine's next iteration. Protocol rules
-(validation, bodies) live in fastserve/serve/api.py, the ASGI plumbing (responses, API key, body limit) in
-asgi.py, the metrics in metrics.py, the entry points in cli.py.
+that disconnects cancels its requests, which frees their slots at the engine's next iteration. A batch of prompts
+is queued whole or not at all (400 when it exceeds serve.max_queue, 429 when the free places cannot take it now).
+POST bodies must be declared `Content-Type: application/json` (415 otherwise: a web page's "simple" cross-origin
+request, sent without a CORS preflight, cannot make a local server generate). SIGTERM / SIGINT shut down
+gracefully: requests in flight are answered, the engine stops, the process exits 0. Protocol rules (validation,
+bodies) live in fastserve/serve/api.py, the ASGI plumbing (responses, API key, body limit) in asgi.py, the metrics
+in metrics.py, the entry points in cli.py.
 
     python -m fastserve.serve --config configs/serve_quickstart.yaml [key=value ...]
     fastserve.deploy("configs/serve_quickstart.yaml", block=False)  → handle with .url and .stop()
@@ -18,6 +22,8 @@ asgi.py, the metrics in metrics.py, the entry points in cli.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import socket
 import sys
 import threading
@@ -57,9 +63,11 @@ class Server:
     """The OpenAI-compatible app over `engine` (which this server starts and stops) and `loaded`'s tokenizer.
 
     `start()` serves on a background thread (returns self: `.url`, `.stop()`); `run()` serves in the foreground
-    until SIGINT / SIGTERM."""
+    until SIGINT / SIGTERM. On shutdown (stop() or the signal) no new connection is accepted; requests in flight
+    keep generating for `shutdown_grace_s`, then are cancelled and answered with the text they have."""
 
-    def __init__(self, engine: Engine, loaded: Any, cfg: ServeConfig | None = None, model_name: str = "fastserve"):
+    def __init__(self, engine: Engine, loaded: Any, cfg: ServeConfig | None = None, model_name: str = "fastserve",
+                 shutdown_grace_s: float = 5.0):
         self.engine, self.loaded, self.cfg = engine, loaded, cfg or engine.cfg
         self.model_name = model_name
         self.tokenizer = loaded.tokenizer
@@ -68,6 +76,8 @@ class Server:
         self.metrics = Metrics(engine)
         self.created = int(time.time())
         self.url: str | None = None
+        self.shutdown_grace_s = shutdown_grace_s
+        self._in_flight: set[Request] = set()        # submitted by a handler still running (event-loop thread)
         self._uvicorn: Any = None
         self._thread: threading.Thread | None = None
         routes = [Route("/v1/completions", self.completions, methods=["POST"]),
@@ -151,28 +161,30 @@ class Server:
                 pass
 
         choices: list[_Choice] = []
-        try:
-            for i, ids in enumerate(prompts):
-                max_new = s.max_tokens
-                if max_new is None:
-                    room = eng.max_len - len(ids)
-                    max_new = max(1, min(self.cfg.max_new_tokens_limit, room if parsed.chat else
-                                         min(COMPLETIONS_DEFAULT_MAX_TOKENS, room)))
+        for i, ids in enumerate(prompts):
+            max_new = s.max_tokens
+            if max_new is None:
+                room = eng.max_len - len(ids)
+                max_new = max(1, min(self.cfg.max_new_tokens_limit, room if parsed.chat else
+                                     min(COMPLETIONS_DEFAULT_MAX_TOKENS, room)))
 
-                def on_finish(r: Request, i: int = i) -> None:
-                    self.metrics.observe(r)
-                    put((i, None))
-                req = Request(ids, max_new_tokens=max_new, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                              seed=s.seed, stop_ids=self.stop_ids, on_token=lambda r, t, i=i: put((i, t)),
-                              on_finish=on_finish)
-                eng.submit(req)
-                choices.append(_Choice(req, api.TextStream(self.tokenizer.decode, s.stop, self.stop_ids)))
+            def on_finish(r: Request, i: int = i) -> None:
+                self.metrics.observe(r)
+                put((i, None))
+            req = Request(ids, max_new_tokens=max_new, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                          seed=s.seed, stop_ids=self.stop_ids, on_token=lambda r, t, i=i: put((i, t)),
+                          on_finish=on_finish)
+            try:
+                eng.check(req)
+            except ValueError as e:
+                raise APIError(400, str(e) + (f" (prompt {i})" if len(prompts) > 1 else ""), param=param,
+                               code="invalid_value") from None
+            choices.append(_Choice(req, api.TextStream(self.tokenizer.decode, s.stop, self.stop_ids)))
+        try:        # the whole batch or nothing: a batch never holds queue places it then gives back
+            self._in_flight.update(eng.submit_many([c.req for c in choices]))
         except ValueError as e:
-            self._cancel(choices)
-            raise APIError(400, str(e) + (f" (prompt {i})" if len(prompts) > 1 else ""), param=param,
-                           code="invalid_value") from None
+            raise APIError(400, str(e), param=param, code="invalid_value") from None
         except QueueFull as e:
-            self._cancel(choices)
             raise APIError(429, f"the server is at capacity ({e}); retry later", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
         self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
@@ -180,8 +192,15 @@ class Server:
 
     def _cancel(self, choices: Sequence[_Choice]) -> None:
         for c in choices:
+            self._in_flight.discard(c.req)
             if not c.req.done:
                 self.engine.cancel(c.req)
+
+    def _cancel_in_flight(self) -> None:
+        """Shutting down and the grace period is over: the engine stops the requests still generating; their
+        handlers answer with the text so far (and, streamed, finish_reason and [DONE])."""
+        for req in list(self._in_flight):
+            self.engine.cancel(req)
 
     def _consume(self, c: _Choice, token: int | None) -> tuple[str, bool]:
         """One engine event for choice `c` → (new text, whether the choice just completed)."""
@@ -203,11 +222,16 @@ class Server:
 
     async def _generate(self, request: HTTPRequest, chat: bool) -> Response:
         try:
+            api.check_content_type(request.headers.get("content-type"))
             body = api.parse_json(await read_body(request, self.cfg.max_body_bytes))
             parsed = api.parse_chat(body, self.cfg.max_new_tokens_limit) if chat else \
                 api.parse_completion(body, self.cfg.max_new_tokens_limit)
             if parsed.model is not None and parsed.model != self.model_name:
                 raise self._unknown_model(parsed.model)
+            if len(parsed.prompts) > self.cfg.max_queue:    # could never be queued at once: not worth a retry
+                raise APIError(400, f"prompt has {len(parsed.prompts)} entries; this server queues at most "
+                                    f"{self.cfg.max_queue} requests (serve.max_queue): send fewer per request",
+                               param="prompt", code="batch_too_large")
             prompts = self._encode(parsed)
             queue: asyncio.Queue = asyncio.Queue()
             choices = self._submit(parsed, prompts, queue)
@@ -300,9 +324,37 @@ class Server:
 
     def _make_uvicorn(self) -> Any:
         import uvicorn
+
+        outer = self
+
+        class _Uvicorn(uvicorn.Server):
+            async def shutdown(self, sockets: Any = None) -> None:
+                """As uvicorn's (which waits timeout_graceful_shutdown for open requests, then kills their tasks
+                unanswered), cancelling the requests still generating after shutdown_grace_s so that they are
+                answered before that."""
+                timer = asyncio.get_running_loop().call_later(outer.shutdown_grace_s, outer._cancel_in_flight)
+                try:
+                    await super().shutdown(sockets)
+                finally:
+                    timer.cancel()
+
+            @contextlib.contextmanager
+            def capture_signals(self) -> Any:
+                """As uvicorn's, less re-raising the signal once shut down: uvicorn does, which kills the process
+                on SIGTERM (status 143) before `run` stops the engine; here `run` returns and the process exits 0."""
+                if threading.current_thread() is not threading.main_thread():
+                    yield
+                    return
+                original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+                try:
+                    yield
+                finally:
+                    for sig, handler in original.items():
+                        signal.signal(sig, handler)
+
         config = uvicorn.Config(self.app, lifespan="off", log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=5)
-        self._uvicorn = uvicorn.Server(config)
+                                timeout_graceful_shutdown=self.shutdown_grace_s + 5)
+        self._uvicorn = _Uvicorn(config)
         return self._uvicorn
 
     def start(self, host: str | None = None, port: int | None = None, timeout: float = 30.0) -> "Server":
@@ -322,7 +374,8 @@ class Server:
         return self
 
     def run(self, host: str | None = None, port: int | None = None) -> None:
-        """Serves in the foreground until SIGINT / SIGTERM, then stops the engine."""
+        """Serves in the foreground until SIGINT / SIGTERM (see the class: requests in flight are answered), then
+        stops the engine and returns."""
         sock = self._bind(host, port)
         self.engine.start()
         print(f"fastserve: serving '{self.model_name}' at {self.url} (OpenAI API under /v1; scheduler "
@@ -330,18 +383,19 @@ class Server:
               file=sys.stderr, flush=True)
         try:
             self._make_uvicorn().run(sockets=[sock])
-        except KeyboardInterrupt:   # uvicorn re-raises the SIGINT it shut down on
+        except KeyboardInterrupt:   # a second Ctrl-C while shutting down
             pass
         finally:
             self.engine.stop()
             print("fastserve: stopped", file=sys.stderr, flush=True)
 
     def stop(self, engine: bool = True) -> None:
-        """Stops the HTTP server (open streams get a few seconds) and, unless engine=False, the engine."""
+        """Stops the HTTP server (open requests get shutdown_grace_s, then are cancelled and answered) and, unless
+        engine=False, the engine."""
         if self._uvicorn is not None:
             self._uvicorn.should_exit = True
         if self._thread is not None:
-            self._thread.join(15)
+            self._thread.join(self.shutdown_grace_s + 15)
             self._thread = None
         if engine:
             self.engine.stop()

@@ -31,13 +31,14 @@ def check_config(cfg: ServeConfig, model_cfg: Any, iteration_cost: str, own_sche
 
 
 def check_request(req: Request, buckets: Sequence[int], max_len: int, max_new_tokens_limit: int, vocab: int) -> None:
-    """A request an engine of these shapes can serve (`buckets` sorted; `max_len`: KV positions; vocab 0: any ids)."""
+    """A request an engine of these shapes can serve (`buckets` sorted; `max_len`: KV positions; vocab 0: any ids).
+    A prompt longer than the largest bucket is served (chunked prefill) as long as it leaves the tokens room."""
     p, n = len(req.tokens), req.max_new_tokens
     if p == 0:
         raise ValueError("the prompt has no tokens")
-    if p > buckets[-1]:
-        raise ValueError(f"the prompt has {p} tokens, longer than the largest bucket ({buckets[-1]}); "
-                         f"raise serve.buckets or shorten the prompt")
+    if p >= max_len:   # (longer than the largest bucket is fine: prefilled in chunks)
+        raise ValueError(f"the prompt has {p} tokens; the KV cache holds {max_len} positions (serve.max_cache_len), "
+                         f"so a prompt may have at most {max_len - 1} tokens")
     if n < 1:
         raise ValueError(f"max_new_tokens={n}: must be at least 1")
     if n > max_new_tokens_limit:

@@ -1,0 +1,570 @@
+"""`fs.models.Sequential`: Keras's Sequential API as a thin face over fastserve's core.
+
+The face owns no math of its own: the layer stack is the `sequential` model family (fastserve.models.sequential),
+`compile` picks a task (`keras_loss`: Keras's losses and metrics) and an optimizer (fastserve.core.optim, or optax),
+and `fit` / `evaluate` run the core's `create_train_state`, `make_train_step` and `make_eval_step` on a mesh over
+every local device (data parallel; one device on a laptop). A last partial batch is padded to the batch size with
+examples of weight 0 (one compiled step; they count in no loss, gradient, metric or batch-norm statistic).
+`save(path)` writes a fastserve work dir (config.yaml, orbax checkpoints with checksums) plus `keras.json` (the
+compile arguments); `load_model(path)` reads it back; the fastserve tools (evaluate, export) read it too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from flax import nnx
+
+from fastserve import layers as L, parallel
+from fastserve.config import Config, MeshConfig, TrainConfig, config_from_dict, dump_config
+from fastserve.core.checkpoint import Checkpointer
+from fastserve.core.state import (abstract_train_state, create_train_state, init_params, merge_trees, split_like)
+from fastserve.core.steps import make_eval_step, make_train_step, split_micro_batches
+from fastserve.core.trainer import evaluate_params
+from fastserve.data.arrays import ArraysDataConfig, as_inputs, as_labels
+from fastserve.data.dataset import padded_eval_batches
+from fastserve.keras import losses as keras_losses
+from fastserve.keras.callbacks import Callback, History
+from fastserve.keras.optimizers import Optimizer
+from fastserve.models.sequential import SequentialConfig
+from fastserve.tasks.keras_loss import CUSTOM, LOSSES, KerasLossConfig, canonical_loss
+
+COMPILE_FILE = "keras.json"
+_WEIGHT_ORDER = {"kernel": 0, "embedding": 0, "scale": 1, "bias": 2, "mean": 3, "var": 4}  # Keras's order in a layer
+
+
+@dataclasses.dataclass
+class _Compiled:
+    optimizer: Optimizer | None          # None: an optax transformation given as is
+    tx: optax.GradientTransformation | None
+    task_cfg: KerasLossConfig
+    loss_fn: Callable | None             # a custom loss callable
+
+
+@dataclasses.dataclass
+class ModelSummary:
+    rows: list[tuple[str, str, tuple, int]]   # (name, Keras class, output shape with None batch, params)
+    total: int
+    trainable: int
+    non_trainable: int
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"ModelSummary(total={self.total:,}, trainable={self.trainable:,}, layers={len(self.rows)})"
+
+
+class Sequential:
+    """A linear stack of layers (`fastserve.layers` specs) with Keras's `add`, `summary`, `compile`, `fit`,
+    `evaluate`, `predict`, `save`. `seed` makes the initial weights, dropout and shuffling reproducible."""
+
+    def __init__(self, layers: Sequence[L.Layer] | None = None, name: str = "sequential", seed: int = 0):
+        self.name, self.seed = name, seed
+        self.stop_training = False
+        self.history: History | None = None
+        self._specs: list[L.Layer] = []
+        self._input_shape: tuple[int, ...] | None = None
+        self._compiled: _Compiled | None = None
+        self._mesh = None
+        self._fits = 0
+        self._reset_weights()
+        for layer in layers or ():
+            self.add(layer)
+
+    # ---------------------------------------------------------------------------------------------- layers
+
+    def _reset_weights(self) -> None:
+        self._graphdef = self._vars = self._var_shardings = None   # weights without optimizer state
+        self._state = self._shardings = None                        # the core's train state (after compile + fit)
+        self._steps: dict[str, Any] = {}
+
+    def add(self, layer: L.Layer | L.Input) -> None:
+        if isinstance(layer, L.Input):
+            if self._specs:
+                raise ValueError("fs.layers.Input must come before the first layer")
+            self._input_shape = tuple(layer.shape) if not isinstance(layer.shape, int) else (layer.shape,)
+            return
+        if not isinstance(layer, L.Layer):
+            raise TypeError(f"add() takes a fastserve.layers layer (e.g. fs.layers.Dense(10)), got "
+                            f"{type(layer).__name__}")
+        if layer.input_shape is not None:
+            if self._specs:
+                raise ValueError(f"input_shape given to layer {len(self._specs)} ({layer.keras_name}): only the first "
+                                 "layer takes one")
+            self._input_shape = layer.input_shape
+        if self._input_shape is not None:
+            L.plan(self._input_shape, [*self._specs, layer])   # a layer that cannot take its input fails here
+        self._specs.append(layer)
+        self._reset_weights()
+
+    @property
+    def layers(self) -> list[L.Layer]:
+        return list(self._specs)
+
+    @property
+    def input_shape(self) -> tuple:
+        return (None, *self._require_input_shape())
+
+    @property
+    def output_shape(self) -> tuple:
+        return (None, *self._plan()[-1].output_shape)
+
+    def _require_input_shape(self) -> tuple[int, ...]:
+        if not self._specs:
+            raise ValueError("the model has no layers: add some first (model.add(fs.layers.Dense(10)))")
+        if self._input_shape is None:
+            raise ValueError("the model's input shape is unknown: give input_shape=(...) to the first layer, add "
+                             "fs.layers.Input(shape=(...)) first, or call fit() (it takes the shape from x)")
+        return self._input_shape
+
+    def _plan(self) -> list[L.Planned]:
+        return L.plan(self._require_input_shape(), self._specs)
+
+    @property
+    def config(self) -> SequentialConfig:
+        """The `model:` config section (`name: sequential`): what `python -m fastserve.train` builds."""
+        return SequentialConfig(input_shape=list(self._require_input_shape()),
+                                layers=[s.to_dict() for s in self._specs])
+
+    @classmethod
+    def from_config(cls, cfg: SequentialConfig, name: str = "sequential", seed: int = 0) -> "Sequential":
+        model = cls(name=name, seed=seed)
+        model._input_shape = tuple(cfg.input_shape)
+        for spec in cfg.specs():
+            model.add(spec)
+        return model
+
+    def count_params(self) -> int:
+        return sum(p.trainable + p.non_trainable for p in self._plan())
+
+    def summary(self, print_fn: Callable[[str], Any] | None = print) -> ModelSummary:
+        """Prints (with `print_fn`; None: silent) and returns Keras's table: layer (type), output shape, params."""
+        plan = self._plan()
+        rows = [(p.name, p.spec.keras_name, (None, *p.output_shape), p.trainable + p.non_trainable) for p in plan]
+        trainable = sum(p.trainable for p in plan)
+        fixed = sum(p.non_trainable for p in plan)
+        widths = (34, 26, 12)
+        line = lambda a, b, c: f" {a:<{widths[0] - 1}}{b:<{widths[1]}}{c:>{widths[2]}}"
+        rule = "_" * sum(widths)
+        out = [f'Model: "{self.name}"', rule, line("Layer (type)", "Output Shape", "Param #"), "=" * sum(widths)]
+        for i, (name, kind, shape, n) in enumerate(rows):
+            out.append(line(f"{name} ({kind})", str(shape).replace(",)", ")"), f"{n:,}"))
+            out.append(rule if i == len(rows) - 1 else "")
+        out[-1:] = ["=" * sum(widths)]
+        out += [f"Total params: {trainable + fixed:,}", f"Trainable params: {trainable:,}",
+                f"Non-trainable params: {fixed:,}", rule]
+        text = "\n".join(out)
+        if print_fn is not None:
+            print_fn(text)
+        return ModelSummary(rows, trainable + fixed, trainable, fixed, text)
+
+    # --------------------------------------------------------------------------------------------- compile
+
+    def compile(self, optimizer: Any = "rmsprop", loss: Any = None, metrics: Sequence[str] | None = None) -> None:
+        """`optimizer`: a name (Keras's defaults), `fs.keras.optimizers.Adam(...)` or an optax transformation;
+        `loss`: a name, a `fs.keras.losses` object (`from_logits`) or a callable (y_true, y_pred) → per-example
+        losses; `metrics`: names (accuracy, categorical_accuracy, sparse_categorical_accuracy, binary_accuracy,
+        mae, mse). Unknown names fail here."""
+        from fastserve.config_parsing import ConfigError
+
+        if loss is None:
+            raise ValueError(f"compile() needs a loss: one of {', '.join(LOSSES)}, a fs.keras.losses object or a "
+                             "callable")
+        loss_fn, from_logits = None, False
+        if isinstance(loss, keras_losses.Loss):
+            name, from_logits = loss.name, loss.from_logits
+        elif isinstance(loss, str):
+            name = canonical_loss(loss)
+        elif callable(loss):
+            name, loss_fn = CUSTOM, loss
+        else:
+            raise TypeError(f"loss must be a name, a fs.keras.losses object or a callable, got {type(loss).__name__}")
+        if name == CUSTOM and loss_fn is None:
+            raise ValueError(f"unknown loss 'custom' (choose from {', '.join(LOSSES)})")
+        metrics = [metrics] if isinstance(metrics, str) else list(metrics or [])
+        try:
+            task_cfg = config_from_dict({"name": "keras_loss", "loss": name, "from_logits": from_logits,
+                                         "metrics": metrics}, KerasLossConfig)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        if isinstance(optimizer, str):
+            opt, tx = Optimizer(optimizer), None
+        elif isinstance(optimizer, Optimizer):
+            opt, tx = optimizer, None
+        elif isinstance(optimizer, optax.GradientTransformation):
+            opt, tx = None, optimizer
+        else:
+            raise TypeError(f"optimizer must be a name, a fs.keras.optimizers optimizer or an optax "
+                            f"GradientTransformation, got {type(optimizer).__name__}")
+        self._compiled = _Compiled(opt, tx, task_cfg, loss_fn)
+        if self._state is not None:   # a re-compile keeps the weights, with a fresh optimizer
+            self._vars, self._var_shardings = self._variables(), self._merged_shardings()
+            self._state = self._shardings = None
+        self._steps = {}
+
+    def _require_compiled(self, what: str) -> _Compiled:
+        if self._compiled is None:
+            raise RuntimeError(f"call compile(optimizer=..., loss=...) before {what}()")
+        return self._compiled
+
+    def _task(self):
+        c = self._require_compiled("fit")
+        return c.task_cfg.build(c.loss_fn)
+
+    # ----------------------------------------------------------------------------------- weights and mesh
+
+    def _get_mesh(self):
+        if self._mesh is None:   # data parallel over every local device (one on a laptop)
+            self._mesh = parallel.make_mesh(MeshConfig(data=-1))
+        return self._mesh
+
+    def _init_weights(self) -> None:
+        if self._vars is None and self._state is None:
+            self._graphdef, self._vars, self._var_shardings = init_params(self.config, self._get_mesh(), self.seed)
+
+    def _variables(self) -> dict:
+        """params ∪ model state, on the mesh."""
+        if self._state is not None:
+            return merge_trees(self._state["params"], self._state["model_state"])
+        self._init_weights()
+        return self._vars
+
+    def _merged_shardings(self) -> Any:
+        if self._shardings is not None:
+            return merge_trees(self._shardings["params"], self._shardings["model_state"])
+        self._init_weights()
+        return self._var_shardings
+
+    def _ensure_train_state(self, total_steps: int) -> None:
+        """The core's train state for the compiled optimizer; existing weights (an earlier fit, a load, set_weights)
+        are kept, the optimizer state starts fresh."""
+        if self._state is not None:
+            return
+        c = self._require_compiled("fit")
+        tx, schedule = (c.tx, optax.constant_schedule(0.0)) if c.tx is not None else c.optimizer.build(total_steps)
+        mesh = self._get_mesh()
+        graphdef, state, shardings = create_train_state(self.config, tx, mesh, self.seed)
+        if self._vars is not None:
+            params, model_state = split_like(self._vars, state["params"])
+            put = lambda t, s: jax.tree.map(jax.device_put, t, s)
+            state["params"], state["model_state"] = put(params, shardings["params"]), put(model_state,
+                                                                                          shardings["model_state"])
+            with jax.set_mesh(mesh):
+                state["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(state["params"])
+        self._graphdef, self._state, self._shardings, self._tx, self._schedule = graphdef, state, shardings, tx, schedule
+        self._vars = self._var_shardings = None
+        self._steps = {}
+
+    def get_weights(self) -> list[np.ndarray]:
+        """Every variable as a NumPy array, layer by layer (kernel, bias; BN: scale, bias, mean, var)."""
+        flat = self._flat_variables(jax.device_get(self._variables()))
+        return [np.array(v) for _, v in flat]
+
+    def set_weights(self, weights: Sequence[np.ndarray]) -> None:
+        current = self._variables()
+        flat = self._flat_variables(current)
+        if len(weights) != len(flat):
+            raise ValueError(f"set_weights: the model has {len(flat)} arrays, got {len(weights)}")
+        new = jax.tree.map(lambda x: x, current)
+        for (path, old), w in zip(flat, weights):
+            if tuple(np.shape(w)) != tuple(old.shape):
+                raise ValueError(f"set_weights: {'.'.join(path)} has shape {tuple(old.shape)}, got {np.shape(w)}")
+            node = new
+            for k in path[:-1]:
+                node = node[k]
+            node[path[-1]] = jnp.asarray(w, old.dtype)
+        new = jax.tree.map(jax.device_put, new, self._merged_shardings())
+        if self._state is not None:
+            self._state["params"], self._state["model_state"] = split_like(new, self._state["params"])
+        else:
+            self._vars = new
+
+    def _flat_variables(self, variables: dict) -> list[tuple[tuple[str, ...], Any]]:
+        out = []
+        for p in self._plan():
+            layer = variables.get("layers", {}).get(p.name)
+            if not layer:
+                continue
+            leaves = jax.tree_util.tree_flatten_with_path(layer)[0]
+            keyed = [((p.name, *[str(getattr(k, "key", k)) for k in path]), v) for path, v in leaves]
+            keyed.sort(key=lambda kv: _WEIGHT_ORDER.get(kv[0][-1], 9))
+            out += [(("layers", *path), v) for path, v in keyed]
+        return out
+
+    # ------------------------------------------------------------------------------------------ checking
+
+    def _check_data(self, x: Any, y: Any, what: str = "x") -> tuple[np.ndarray, np.ndarray | None]:
+        """x, y as the steps take them; a clear error, before any work, when they do not fit the model or the loss."""
+        x = as_inputs(x)
+        if self._input_shape is None and self._specs:
+            L.plan(x.shape[1:], self._specs)
+            self._input_shape = tuple(x.shape[1:])
+        want = self._require_input_shape()
+        if tuple(x.shape[1:]) != want:
+            first = self._plan()[0]
+            raise ValueError(f"{what}: the model takes inputs of shape {(None, *want)} (its first layer "
+                             f"'{first.name}' was built for input_shape={want}), got an array of shape {x.shape}")
+        if y is None:
+            return x, None
+        y = as_labels(y)
+        if len(y) != len(x):
+            raise ValueError(f"{what}: {len(x)} inputs but {len(y)} labels")
+        c = self._require_compiled("fit")
+        out = self._plan()[-1].output_shape
+        loss, n_out = canonical_loss(c.task_cfg.loss), out[-1]
+        got = tuple(y.shape[1:])
+        if loss == "categorical_crossentropy":
+            if got != out:
+                hint = (f"; these look like class ids: use loss='sparse_categorical_crossentropy' or one-hot them to "
+                        f"{(len(y), *out)}" if got in (out[:-1], (*out[:-1], 1)) else "")
+                raise ValueError(f"labels of shape {y.shape} do not match the model's output {(None, *out)} for "
+                                 f"categorical_crossentropy (one-hot rows of {n_out}){hint}")
+        elif loss == "sparse_categorical_crossentropy":
+            if got not in (out[:-1], (*out[:-1], 1)):
+                hint = "; these look one-hot: use loss='categorical_crossentropy'" if got == out else ""
+                raise ValueError(f"labels of shape {y.shape} do not match the model's output {(None, *out)} for "
+                                 f"sparse_categorical_crossentropy (class ids of shape {(None, *out[:-1])}){hint}")
+            if not np.issubdtype(y.dtype, np.integer):
+                raise ValueError(f"sparse_categorical_crossentropy takes integer class ids, got {y.dtype} labels")
+            if len(y) and (y.min() < 0 or y.max() >= n_out):
+                raise ValueError(f"labels range over [{y.min()}, {y.max()}] but the model outputs {n_out} classes "
+                                 f"(ids 0..{n_out - 1})")
+        elif loss in ("binary_crossentropy", "mse", "mae"):
+            if got != out and not (out == (1,) and got == ()):
+                raise ValueError(f"labels of shape {y.shape} do not match the model's output {(None, *out)} for {loss}")
+        else:  # a custom callable: it must give one loss per example
+            probe = jax.eval_shape(c.loss_fn, jax.ShapeDtypeStruct((2, *got), y.dtype),
+                                   jax.ShapeDtypeStruct((2, *out), jnp.float32))
+            if not probe.shape or probe.shape[0] != 2:
+                raise ValueError(f"the custom loss returns shape {probe.shape} for a batch of 2: it must return one "
+                                 "value per example ([batch] or [batch, ...])")
+        return x, y
+
+    # ------------------------------------------------------------------------------------------- training
+
+    def _batch_size(self, batch_size: int | None) -> int:
+        b = 32 if batch_size is None else batch_size
+        if not isinstance(b, int) or b < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        n = self._get_mesh().size
+        return -(-b // n) * n   # padded to a multiple of the devices (padding rows have weight 0)
+
+    def fit(self, x: Any = None, y: Any = None, batch_size: int | None = None, epochs: int = 1,
+            verbose: Any = "auto", callbacks: Sequence[Callback] | None = None, validation_split: float = 0.0,
+            validation_data: tuple | None = None, shuffle: bool = True, initial_epoch: int = 0) -> History:
+        c = self._require_compiled("fit")
+        if not 0 <= validation_split < 1:
+            raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
+        x, y = self._check_data(x, y)
+        if y is None:
+            raise ValueError("fit() needs labels y")
+        val = None
+        if validation_data is not None:
+            if len(validation_data) != 2:
+                raise ValueError("validation_data must be (x_val, y_val) (sample weights are not supported)")
+            val = self._check_data(*validation_data, what="validation_data")
+        elif validation_split:
+            split_at = math.ceil(len(x) * (1 - validation_split))   # Keras 3: the tail is held out, never trained on
+            if split_at == len(x) or split_at == 0:
+                raise ValueError(f"validation_split={validation_split} of {len(x)} examples leaves "
+                                 f"{len(x) - split_at} for validation and {split_at} for training")
+            x, y, val = x[:split_at], y[:split_at], (x[split_at:], y[split_at:])
+        n, b = len(x), batch_size or 32
+        pad_to = self._batch_size(batch_size)
+        steps_per_epoch = -(-n // b)
+        self._ensure_train_state(steps_per_epoch * max(epochs - initial_epoch, 1))
+        task, mesh = self._task(), self._get_mesh()
+        train_step, eval_step = self._train_step(task), self._eval_step(task)
+        verbose = 1 if verbose == "auto" else int(verbose)
+
+        history = History()
+        cbs = [history, *(callbacks or [])]
+        for cb in cbs:
+            cb.set_model(self)
+            cb.set_params({"epochs": epochs, "steps": steps_per_epoch, "verbose": verbose})
+        self.stop_training = False
+        for cb in cbs:
+            cb.on_train_begin()
+        self._fits += 1
+        for epoch in range(initial_epoch, epochs):
+            for cb in cbs:
+                cb.on_epoch_begin(epoch)
+            t0 = time.perf_counter()
+            order = (np.random.default_rng([self.seed, self._fits, epoch]).permutation(n) if shuffle
+                     else np.arange(n))
+            sums = []
+            for start in range(0, n, b):
+                batch = _pad({"inputs": x[order[start:start + b]], "labels": y[order[start:start + b]]}, pad_to)
+                batch = parallel.host_to_global(split_micro_batches(batch, 1), mesh, leading=1)
+                self._state, metrics = train_step(self._state, batch, {})
+                sums.append({k: v for k, v in metrics.items() if k not in ("grad_norm", "learning_rate")})
+            total = {k: np.sum([np.asarray(s[k], np.float64) for s in jax.device_get(sums)], axis=0)
+                     for k in sums[0]}
+            logs = task.summarize(total)
+            if val is not None:
+                batches = padded_eval_batches({"inputs": val[0], "labels": val[1]}, pad_to)
+                logs.update({f"val_{k}": v for k, v in
+                             evaluate_params(eval_step, self._variables(), batches, task, mesh, {}).items()})
+            if verbose:
+                print(f"Epoch {epoch + 1}/{epochs}\n{steps_per_epoch}/{steps_per_epoch} - "
+                      f"{time.perf_counter() - t0:.1f}s - " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()),
+                      flush=True)
+            for cb in cbs:
+                cb.on_epoch_end(epoch, logs)
+            if self.stop_training:
+                break
+        for cb in cbs:
+            cb.on_train_end()
+        self.history = history
+        return history
+
+    def _train_step(self, task) -> Callable:
+        if "train" not in self._steps:
+            self._steps["train"] = make_train_step(self._graphdef, task, self._tx, self._schedule, self._shardings,
+                                                   self._get_mesh())
+        return self._steps["train"]
+
+    def _eval_step(self, task) -> Callable:
+        if "eval" not in self._steps:
+            self._steps["eval"] = make_eval_step(self._graphdef, task, self._merged_shardings(), self._get_mesh())
+        return self._steps["eval"]
+
+    def evaluate(self, x: Any = None, y: Any = None, batch_size: int | None = None, verbose: Any = "auto",
+                 return_dict: bool = False) -> Any:
+        """[loss, *metrics] in compile order (the loss alone when there are no metrics), or a dict."""
+        self._require_compiled("evaluate")
+        x, y = self._check_data(x, y)
+        if y is None:
+            raise ValueError("evaluate() needs labels y")
+        task = self._task()
+        self._init_weights()
+        batches = padded_eval_batches({"inputs": x, "labels": y}, self._batch_size(batch_size))
+        logs = evaluate_params(self._eval_step(task), self._variables(), batches, task, self._get_mesh(), {})
+        if verbose not in (0, "auto", False):
+            print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
+        if return_dict:
+            return logs
+        values = [logs["loss"], *(logs[m] for m in task.cfg.metrics)]
+        return values[0] if len(values) == 1 else values
+
+    def predict(self, x: Any, batch_size: int | None = None, verbose: Any = "auto") -> np.ndarray:
+        """The model's outputs (final activation applied: probabilities after a softmax), as a NumPy array."""
+        x, _ = self._check_data(x, None)
+        if "predict" not in self._steps:
+            self._init_weights()
+            graphdef, mesh = self._graphdef, self._get_mesh()
+
+            def forward(variables, inputs):
+                model = nnx.merge(graphdef, variables)
+                model.eval()
+                return model.outputs(inputs)
+            data = parallel.batch_sharding(mesh, 1 + len(self._input_shape))
+            self._steps["predict"] = jax.jit(forward, in_shardings=(self._merged_shardings(), data))
+        fn, variables, mesh = self._steps["predict"], self._variables(), self._get_mesh()
+        outs = []
+        for batch in padded_eval_batches({"inputs": x}, self._batch_size(batch_size)):
+            got = fn(variables, parallel.host_to_global({"inputs": batch["inputs"]}, mesh)["inputs"])
+            outs.append(np.asarray(jax.device_get(got))[batch["weights"] > 0])
+        return np.concatenate(outs) if outs else np.zeros((0, *self._plan()[-1].output_shape), np.float32)
+
+    def __call__(self, x: Any) -> np.ndarray:
+        return self.predict(x, verbose=0)
+
+    # --------------------------------------------------------------------------------------- save / load
+
+    def save(self, path: str) -> None:
+        """A fastserve work dir at `path`: config.yaml (model, optimizer, task), checkpoints/ (orbax, checksummed:
+        weights, batch-norm statistics, optimizer state when trained) and keras.json (the compile arguments)."""
+        os.makedirs(path, exist_ok=True)
+        c = self._compiled
+        cfg = Config(model=self.config, data=ArraysDataConfig(),
+                     train=TrainConfig(task=c.task_cfg if c else KerasLossConfig(), workdir=os.path.abspath(path)),
+                     mesh=MeshConfig(data=-1))
+        if c is not None and c.optimizer is not None and c.optimizer.name in ("adam", "adamw", "sgd", "lion",
+                                                                              "adafactor"):
+            cfg = dataclasses.replace(cfg, optimizer=c.optimizer.optimizer_config())
+        with open(os.path.join(path, "config.yaml"), "w") as f:
+            f.write(dump_config(cfg))
+        trained = self._state is not None
+        if trained:
+            state = self._state
+        else:
+            params, model_state = split_like(self._variables(), self._abstract_params())
+            state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state}
+        meta = {"name": self.name, "seed": self.seed, "optimizer_state": trained and c.optimizer is not None,
+                "compile": None if c is None else {
+                    "optimizer": None if c.optimizer is None else {"name": c.optimizer.name,
+                                                                   "options": c.optimizer.options},
+                    "loss": c.task_cfg.loss if c.loss_fn is None else None, "from_logits": c.task_cfg.from_logits,
+                    "metrics": c.task_cfg.metrics}}
+        with open(os.path.join(path, COMPILE_FILE), "w") as f:
+            json.dump(meta, f, indent=1)
+        ckpt_dir = os.path.join(path, "checkpoints")
+        shutil.rmtree(ckpt_dir, ignore_errors=True)   # Keras overwrites a saved model
+        with Checkpointer(ckpt_dir, max_to_keep=1, async_save=False) as ckpt:
+            ckpt.save(int(jax.device_get(state["step"])), state, {})
+
+    def _abstract_params(self) -> dict:
+        from fastserve.core.state import abstract_model_split
+        return abstract_model_split(self.config)[1]
+
+
+def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """The batch padded to `size` rows of zeros, with `weights` 1 on the real rows and 0 on the padding."""
+    n = len(batch["inputs"])
+    out = {k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)]) if n < size else v
+           for k, v in batch.items()}
+    out["weights"] = (np.arange(size) < n).astype(np.float32)
+    return out
+
+
+def load_model(path: str, compile: bool = True) -> Sequential:
+    """A model saved by `Sequential.save` (weights, batch-norm statistics, compile arguments and, when it was
+    trained with a named optimizer, its optimizer state), on this machine's devices."""
+    cfg_path, meta_path = os.path.join(path, "config.yaml"), os.path.join(path, COMPILE_FILE)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path} is not a saved model (no config.yaml)")
+    with open(cfg_path) as f:
+        cfg = config_from_dict(yaml.safe_load(f))
+    if not isinstance(cfg.model, SequentialConfig):
+        raise ValueError(f"{path} holds a '{cfg.model.name}' model, not a sequential one")
+    meta = {}
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+    model = Sequential.from_config(cfg.model, name=meta.get("name", "sequential"), seed=meta.get("seed", 0))
+    spec = meta.get("compile")
+    if compile and spec and spec.get("optimizer") and spec.get("loss"):
+        opt = spec["optimizer"]
+        model.compile(optimizer=Optimizer(opt["name"], opt["options"]), loss=spec["loss"], metrics=spec["metrics"])
+        model._compiled.task_cfg = dataclasses.replace(model._compiled.task_cfg, from_logits=spec["from_logits"])
+    with Checkpointer(os.path.join(path, "checkpoints")) as ckpt:
+        if meta.get("optimizer_state") and model._compiled is not None:
+            model._ensure_train_state(1)
+            found = ckpt.restore_latest(abstract_train_state(model._state, model._shardings))
+            if found is None:
+                raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+            model._state = found[1]
+        else:
+            model._init_weights()
+            abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), model._vars,
+                                    model._var_shardings)
+            params, state = split_like(abstract, model._abstract_params())
+            found = ckpt.restore_entries_latest({"params": params, "model_state": state})
+            if found is None:
+                raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+            model._vars = merge_trees(found[1]["params"], found[1]["model_state"])
+    return model

@@ -1,0 +1,84 @@
+"""Keras-style optimizers for `compile(optimizer=...)`: a name (`"adam"`) or `Adam(learning_rate=...)`, with
+Keras's defaults (constant learning rate, no clipping, eps 1e-7, Adam's b2 0.999). adam, adamw, sgd, lion and
+adafactor are fastserve's own optimizers (`fastserve.core.optim`, an `optimizer:` config section, so a saved model
+trains on with `python -m fastserve.train`); rmsprop, adagrad, adamax and nadam are optax's. Any optax
+`GradientTransformation` is accepted by `compile` as is."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import optax
+
+from fastserve.checks import near
+
+# name → Keras's defaults
+DEFAULTS: dict[str, dict[str, float]] = {
+    "adam": {"learning_rate": 1e-3, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7},
+    "adamw": {"learning_rate": 1e-3, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7, "weight_decay": 0.004},
+    "sgd": {"learning_rate": 1e-2, "momentum": 0.0},
+    "lion": {"learning_rate": 1e-3, "beta_1": 0.9, "beta_2": 0.99, "weight_decay": 0.0},
+    "adafactor": {"learning_rate": 1e-3},
+    "rmsprop": {"learning_rate": 1e-3, "rho": 0.9, "momentum": 0.0, "epsilon": 1e-7},
+    "adagrad": {"learning_rate": 1e-3, "initial_accumulator_value": 0.1, "epsilon": 1e-7},
+    "adamax": {"learning_rate": 1e-3, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7},
+    "nadam": {"learning_rate": 1e-3, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7},
+}
+CORE = ("adam", "adamw", "sgd", "lion", "adafactor")   # built by fastserve.core.optim.make_optimizer
+
+
+@dataclass
+class Optimizer:
+    name: str
+    options: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.name = self.name.lower()
+        if self.name not in DEFAULTS:
+            raise ValueError(f"unknown optimizer '{self.name}'{near(self.name, list(DEFAULTS))} (choose from "
+                             f"{', '.join(DEFAULTS)}, or pass an optax GradientTransformation)")
+        bad = [k for k in self.options if k not in DEFAULTS[self.name]]
+        if bad:
+            raise ValueError(f"optimizer {self.name}: unknown option {bad[0]!r} (valid: "
+                             f"{', '.join(DEFAULTS[self.name])})")
+        self.options = {**DEFAULTS[self.name], **self.options}
+
+    def optimizer_config(self) -> Any:
+        """The `optimizer:` config section (fastserve's optimizers only)."""
+        from fastserve.config import OptimizerConfig
+        o = self.options
+        return OptimizerConfig(name=self.name, learning_rate=o["learning_rate"], schedule="constant", warmup_steps=0,
+                               weight_decay=o.get("weight_decay", 0.0), b1=o.get("beta_1", 0.9),
+                               b2=o.get("beta_2", 0.999), eps=o.get("epsilon", 1e-7), momentum=o.get("momentum", 0.0),
+                               clip_norm=0.0)
+
+    def build(self, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+        if self.name in CORE:
+            from fastserve.core.optim import make_optimizer
+            return make_optimizer(self.optimizer_config(), total_steps)
+        o, lr = self.options, self.options["learning_rate"]
+        if self.name == "rmsprop":
+            tx = optax.rmsprop(lr, decay=o["rho"], eps=o["epsilon"], momentum=o["momentum"] or None)
+        elif self.name == "adagrad":
+            tx = optax.adagrad(lr, initial_accumulator_value=o["initial_accumulator_value"], eps=o["epsilon"])
+        elif self.name == "adamax":
+            tx = optax.adamax(lr, b1=o["beta_1"], b2=o["beta_2"], eps=o["epsilon"])
+        else:
+            tx = optax.nadam(lr, b1=o["beta_1"], b2=o["beta_2"], eps=o["epsilon"])
+        return tx, optax.constant_schedule(lr)
+
+
+def Adam(learning_rate: float = 1e-3, **kw) -> Optimizer:
+    return Optimizer("adam", {"learning_rate": learning_rate, **kw})
+
+
+def AdamW(learning_rate: float = 1e-3, **kw) -> Optimizer:
+    return Optimizer("adamw", {"learning_rate": learning_rate, **kw})
+
+
+def SGD(learning_rate: float = 1e-2, **kw) -> Optimizer:
+    return Optimizer("sgd", {"learning_rate": learning_rate, **kw})
+
+
+def RMSprop(learning_rate: float = 1e-3, **kw) -> Optimizer:
+    return Optimizer("rmsprop", {"learning_rate": learning_rate, **kw})
