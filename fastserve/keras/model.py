@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -221,7 +220,7 @@ class Sequential:
         return self._compiled
 
     def _task(self):
-        c = self._require_compiled("fit")
+        self._require_compiled("fit")
         return c.task_cfg.build(c.loss_fn)
 
     # ----------------------------------------------------------------------------------- weights and mesh
@@ -253,7 +252,7 @@ class Sequential:
         are kept, the optimizer state starts fresh."""
         if self._state is not None:
             return
-        c = self._require_compiled("fit")
+        self._require_compiled("fit")
         tx, schedule = (c.tx, optax.constant_schedule(0.0)) if c.tx is not None else c.optimizer.build(total_steps)
         mesh = self._get_mesh()
         graphdef, state, shardings = create_train_state(self.config, tx, mesh, self.seed)
@@ -322,7 +321,7 @@ class Sequential:
         y = as_labels(y)
         if len(y) != len(x):
             raise ValueError(f"{what}: {len(x)} inputs but {len(y)} labels")
-        c = self._require_compiled("fit")
+        self._require_compiled("fit")
         out = self._plan()[-1].output_shape
         loss, n_out = canonical_loss(c.task_cfg.loss), out[-1]
         got = tuple(y.shape[1:])
@@ -365,7 +364,7 @@ class Sequential:
     def fit(self, x: Any = None, y: Any = None, batch_size: int | None = None, epochs: int = 1,
             verbose: Any = "auto", callbacks: Sequence[Callback] | None = None, validation_split: float = 0.0,
             validation_data: tuple | None = None, shuffle: bool = True, initial_epoch: int = 0) -> History:
-        c = self._require_compiled("fit")
+        self._require_compiled("fit")
         if not 0 <= validation_split < 1:
             raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
         x, y = self._check_data(x, y)

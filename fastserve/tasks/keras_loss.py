@@ -19,7 +19,7 @@ the outputs (or a last axis of 1), categorical otherwise.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
