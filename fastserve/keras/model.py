@@ -220,7 +220,7 @@ class Sequential:
         return self._compiled
 
     def _task(self):
-        self._require_compiled("fit")
+        c = self._require_compiled("fit")
         return c.task_cfg.build(c.loss_fn)
 
     # ----------------------------------------------------------------------------------- weights and mesh
@@ -252,7 +252,7 @@ class Sequential:
         are kept, the optimizer state starts fresh."""
         if self._state is not None:
             return
-        self._require_compiled("fit")
+        c = self._require_compiled("fit")
         tx, schedule = (c.tx, optax.constant_schedule(0.0)) if c.tx is not None else c.optimizer.build(total_steps)
         mesh = self._get_mesh()
         graphdef, state, shardings = create_train_state(self.config, tx, mesh, self.seed)
@@ -321,7 +321,7 @@ class Sequential:
         y = as_labels(y)
         if len(y) != len(x):
             raise ValueError(f"{what}: {len(x)} inputs but {len(y)} labels")
-        self._require_compiled("fit")
+        c = self._require_compiled("fit")
         out = self._plan()[-1].output_shape
         loss, n_out = canonical_loss(c.task_cfg.loss), out[-1]
         got = tuple(y.shape[1:])
