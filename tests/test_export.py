@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from fresh_process import WITHOUT_MODEL_CODE
 from fastserve.core.checkpoint import Checkpointer
 from fastserve.config import Config, MeshConfig, ModelConfig, dump_config
 from fastserve.generation import decoding as infer
@@ -62,17 +63,7 @@ def _inputs(tok):
 
 
 # The whole loader side, run in a fresh interpreter that cannot import the model code.
-_CHILD = textwrap.dedent("""
-    import importlib.abc, json, sys
-    BLOCKED = ("flax", "fastserve.models", "fastserve.core", "fastserve.artifacts.writer", "optax", "orbax")
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if any(name == b or name.startswith(b + ".") for b in BLOCKED):
-                raise ImportError(f"{name} is blocked in this process")
-            return None
-
-    sys.meta_path.insert(0, Block())
+_CHILD = WITHOUT_MODEL_CODE + textwrap.dedent("""
     import numpy as np
     from fastserve.artifacts.loader import load_exported
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from fresh_process import WITHOUT_MODEL_CODE
 from fastserve import parallel
 from fastserve.artifacts.options import ExportError, ExportOptions
 from fastserve.artifacts.writer import export_params
@@ -21,17 +22,7 @@ from fastserve.models.encoder import EncoderConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_CHILD = textwrap.dedent("""
-    import importlib.abc, json, sys
-    BLOCKED = ("flax", "fastserve.models", "fastserve.core", "fastserve.artifacts.writer", "optax", "orbax")
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if any(name == b or name.startswith(b + ".") for b in BLOCKED):
-                raise ImportError(f"{name} is blocked in this process")
-            return None
-
-    sys.meta_path.insert(0, Block())
+_CHILD = WITHOUT_MODEL_CODE + textwrap.dedent("""
     import numpy as np
     from fastserve.artifacts.loader import load_exported
 

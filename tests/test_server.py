@@ -62,9 +62,9 @@ def server(loaded):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def reference(loaded):
-    """Greedy tokens of `infer.generate` in this process (batch 1, the model's stop ids), memoized."""
+def greedy_reference(loaded, buckets):
+    """Greedy tokens of `infer.generate` in this process (batch 1, the model's stop ids, prompts padded to
+    `buckets`), memoized: what the server must answer."""
     @jax.jit
     def run(params, tokens, lengths):
         return infer.generate(nnx.merge(loaded.graphdef, params), tokens, lengths, jax.random.key(0),
@@ -74,11 +74,16 @@ def reference(loaded):
 
     def ref(ids):
         if tuple(ids) not in memo:
-            tokens, lengths = infer.pad_prompts([ids], BUCKETS)
+            tokens, lengths = infer.pad_prompts([ids], buckets)
             out, count = run(loaded.params, tokens, lengths)
             memo[tuple(ids)] = out[0, :int(count[0])].tolist()
         return memo[tuple(ids)]
     return ref
+
+
+@pytest.fixture(scope="module")
+def reference(loaded):
+    return greedy_reference(loaded, BUCKETS)
 
 
 def expected(loaded, ref, ids):

@@ -17,14 +17,12 @@ import time
 from urllib.parse import urlparse
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from fastserve.generation import decoding as infer
 from fastserve.serve.engine import QueueFull, Request
-from test_server import BUCKETS, MAX_NEW, NAME, _metric, _until, client, expected, loaded, request, server  # noqa: F401
+from test_server import (BUCKETS, MAX_NEW, NAME, _metric, _until, client, expected, greedy_reference,  # noqa: F401
+                         loaded, request, server)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUEUE_LENGTH = "fastserve_queue_length"
@@ -79,21 +77,8 @@ def test_a_batch_over_the_free_capacity_is_a_429_that_enqueues_nothing(server):
 
 @pytest.fixture(scope="module")
 def long_reference(loaded):  # noqa: F811
-    """Greedy tokens of `infer.generate` in this process for prompts of any length (no buckets), memoized."""
-    @jax.jit
-    def run(params, tokens, lengths):
-        return infer.generate(nnx.merge(loaded.graphdef, params), tokens, lengths, jax.random.key(0),
-                              max_new_tokens=MAX_NEW, temperature=jnp.zeros(1), top_k=jnp.zeros(1, jnp.int32),
-                              top_p=jnp.ones(1), stop_tokens=jnp.array(loaded.stop_ids, jnp.int32))
-    memo = {}
-
-    def ref(ids):
-        if tuple(ids) not in memo:
-            tokens, lengths = infer.pad_prompts([ids], (96,))       # one shape for every prompt length
-            out, count = run(loaded.params, tokens, lengths)
-            memo[tuple(ids)] = out[0, :int(count[0])].tolist()
-        return memo[tuple(ids)]
-    return ref
+    """The in-process greedy reference for prompts of any length: one padded shape (96) for every prompt."""
+    return greedy_reference(loaded, (96,))
 
 
 def test_prompts_up_to_max_model_len_are_served_by_chunked_prefill(server, loaded, long_reference):  # noqa: F811
