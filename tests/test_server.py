@@ -313,13 +313,11 @@ def test_metrics_expose_the_counters(server):
     assert request(server, "GET", "/health")[2]["status"] == "ok"
 
 
-def test_deploy_serves_a_work_dir(tmp_path):
-    """A sentencepiece work dir (the quickstart's layout) through fastserve.deploy: greedy text over HTTP equals
-    fastserve.infer's; the model has no chat template."""
+def toy_work_dir(work):
+    """A tiny sentencepiece work dir (config.yaml, tokenizer.model, one checkpoint of random weights): (path, config)."""
     from fastserve.core.checkpoint import Checkpointer
     from fastserve.data import train_tokenizer
 
-    work = tmp_path / "toy"
     work.mkdir()
     texts = ["def print(value): the print function writes text to a stream.\n" * 3,
              "Lists hold items; dictionaries map keys to values.\n" * 3] * 10
@@ -328,11 +326,19 @@ def test_deploy_serves_a_work_dir(tmp_path):
                              "model.n_heads=2", "model.d_ff=64", "model.init_std=0.3", "model.max_seq_len=64",
                              "mesh.data=1", f"train.workdir={work}"])
     (work / "config.yaml").write_text(dump_config(cfg))
-    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
-    _, params, _ = init_params(cfg.model, mesh, seed=0)
+    _, params, _ = init_params(cfg.model, parallel.make_mesh(cfg.mesh, jax.devices()[:1]), seed=0)
     ckpt = Checkpointer(str(work / "checkpoints"))
     ckpt.save(1, {"params": params})
     ckpt.close()
+    return work, cfg
+
+
+def test_deploy_serves_a_work_dir(tmp_path):
+    """A sentencepiece work dir (the quickstart's layout) through fastserve.deploy: greedy text over HTTP equals
+    fastserve.infer's; the model has no chat template."""
+    work, cfg = toy_work_dir(tmp_path / "toy")
+    from fastserve.data import Tokenizer
+    tok = Tokenizer.from_file(str(work / "tokenizer.model"))
 
     overrides = [f"source.path={work}", "serve.port=0", "serve.slots=2", "serve.buckets=[16]",
                  "serve.max_cache_len=48", "serve.scheduler=fcfs"]

@@ -22,6 +22,7 @@ import pytest
 
 from fastserve.serve.engine import QueueFull, Request
 from test_server import (BUCKETS, MAX_NEW, NAME, _metric, _until, client, expected, greedy_reference,  # noqa: F401
+                         toy_work_dir,
                          loaded, request, server)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,26 +113,7 @@ def test_prompts_up_to_max_model_len_are_served_by_chunked_prefill(server, loade
 @pytest.fixture(scope="module")
 def work_dir(tmp_path_factory):
     """A tiny sentencepiece work dir with a checkpoint of random weights (the quickstart's layout)."""
-    from fastserve import parallel
-    from fastserve.config import dump_config, load_config
-    from fastserve.core.checkpoint import Checkpointer
-    from fastserve.core.state import init_params
-    from fastserve.data import train_tokenizer
-
-    work = tmp_path_factory.mktemp("sigterm") / "toy"
-    work.mkdir()
-    texts = ["def print(value): the print function writes text to a stream.\n" * 3,
-             "Lists hold items; dictionaries map keys to values.\n" * 3] * 10
-    tok = train_tokenizer(texts, 300, str(work / "tokenizer.model"))
-    cfg = load_config(None, [f"model.vocab_size={tok.vocab_size}", "model.d_model=32", "model.n_layers=1",
-                             "model.n_heads=2", "model.d_ff=64", "model.init_std=0.3", "model.max_seq_len=64",
-                             "mesh.data=1", f"train.workdir={work}"])
-    (work / "config.yaml").write_text(dump_config(cfg))
-    _, params, _ = init_params(cfg.model, parallel.make_mesh(cfg.mesh, jax.devices()[:1]), seed=0)
-    ckpt = Checkpointer(str(work / "checkpoints"))
-    ckpt.save(1, {"params": params})
-    ckpt.close()
-    return work
+    return toy_work_dir(tmp_path_factory.mktemp("sigterm") / "toy")[0]
 
 
 def test_sigterm_shuts_down_gracefully_and_exits_0(work_dir):
