@@ -40,7 +40,9 @@ from fastserve.models.sequential import SequentialConfig
 from fastserve.tasks.keras_loss import CUSTOM, LOSSES, KerasLossConfig, canonical_loss
 
 COMPILE_FILE = "keras.json"
-_WEIGHT_ORDER = {"kernel": 0, "embedding": 0, "scale": 1, "bias": 2, "mean": 3, "var": 4}  # Keras's order in a layer
+# Keras's order in a layer (Bidirectional: the forward layer's weights, then the backward one's)
+_WEIGHT_ORDER = {"kernel": 0, "embedding": 0, "recurrent_kernel": 1, "scale": 1, "bias": 2, "mean": 3, "var": 4}
+_SUBLAYER_ORDER = {"forward_layer": 0, "backward_layer": 1}
 
 
 @dataclasses.dataclass
@@ -299,7 +301,8 @@ class Sequential:
                 continue
             leaves = jax.tree_util.tree_flatten_with_path(layer)[0]
             keyed = [((p.name, *[str(getattr(k, "key", k)) for k in path]), v) for path, v in leaves]
-            keyed.sort(key=lambda kv: _WEIGHT_ORDER.get(kv[0][-1], 9))
+            keyed.sort(key=lambda kv: (_SUBLAYER_ORDER.get(kv[0][1], 0) if len(kv[0]) > 2 else 0,
+                                       _WEIGHT_ORDER.get(kv[0][-1], 9)))
             out += [(("layers", *path), v) for path, v in keyed]
         return out
 

@@ -12,6 +12,13 @@ Every parameter names its logical axes: dense kernels (`dense_in`, `dense_out`),
 (None, None, `conv_in`, `conv_out`), norm scales `norm`, embedding tables (`vocab`, `embed`). Train mode: dropout on
 (from the `dropout` stream of the `rngs` passed to `__call__`), batch norm on batch statistics, over the examples
 `mask` marks valid (padding rows of a last partial batch do not count); eval mode: running statistics.
+
+Recurrent layers (SimpleRNN, LSTM, GRU, Bidirectional) are fastserve.models.recurrent's modules, their parameters
+named as Keras's (`cell.kernel`, `cell.recurrent_kernel`, `cell.bias`; `forward_layer`, `backward_layer`).
+Sequence masking as Keras's: after `Embedding(mask_zero=True)` a mask [B, T] (ids != 0) goes to the recurrent layers
+and GlobalAveragePooling1D (padded steps leave a state unchanged and are left out of the mean), passes through the
+layers that keep the time axis (Dense, Dropout, Activation, normalizations, return_sequences=True recurrent layers)
+and is consumed by the others — so trailing padding changes no prediction.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fastserve import layers as L
+from fastserve.models import recurrent
 from fastserve.models.cnn import KERNEL_AXES, NORM_AXES
 from fastserve.models.layers import dtype_of, matmul
 
@@ -204,8 +212,38 @@ class ShapeLayer(nnx.Module):
         return x                                      # Activation: applied by the model after the layer
 
 
+class GlobalAveragePooling1DLayer(nnx.Module):
+    """[B, T, F] → [B, F]: the mean over the steps the sequence mask marks valid (all steps without one)."""
+
+    def __call__(self, x, mask=None, **_):
+        if mask is None:
+            return jnp.mean(x, axis=1)
+        m = mask.astype(x.dtype)[..., None]
+        return jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1)
+
+
+_RNN_MODULES = {L.SimpleRNN: recurrent.SimpleRNN, L.LSTM: recurrent.LSTM, L.GRU: recurrent.GRU}
+
+
+def _build_recurrent(s: L._Recurrent, d_in: int, cfg: SequentialConfig, rngs: nnx.Rngs) -> recurrent.RNN:
+    cell = {"activation": s.cell_activation, "use_bias": s.use_bias}
+    if isinstance(s, L.LSTM):
+        cell |= {"recurrent_activation": s.recurrent_activation, "unit_forget_bias": s.unit_forget_bias}
+    if isinstance(s, L.GRU):
+        cell |= {"recurrent_activation": s.recurrent_activation, "reset_after": s.reset_after}
+    return _RNN_MODULES[type(s)](d_in, s.units, rngs=rngs, return_sequences=s.return_sequences,
+                                 go_backwards=s.go_backwards, dropout=s.dropout, recurrent_dropout=s.recurrent_dropout,
+                                 dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), **cell)
+
+
 def _build_layer(p: L.Planned, cfg: SequentialConfig, rngs: nnx.Rngs) -> nnx.Module:
     s, shape = p.spec, p.input_shape
+    if isinstance(s, L._Recurrent):      # fastserve.models.recurrent's modules, called with the sequence mask
+        return _build_recurrent(s, shape[-1], cfg, rngs)
+    if isinstance(s, L.Bidirectional):
+        return recurrent.Bidirectional(_build_recurrent(s.layer, shape[-1], cfg, rngs), s.merge_mode, rngs=rngs)
+    if isinstance(s, L.GlobalAveragePooling1D):
+        return GlobalAveragePooling1DLayer()
     if isinstance(s, L.Dense):
         return DenseLayer(s, shape[-1], cfg, rngs)
     if isinstance(s, L.Conv2D):
@@ -235,6 +273,12 @@ class SequentialNet(nnx.Module):
         self.names = tuple(p.name for p in planned)
         self.activations = tuple(p.spec.activation_name for p in planned)
         self.final_activation = self.activations[-1]
+        # sequence masking (Keras): Embedding(mask_zero=True) makes a mask [B, T] (ids != 0); the layers that take
+        # it get it in place of the example mask, it survives the layers that keep the time axis step for step
+        # (L.passes_mask) and is dropped by the others (a recurrent layer with return_sequences=False consumes it)
+        self.mask_zero = self.int_inputs and planned[0].spec.mask_zero
+        self.takes_seq_mask = tuple(L.takes_sequence_mask(p.spec) for p in planned)
+        self.passes_mask = tuple(L.passes_mask(p.spec) for p in planned)
         self.layers = nnx.Dict({p.name: _build_layer(p, cfg, rngs) for p in planned})
 
     def __call__(self, inputs: jax.Array, *, rngs: nnx.Rngs | None = None, mask: jax.Array | None = None) -> jax.Array:
@@ -243,8 +287,14 @@ class SequentialNet(nnx.Module):
                              f"[batch, {', '.join(map(str, self.input_shape))}], got shape {tuple(inputs.shape)}")
         x = inputs.astype(jnp.int32) if self.int_inputs else inputs.astype(jnp.float32)
         last = len(self.names) - 1
+        seq_mask = x != 0 if self.mask_zero else None       # [B, *input_shape]: after the embedding, per step
         for i, (name, act) in enumerate(zip(self.names, self.activations)):
-            x = self.layers[name](x, rngs=rngs, mask=mask)
+            if self.takes_seq_mask[i]:
+                x = self.layers[name](x, rngs=rngs, mask=seq_mask)   # return_sequences: padded steps give 0
+            else:
+                x = self.layers[name](x, rngs=rngs, mask=mask)
+            if i > 0 and not self.passes_mask[i]:
+                seq_mask = None
             if i < last:
                 x = activate(act, x)
         return x.astype(jnp.float32)
