@@ -11,10 +11,7 @@ compile arguments); `load_model(path)` reads it back; the fastserve tools (evalu
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import shutil
 import time
 from typing import Any, Callable, Sequence
 
@@ -22,24 +19,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 from flax import nnx
 
 from fastserve import layers as L, parallel
-from fastserve.config import Config, MeshConfig, TrainConfig, config_from_dict, dump_config
-from fastserve.core.checkpoint import Checkpointer
-from fastserve.core.state import (abstract_train_state, create_train_state, init_params, merge_trees, split_like)
+from fastserve.config import MeshConfig, config_from_dict
+from fastserve.core.state import create_train_state, init_params, merge_trees, split_like
 from fastserve.core.steps import make_eval_step, make_train_step, split_micro_batches
 from fastserve.core.trainer import evaluate_params
-from fastserve.data.arrays import ArraysDataConfig, as_inputs, as_labels
 from fastserve.data.dataset import padded_eval_batches
 from fastserve.keras import losses as keras_losses
 from fastserve.keras.callbacks import Callback, History
+from fastserve.keras.inputs import check_data
 from fastserve.keras.optimizers import Optimizer
+from fastserve.keras.saving import compile_as_saved, read_saved, restore_weights, save_model
 from fastserve.models.sequential import SequentialConfig
 from fastserve.tasks.keras_loss import CUSTOM, LOSSES, KerasLossConfig, canonical_loss
 
-COMPILE_FILE = "keras.json"
 # Keras's order in a layer (Bidirectional: the forward layer's weights, then the backward one's)
 _WEIGHT_ORDER = {"kernel": 0, "embedding": 0, "recurrent_kernel": 1, "scale": 1, "bias": 2, "mean": 3, "var": 4}
 _SUBLAYER_ORDER = {"forward_layer": 0, "backward_layer": 1}
@@ -310,50 +305,7 @@ class Sequential:
 
     def _check_data(self, x: Any, y: Any, what: str = "x") -> tuple[np.ndarray, np.ndarray | None]:
         """x, y as the steps take them; a clear error, before any work, when they do not fit the model or the loss."""
-        x = as_inputs(x)
-        if self._input_shape is None and self._specs:
-            L.plan(x.shape[1:], self._specs)
-            self._input_shape = tuple(x.shape[1:])
-        want = self._require_input_shape()
-        if tuple(x.shape[1:]) != want:
-            first = self._plan()[0]
-            raise ValueError(f"{what}: the model takes inputs of shape {(None, *want)} (its first layer "
-                             f"'{first.name}' was built for input_shape={want}), got an array of shape {x.shape}")
-        if y is None:
-            return x, None
-        y = as_labels(y)
-        if len(y) != len(x):
-            raise ValueError(f"{what}: {len(x)} inputs but {len(y)} labels")
-        c = self._require_compiled("fit")
-        out = self._plan()[-1].output_shape
-        loss, n_out = canonical_loss(c.task_cfg.loss), out[-1]
-        got = tuple(y.shape[1:])
-        if loss == "categorical_crossentropy":
-            if got != out:
-                hint = (f"; these look like class ids: use loss='sparse_categorical_crossentropy' or one-hot them to "
-                        f"{(len(y), *out)}" if got in (out[:-1], (*out[:-1], 1)) else "")
-                raise ValueError(f"labels of shape {y.shape} do not match the model's output {(None, *out)} for "
-                                 f"categorical_crossentropy (one-hot rows of {n_out}){hint}")
-        elif loss == "sparse_categorical_crossentropy":
-            if got not in (out[:-1], (*out[:-1], 1)):
-                hint = "; these look one-hot: use loss='categorical_crossentropy'" if got == out else ""
-                raise ValueError(f"labels of shape {y.shape} do not match the model's output {(None, *out)} for "
-                                 f"sparse_categorical_crossentropy (class ids of shape {(None, *out[:-1])}){hint}")
-            if not np.issubdtype(y.dtype, np.integer):
-                raise ValueError(f"sparse_categorical_crossentropy takes integer class ids, got {y.dtype} labels")
-            if len(y) and (y.min() < 0 or y.max() >= n_out):
-                raise ValueError(f"labels range over [{y.min()}, {y.max()}] but the model outputs {n_out} classes "
-                                 f"(ids 0..{n_out - 1})")
-        elif loss in ("binary_crossentropy", "mse", "mae"):
-            if got != out and not (out == (1,) and got == ()):
-                raise ValueError(f"labels of shape {y.shape} do not match the model's output {(None, *out)} for {loss}")
-        else:  # a custom callable: it must give one loss per example
-            probe = jax.eval_shape(c.loss_fn, jax.ShapeDtypeStruct((2, *got), y.dtype),
-                                   jax.ShapeDtypeStruct((2, *out), jnp.float32))
-            if not probe.shape or probe.shape[0] != 2:
-                raise ValueError(f"the custom loss returns shape {probe.shape} for a batch of 2: it must return one "
-                                 "value per example ([batch] or [batch, ...])")
-        return x, y
+        return check_data(self, x, y, what)
 
     # ------------------------------------------------------------------------------------------- training
 
@@ -490,34 +442,7 @@ class Sequential:
     def save(self, path: str) -> None:
         """A fastserve work dir at `path`: config.yaml (model, optimizer, task), checkpoints/ (orbax, checksummed:
         weights, batch-norm statistics, optimizer state when trained) and keras.json (the compile arguments)."""
-        os.makedirs(path, exist_ok=True)
-        c = self._compiled
-        cfg = Config(model=self.config, data=ArraysDataConfig(),
-                     train=TrainConfig(task=c.task_cfg if c else KerasLossConfig(), workdir=os.path.abspath(path)),
-                     mesh=MeshConfig(data=-1))
-        if c is not None and c.optimizer is not None and c.optimizer.name in ("adam", "adamw", "sgd", "lion",
-                                                                              "adafactor"):
-            cfg = dataclasses.replace(cfg, optimizer=c.optimizer.optimizer_config())
-        with open(os.path.join(path, "config.yaml"), "w") as f:
-            f.write(dump_config(cfg))
-        trained = self._state is not None
-        if trained:
-            state = self._state
-        else:
-            params, model_state = split_like(self._variables(), self._abstract_params())
-            state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state}
-        meta = {"name": self.name, "seed": self.seed, "optimizer_state": trained and c.optimizer is not None,
-                "compile": None if c is None else {
-                    "optimizer": None if c.optimizer is None else {"name": c.optimizer.name,
-                                                                   "options": c.optimizer.options},
-                    "loss": c.task_cfg.loss if c.loss_fn is None else None, "from_logits": c.task_cfg.from_logits,
-                    "metrics": c.task_cfg.metrics}}
-        with open(os.path.join(path, COMPILE_FILE), "w") as f:
-            json.dump(meta, f, indent=1)
-        ckpt_dir = os.path.join(path, "checkpoints")
-        shutil.rmtree(ckpt_dir, ignore_errors=True)   # Keras overwrites a saved model
-        with Checkpointer(ckpt_dir, max_to_keep=1, async_save=False) as ckpt:
-            ckpt.save(int(jax.device_get(state["step"])), state, {})
+        save_model(self, path)
 
     def _abstract_params(self) -> dict:
         from fastserve.core.state import abstract_model_split
@@ -536,37 +461,9 @@ def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
 def load_model(path: str, compile: bool = True) -> Sequential:
     """A model saved by `Sequential.save` (weights, batch-norm statistics, compile arguments and, when it was
     trained with a named optimizer, its optimizer state), on this machine's devices."""
-    cfg_path, meta_path = os.path.join(path, "config.yaml"), os.path.join(path, COMPILE_FILE)
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{path} is not a saved model (no config.yaml)")
-    with open(cfg_path) as f:
-        cfg = config_from_dict(yaml.safe_load(f))
-    if not isinstance(cfg.model, SequentialConfig):
-        raise ValueError(f"{path} holds a '{cfg.model.name}' model, not a sequential one")
-    meta = {}
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-    model = Sequential.from_config(cfg.model, name=meta.get("name", "sequential"), seed=meta.get("seed", 0))
-    spec = meta.get("compile")
-    if compile and spec and spec.get("optimizer") and spec.get("loss"):
-        opt = spec["optimizer"]
-        model.compile(optimizer=Optimizer(opt["name"], opt["options"]), loss=spec["loss"], metrics=spec["metrics"])
-        model._compiled.task_cfg = dataclasses.replace(model._compiled.task_cfg, from_logits=spec["from_logits"])
-    with Checkpointer(os.path.join(path, "checkpoints")) as ckpt:
-        if meta.get("optimizer_state") and model._compiled is not None:
-            model._ensure_train_state(1)
-            found = ckpt.restore_latest(abstract_train_state(model._state, model._shardings))
-            if found is None:
-                raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-            model._state = found[1]
-        else:
-            model._init_weights()
-            abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), model._vars,
-                                    model._var_shardings)
-            params, state = split_like(abstract, model._abstract_params())
-            found = ckpt.restore_entries_latest({"params": params, "model_state": state})
-            if found is None:
-                raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-            model._vars = merge_trees(found[1]["params"], found[1]["model_state"])
+    cfg, meta = read_saved(path)
+    model = Sequential.from_config(cfg, name=meta.get("name", "sequential"), seed=meta.get("seed", 0))
+    if compile:
+        compile_as_saved(model, meta)
+    restore_weights(model, path, meta)
     return model
