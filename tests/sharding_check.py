@@ -53,14 +53,21 @@ OVERRIDES = ["model.vocab_size=256", "model.d_model=64", "model.n_layers=2", "mo
              "optimizer.warmup_steps=0", "optimizer.learning_rate=1e-2"]
 
 
-def run(shape, restore_dir=None):
-    cfg = load_config(None, [*OVERRIDES, f"mesh.data={shape[0]}", f"mesh.fsdp={shape[1]}", f"mesh.tensor={shape[2]}"])
+def training(overrides, shape, data_seed):
+    """(mesh, graphdef, state, shardings, the jitted lm train step, a batch of 8 random rows of 16 tokens) for the
+    config `overrides` on the first prod(shape) devices as a (data, fsdp, tensor) mesh."""
+    cfg = load_config(None, [*overrides, f"mesh.data={shape[0]}", f"mesh.fsdp={shape[1]}", f"mesh.tensor={shape[2]}"])
     mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:int(np.prod(shape))])
     tx, schedule = make_optimizer(cfg.optimizer, 10)
     graphdef, state, shardings = create_train_state(cfg.model, tx, mesh, seed=0)
     step = make_train_step(graphdef, make_task("lm"), tx, schedule, shardings, mesh)
-    tokens = np.random.default_rng(0).integers(0, 256, (8, 17)).astype(np.int32)
+    tokens = np.random.default_rng(data_seed).integers(0, 256, (8, 17)).astype(np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((8, 16), np.float32)}
+    return mesh, graphdef, state, shardings, step, batch
+
+
+def run(shape, restore_dir=None):
+    mesh, graphdef, state, shardings, step, batch = training(OVERRIDES, shape, data_seed=0)
     losses = []
     for _ in range(3):
         state, metrics = step(state, parallel.host_to_global(split_micro_batches(batch, 2), mesh, leading=1), {})
@@ -70,7 +77,7 @@ def run(shape, restore_dir=None):
     import jax.numpy as jnp
     from flax import nnx
     from fastserve.generation import decoding as infer
-    prompts = jnp.asarray(tokens[:4, :6])
+    prompts = jnp.asarray(batch["inputs"][:4, :6])
     with jax.set_mesh(mesh):
         generated, _ = jax.jit(lambda p: infer.generate(
             nnx.merge(graphdef, p), prompts, jnp.full((4,), 6, jnp.int32), jax.random.key(0), max_new_tokens=5,
@@ -104,16 +111,10 @@ def run(shape, restore_dir=None):
 def adafactor_run(shape):
     """Adafactor (after the default global-norm clipping) on a model wide enough (≥ 128) for factored second moments: two steps; the losses (the
     second after an update) and the parameters after them, to compare across meshes."""
-    cfg = load_config(None, ["model.vocab_size=256", "model.d_model=128", "model.n_layers=1", "model.n_heads=4",
-                             "model.n_kv_heads=2", "model.d_ff=256", "model.tie_embeddings=false",
-                             "optimizer.name=adafactor", "optimizer.learning_rate=1e-2", "optimizer.warmup_steps=0",
-                             f"mesh.data={shape[0]}", f"mesh.fsdp={shape[1]}", f"mesh.tensor={shape[2]}"])
-    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:int(np.prod(shape))])
-    tx, schedule = make_optimizer(cfg.optimizer, 10)
-    graphdef, state, shardings = create_train_state(cfg.model, tx, mesh, seed=0)
-    step = make_train_step(graphdef, make_task("lm"), tx, schedule, shardings, mesh)
-    tokens = np.random.default_rng(1).integers(0, 256, (8, 17)).astype(np.int32)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((8, 16), np.float32)}
+    mesh, _, state, _, step, batch = training(
+        ["model.vocab_size=256", "model.d_model=128", "model.n_layers=1", "model.n_heads=4", "model.n_kv_heads=2",
+         "model.d_ff=256", "model.tie_embeddings=false", "optimizer.name=adafactor", "optimizer.learning_rate=1e-2",
+         "optimizer.warmup_steps=0"], shape, data_seed=1)
     losses, init = [], jax.tree.map(np.asarray, state["params"])
     for _ in range(2):
         state, metrics = step(state, parallel.host_to_global(split_micro_batches(batch, 1), mesh, leading=1), {})

@@ -33,7 +33,7 @@ class ForwardConfig(Protocol):
 
 def capability(model_cfg: Any, model: nnx.Module) -> str:
     """"causal_lm" | "seq2seq" | "forward" | "" (nothing inference knows how to run)."""
-    if isinstance(model, CausalLM) and hasattr(model, "init_cache"):
+    if isinstance(model, CausalLM):
         return "causal_lm"
     if isinstance(model, Seq2Seq):
         return "seq2seq"
