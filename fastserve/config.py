@@ -111,7 +111,8 @@ class LogConfig:
     every: int = 10                # steps between metric records
     progress: bool = True          # progress bar on the terminal
     tensorboard: bool = True
-    peak_flops: float = 0.0        # FLOP/s per device for MFU; 0: measure a float32 matmul at start-up
+    peak_flops: float = 0.0        # FLOP/s per device for MFU; 0: the published peak of an accelerator for
+                                   # model.dtype, or on CPU the best of several measured matmuls
 
     def checks(self):
         yield from positive(self, "every")

@@ -23,7 +23,7 @@ from fastserve import cli, parallel
 from fastserve.config import Config, dump_config
 from fastserve.core.checkpoint import CheckpointError
 from fastserve.core.monitor import Monitor
-from fastserve.core.perf import measure_matmul_peak
+from fastserve.core.perf import PeakFlops
 from fastserve.core.setup import prepare_state
 from fastserve.core.state import merge_trees
 from fastserve.core.steps import make_eval_step, make_train_step, split_micro_batches
@@ -107,11 +107,12 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # 4. Accounting: the task's throughput unit and FLOPs per unit; the matmul peak MFU is stated against.
     flops_per_unit = task.flops_per_unit(cfg)
-    peak = cfg.log.peak_flops or (measure_matmul_peak() if flops_per_unit else 0.0)
+    peak = PeakFlops(cfg.log.peak_flops, getattr(cfg.model, "dtype", "float32")) if flops_per_unit else None
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     monitor = Monitor(cfg.train.workdir, cfg.train.steps, setup.start_step, cfg.log.progress, cfg.log.tensorboard)
     monitor.print(f"fastserve: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, task {task.name}, "
-                  f"{data.description}, " + (f"resuming at step {setup.start_step}" if setup.start_step else "fresh start"))
+                  f"{data.description}, " + (f"resuming at step {setup.start_step}" if setup.start_step else "fresh start")
+                  + (f"; {peak.describe()}" if peak else ""))
 
     # 5. The loop (a fresh run first measures the held-out metrics of the untrained model: the baseline to beat).
     step = setup.start_step
@@ -150,7 +151,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     last[unit_rate] = rate
                     shown = {"loss": f"{loss:.3f}", f"{task.unit}/s": f"{rate:,.0f}"}
                     if flops_per_unit:
-                        last["mfu"] = rate * flops_per_unit / (peak * mesh.size)
+                        last["mfu"] = peak.mfu(rate * flops_per_unit, mesh.size)
                         shown["mfu"] = f"{last['mfu']:.0%}"
                     if "perplexity" in task.report:
                         last["perplexity"] = math.exp(min(loss, 80.0))
