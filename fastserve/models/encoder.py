@@ -1,5 +1,12 @@
-"""BERT-style bidirectional encoder: learned positions, token types, post-LN (or pre-LN), GELU MLP, dropout, and a
-pooled classification head.
+"""BERT-style bidirectional encoder: learned positions, token types, post-LN (or pre-LN), GELU MLP, dropout, and one
+head (`model.head`):
+
+    classify  model(tokens, mask=, token_types=, rngs=) → class logits [B, num_classes] (pooled: `pooling`)
+    tag       → per-token class logits [B, T, num_classes]
+    mlm       → masked-LM logits [B, T, vocab_size] (BERT's transform, decoder tied to the word embeddings);
+              with `nsp: true` a tuple (mlm logits, next-sentence logits [B, 2] from the tanh pooler)
+    embed     → sentence embeddings [B, D] (float32): masked mean over the tokens, L2-normalized
+All logits are float32.
 
 A pure definition: no I/O, no training logic, no sharding decisions (only logical axis names). Padding is a mask
 [B, T] (true on real tokens): padded keys are never attended to, so an example's outputs do not depend on how far
@@ -13,8 +20,10 @@ it is padded. Parameter paths follow Hugging Face BERT one to one, for importing
     layers.N.attn_norm                 ← encoder.layer.N.attention.output.LayerNorm
     layers.N.mlp.up / mlp.down         ← encoder.layer.N.intermediate.dense / output.dense
     layers.N.mlp_norm                  ← encoder.layer.N.output.LayerNorm
-    pooler.{kernel,bias}               ← pooler.dense (pooling: cls only)
-    classifier.{kernel,bias}           ← classifier
+    pooler.{kernel,bias}               ← pooler.dense (classify with pooling cls, or mlm with nsp)
+    classifier.{kernel,bias}           ← classifier (classify, tag)
+    mlm.dense / mlm.norm / mlm.bias    ← cls.predictions.transform.dense / transform.LayerNorm / cls.predictions.bias
+    nsp.{kernel,bias}                  ← cls.seq_relationship
 (kernels are [in, out]: the transpose of torch's Linear.weight). With `pre_ln: true` the norms move before each
 sublayer and a `final_norm` follows the last layer.
 """
@@ -30,12 +39,13 @@ from flax import nnx
 from fastserve.models.layers import Embed, Linear, attention, constrain, dtype_of
 
 POOLINGS = ("cls", "mean")
+HEADS = ("classify", "tag", "mlm", "embed")
 
 
 @dataclass
 class EncoderConfig:
-    """`model.name: encoder` — a BERT-style bidirectional encoder with a classification head (registered in
-    fastserve.registry). Defaults are BERT's (post-LN, eps 1e-12, exact GELU, dropout 0.1), except that dropout on the
+    """`model.name: encoder` — a BERT-style bidirectional encoder with one head (`head`, see the module docstring;
+    registered in fastserve.registry). Defaults are BERT's (post-LN, eps 1e-12, exact GELU, dropout 0.1), except that dropout on the
     attention probabilities is off unless `attention_dropout` asks for it."""
     name: str = "encoder"
     vocab_size: int = 0            # 0: take it from the data
@@ -45,13 +55,16 @@ class EncoderConfig:
     d_ff: int = 1024               # GELU MLP hidden width
     max_seq_len: int = 512         # rows of the learned position table: the longest input
     type_vocab_size: int = 2       # token-type (segment) ids; 0: no token-type embedding
-    num_classes: int = 0           # 0: take it from the data
+    num_classes: int = 0           # 0: take it from the data (heads classify and tag only)
+    head: str = "classify"         # classify | tag | mlm | embed
+    nsp: bool = False              # mlm only: also next-sentence logits [B, 2] from the pooled [CLS] position
     dropout: float = 0.1           # embeddings, after each sublayer, before the classifier
     attention_dropout: float = 0.0  # on the attention probabilities (BERT: 0.1); > 0 trains through a local twin of
                                     # layers.attention, which has no dropout hook (eval always uses layers.attention)
     norm_eps: float = 1e-12
     pre_ln: bool = False           # false: BERT's post-LN (norm after each residual add); true: pre-LN + final norm
-    pooling: str = "cls"           # cls: tanh pooler on the first ([CLS]) position | mean: masked mean over tokens
+    pooling: str = "cls"           # classify: cls = tanh pooler on the first ([CLS]) position | mean = masked mean
+                                   # over tokens (head embed always takes the masked mean)
     dtype: str = "float32"         # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"
     init_std: float = 0.02
@@ -70,22 +83,42 @@ class EncoderConfig:
         yield from fraction(self, "dropout", "attention_dropout")
         if self.pooling not in POOLINGS:
             yield "pooling", f"expected one of {', '.join(POOLINGS)}, got {self.pooling!r}"
+        if self.head not in HEADS:
+            yield "head", f"expected one of {', '.join(HEADS)}, got {self.head!r}"
+        if self.nsp and self.head != "mlm":
+            yield "nsp", f"next-sentence prediction is part of the mlm head; head is {self.head!r}"
         yield from check_dtypes(self)
 
     def build(self, rngs: nnx.Rngs) -> "Encoder":
         return Encoder(self, rngs=rngs)
 
+    @property
+    def has_pooler(self) -> bool:
+        """The tanh pooler on [CLS] exists for classify with cls pooling and for next-sentence prediction."""
+        return (self.head == "classify" and self.pooling == "cls") or (self.head == "mlm" and self.nsp)
+
     def forward_inputs(self, batch) -> dict[str, jax.ShapeDtypeStruct]:
-        """What a `forward` export takes: tokens and their padding mask, padded to max_seq_len."""
+        """What a `forward` export takes: tokens and their padding mask, padded to max_seq_len (and the token types
+        of a sentence pair, for next-sentence prediction)."""
         shape = (batch, self.max_seq_len)
-        return {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32), "mask": jax.ShapeDtypeStruct(shape, jnp.bool_)}
+        inputs = {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32), "mask": jax.ShapeDtypeStruct(shape, jnp.bool_)}
+        if self.head == "mlm" and self.nsp:
+            inputs["token_types"] = jax.ShapeDtypeStruct(shape, jnp.int32)
+        return inputs
 
     def flops_per_example(self, seq_len: int) -> float:
-        """Training FLOPs per example of `seq_len` tokens (forward + backward = 3× forward)."""
-        per_layer = 4 * self.d_model * self.d_model + 2 * self.d_model * self.d_ff
+        """Training FLOPs per example of `seq_len` tokens (forward + backward = 3× forward), head included."""
+        d = self.d_model
+        per_layer = 4 * d * d + 2 * d * self.d_ff
         matmuls = 2 * seq_len * self.n_layers * per_layer
-        attn = 4 * self.n_layers * seq_len * seq_len * self.d_model
-        head = 2 * (self.d_model * self.d_model + self.d_model * max(self.num_classes, 1))
+        attn = 4 * self.n_layers * seq_len * seq_len * d
+        head = 2 * d * d if self.has_pooler else 0
+        if self.head == "classify":
+            head += 2 * d * max(self.num_classes, 1)
+        elif self.head == "tag":
+            head += 2 * seq_len * d * max(self.num_classes, 1)
+        elif self.head == "mlm":
+            head += 2 * seq_len * (d * d + d * self.vocab_size) + (2 * d * 2 if self.nsp else 0)
         return 3.0 * (matmuls + attn + head)
 
 
@@ -209,6 +242,21 @@ class Layer(nnx.Module):
         return constrain(x, ("batch", "seq", "embed"))
 
 
+class MLMHead(nnx.Module):
+    """BERT's masked-LM head: dense + GELU + LayerNorm, then the word embeddings (tied) as the decoder, plus an
+    output bias per vocabulary entry."""
+
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
+        self.dense = Linear(cfg.d_model, cfg.d_model, ("embed", "mlp"), use_bias=True, **_kw(cfg, rngs))
+        self.norm = LayerNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype_of(cfg.dtype),
+                              param_dtype=dtype_of(cfg.param_dtype))
+        self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), dtype_of(cfg.param_dtype)), out_sharding=("vocab",))
+
+    def __call__(self, hidden: jax.Array, word: Embed) -> jax.Array:
+        h = self.norm(jax.nn.gelu(self.dense(hidden), approximate=False))
+        return word.attend(h).astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+
+
 def masked_mean(hidden: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean over the valid positions: [B, T, D], [B, T] → [B, D] (float32; an all-padding row gives zeros)."""
     m = mask.astype(jnp.float32)[..., None]
@@ -221,17 +269,20 @@ class Encoder(nnx.Module):
     def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (the trainer fills it from the data)")
-        if cfg.num_classes <= 0:
-            raise ValueError("model.num_classes must be set (the trainer fills it from the data)")
+        if cfg.head in ("classify", "tag") and cfg.num_classes <= 0:
+            raise ValueError(f"model.num_classes must be set for head {cfg.head} (the trainer fills it from the data)")
         kw = _kw(cfg, rngs)
         self.embeddings = Embeddings(cfg, rngs=rngs)
         self.layers = nnx.List([Layer(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = _norm(cfg) if cfg.pre_ln else None
         self.pooler = Linear(cfg.d_model, cfg.d_model, ("embed", "mlp"), use_bias=True, **kw) \
-            if cfg.pooling == "cls" else None
+            if cfg.has_pooler else None
         self.head_dropout = nnx.Dropout(cfg.dropout)
-        self.classifier = Linear(cfg.d_model, cfg.num_classes, ("embed", "classes"), use_bias=True, **kw)
-        self.pooling = cfg.pooling
+        self.classifier = Linear(cfg.d_model, cfg.num_classes, ("embed", "classes"), use_bias=True, **kw) \
+            if cfg.head in ("classify", "tag") else None
+        self.mlm = MLMHead(cfg, rngs=rngs) if cfg.head == "mlm" else None
+        self.nsp = Linear(cfg.d_model, 2, ("embed", "classes"), use_bias=True, **kw) if cfg.nsp else None
+        self.head, self.pooling = cfg.head, cfg.pooling
         self.max_seq_len = cfg.max_seq_len
 
     def encode(self, tokens: jax.Array, mask: jax.Array | None = None, token_types: jax.Array | None = None,
@@ -259,11 +310,23 @@ class Encoder(nnx.Module):
         return pooled
 
     def __call__(self, tokens: jax.Array, *, mask: jax.Array | None = None, token_types: jax.Array | None = None,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
-        """Class logits [B, num_classes] (float32)."""
+                 rngs: nnx.Rngs | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """The head's output (float32): classify [B, C] | tag [B, T, C] | mlm [B, T, V] (with nsp: that and
+        [B, 2]) | embed [B, D], L2-normalized."""
         if mask is None:
             mask = jnp.ones(tokens.shape, bool)
+        if self.head == "embed":
+            return constrain(self.embed(tokens, mask, token_types, normalize=True, rngs=rngs), ("batch", "embed"))
         hidden = self.encode(tokens, mask, token_types, rngs)
+        if self.head == "tag":
+            logits = self.classifier(self.head_dropout(hidden, rngs=rngs))
+            return constrain(logits.astype(jnp.float32), ("batch", "seq", "classes"))
+        if self.head == "mlm":
+            logits = constrain(self.mlm(hidden, self.embeddings.word), ("batch", "seq", "vocab"))
+            if self.nsp is None:
+                return logits
+            nsp = self.nsp(self.head_dropout(jnp.tanh(self.pooler(hidden[:, 0])), rngs=rngs))
+            return logits, constrain(nsp.astype(jnp.float32), ("batch", "classes"))
         if self.pooling == "cls":
             pooled = jnp.tanh(self.pooler(hidden[:, 0]))
         else:

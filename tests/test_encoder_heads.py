@@ -1,0 +1,101 @@
+"""The encoder's heads (`model.head`): classify, tag, mlm (+ nsp), embed — shapes, the tied MLM decoder, padding
+invariance of every head, and every parameter on a logical axis of the rules table."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fastserve import parallel
+from fastserve.config import ConfigError, load_config
+from fastserve.core.state import abstract_model
+from fastserve.models import build_model
+
+V, C, D, T, EXTRA = 40, 5, 32, 12, 8
+
+
+def tiny(**fields):
+    base = dict(vocab_size=V, num_classes=C, d_model=D, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32)
+    return dataclasses.replace(load_config(None, ["model.name=encoder"]).model, **{**base, **fields})
+
+
+def inputs(length=T, seed=0):
+    """Three rows of lengths 4, 7, T padded to `length` with random tokens under the padding."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, V, (3, T + EXTRA)).astype(np.int32)[:, :length]
+    mask = np.arange(length)[None] < np.array([[4], [7], [T]])
+    types = (np.arange(length)[None] >= 3).astype(np.int32).repeat(3, 0)
+    return jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(types)
+
+
+def run(cfg, length=T, seed=0):
+    model = build_model(cfg, nnx.Rngs(0))
+    tokens, mask, types = inputs(length, seed)
+    return model, jax.jit(lambda t, m, y: model(t, mask=m, token_types=y))(tokens, mask, types)
+
+
+def test_heads_output_shapes_and_padding_invariance():
+    for head, nsp in (("classify", False), ("tag", False), ("mlm", False), ("mlm", True), ("embed", False)):
+        cfg = tiny(head=head, nsp=nsp)
+        _, short = run(cfg)
+        _, long = run(cfg, T + EXTRA)
+        short, long = (jax.tree.map(np.asarray, x) for x in (short, long))
+        if head in ("tag", "mlm"):   # per-token outputs: compare the valid positions
+            first = short[0] if nsp else short
+            first_long = (long[0] if nsp else long)[:, :T]
+            assert first.shape == (3, T, C if head == "tag" else V) and first.dtype == np.float32
+            valid = np.asarray(inputs()[1])[..., None]
+            np.testing.assert_allclose(first_long * valid, first * valid, atol=2e-5, rtol=1e-5)
+            if nsp:
+                assert short[1].shape == (3, 2)
+                np.testing.assert_allclose(long[1], short[1], atol=2e-5)
+        else:
+            np.testing.assert_allclose(long, short, atol=2e-5, rtol=1e-5)
+            assert short.shape == ((3, C) if head == "classify" else (3, D)) and short.dtype == np.float32
+    _, emb = run(tiny(head="embed"))
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(emb), axis=-1), 1.0, rtol=1e-5)
+
+
+def test_mlm_decoder_is_tied_to_the_word_embeddings():
+    cfg = tiny(head="mlm")
+    model, logits = run(cfg)
+    hidden = model.encode(*[inputs()[i] for i in (0, 1, 2)])
+    h = model.mlm.norm(jax.nn.gelu(model.mlm.dense(hidden), approximate=False))
+    expected = h @ model.embeddings.word.embedding[...].T + model.mlm.bias[...]
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=1e-4, rtol=1e-4)
+    _, _, logical = abstract_model(cfg)
+    assert "embedding" not in logical["mlm"] and "classifier" not in logical and "pooler" not in logical
+
+
+def test_every_head_names_axes_from_the_rules_table_with_hf_paths():
+    rules = {name for name, _ in parallel.LOGICAL_RULES}
+    expected = {"classify": ["pooler.kernel", "classifier.kernel"], "tag": ["classifier.kernel"],
+                "mlm": ["mlm.dense.kernel", "mlm.norm.scale", "mlm.bias", "pooler.kernel", "nsp.kernel"],
+                "embed": []}
+    for head, paths in expected.items():
+        _, _, logical = abstract_model(tiny(head=head, nsp=head == "mlm"))
+        flat = jax.tree_util.tree_flatten_with_path(logical, is_leaf=lambda n: isinstance(n, tuple))[0]
+        named = {jax.tree_util.keystr(p, simple=True, separator="."): axes for p, axes in flat}
+        assert {a for axes in named.values() for a in axes} <= rules
+        assert all(p in named for p in paths), (head, sorted(named))
+        if head == "embed":
+            assert not any(p.startswith(("pooler", "classifier", "mlm", "nsp")) for p in named)
+
+
+def test_flops_and_forward_inputs_follow_the_head():
+    tag, cls, mlm = tiny(head="tag"), tiny(head="classify"), tiny(head="mlm", nsp=True)
+    assert mlm.flops_per_example(16) > tag.flops_per_example(16) > tiny(head="embed").flops_per_example(16)
+    assert set(mlm.forward_inputs(2)) == {"inputs", "mask", "token_types"}
+    assert set(cls.forward_inputs(2)) == {"inputs", "mask"}
+
+
+def test_head_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"model\.head: expected one of classify, tag, mlm, embed"):
+        load_config(None, ["model.name=encoder", "model.head=regress"])
+    with pytest.raises(ConfigError, match=r"model\.nsp: next-sentence prediction is part of the mlm head"):
+        load_config(None, ["model.name=encoder", "model.nsp=true"])
+    with pytest.raises(ValueError, match="num_classes must be set for head tag"):
+        build_model(tiny(head="tag", num_classes=0), nnx.Rngs(0))
+    build_model(tiny(head="mlm", num_classes=0), nnx.Rngs(0))   # mlm / embed need no classes
