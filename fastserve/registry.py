@@ -31,6 +31,7 @@ DATA_SOURCES: dict[str, str] = {
     "synthetic_images": "fastserve.data.images:SyntheticImagesConfig",
     "synthetic_classes": "fastserve.data.synthetic_text:SyntheticClassesConfig",
     "arrays": "fastserve.data.arrays:ArraysDataConfig",
+    "reviews": "fastserve.data.reviews:ReviewsDataConfig",
 }
 
 KINDS = {"model": MODELS, "task": TASKS, "data": DATA_SOURCES}
