@@ -32,15 +32,25 @@ def _default(kind: str, name: str) -> Any:
 
 @dataclass
 class TokenizerConfig:
-    path: str = ""                 # an existing sentencepiece model; empty: train one, cached in the work dir
+    path: str = ""                 # an existing sentencepiece model; empty: train one, cached in the work dir.
+                                   # kind wordpiece: a vocab.txt, a tokenizer.json or a HF model directory
+                                   # ("package:NAME/FILE" finds FILE inside the installed Python package NAME)
     vocab_size: int = 4000
     model_type: str = "bpe"        # bpe | unigram
+    kind: str = "sentencepiece"    # sentencepiece | wordpiece (an imported BERT vocabulary: path required)
+    specials: str = ""             # sentencepiece trained here: "bert" adds [CLS] [SEP] [MASK] pieces (encoders)
 
     def checks(self):
         if self.vocab_size < 8:
             yield "vocab_size", f"must be at least 8, got {self.vocab_size}"
         if self.model_type not in ("bpe", "unigram"):
             yield "model_type", f"expected bpe or unigram, got {self.model_type!r}"
+        if self.kind not in ("sentencepiece", "wordpiece"):
+            yield "kind", f"expected sentencepiece or wordpiece, got {self.kind!r}"
+        if self.kind == "wordpiece" and not self.path:
+            yield "path", "tokenizer.kind=wordpiece needs a path (a vocab.txt, tokenizer.json or model directory)"
+        if self.specials not in ("", "bert"):
+            yield "specials", f"expected bert or empty, got {self.specials!r}"
 
 
 @dataclass

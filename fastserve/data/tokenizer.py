@@ -1,5 +1,10 @@
 """SentencePiece tokenizer: training, caching and a thin typed wrapper.
 
+Every tokenizer (this one, `fastserve.data.wordpiece.WordPieceTokenizer`, the imported byte-level BPE) exposes the
+same face: `vocab_size`, `encode(text)` (no special tokens added), `decode(ids)`, and the special ids `pad_id`,
+`unk_id`, `bos_id`, `eos_id`, `cls_id`, `sep_id`, `mask_id` — each -1 when the vocabulary has no such piece.
+Encoders want `[CLS]` / `[SEP]` / `[MASK]`: `specials="bert"` trains them in as user-defined pieces.
+
 Training settings are chosen so that ``decode(encode(text)) == text`` for any
 string: identity normalization (no NFKC, no whitespace collapsing), no dummy
 prefix space, and byte fallback so characters never seen in training are
@@ -28,6 +33,8 @@ MODEL_TYPES = ("bpe", "unigram", "char", "word")
 _CHUNK_CHARS = 4096
 # Bumped whenever training settings change, so cached tokenizers get retrained.
 _TRAIN_VERSION = 1
+# Extra pieces a tokenizer can be trained with (`tokenizer.specials`), each never split and never learned from text.
+SPECIALS = {"": (), "bert": ("[CLS]", "[SEP]", "[MASK]")}
 
 
 class Tokenizer:
@@ -35,6 +42,8 @@ class Tokenizer:
 
     def __init__(self, processor: spm.SentencePieceProcessor):
         self._sp = processor
+        # user-defined BERT specials decode as their text unless dropped, as control pieces (pad/bos/eos) are
+        self._hidden = {i for i in (self.cls_id, self.sep_id, self.mask_id) if i >= 0}
 
     @classmethod
     def from_file(cls, path: str) -> Tokenizer:
@@ -71,6 +80,30 @@ class Tokenizer:
         return int(self._sp.pad_id())
 
     @property
+    def unk_id(self) -> int:
+        """Unknown-piece id, or -1 if the model has none."""
+        return int(self._sp.unk_id())
+
+    def _piece_id(self, piece: str) -> int:
+        i = int(self._sp.piece_to_id(piece))
+        return i if self._sp.id_to_piece(i) == piece else -1   # an absent piece maps to unk
+
+    @property
+    def cls_id(self) -> int:
+        """`[CLS]` (trained with specials="bert"), or -1."""
+        return self._piece_id("[CLS]")
+
+    @property
+    def sep_id(self) -> int:
+        """`[SEP]` (trained with specials="bert"), or -1."""
+        return self._piece_id("[SEP]")
+
+    @property
+    def mask_id(self) -> int:
+        """`[MASK]` (trained with specials="bert"), or -1."""
+        return self._piece_id("[MASK]")
+
+    @property
     def model_proto(self) -> bytes:
         """The serialized model, e.g. to embed in an export."""
         return self._sp.serialized_model_proto()
@@ -101,10 +134,10 @@ class Tokenizer:
         return self._sp.encode(texts, num_threads=_num_threads())
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``; special tokens (pad/bos/eos) decode to nothing."""
+        """Text of ``ids``; special tokens (pad/bos/eos, and [CLS]/[SEP]/[MASK]) decode to nothing."""
         if isinstance(ids, np.ndarray):
             ids = ids.tolist()
-        return self._sp.decode([int(i) for i in ids])
+        return self._sp.decode([int(i) for i in ids if int(i) not in self._hidden])
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size})"
@@ -155,11 +188,12 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int, out_path: str, model_type: str = "bpe"
+    texts: Iterable[str], vocab_size: int, out_path: str, model_type: str = "bpe", specials: str = ""
 ) -> Tokenizer:
     """Train a SentencePiece model in memory and write it atomically to ``out_path``.
 
-    Ids: pad=0, unk=1, bos=2, eos=3, then 256 byte-fallback pieces, then the
+    Ids: pad=0, unk=1, bos=2, eos=3, then the ``specials`` pieces (``"bert"``:
+    [CLS]=4, [SEP]=5, [MASK]=6), then 256 byte-fallback pieces, then the
     learned pieces. Digits are split into single characters (better arithmetic
     and no number-specific vocabulary bloat).
 
@@ -170,10 +204,13 @@ def train_tokenizer(
     """
     if model_type not in MODEL_TYPES:
         raise ValueError(f"unknown model_type {model_type!r}; valid types are {list(MODEL_TYPES)}")
-    min_vocab = 4 + _NUM_BYTE_PIECES + 1
+    if specials not in SPECIALS:
+        raise ValueError(f"unknown specials {specials!r}; valid: {[k for k in SPECIALS if k]} or empty")
+    extra = SPECIALS[specials]
+    min_vocab = 4 + len(extra) + _NUM_BYTE_PIECES + 1
     if vocab_size < min_vocab:
         raise ValueError(
-            f"vocab_size must be at least {min_vocab} (4 special + 256 byte pieces + 1), "
+            f"vocab_size must be at least {min_vocab} ({4 + len(extra)} special + 256 byte pieces + 1), "
             f"got {vocab_size}"
         )
     chunks = [c for c in _training_chunks(texts) if c]
@@ -200,6 +237,7 @@ def train_tokenizer(
             unk_id=UNK_ID,
             bos_id=BOS_ID,
             eos_id=EOS_ID,
+            user_defined_symbols=list(extra),
             max_sentence_length=1 << 24,
             num_threads=_num_threads(),
             minloglevel=2,  # keep training quiet; errors still raise
@@ -213,10 +251,13 @@ def train_tokenizer(
     return Tokenizer.from_bytes(proto)
 
 
-def _fingerprint(texts: Sequence[str], vocab_size: int, model_type: str) -> str:
+def _fingerprint(texts: Sequence[str], vocab_size: int, model_type: str, specials: str = "") -> str:
     """sha256 over the training inputs and settings that determine the model."""
     h = hashlib.sha256()
-    h.update(json.dumps({"v": _TRAIN_VERSION, "vocab_size": vocab_size, "model_type": model_type}).encode())
+    settings = {"v": _TRAIN_VERSION, "vocab_size": vocab_size, "model_type": model_type}
+    if specials:  # only when set: tokenizers cached before `specials` existed keep their digest
+        settings["specials"] = specials
+    h.update(json.dumps(settings).encode())
     for text in texts:
         data = text.encode("utf-8")
         # Length prefix: ["ab", "c"] and ["a", "bc"] must hash differently.
@@ -230,7 +271,8 @@ class TokenizerMismatch(ValueError):
 
 
 def load_or_train_tokenizer(
-    path: str, texts: list[str], vocab_size: int, model_type: str, workdir: str, trained: bool = False
+    path: str, texts: list[str], vocab_size: int, model_type: str, workdir: str, trained: bool = False,
+    specials: str = "",
 ) -> Tokenizer:
     """Return the tokenizer at ``path``, or a cached/trained one in ``workdir``.
 
@@ -251,7 +293,7 @@ def load_or_train_tokenizer(
         return Tokenizer.from_file(path)
     model_path = os.path.join(workdir, "tokenizer.model")
     meta_path = os.path.join(workdir, "tokenizer.json")
-    digest = _fingerprint(texts, vocab_size, model_type)
+    digest = _fingerprint(texts, vocab_size, model_type, specials)
     meta: dict = {}
     try:
         with open(meta_path, encoding="utf-8") as f:
@@ -261,8 +303,9 @@ def load_or_train_tokenizer(
     except (OSError, ValueError, RuntimeError):
         pass  # no cache or a broken one: fall through and retrain
     if trained and os.path.exists(model_path):
-        was = {k: meta.get(k) for k in ("vocab_size", "model_type", "num_texts")}
-        now = {"vocab_size": vocab_size, "model_type": model_type, "num_texts": len(texts)}
+        was = {k: meta.get(k, "" if k == "specials" else None) for k in ("vocab_size", "model_type", "specials",
+                                                                          "num_texts")}
+        now = {"vocab_size": vocab_size, "model_type": model_type, "specials": specials, "num_texts": len(texts)}
         differs = [f"{k} {was[k]} → {now[k]}" for k in now if was[k] != now[k]] or ["the training texts' content"]
         raise TokenizerMismatch(
             f"{workdir} holds a model trained with its tokenizer.model, but this config would train another one "
@@ -273,11 +316,12 @@ def load_or_train_tokenizer(
     # vouching for the new model.
     if os.path.exists(meta_path):
         os.unlink(meta_path)
-    tokenizer = train_tokenizer(texts, vocab_size, model_path, model_type)
+    tokenizer = train_tokenizer(texts, vocab_size, model_path, model_type, specials)
     meta = {
         "sha256": digest,
         "vocab_size": vocab_size,
         "model_type": model_type,
+        "specials": specials,
         "num_texts": len(texts),
     }
     _atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))

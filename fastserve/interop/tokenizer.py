@@ -161,6 +161,9 @@ class BPETokenizer:
         """Padding id, or -1 if the model has none."""
         return self._pad
 
+    # byte-level BPE has no unknown piece and no BERT specials (the face every fastserve tokenizer shares)
+    unk_id = cls_id = sep_id = mask_id = -1
+
     @property
     def hf_tokenizer(self) -> HFTokenizer:
         return self._tok
