@@ -33,8 +33,10 @@ TRANSFORMS: dict[str, tuple[Callable[..., tuple[Any, dict, list[dict]]], tuple[s
 }
 
 
-def apply_transforms(model_cfg: Any, params: dict, specs: list[dict]) -> tuple[Any, dict, list[dict]]:
+def apply_transforms(model_cfg: Any, params: dict, specs: list[dict], calibrate: Callable | None = None
+                     ) -> tuple[Any, dict, list[dict]]:
     """Applies `specs` in order, each `{name: {options}}`; the report rows carry `step` and `transform`.
+    `calibrate(paths, options)` gives activation-aware transforms (lowrank `method: whitened`) their data.
 
     Errors name the offending key, e.g. "unknown option 'transforms[0].lowrank.rnak'; did you mean ...".
     """
@@ -54,6 +56,8 @@ def apply_transforms(model_cfg: Any, params: dict, specs: list[dict]) -> tuple[A
         fn, allowed = TRANSFORMS[name]
         try:
             options = check_options(name, options, allowed)
+            if name == "lowrank":
+                options["calibrate"] = calibrate
             model_cfg, params, rows = fn(model_cfg, params, **options)
         except TransformError as e:
             msg = str(e)

@@ -1,9 +1,19 @@
 """Low-rank factorization: W (m×n) → u (m×r) · v (r×n) from a truncated SVD, chosen per layer by path pattern.
 
+Methods (`method`, per rule):
+- `svd` (default): the SVD of W itself. By Eckart–Young the relative error ‖W − uv‖_F / ‖W‖_F equals
+  √(Σ_{i>r} σ_i²) / ‖W‖_F, the best any rank-r matrix can do — for the weights, not for what the layer outputs.
+- `whitened`: truncation-aware data whitening (SVD-LLM, Wang et al. 2024). With the layer's calibration inputs X
+  and XᵀX = S·Sᵀ (Cholesky), take the SVD of Sᵀ·W = U Σ Vᵀ and map back: u = S⁻ᵀ·U_r·√Σ_r, v = √Σ_r·V_rᵀ. Then
+  ‖X·W − X·u·v‖²_F = Σ_{i>r} σ_i² exactly: each dropped singular value is output error on the calibration data,
+  and the report gives that loss per layer. Needs calibration (`fastserve.transforms.calibration`), which
+  `fastserve.compress` supplies from the training split of `data` (`calibration: {sequences: N}`).
+
 Rank rules (exactly one per rule): `rank` (fixed; capped at min(m, n)), `rank_ratio` (r = ceil(ratio · min(m, n))),
-or `energy` (the smallest r whose singular values keep that fraction of Σσ², i.e. of ‖W‖²_F). The singular
-values are split evenly into the factors: u = U_r·√Σ_r, v = √Σ_r·V_rᵀ. By Eckart–Young the relative error
-‖W − uv‖_F / ‖W‖_F equals √(Σ_{i>r} σ_i²) / ‖W‖_F, the best any rank-r matrix can do.
+`energy` (the smallest r whose singular values keep that fraction of Σσ²), or `params_ratio` (one budget for all
+the layers the rule selects: their factors hold at most that fraction of their dense parameters, and the ranks are
+allocated across layers greedily by truncation loss — each kept singular value buys the largest share of its own
+layer's Σσ² per parameter it costs). The singular values are split evenly into the two factors.
 
 A layer stays dense when r·(m + n) ≥ m·n (the factors would not store fewer parameters) unless the rule says
 `force: true`; the report says so. The factorized model is a config change (`model.compressed[path] =
@@ -21,8 +31,11 @@ import numpy as np
 from fastserve.transforms.common import (TransformError, check_options, check_params, describe, get_node,
                                          rel_error, replace_node, select, to_host)
 
-RULE_KEYS = ("include", "exclude", "rank", "rank_ratio", "energy", "force")
-OPTIONS = RULE_KEYS + ("rules",)
+RANK_RULES = ("rank", "rank_ratio", "energy", "params_ratio")
+RULE_KEYS = ("include", "exclude", *RANK_RULES, "force", "method")
+METHODS = ("svd", "whitened")
+CALIBRATION_KEYS = ("sequences",)
+OPTIONS = RULE_KEYS + ("rules", "calibration")
 
 
 def _number(rule: dict, name: str, where: str, lo: float, hi: float) -> float:
@@ -34,9 +47,9 @@ def _number(rule: dict, name: str, where: str, lo: float, hi: float) -> float:
 
 def _check_rule(rule: dict, where: str) -> dict:
     rule = check_options(where, rule, RULE_KEYS)
-    given = [k for k in ("rank", "rank_ratio", "energy") if rule.get(k) is not None]
+    given = [k for k in RANK_RULES if rule.get(k) is not None]
     if len(given) != 1:
-        raise TransformError(f"{where}: give exactly one of rank, rank_ratio, energy "
+        raise TransformError(f"{where}: give exactly one of {', '.join(RANK_RULES)} "
                              f"(got {', '.join(given) or 'none'})")
     if "rank" in given and (isinstance(rule["rank"], bool) or not isinstance(rule["rank"], int) or rule["rank"] <= 0):
         raise TransformError(f"{where}.rank: expected a positive int, got {rule['rank']!r}")
@@ -44,6 +57,10 @@ def _check_rule(rule: dict, where: str) -> dict:
         _number(rule, "rank_ratio", where, 0.0, 1.0)
     if "energy" in given:
         _number(rule, "energy", where, 0.0, 1.0)
+    if "params_ratio" in given:
+        _number(rule, "params_ratio", where, 0.0, 1.0)
+    if rule.get("method", "svd") not in METHODS:
+        raise TransformError(f"{where}.method: expected one of {', '.join(METHODS)}, got {rule['method']!r}")
     if not isinstance(rule.get("force", False), bool):
         raise TransformError(f"{where}.force: expected true or false, got {rule['force']!r}")
     return rule
@@ -71,15 +88,67 @@ def factorize(w: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return U[:, :rank] * root[None, :], root[:, None] * Vt[:rank], s
 
 
+class _Spectrum:
+    """One layer's SVD — of W (`svd`) or of Sᵀ·W (`whitened`) — from which any rank's factors follow."""
+
+    def __init__(self, w: np.ndarray, gram: np.ndarray | None = None, damping: float = 1e-6):
+        w64 = np.asarray(w, np.float64)
+        self.inv_st = None
+        if gram is not None:
+            from fastserve.transforms.calibration import whitening
+
+            s_low, s_inv, self.damping = whitening(gram, damping)
+            w64 = s_low.T @ w64
+            self.inv_st = s_inv.T  # (Sᵀ)⁻¹ = (S⁻¹)ᵀ
+        self.U, self.s, self.Vt = np.linalg.svd(w64, full_matrices=False)
+
+    def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        root = np.sqrt(self.s[:rank])
+        u = self.U[:, :rank] * root[None, :]
+        if self.inv_st is not None:
+            u = self.inv_st @ u
+        return u, root[:, None] * self.Vt[:rank]
+
+    def dropped(self, rank: int) -> float:
+        """Σ_{i>rank} σ_i²: the squared error the truncation costs (of W, or of X·W on the calibration data)."""
+        return float(np.sum(self.s[rank:].astype(np.float64) ** 2))
+
+
+def allocate_ranks(spectra: dict[str, np.ndarray], shapes: dict[str, tuple[int, int]], params_ratio: float) -> dict[str, int]:
+    """Ranks for layers sharing one budget: Σ_l r_l·(m_l + n_l) ≤ params_ratio · Σ_l m_l·n_l. Greedy: every layer
+    keeps one singular value; then singular values are kept in order of (σ² / the layer's Σσ²) / (m + n) — the
+    share of its own layer's energy each buys per parameter — while they fit. A layer whose factors would not be
+    smaller than its dense kernel is capped below that point."""
+    budget = params_ratio * sum(m * n for m, n in shapes.values())
+    ranks = {p: 1 for p in spectra}
+    spent = sum(m + n for m, n in shapes.values())
+    candidates = []
+    for p, s in spectra.items():
+        m, n = shapes[p]
+        energy = float(np.sum(np.asarray(s, np.float64) ** 2)) or 1.0
+        cap = min(len(s), max(1, (m * n - 1) // (m + n)))  # r·(m+n) < m·n
+        candidates += [(float(s[i]) ** 2 / energy / (m + n), p, i) for i in range(1, cap)]
+    for _, p, i in sorted(candidates, key=lambda c: -c[0]):
+        cost = sum(shapes[p])
+        if i == ranks[p] and spent + cost <= budget:  # values fall within a layer: its ranks grow in order
+            ranks[p] += 1
+            spent += cost
+    return ranks
+
+
 def lowrank(model_cfg: Any, params: dict, *, include: Any = None, exclude: Any = None, rank: int | None = None,
-            rank_ratio: float | None = None, energy: float | None = None, force: bool = False,
-            rules: list[dict] | None = None) -> tuple[Any, dict, list[dict]]:
+            rank_ratio: float | None = None, energy: float | None = None, params_ratio: float | None = None,
+            force: bool = False, method: str | None = None, rules: list[dict] | None = None,
+            calibration: dict | None = None, calibrate: Any = None) -> tuple[Any, dict, list[dict]]:
     """Factorizes the dense Linear kernels selected by path patterns. Pure: returns (new cfg, new params, report).
 
-    Either one rule as keyword arguments (`include`, `exclude`, one of `rank` / `rank_ratio` / `energy`, `force`)
-    or `rules=[{...}, ...]`, the first matching rule deciding each layer.
+    Either one rule as keyword arguments (`include`, `exclude`, one of `rank` / `rank_ratio` / `energy` /
+    `params_ratio`, `force`, `method`) or `rules=[{...}, ...]`, the first matching rule deciding each layer.
+    `method: whitened` needs `calibrate(paths, calibration) -> {path: (XᵀX, tokens)}` (fastserve.compress gives it;
+    `calibration` holds its options, e.g. {sequences: 32}).
     """
-    single = dict(include=include, exclude=exclude, rank=rank, rank_ratio=rank_ratio, energy=energy, force=force)
+    single = dict(include=include, exclude=exclude, rank=rank, rank_ratio=rank_ratio, energy=energy,
+                  params_ratio=params_ratio, force=force, method=method)
     if rules is not None:
         if any(v not in (None, False) for v in single.values()):
             raise TransformError("lowrank: give either `rules` or one rule's keys (include, rank, ...), not both")
@@ -90,6 +159,7 @@ def lowrank(model_cfg: Any, params: dict, *, include: Any = None, exclude: Any =
     else:
         rules = [_check_rule({k: v for k, v in single.items() if v is not None}, "lowrank")]
         wheres = ["lowrank"]
+    calibration = check_options("lowrank.calibration", calibration, CALIBRATION_KEYS)
 
     abstract, layers = describe(model_cfg)
     check_params(abstract, params, "lowrank (input)")
@@ -98,37 +168,70 @@ def lowrank(model_cfg: Any, params: dict, *, include: Any = None, exclude: Any =
         for path in select(layers, rule.get("include"), rule.get("exclude"), where):
             chosen.setdefault(path, i)
 
-    new_params, compressed, report = params, dict(model_cfg.compressed), []
-    for path in layers:  # model order
-        if path not in chosen:
-            continue
-        rule = rules[chosen[path]]
-        node = get_node(params, path)
+    report: dict[str, dict] = {}
+    todo = [p for p in layers if p in chosen]  # model order
+    for path in todo:
         if layers[path] != "dense":
-            report.append({"layer": path, "action": f"skipped: already {layers[path]}"})
-            continue
-        kernel = node["kernel"]
+            report[path] = {"layer": path, "action": f"skipped: already {layers[path]}"}
+    todo = [p for p in todo if p not in report]
+    grams = _calibrate(todo, rules, chosen, calibration, calibrate)
+    spectra = {p: _Spectrum(to_host(get_node(params, p)["kernel"]), grams.get(p, (None,))[0]) for p in todo}
+    ranks = _ranks(todo, rules, chosen, spectra)
+
+    new_params, compressed = params, dict(model_cfg.compressed)
+    for path in todo:
+        rule, spectrum, r = rules[chosen[path]], spectra[path], ranks[path]
+        kernel = get_node(params, path)["kernel"]
         w = to_host(kernel)
         m, n = w.shape
-        u, v, s = factorize(w, min(m, n))
-        r = choose_rank(s, m, n, rule)
-        row = {"layer": path, "shape": [m, n], "rank": r, "params_before": m * n}
+        row = {"layer": path, "shape": [m, n], "method": rule.get("method", "svd"), "rank": r,
+               "params_before": m * n}
         if r * (m + n) >= m * n and not rule.get("force", False):
             row.update(action="kept dense: no saving (rank·(m+n) ≥ m·n)", rank=min(m, n), params_after=m * n,
                        rel_error=0.0, would_be=r * (m + n))
-            report.append(row)
+            report[path] = row
             continue
-        u, v = u[:, :r], v[:r]
-        discarded = float(np.sqrt(np.sum(np.asarray(s[r:], np.float64) ** 2)) / max(np.linalg.norm(s), 1e-30))
-        dtype = kernel.dtype
-        new_node = {k: x for k, x in node.items() if k != "kernel"}
-        new_node.update(u=jnp.asarray(u, dtype), v=jnp.asarray(v, dtype))
-        new_params = replace_node(new_params, path, new_node)
+        u, v = spectrum.factors(r)
+        kept = 1.0 - spectrum.dropped(r) / max(spectrum.dropped(0), 1e-300)
+        node = {k: x for k, x in get_node(new_params, path).items() if k != "kernel"}
+        node.update(u=jnp.asarray(u, kernel.dtype), v=jnp.asarray(v, kernel.dtype))
+        new_params = replace_node(new_params, path, node)
         compressed[path] = {"kind": "lowrank", "rank": r}
         row.update(action="factorized", params_after=r * (m + n), rel_error=rel_error(w, u @ v),
-                   energy_kept=float(1.0 - discarded ** 2), discarded_rel_norm=discarded)
-        report.append(row)
+                   energy_kept=kept, discarded_rel_norm=float(np.sqrt(max(0.0, 1.0 - kept))))
+        if path in grams:
+            tokens = grams[path][1]
+            row.update(calibration_tokens=tokens, truncation_loss=spectrum.dropped(r) / max(tokens, 1.0),
+                       output_rel_error=float(np.sqrt(max(0.0, 1.0 - kept))))
+        report[path] = row
 
     new_cfg = dataclasses.replace(model_cfg, compressed=compressed)
     check_params(describe(new_cfg)[0], new_params, "lowrank (output)")
-    return new_cfg, new_params, report
+    return new_cfg, new_params, [report[p] for p in layers if p in report]
+
+
+def _calibrate(todo: list[str], rules: list[dict], chosen: dict[str, int], options: dict, calibrate: Any) -> dict:
+    """{path: (XᵀX, tokens)} for the layers whose rule says `method: whitened`."""
+    paths = [p for p in todo if rules[chosen[p]].get("method", "svd") == "whitened"]
+    if not paths:
+        return {}
+    if calibrate is None:
+        raise TransformError("lowrank.method: whitened needs calibration data: run it through `python -m "
+                             "fastserve.compress` (which calibrates on the training split of `data`), or pass "
+                             "calibrate= to the transform")
+    return calibrate(paths, options)
+
+
+def _ranks(todo: list[str], rules: list[dict], chosen: dict[str, int], spectra: dict[str, _Spectrum]) -> dict[str, int]:
+    ranks, shared = {}, {}
+    for path in todo:
+        rule, spectrum = rules[chosen[path]], spectra[path]
+        m, n = spectrum.U.shape[0], spectrum.Vt.shape[1]
+        if rule.get("params_ratio") is not None:
+            shared.setdefault(chosen[path], []).append(path)
+        else:
+            ranks[path] = choose_rank(spectrum.s, m, n, rule)
+    for i, paths in shared.items():
+        shapes = {p: (spectra[p].U.shape[0], spectra[p].Vt.shape[1]) for p in paths}
+        ranks.update(allocate_ranks({p: spectra[p].s for p in paths}, shapes, float(rules[i]["params_ratio"])))
+    return ranks

@@ -182,14 +182,17 @@ def write_workdir(cfg: Config, out_dir: str, model_cfg: Any, params: Any, tokeni
 
 # ------------------------------------------------------------------------------------------------ compress
 
-def transform_loaded(loaded: Any, specs: list[dict]) -> tuple[Any, Any, Any, list[dict]]:
-    """(new model config, graphdef, params placed on the loaded model's mesh, per-layer report) of a loaded model."""
+def transform_loaded(loaded: Any, specs: list[dict], cfg: Config | None = None) -> tuple[Any, Any, Any, list[dict]]:
+    """(new model config, graphdef, params placed on the loaded model's mesh, per-layer report) of a loaded model.
+    `cfg` (its `data` section) supplies calibration text to activation-aware transforms."""
     from fastserve.workdir import place_params
     from fastserve.transforms import TransformError, apply_transforms
+    from fastserve.transforms.calibration import lm_calibration
 
     try:
-        new_model_cfg, new_params, layers = apply_transforms(loaded.model_cfg, loaded.params, specs)
-    except TransformError as e:
+        calibrate = lm_calibration(cfg, loaded) if cfg is not None else None
+        new_model_cfg, new_params, layers = apply_transforms(loaded.model_cfg, loaded.params, specs, calibrate)
+    except (TransformError, ValueError) as e:
         raise CompressError(str(e)) from None
     graphdef, placed = place_params(new_params, new_model_cfg, loaded.mesh)
     return new_model_cfg, graphdef, placed, layers
@@ -223,7 +226,7 @@ def compress(cfg: Config, out_dir: str, *, heldout: bool | None = None, decode_t
 
     t0 = time.perf_counter()
     loaded = loaded if loaded is not None else load_model(cfg)
-    new_model_cfg, graphdef, placed, layers = transform_loaded(loaded, cfg.transforms)
+    new_model_cfg, graphdef, placed, layers = transform_loaded(loaded, cfg.transforms, cfg)
     transform_s = time.perf_counter() - t0
     source = {"kind": cfg.source.kind, "path": source_dir or cfg.source.path, "step": loaded.step}
     provenance = {"source": source, "transforms": cfg.transforms}
