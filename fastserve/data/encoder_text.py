@@ -3,7 +3,7 @@ and batch with per-batch padding to a few length buckets (no packing across exam
 
 - `encode_texts(tokenizer, texts, max_len, pairs=None)` → `EncodedTexts`: one int32 id array per example,
   `[CLS] a [SEP]` or, for pairs, `[CLS] a [SEP] b [SEP]` with token types 0 … 0 1 … 1 (longest side truncated
-  first). The tokenizer's `encode` adds no specials; it names `cls_id`, `sep_id`, `pad_id` (and `mask_id`, `unk_id`).
+  first). The tokenizer's `encode` adds no specials; it names `cls_id`, `sep_id`, `pad_id` (and `mask_id`, `unk_id`; -1 where absent).
 - `TextBatches`: endless, deterministic, resumable training batches (`get_state` / `set_state`, as
   `dataset.ExampleBatches`, whose shuffling it reuses). Each global batch is padded to the smallest bucket ≥ its
   longest example, so every host of a multi-host run pads its slice to the same length.
@@ -43,7 +43,8 @@ class EncodedTexts:
 
 
 def _special_ids(tokenizer: Any) -> tuple[int, int]:
-    missing = [n for n in ("cls_id", "sep_id", "pad_id") if getattr(tokenizer, n, None) is None]
+    ids = {n: getattr(tokenizer, n, None) for n in ("cls_id", "sep_id", "pad_id")}
+    missing = [n for n, i in ids.items() if i is None or i < 0]
     if missing:
         raise ValueError(f"{type(tokenizer).__name__} has no {', '.join(missing)}: encoder text needs a tokenizer with "
                          "[CLS] / [SEP] / [PAD] pieces (tokenizer.kind: wordpiece, or tokenizer.specials: bert)")

@@ -85,7 +85,7 @@ def tokenizer_once(cfg: Any, texts: list[str]) -> Tokenizer:
 
     def load():
         return load_or_train_tokenizer(cfg.tokenizer.path, texts, cfg.tokenizer.vocab_size, cfg.tokenizer.model_type,
-                                       cfg.train.workdir, trained=trained)
+                                       cfg.train.workdir, trained=trained, specials=cfg.tokenizer.specials)
     if jax.process_count() == 1:
         return load()
     from jax.experimental import multihost_utils
