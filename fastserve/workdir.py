@@ -7,6 +7,7 @@ A work dir holds `config.yaml` (the full config it was trained with), the tokeni
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -53,6 +54,14 @@ def resolve_path(path: str) -> str:
         raise FileNotFoundError(f"source.path '{path}': Python package '{pkg}' is not installed (pip install it)")
     return os.path.join(list(spec.submodule_search_locations)[0], rel)
 
+def hf_model_type(path: str) -> str:
+    """`model_type` of a HF directory's config.json ("" when it has none): picks the importer for source.kind=hf."""
+    conf = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+    if not os.path.isfile(conf):
+        return ""
+    with open(conf, encoding="utf-8") as f:
+        return str(json.load(f).get("model_type", ""))
+
 def place_params(params: Any, model_cfg: Any, mesh) -> tuple[Any, Any]:
     """(graphdef, `params` cast and placed with `model_cfg`'s shardings on `mesh`); a clear error when the weights'
     structure is not the config's."""
@@ -75,9 +84,13 @@ def _load_checkpoint(cfg: Config, mesh) -> LoadedModel:
     if not os.path.isfile(trained_cfg):
         raise FileNotFoundError(f"{workdir} is not a fastserve work dir (no config.yaml): train a model there first")
     with open(trained_cfg) as f:
-        model_cfg = config_from_dict(yaml.safe_load(f)).model
+        trained = config_from_dict(yaml.safe_load(f))
+    model_cfg = trained.model
     bpe_file = os.path.join(workdir, BPE_TOKENIZER_FILE)
-    if os.path.isfile(bpe_file):
+    if trained.tokenizer.kind == "wordpiece":   # an imported BERT vocabulary, read where the run read it
+        from fastserve.data.wordpiece import load_wordpiece
+        tokenizer = load_wordpiece(trained.tokenizer.path)
+    elif os.path.isfile(bpe_file):
         from fastserve.interop.tokenizer import BPETokenizer
         with open(bpe_file, encoding="utf-8") as f:
             tokenizer = BPETokenizer.from_json(f.read())
@@ -114,7 +127,12 @@ def load_model(cfg: Config, mesh: Any = None) -> LoadedModel:
         path = resolve_path(cfg.source.path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"source.path: {path} does not exist")
-        imported = interop.load_gguf(path, cfg.source.dtype) if kind == "gguf" else interop.load_hf_llama(path, cfg.source.dtype)
+        if kind == "gguf":
+            imported = interop.load_gguf(path, cfg.source.dtype)
+        elif hf_model_type(path) == "bert":
+            imported = interop.load_hf_bert(path, cfg.source.dtype)
+        else:
+            imported = interop.load_hf_llama(path, cfg.source.dtype)
         graphdef, params = place_params(imported.params, imported.model_cfg, mesh)
         return LoadedModel(imported.model_cfg, graphdef, params, imported.tokenizer, mesh, imported.chat_template)
     raise ValueError(f"unknown source.kind '{kind}' (choose from checkpoint, gguf, hf)")
