@@ -20,6 +20,8 @@ TASKS: dict[str, str] = {
     "lm": "fastserve.tasks.lm:LMConfig",
     "distill": "fastserve.tasks.distill:DistillConfig",
     "classify": "fastserve.tasks.classify:ClassifyConfig",
+    "mlm": "fastserve.tasks.mlm:MLMConfig",
+    "tag": "fastserve.tasks.tag:TagConfig",
     "seq2seq": "fastserve.tasks.seq2seq:Seq2SeqTaskConfig",
     "keras_loss": "fastserve.tasks.keras_loss:KerasLossConfig",
 }
@@ -31,6 +33,8 @@ DATA_SOURCES: dict[str, str] = {
     "synthetic_images": "fastserve.data.images:SyntheticImagesConfig",
     "synthetic_classes": "fastserve.data.synthetic_text:SyntheticClassesConfig",
     "arrays": "fastserve.data.arrays:ArraysDataConfig",
+    "mlm_text": "fastserve.data.mlm_text:MLMTextConfig",
+    "strongs": "fastserve.data.strongs:StrongsDataConfig",
     "reviews": "fastserve.data.reviews:ReviewsDataConfig",
 }
 
