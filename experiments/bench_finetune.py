@@ -1,0 +1,246 @@
+"""Fine-tuning all-MiniLM-L6-v2 on the fine-food sentiment reviews in fastserve and, in the same run, with Hugging Face
+transformers on CPU PyTorch (BertForSequenceClassification from the same weights directory): the same batches in
+the same order (fastserve's data pipeline makes them once; both sides consume them), the same sequence length,
+batch size, steps, AdamW settings, learning-rate schedule, clipping and dropout. Phases alternate (`--phase` steps of
+fastserve, then the same steps of PyTorch, …) so both see the same machine load; the first step of each padded
+length (a compile in fastserve, a warm-up in PyTorch) is left out of both sides' examples/s. Then test accuracy and
+macro-F1 of each, the majority-class and TF-IDF + logistic-regression baselines, and (full mode) the other
+sentiment recipes trained as their headers say and scored on the test split.
+
+    python experiments/bench_finetune.py            # configs/sentiment_minilm.yaml as written + the recipes
+    python experiments/bench_finetune.py --quick    # ~1-2 minutes: 12 steps a side, test on 256 reviews, no recipes
+
+Goals (issue 11): fastserve ≥ 1.0× PyTorch's examples/s at equal test accuracy (± 1 point); the fine-tuned MiniLM at
+least 3 points above TF-IDF + logistic regression. Prints one JSON object on its last line; writes
+experiments/results/bench_finetune.json and .md (full mode).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import islice
+
+import numpy as np
+
+from finetune_peers import TorchBertClassifier, baselines, scores
+from provenance import provenance  # experiments/: the script's own directory is on sys.path
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MINILM = "configs/sentiment_minilm.yaml"
+RECIPES = {"scratch": "configs/sentiment_scratch.yaml", "bilstm": "configs/sentiment_bilstm.yaml"}
+
+
+class FastserveClassifier:
+    """The run `cfg` describes, driven step by step through the core (the same state, steps and data as
+    `python -m fastserve.train`), so its phases can alternate with another framework's."""
+
+    def __init__(self, cfg):
+        from fastserve.core.setup import prepare_state
+        from fastserve.core.state import merge_trees
+        from fastserve.core.steps import make_eval_step, make_train_step
+        from fastserve.data.dataset import fill_model_config
+        from fastserve.tasks import make_task
+
+        self.task = make_task(cfg.train.task)
+        cfg = self.task.configure(cfg)
+        self.data = cfg.data.load(cfg)
+        self.cfg = cfg = dataclasses.replace(cfg, model=fill_model_config(cfg.model, self.data.model_fields))
+        setup = prepare_state(cfg, restore=False)
+        self.mesh, self.state = setup.mesh, setup.state
+        self.train_step = make_train_step(setup.graphdef, self.task, setup.tx, setup.schedule, setup.shardings,
+                                          setup.mesh, {})
+        shardings = merge_trees(setup.shardings["params"], setup.shardings["model_state"])
+        self.eval_step = make_eval_step(setup.graphdef, self.task, shardings, setup.mesh, {})
+        self.merge_trees = merge_trees
+        setup.checkpointer.close()
+
+    def step(self, host_batch) -> float:
+        import jax
+
+        from fastserve import parallel
+        from fastserve.core.steps import split_micro_batches
+
+        batch = parallel.host_to_global(split_micro_batches(host_batch, 1), self.mesh, leading=1)
+        self.state, metrics = self.train_step(self.state, batch, {})
+        metrics = jax.device_get(metrics)
+        return float(metrics["loss_sum"]) / max(float(metrics["weight"]), 1e-9)
+
+    def evaluate(self, batches) -> dict[str, float]:
+        from fastserve.core.trainer import evaluate_params
+
+        variables = self.merge_trees(self.state["params"], self.state["model_state"])
+        m = evaluate_params(self.eval_step, variables, batches, self.task, self.mesh, {})
+        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "loss": m["loss"]}
+
+
+def test_batches(fs: FastserveClassifier, test_texts, test_labels):
+    from fastserve.data.encoder_text import encode_texts, heldout_text_batches, length_buckets
+
+    d = fs.cfg.data
+    enc = encode_texts(fs.data.tokenizer, test_texts, d.max_len)
+    return heldout_text_batches(enc, test_labels, d.batch_size, sorted(d.buckets) or length_buckets(d.max_len),
+                                fs.data.tokenizer.pad_id)
+
+
+def hf_directory(cfg) -> str:
+    """The Hugging Face directory the fastserve run initializes from (`package:NAME/DIR` resolved)."""
+    from fastserve.workdir import resolve_path
+
+    return resolve_path(cfg.train.init_from)
+
+
+def compare(cfg, steps: int, phase: int, n_test: int, splits) -> dict:
+    """Alternating phases of fastserve and PyTorch steps on the same batches; test metrics of both."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    fs = FastserveClassifier(cfg)
+    fs_setup_s = time.perf_counter() - t0
+    o = cfg.optimizer
+    t0 = time.perf_counter()
+    pt = TorchBertClassifier(hf_directory(cfg), 2, o.learning_rate, min(o.warmup_steps, steps), steps,
+                             o.weight_decay, o.clip_norm, o.b1, o.b2, o.eps, cfg.train.seed,
+                             cfg.model.attention_dropout)
+    pt_setup_s = time.perf_counter() - t0
+    batches = list(islice(fs.data.train, steps))
+    seen: set[int] = set()
+    timed = {"fastserve": [0.0, 0], "pytorch": [0.0, 0]}
+    losses = {"fastserve": [], "pytorch": []}
+    for start in range(0, steps, phase):
+        for name, run in (("fastserve", fs.step), ("pytorch", pt.train_step)):
+            for i in range(start, min(start + phase, steps)):
+                b = batches[i]
+                t = time.perf_counter()
+                losses[name].append(run(b))
+                dt = time.perf_counter() - t
+                length = b["inputs"].shape[1]
+                first = (name, length) not in seen
+                seen.add((name, length))
+                if not first:                      # a new padded length: compile / warm-up, not throughput
+                    timed[name][0] += dt
+                    timed[name][1] += len(b["inputs"])
+        print(json.dumps({"step": min(start + phase, steps), "loss_fastserve": round(losses["fastserve"][-1], 4),
+                          "loss_pytorch": round(losses["pytorch"][-1], 4)}), flush=True)
+    test_x, test_y = splits["test"]
+    tb = test_batches(fs, test_x[:n_test], test_y[:n_test])
+    t = time.perf_counter()
+    fs_test = fs.evaluate(tb)
+    fs_eval_s = time.perf_counter() - t
+    t = time.perf_counter()
+    pt_test = scores(pt.predict(tb), np.asarray(test_y[:n_test]))
+    pt_eval_s = time.perf_counter() - t
+    rate = {k: v[1] / max(v[0], 1e-9) for k, v in timed.items()}
+    lengths = sorted({b["inputs"].shape[1] for b in batches})
+    return {"steps": steps, "batch_size": cfg.data.batch_size, "max_len": cfg.data.max_len, "padded_lengths": lengths,
+            "phase_steps": phase, "test_examples": len(test_y[:n_test]),
+            "fastserve": {"examples_per_s": round(rate["fastserve"], 2), "timed_examples": timed["fastserve"][1],
+                          "setup_s": round(fs_setup_s, 1), "test_eval_s": round(fs_eval_s, 1),
+                          "final_loss": round(float(np.mean(losses["fastserve"][-10:])), 4), **fs_test},
+            "pytorch": {"examples_per_s": round(rate["pytorch"], 2), "timed_examples": timed["pytorch"][1],
+                        "setup_s": round(pt_setup_s, 1), "test_eval_s": round(pt_eval_s, 1),
+                        "final_loss": round(float(np.mean(losses["pytorch"][-10:])), 4), **pt_test,
+                        "threads": torch.get_num_threads()},
+            "ratio_examples_per_s": round(rate["fastserve"] / max(rate["pytorch"], 1e-9), 3)}
+
+
+def run_recipe(name: str, recipe: str, overrides: list[str]) -> dict:
+    """Trains `recipe` as written (in a fresh work dir) and scores its final checkpoint on the test split."""
+    workdir = os.path.join(tempfile.mkdtemp(prefix=f"fastserve-{name}-"), "run")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    py = sys.executable
+    t0 = time.time()
+    train = subprocess.run([py, "-m", "fastserve.train", "--config", recipe, f"train.workdir={workdir}",
+                            *overrides], cwd=REPO, env=env, capture_output=True, text=True)
+    train_s = time.time() - t0
+    if train.returncode:
+        return {"recipe": recipe, "error": (train.stderr or train.stdout)[-2000:]}
+    ev = subprocess.run([py, "-m", "fastserve.evaluate", "--config", os.path.join(workdir, "config.yaml"),
+                         "data.eval_split=test", "train.eval_batches=0"], cwd=REPO, env=env, capture_output=True,
+                        text=True)
+    if ev.returncode:
+        return {"recipe": recipe, "error": (ev.stderr or ev.stdout)[-2000:]}
+    test = json.loads(ev.stdout.strip().splitlines()[-1])
+    val = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    val = [r for r in val if r.get("split") == "eval" or "accuracy" in r]
+    return {"recipe": recipe, "overrides": overrides, "train_wall_s": round(train_s, 1),
+            "validation_accuracy": (val[-1].get("accuracy") if val else None),
+            "test_accuracy": test.get("accuracy"), "test_macro_f1": test.get("macro_f1"), "test_loss": test.get("loss")}
+
+
+def markdown(r: dict) -> str:
+    c, b = r["minilm"], r["baselines"]
+    lines = [f"# bench_finetune — sentiment fine-tuning (commit {r['commit'][:10]}{' dirty' if r['dirty'] else ''}, "
+             f"{r['date']})", "",
+             f"all-MiniLM-L6-v2 fine-tuned for {c['steps']} steps of batch {c['batch_size']} (max_len {c['max_len']}, "
+             f"padded lengths {c['padded_lengths']}), phases of {c['phase_steps']} steps alternating; test on "
+             f"{c['test_examples']} reviews.", "",
+             "| run | test accuracy | test macro-F1 | train examples/s |", "|---|---|---|---|"]
+    for side in ("fastserve", "pytorch"):
+        s = c[side]
+        lines.append(f"| MiniLM, {side} | {s['accuracy']:.3f} | {s['macro_f1']:.3f} | {s['examples_per_s']:.2f} |")
+    lines.append(f"| majority class | {b['majority']['accuracy']:.3f} | {b['majority']['macro_f1']:.3f} | |")
+    lines.append(f"| TF-IDF + logistic regression (C={b['tfidf_logreg']['C']}) | {b['tfidf_logreg']['accuracy']:.3f} | "
+                 f"{b['tfidf_logreg']['macro_f1']:.3f} | |")
+    for name, rec in r.get("recipes", {}).items():
+        if "error" in rec:
+            lines.append(f"| {rec['recipe']} | error | | |")
+        else:
+            lines.append(f"| {rec['recipe']} ({rec['train_wall_s']:.0f} s) | {rec['test_accuracy']:.3f} | "
+                         f"{rec['test_macro_f1']:.3f} | |")
+    g = r["goals"]
+    lines += ["", f"fastserve / PyTorch examples/s: **{c['ratio_examples_per_s']:.3f}** (goal ≥ 1.0: "
+              f"{'met' if g['ratio'] else 'missed'}); accuracy difference {g['accuracy_gap']:+.3f} (goal ±0.01: "
+              f"{'met' if g['equal_accuracy'] else 'missed'}); MiniLM − TF-IDF {g['over_tfidf']:+.3f} (goal ≥ 0.03: "
+              f"{'met' if g['beats_tfidf'] else 'missed'})."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    import fastserve
+    from fastserve.data.reviews import load_reviews
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--phase", type=int, default=0, help="steps per alternating phase (default: steps / 4)")
+    ap.add_argument("--no-recipes", action="store_true", help="skip training the scratch and BiLSTM recipes")
+    args = ap.parse_args()
+    os.chdir(REPO)
+    t_start = time.time()
+    splits = load_reviews()
+    result = {"bench": "finetune", "quick": args.quick, "date": time.strftime("%Y-%m-%d"), **provenance()}
+    result["baselines"] = baselines(splits)
+    print(json.dumps({"baselines": result["baselines"]}), flush=True)
+    workdir = tempfile.mkdtemp(prefix="fastserve-minilm-")
+    cfg = fastserve.load_config(MINILM, [f"train.workdir={workdir}", "data.eval_split=test"])
+    steps = 6 if args.quick else cfg.train.steps
+    n_test = 64 if args.quick else len(splits["test"][0])
+    phase = args.phase or max(1, steps // 4)
+    result["minilm"] = compare(cfg, steps, phase, n_test, splits)
+    print(json.dumps({"minilm": result["minilm"]}), flush=True)
+    if not (args.quick or args.no_recipes):
+        result["recipes"] = {name: run_recipe(name, recipe, []) for name, recipe in RECIPES.items()}
+    fs, pt = result["minilm"]["fastserve"], result["minilm"]["pytorch"]
+    gap = fs["accuracy"] - pt["accuracy"]
+    over = fs["accuracy"] - result["baselines"]["tfidf_logreg"]["accuracy"]
+    result["goals"] = {"ratio": result["minilm"]["ratio_examples_per_s"] >= 1.0, "accuracy_gap": round(gap, 4),
+                       "equal_accuracy": abs(gap) <= 0.01, "over_tfidf": round(over, 4), "beats_tfidf": over >= 0.03}
+    result["wall_s"] = round(time.time() - t_start, 1)
+    if not args.quick:
+        out = os.path.join(REPO, "experiments", "results", "bench_finetune")
+        with open(out + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        with open(out + ".md", "w") as f:
+            f.write(markdown(result))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
