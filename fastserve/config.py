@@ -86,6 +86,8 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 0          # 0: the whole held-out set
     workdir: str = "runs/default"
+    init_from: str = ""            # a fresh run starts from these weights where path and shape match (the rest, e.g. a
+                                   # new head, keep their init): a work dir, a HF directory, a .gguf, "package:NAME/DIR"
 
     def checks(self):
         yield from positive(self, "steps", "grad_accum", "eval_every")

@@ -112,7 +112,7 @@ def train(cfg: Config) -> dict[str, Any]:
     monitor = Monitor(cfg.train.workdir, cfg.train.steps, setup.start_step, cfg.log.progress, cfg.log.tensorboard)
     monitor.print(f"fastserve: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, task {task.name}, "
                   f"{data.description}, " + (f"resuming at step {setup.start_step}" if setup.start_step else "fresh start")
-                  + (f"; {peak.describe()}" if peak else ""))
+                  + (f"; {peak.describe()}" if peak else "") + (f"; {setup.init_note}" if setup.init_note else ""))
 
     # 5. The loop (a fresh run first measures the held-out metrics of the untrained model: the baseline to beat).
     step = setup.start_step
