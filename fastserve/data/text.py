@@ -2,6 +2,7 @@
 cached in the work dir) → packed rows → resumable batches of {inputs, targets, weights}."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,10 +45,9 @@ def prepare_lm_data(cfg: Any) -> Dataset:
 
     from fastserve.workdir import BPE_TOKENIZER_FILE
 
-    if os.path.isfile(os.path.join(cfg.train.workdir, BPE_TOKENIZER_FILE)):
-        raise ValueError(f"{cfg.train.workdir} holds an imported byte-level BPE model ({BPE_TOKENIZER_FILE}): the "
-                         "text data pipeline reads sentencepiece tokenizers only, so it cannot be fine-tuned here "
-                         "(generate / export / serve it instead)")
+    imported = os.path.join(cfg.train.workdir, BPE_TOKENIZER_FILE)
+    if not cfg.tokenizer.path and os.path.isfile(imported):  # an imported model's work dir: its own vocabulary
+        cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=imported))
     docs = load_texts(cfg.data.source, cfg.data.paths)
     train_docs, eval_docs = split_documents(docs, cfg.data.eval_fraction, cfg.train.seed)
     tok = tokenizer_once(cfg, train_docs)

@@ -290,7 +290,11 @@ def load_or_train_tokenizer(
             not match (it names what differs).
     """
     if path:
-        return Tokenizer.from_file(path)
+        from fastserve.interop.tokenizer import is_bpe_path, load_bpe_tokenizer
+
+        # an imported model's byte-level BPE (a compressed work dir's tokenizer.bpe.json, a GGUF file): fine-tuning
+        # an imported model reads its own vocabulary
+        return load_bpe_tokenizer(path) if is_bpe_path(path) else Tokenizer.from_file(path)
     model_path = os.path.join(workdir, "tokenizer.model")
     meta_path = os.path.join(workdir, "tokenizer.json")
     digest = _fingerprint(texts, vocab_size, model_type, specials)
