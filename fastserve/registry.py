@@ -30,6 +30,7 @@ DATA_SOURCES: dict[str, str] = {
     "pydoc": "fastserve.data.text:TextDataConfig",
     "text": "fastserve.data.text:TextDataConfig",
     "synthetic_pairs": "fastserve.data.synthetic_pairs:SyntheticPairsConfig",
+    "bible_pairs": "fastserve.data.bible_pairs:BiblePairsConfig",
     "synthetic_images": "fastserve.data.images:SyntheticImagesConfig",
     "synthetic_classes": "fastserve.data.synthetic_text:SyntheticClassesConfig",
     "arrays": "fastserve.data.arrays:ArraysDataConfig",

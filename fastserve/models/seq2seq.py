@@ -6,12 +6,16 @@
 - Positions restart at 0 on each side. Self-attention rotates queries and keys by their own side's positions;
   cross-attention (when `cross_attention_rope`) rotates queries by target positions and keys by source positions,
   so an alignment "target t ↔ source t + c" is a fixed relative offset the model can learn directly.
-- One vocabulary for source and target: one embedding table; the output projection reuses it when
-  `tie_embeddings`.
+- One vocabulary for source and target (one embedding table), or a separate target vocabulary
+  (`target_vocab_size` > 0: a target embedding table of its own); the output projection reuses the target side's
+  table when `tie_embeddings`.
 
 A pure definition: no I/O, no training logic, no sharding decisions (only logical axis names). Dropout layers are
 built without rngs; a train step passes `rngs` (an `nnx.Rngs` with a `dropout` stream) down through every call.
-No KV cache yet: `generate` is greedy decoding that re-runs the decoder over the whole prefix at every step.
+Cached decoding: `memory_kv` projects the encoder output to every layer's cross-attention keys / values once,
+`init_cache` / `decode_step` run the decoder one position at a time over a self-attention KV cache (the loops —
+greedy, sampling, beam search — live in fastserve.generation.seq2seq_decode). `generate` is the uncached greedy
+reference: it re-runs the decoder over the whole prefix at every step.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ ACT = ("batch", "seq", "embed")
 class Seq2SeqConfig:
     """`model.name: seq2seq` — an encoder–decoder transformer (registered in fastserve.registry)."""
     name: str = "seq2seq"
-    vocab_size: int = 0            # 0: from the data; one vocabulary shared by source and target
+    vocab_size: int = 0            # 0: from the data; the source vocabulary (and the target's when shared)
+    target_vocab_size: int = 0     # 0: the target shares the source vocabulary and embedding table; > 0: its own
     d_model: int = 256
     n_encoder_layers: int = 3
     n_decoder_layers: int = 3
@@ -54,7 +59,8 @@ class Seq2SeqConfig:
 
         yield from positive(self, "d_model", "n_encoder_layers", "n_decoder_layers", "n_heads", "d_ff", "rope_theta",
                             "norm_eps", "init_std")
-        yield from at_least(self, 0, "vocab_size", "max_source_len", "max_target_len", zero="from the data")
+        yield from at_least(self, 0, "vocab_size", "target_vocab_size", "max_source_len", "max_target_len",
+                            zero="from the data")
         yield from fraction(self, "dropout")
         yield from check_dtypes(self)
         if self.n_heads > 0 and self.d_model > 0:
@@ -76,7 +82,7 @@ class Seq2SeqConfig:
         enc = self.n_encoder_layers * (4 * d * d + 3 * d * f)          # q, k, v, o + SwiGLU
         dec = self.n_decoder_layers * (4 * d * d + 2 * d * d + 3 * d * f)  # self q,k,v,o + cross q,o + SwiGLU
         cross_kv = self.n_decoder_layers * 2 * d * d                    # cross k, v: over the source tokens
-        matmuls = s * (enc + cross_kv) + t * (dec + d * self.vocab_size)
+        matmuls = s * (enc + cross_kv) + t * (dec + d * (self.target_vocab_size or self.vocab_size))
         attn = 2 * d * (self.n_encoder_layers * s * s + self.n_decoder_layers * (t * t + t * s))
         return 6.0 * matmuls + 6.0 * attn
 
@@ -99,13 +105,22 @@ class MultiHeadAttention(nnx.Module):
         self.n_heads, self.head_dim, self.theta = h, d // h, cfg.rope_theta
 
     def __call__(self, x, q_pos, kv_input, k_pos, *, causal: bool, k_valid=None, use_rope: bool = True):
-        b, t, _ = x.shape
-        s = kv_input.shape[1]
-        q = self.q(x).reshape(b, t, self.n_heads, self.head_dim)
+        k, v = self.keys_values(kv_input, k_pos, use_rope=use_rope)
+        return self.attend(x, q_pos, k, v, k_pos, causal=causal, k_valid=k_valid, use_rope=use_rope)
+
+    def keys_values(self, kv_input, k_pos, *, use_rope: bool = True):
+        """(k, v) [B, S, H, D] of `kv_input`, k rotated by `k_pos`: what a KV cache or a cross memory holds."""
+        b, s, _ = kv_input.shape
         k = self.k(kv_input).reshape(b, s, self.n_heads, self.head_dim)
         v = self.v(kv_input).reshape(b, s, self.n_heads, self.head_dim)
+        return (rope(k, k_pos, self.theta) if use_rope else k), v
+
+    def attend(self, x, q_pos, k, v, k_pos, *, causal: bool, k_valid=None, use_rope: bool = True):
+        """Queries of `x` against given keys and values (projected by `keys_values`)."""
+        b, t, _ = x.shape
+        q = self.q(x).reshape(b, t, self.n_heads, self.head_dim)
         if use_rope:
-            q, k = rope(q, q_pos, self.theta), rope(k, k_pos, self.theta)
+            q = rope(q, q_pos, self.theta)
         return self.o(attention(q, k, v, q_pos, k_pos, causal=causal, k_valid=k_valid))
 
 
@@ -154,6 +169,22 @@ class DecoderBlock(nnx.Module):
         x = constrain(x + self.drop(h, rngs=rngs), ACT)
         return constrain(x + self.drop(self.mlp(self.mlp_norm(x)), rngs=rngs), ACT)
 
+    def step(self, x, t, cache, cross, src_pos, src_mask):
+        """One decoding position `t` (a scalar: every row decodes in step) of x [B, 1, d]: its self-attention
+        keys / values written into `cache` ({k, v} [B, L, H, D]), cross-attention against the cached memory
+        `cross` ((k, v) of the encoder output). Returns (x, cache)."""
+        b = x.shape[0]
+        pos = jnp.full((b, 1), t, jnp.int32)
+        h = self.self_norm(x)
+        k_new, v_new = self.self_attn.keys_values(h, pos)
+        k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_new.astype(cache["k"].dtype), t, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_new.astype(cache["v"].dtype), t, axis=1)
+        k_pos = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (b, k.shape[1]))
+        x = x + self.self_attn.attend(h, pos, k, v, k_pos, causal=True)   # slots after t are masked
+        x = x + self.cross_attn.attend(self.cross_norm(x), pos, *cross, src_pos, causal=False, k_valid=src_mask,
+                                       use_rope=self.cross_rope)
+        return x + self.mlp(self.mlp_norm(x)), {"k": k, "v": v}
+
 
 def _positions(tokens: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -171,8 +202,11 @@ class Seq2Seq(nnx.Module):
         self.encoder_norm = _norm(cfg)
         self.decoder = nnx.List([DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.n_decoder_layers)])
         self.decoder_norm = _norm(cfg)
+        target_vocab = cfg.target_vocab_size or cfg.vocab_size
+        self.target_embed = None if not cfg.target_vocab_size else Embed(
+            cfg.target_vocab_size, cfg.d_model, rngs=rngs, dtype=dt, param_dtype=pdt, init_std=cfg.init_std)
         self.lm_head = None if cfg.tie_embeddings else Linear(
-            cfg.d_model, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dt, param_dtype=pdt,
+            cfg.d_model, target_vocab, ("embed", "vocab"), rngs=rngs, dtype=dt, param_dtype=pdt,
             init_std=cfg.init_std)
         self.drop = nnx.Dropout(cfg.dropout)
 
@@ -189,16 +223,48 @@ class Seq2Seq(nnx.Module):
         """Logits [B, T, vocab] (float32) for each target position, given the shifted target and the memory."""
         pos = _positions(tgt_in)
         src_pos = _positions(src_mask)
-        x = constrain(self.drop(self.embed(tgt_in), rngs=rngs), ACT)
+        x = constrain(self.drop(self.target_embedding(tgt_in), rngs=rngs), ACT)
         for block in self.decoder:
             x = block(x, pos, memory, src_pos, src_mask, rngs)
-        x = self.decoder_norm(x)
-        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+        return self.logits(self.decoder_norm(x))
+
+    def target_embedding(self, tokens: jax.Array) -> jax.Array:
+        return (self.embed if self.target_embed is None else self.target_embed)(tokens)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Float32 logits over the target vocabulary of decoder outputs `x` (after the final norm)."""
+        table = self.embed if self.target_embed is None else self.target_embed
+        logits = table.attend(x) if self.lm_head is None else self.lm_head(x)
         return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
 
     def __call__(self, src: jax.Array, tgt_in: jax.Array, *, src_mask: jax.Array,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
         return self.decode(tgt_in, self.encode(src, src_mask, rngs), src_mask, rngs)
+
+    # ---- cached decoding (driven by fastserve.generation.seq2seq_decode) ----
+
+    def init_cache(self, batch: int, max_len: int) -> list[dict[str, jax.Array]]:
+        """Empty self-attention KV cache for `max_len` target positions: per decoder layer {k, v} [B, L, H, D]."""
+        attn = self.decoder[0].self_attn
+        shape = (batch, max_len, attn.n_heads, attn.head_dim)
+        return [{"k": jnp.zeros(shape, self.embed.dtype), "v": jnp.zeros(shape, self.embed.dtype)}
+                for _ in self.decoder]
+
+    def memory_kv(self, memory: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+        """The cross-attention keys and values of every decoder layer, computed once from the encoder output."""
+        src_pos = _positions(memory[..., 0])
+        return [block.cross_attn.keys_values(memory, src_pos, use_rope=block.cross_rope) for block in self.decoder]
+
+    def decode_step(self, tokens: jax.Array, t: jax.Array, cache: list, cross: list,
+                    src_mask: jax.Array) -> tuple[jax.Array, list]:
+        """Next-token logits [B, V] (float32) for `tokens` [B] at target position `t`, and the updated cache."""
+        src_pos = _positions(src_mask)
+        x = self.target_embedding(tokens[:, None])
+        new_cache = []
+        for block, layer_cache, layer_cross in zip(self.decoder, cache, cross):
+            x, layer_cache = block.step(x, t, layer_cache, layer_cross, src_pos, src_mask)
+            new_cache.append(layer_cache)
+        return self.logits(self.decoder_norm(x))[:, 0], new_cache
 
     def generate(self, src: jax.Array, src_mask: jax.Array, *, max_len: int, bos_id: int, eos_id: int,
                  pad_id: int = 0) -> jax.Array:
