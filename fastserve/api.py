@@ -25,10 +25,16 @@ def evaluate(config: str | Config | None = None, *overrides: str) -> dict[str, A
     return _evaluate(_config(config, overrides))
 
 
-def infer(config: str | Config | None, prompts: Sequence[str] | None = None, *overrides: str) -> list[str]:
-    """Completes `prompts` with the model of `config.source` (default: the trained work dir); returns the texts."""
+def infer(config: str | Config | None, prompts: Sequence[str] | None = None, *overrides: str) -> list[Any]:
+    """Runs the model of `config.source` (default: the trained work dir) on `prompts`, one result per prompt: a
+    language model's completion (str); an encoder's embedding (head embed: a list of floats, L2-normalized), class
+    prediction (head classify: `.label`, `.probs`) or per-piece classes (head tag)."""
+    from fastserve.generation.encoders import read_texts, runner_from_config, source_is_encoder
+    cfg = _config(config, overrides)
+    if source_is_encoder(cfg):
+        return runner_from_config(cfg).infer(read_texts(cfg, prompts or ()))
     from fastserve.generation.runner import generate
-    return [c.text for c in generate(_config(config, overrides), prompts)]
+    return [c.text for c in generate(cfg, prompts)]
 
 
 def export(config: str | Config | None, out: str | None = None, *overrides: str) -> dict[str, Any]:

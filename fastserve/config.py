@@ -184,6 +184,24 @@ class GenerateConfig:
 
 
 @dataclass
+class EmbedConfig:
+    """Encoders (`python -m fastserve.embed`, `fastserve.infer`): texts in, embeddings / class predictions out."""
+    texts: list[str] = field(default_factory=list)
+    texts_file: str = ""           # one text per line
+    out: str = ""                  # a JSONL file (one object per text); empty: standard output
+    batch_size: int = 32           # texts per compiled batch (sorted by length first, so batches pad little)
+    buckets: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # input lengths padded to these
+    max_len: int = 0               # tokens per input with [CLS] and [SEP]; longer inputs are cut; 0: model.max_seq_len
+
+    def checks(self):
+        yield from positive(self, "batch_size")
+        yield from at_least(self, 0, "max_len")
+        yield from positive_list(self, "buckets")
+        if 0 < self.max_len < 3:
+            yield "max_len", f"must leave room for text between [CLS] and [SEP] (>= 3), got {self.max_len}"
+
+
+@dataclass
 class ExportConfig:
     out: str = "exports/default"
     platforms: list[str] = field(default_factory=lambda: ["cpu", "cuda", "tpu"])
@@ -254,6 +272,7 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     # Parameter transforms (fastserve.transforms), in order: applied by `fastserve.compress` and by

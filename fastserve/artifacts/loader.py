@@ -399,7 +399,11 @@ def load_tokenizer(path: str, kind: str) -> Any:
     if kind == "fastserve-bpe":
         from fastserve.interop.tokenizer import BPETokenizer  # HF `tokenizers` only, no model code
         return BPETokenizer.from_json(data)
-    raise ExportIntegrityError(f"{path}: unknown tokenizer kind '{kind}' (this loader knows sentencepiece, fastserve-bpe)")
+    if kind == "wordpiece":   # an imported BERT's vocabulary
+        from fastserve.data.wordpiece import WordPieceTokenizer  # HF `tokenizers` only, no model code
+        return WordPieceTokenizer.from_json(data.decode("utf-8"))
+    raise ExportIntegrityError(f"{path}: unknown tokenizer kind '{kind}' (this loader knows sentencepiece, "
+                               "fastserve-bpe, wordpiece)")
 
 
 __all__ = ["ExportIntegrityError", "ExportedModel", "MissingExportFileError", "UnsupportedPlatformError",

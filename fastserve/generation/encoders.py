@@ -107,9 +107,13 @@ class EncoderRunner:
 
     def embed(self, items: Sequence[str | Sequence[int]]) -> np.ndarray:
         """Mean-pooled, L2-normalized sentence embeddings [N, D] (float32), whatever the model's head."""
-        if not items:
+        return self.embed_wrapped(self.wrap_all(items))
+
+    def embed_wrapped(self, wrapped: list[list[int]]) -> np.ndarray:
+        """`embed` of inputs already wrapped in [CLS] … [SEP] (and at most max_len long)."""
+        if not wrapped:
             return np.zeros((0, self.cfg.d_model), np.float32)
-        return np.stack(self._run("embed", self.wrap_all(items))).astype(np.float32)
+        return np.stack(self._run("embed", wrapped)).astype(np.float32)
 
     def classify(self, items: Sequence[str | Sequence[int]]) -> list[Prediction]:
         """The class of each text (a model with head classify)."""
@@ -136,3 +140,45 @@ class EncoderRunner:
         if self.cfg.head == "tag":
             return self.tag(items)
         raise ValueError(f"head {self.cfg.head}: nothing to infer per text (embeddings: use `embed`)")
+
+
+# --------------------------------------------------------------------------------------- config-driven entry points
+
+def source_is_encoder(cfg: Any) -> bool:
+    """Whether `cfg.source` holds an encoder, read from its config alone (nothing loaded): a work dir trained with
+    model.name encoder, or a HF directory of model_type bert."""
+    import os
+
+    import yaml
+
+    from fastserve.workdir import hf_model_type, resolve_path
+    if cfg.source.kind == "hf":
+        return hf_model_type(resolve_path(cfg.source.path)) == "bert"
+    if cfg.source.kind != "checkpoint":
+        return False
+    workdir = cfg.source.path or cfg.train.workdir
+    if os.path.basename(os.path.normpath(workdir)) == "checkpoints":
+        workdir = os.path.dirname(os.path.normpath(workdir))
+    path = os.path.join(workdir, "config.yaml")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        return (yaml.safe_load(f) or {}).get("model", {}).get("name") == "encoder"
+
+
+def read_texts(cfg: Any, extra: Sequence[str] = ()) -> list[str]:
+    """The texts to run: `extra` (--text), else `embed.texts`, plus the lines of `embed.texts_file`."""
+    texts = list(extra) or list(cfg.embed.texts)
+    if cfg.embed.texts_file:
+        with open(cfg.embed.texts_file, encoding="utf-8") as f:
+            texts += [line.rstrip("\n") for line in f if line.strip()]
+    if not texts:
+        raise ValueError("no texts: pass --text, set embed.texts, or embed.texts_file")
+    return texts
+
+
+def runner_from_config(cfg: Any) -> EncoderRunner:
+    """Loads `cfg.source` and wraps it for `cfg.embed`'s batches, buckets and truncation."""
+    from fastserve.workdir import load_model
+    e = cfg.embed
+    return EncoderRunner(load_model(cfg), e.batch_size, e.buckets, e.max_len)

@@ -26,6 +26,7 @@ def serve(cfg: Config, block: bool = True) -> Server | None:
     Server, whose `.url` and `.stop()` the caller uses). source.kind=exported serves an export directory's
     functions (its buckets and max_cache_len bound serve.buckets and serve.max_cache_len)."""
     from fastserve import parallel
+    from fastserve.generation.encoders import source_is_encoder
     from fastserve.workdir import load_model, resolve_path
     t0 = time.perf_counter()
     parallel.enable_compilation_cache()  # a restarted server compiles its buckets from the on-disk cache
@@ -36,11 +37,15 @@ def serve(cfg: Config, block: bool = True) -> Server | None:
             raise ValueError("source.kind=exported needs source.path (a directory written by python -m "
                              "fastserve.export)")
         exp = load_exported(resolve_path(cfg.source.path))   # verifies the manifest and every file's sha256
-        engine, loaded = Engine.from_exported(exp, cfg.serve), served_model(exp)
+        server = Server(Engine.from_exported(exp, cfg.serve), served_model(exp), cfg.serve, model_name(cfg))
+    elif source_is_encoder(cfg):          # an encoder: POST /v1/embeddings (fastserve/serve/embeddings.py)
+        from fastserve.generation.encoders import EncoderRunner
+        from fastserve.serve.embeddings import EmbeddingServer
+        runner = EncoderRunner(load_model(cfg), cfg.embed.batch_size, cfg.serve.buckets, cfg.embed.max_len)
+        server = EmbeddingServer(runner, cfg.serve, model_name(cfg))
     else:
         loaded = load_model(cfg)
-        engine = Engine.from_loaded(loaded, cfg.serve)
-    server = Server(engine, loaded, cfg.serve, model_name(cfg))
+        server = Server(Engine.from_loaded(loaded, cfg.serve), loaded, cfg.serve, model_name(cfg))
     if not block:
         return server.start()
     print(f"fastserve: '{server.model_name}' loaded and compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr,
@@ -53,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fastserve import cli
     from fastserve.core.checkpoint import CheckpointError
     cfg = cli.parse(argv, "Serve a model over an OpenAI-compatible HTTP API (POST /v1/completions, "
-                    "/v1/chat/completions).")
+                    "/v1/chat/completions; POST /v1/embeddings for encoders).")
     try:
         serve(cfg, block=True)
     except (ValueError, OSError, CheckpointError) as e:

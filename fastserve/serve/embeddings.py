@@ -1,0 +1,235 @@
+"""OpenAI-compatible `POST /v1/embeddings` for encoder models (an imported BERT such as all-MiniLM-L6-v2, or a
+trained `model.name: encoder` work dir): mean-pooled, L2-normalized sentence embeddings.
+
+  input             a string, an array of strings, an array of token ids, or an array of such arrays (≤ 2048)
+  encoding_format   float (default) | base64 (little-endian float32 bytes, what the official client asks for)
+  dimensions        accepted only as the model's own dimension (embeddings are not truncated)
+  model, user       the served model's id (404 for another) / ignored
+
+Each input becomes `[CLS] pieces [SEP]`; one longer than `embed.max_len` tokens is refused (400,
+context_length_exceeded) rather than silently cut, as OpenAI does. `usage.prompt_tokens` counts the tokens embedded,
+[CLS] and [SEP] included. Inputs run on one worker thread (one JAX program at a time) in batches of
+`embed.batch_size`, padded to `serve.buckets`, every bucket compiled at start-up.
+
+`EmbeddingServer` is the HTTP server of an encoder: the generation server's socket, uvicorn and shutdown handling
+(fastserve/serve/server.py) around these routes, /v1/models, /health and /metrics, with no decode engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import Response
+from starlette.routing import Route
+
+from fastserve.config import ServeConfig
+from fastserve.serve import api
+from fastserve.serve.api import APIError
+from fastserve.serve.asgi import error_response, guard, json_response, read_body
+from fastserve.serve.server import Server
+
+MAX_INPUTS = 2048          # OpenAI's limit on inputs per request
+ENCODING_FORMATS = ("float", "base64")
+_PATHS = ("/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+@dataclass
+class EmbeddingsRequest:
+    inputs: list[str | list[int]]
+    encoding_format: str
+    model: str | None
+
+
+def _is_ids(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def parse_embeddings(body: dict[str, Any], dimension: int) -> EmbeddingsRequest:
+    """Validates a /v1/embeddings body (400 naming the parameter on anything wrong)."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise api._type_error("model", "a string", model)
+    if "input" not in body or body["input"] is None:
+        raise APIError(400, "'input' is required", param="input", code="missing_required_parameter")
+    value = body["input"]
+    if isinstance(value, str) or _is_ids(value):
+        inputs: list = [value]
+    elif isinstance(value, list) and value and all(isinstance(x, str) or _is_ids(x) for x in value):
+        inputs = list(value)
+    elif value == [] or value == [[]]:
+        raise api._invalid("input", "'input' is empty")
+    else:
+        raise api._type_error("input", "a string, an array of strings, an array of token ids, or an array of token "
+                              "id arrays", value)
+    empty = [i for i, x in enumerate(inputs) if isinstance(x, str) and not x.strip()]
+    if empty:
+        where = "" if len(inputs) == 1 else f" (input {empty[0]})"
+        raise api._invalid("input", f"'input' is an empty string{where}: there is nothing to embed")
+    if len(inputs) > MAX_INPUTS:
+        raise api._invalid("input", f"'input' has {len(inputs)} entries; at most {MAX_INPUTS} per request")
+    fmt = body.get("encoding_format", "float")
+    if fmt is None:
+        fmt = "float"
+    if not isinstance(fmt, str) or fmt not in ENCODING_FORMATS:
+        raise api._invalid("encoding_format", f"'encoding_format' must be float or base64, got {fmt!r}")
+    dims = api._int(body, "dimensions", None)
+    if dims is not None and dims != dimension:
+        raise api._invalid("dimensions", f"this model's embeddings have {dimension} dimensions and are not "
+                           f"truncated; 'dimensions' must be {dimension} or absent, got {dims}")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise api._type_error("user", "a string", user)
+    return EmbeddingsRequest(inputs, fmt, model)
+
+
+def embeddings_body(model: str, vectors: np.ndarray, encoding_format: str, prompt_tokens: int) -> dict[str, Any]:
+    def encode(v: np.ndarray) -> Any:
+        if encoding_format == "base64":
+            return base64.b64encode(np.asarray(v, "<f4").tobytes()).decode("ascii")
+        return [float(x) for x in v]
+    return {"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+
+
+class EmbeddingServer(Server):
+    """The OpenAI-compatible HTTP server of an encoder (`runner`: a fastserve.generation.encoders.EncoderRunner).
+    `start()` / `run()` / `stop()` as the generation Server's."""
+
+    def __init__(self, runner: Any, cfg: ServeConfig | None = None, model_name: str = "fastserve",
+                 shutdown_grace_s: float = 5.0):
+        self.runner, self.cfg, self.model_name = runner, cfg or ServeConfig(), model_name
+        self.dimension = int(runner.cfg.d_model)
+        self.created = int(time.time())
+        self.url: str | None = None
+        self.shutdown_grace_s = shutdown_grace_s
+        self._in_flight: set = set()           # the generation server's; nothing is ever in it here
+        self._uvicorn: Any = None
+        self._thread: Any = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastserve-embed")
+        r = self.registry = CollectorRegistry()
+        self.http = Counter("fastserve_http_requests", "HTTP requests by path and status code", ["path", "status"],
+                            registry=r)
+        self.inputs_total = Counter("fastserve_embedding_inputs", "Inputs embedded", registry=r)
+        self.tokens_total = Counter("fastserve_prompt_tokens", "Tokens embedded", registry=r)
+        self.latency = Histogram("fastserve_embeddings_latency_seconds", "Request arrival to response",
+                                 registry=r)
+        routes = [Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+                  Route("/v1/completions", self.not_a_language_model, methods=["POST"]),
+                  Route("/v1/chat/completions", self.not_a_language_model, methods=["POST"]),
+                  Route("/v1/models", self.models, methods=["GET"]),
+                  Route("/v1/models/{model:path}", self.model, methods=["GET"]),
+                  Route("/health", self.health, methods=["GET"]),
+                  Route("/metrics", self.prometheus, methods=["GET"])]
+        starlette = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
+        self.app = guard(starlette, self.cfg.api_key, self.http, _PATHS)
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fastserve",
+                "max_model_len": self.runner.max_len}
+
+    async def health(self, request: HTTPRequest) -> Response:
+        return json_response(200, {"status": "ok", "model": self.model_name, "kind": "embeddings",
+                                   "dimension": self.dimension})
+
+    async def prometheus(self, request: HTTPRequest) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def not_a_language_model(self, request: HTTPRequest) -> Response:
+        return error_response(APIError(400, f"the model '{self.model_name}' is an encoder: it embeds text and does "
+                                            "not generate it; use POST /v1/embeddings", code="unsupported_endpoint"))
+
+    def _wrap(self, req: EmbeddingsRequest) -> list[list[int]]:
+        """`[CLS] pieces [SEP]` of every input; 400 for a token id outside the vocabulary or an input too long."""
+        tok, vocab, limit = self.runner.tokenizer, self.runner.cfg.vocab_size, self.runner.max_len
+        out = []
+        for i, item in enumerate(req.inputs):
+            where = f"input {i}" if len(req.inputs) > 1 else "the input"
+            ids = tok.encode(item) if isinstance(item, str) else item
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise api._invalid("input", f"{where} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+            if len(ids) + 2 > limit:
+                raise APIError(400, f"this model embeds at most {limit} tokens, [CLS] and [SEP] included; {where} "
+                                    f"has {len(ids) + 2}: shorten it", param="input", code="context_length_exceeded")
+            out.append([tok.cls_id, *ids, tok.sep_id])
+        return out
+
+    async def embeddings(self, request: HTTPRequest) -> Response:
+        t0 = time.perf_counter()
+        try:
+            api.check_content_type(request.headers.get("content-type"))
+            body = api.parse_json(await read_body(request, self.cfg.max_body_bytes))
+            req = parse_embeddings(body, self.dimension)
+            if req.model is not None and req.model != self.model_name:
+                raise APIError(404, f"the model '{req.model}' does not exist; this server serves "
+                                    f"'{self.model_name}'", param="model", code="model_not_found")
+            wrapped = self._wrap(req)
+        except APIError as e:
+            return error_response(e)
+        loop = asyncio.get_running_loop()
+        vectors = await loop.run_in_executor(self._worker, self.runner.embed_wrapped, wrapped)
+        tokens = sum(len(w) for w in wrapped)
+        self.inputs_total.inc(len(wrapped))
+        self.tokens_total.inc(tokens)
+        self.latency.observe(time.perf_counter() - t0)
+        return json_response(200, embeddings_body(self.model_name, vectors, req.encoding_format, tokens))
+
+    # -- serving: the generation server's, with the runner's compile in place of the engine's start
+
+    def warm_up(self) -> None:
+        """Compiles every bucket (at the runner's batch size) before the port opens."""
+        for bucket in self.runner.buckets:
+            self.runner.embed_wrapped([[0] * bucket])
+
+    def start(self, host: str | None = None, port: int | None = None, timeout: float = 30.0) -> "EmbeddingServer":
+        """Serves on a background thread; returns once the port accepts connections."""
+        import threading
+        self.warm_up()
+        sock = self._bind(host, port)
+        server = self._make_uvicorn()
+        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="fastserve-http",
+                                        daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the HTTP server did not start on {self.url}")
+            time.sleep(0.01)
+        return self
+
+    def run(self, host: str | None = None, port: int | None = None) -> None:
+        """Serves in the foreground until SIGINT / SIGTERM, then returns."""
+        self.warm_up()
+        sock = self._bind(host, port)
+        print(f"fastserve: serving '{self.model_name}' embeddings at {self.url} (POST /v1/embeddings; dimension "
+              f"{self.dimension}, buckets {self.runner.buckets}); Ctrl-C stops", file=sys.stderr, flush=True)
+        try:
+            self._make_uvicorn().run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self._worker.shutdown(wait=True)
+            print("fastserve: stopped", file=sys.stderr, flush=True)
+
+    def stop(self, engine: bool = True) -> None:
+        """Stops the HTTP server (open requests are answered first) and the worker thread."""
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(self.shutdown_grace_s + 15)
+            self._thread = None
+        self._worker.shutdown(wait=True)
+
