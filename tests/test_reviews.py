@@ -109,3 +109,32 @@ def test_padding_changes_no_prediction_of_a_classifier():
     a = model(jnp.asarray(short["inputs"]), mask=jnp.asarray(short["mask"]))
     b = model(jnp.asarray(long["inputs"]), mask=jnp.asarray(long["mask"]))
     np.testing.assert_allclose(np.asarray(a)[:3], np.asarray(b)[:3], atol=1e-5)
+
+
+def review_ids(texts, max_len, vocab):
+    """Whitespace words hashed into `vocab` - 1 ids (0 stays padding), cut / padded to max_len."""
+    import zlib
+
+    out = np.zeros((len(texts), max_len), np.int32)
+    for i, text in enumerate(texts):
+        ids = [1 + zlib.crc32(w.lower().encode()) % (vocab - 1) for w in text.split()][:max_len]
+        out[i, :len(ids)] = ids
+    return out
+
+
+def test_bilstm_sentiment_in_the_keras_like_api(modeldata):
+    """configs/sentiment_bilstm.yaml's layer list, written with fs.models.Sequential, fits real reviews."""
+    import fastserve as fs
+
+    splits = load_reviews()
+    x, y = review_ids(splits["train"][0][:256], 48, 2000), splits["train"][1][:256]
+    model = fs.models.Sequential()
+    model.add(fs.layers.Embedding(2000, 16, mask_zero=True, input_shape=(48,)))
+    model.add(fs.layers.Bidirectional(fs.layers.LSTM(8)))
+    model.add(fs.layers.Dropout(0.3))
+    model.add(fs.layers.Dense(2, activation="softmax"))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    history = model.fit(x, y, batch_size=32, epochs=3, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    probs = model.predict(review_ids(splits["test"][0][:8], 48, 2000), verbose=0)
+    assert probs.shape == (8, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
