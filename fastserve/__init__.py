@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # `fs.layers` (Keras-style layer specs, no JAX) and `fs.models` (`fs.models.Sequential`), imported on first use
     # so that `import fastserve` stays light
-    if name in ("layers", "models", "keras"):
+    if name in ("layers", "models", "keras", "datasets"):
         import importlib
         return importlib.import_module(f"fastserve.{name}")
     raise AttributeError(f"module 'fastserve' has no attribute {name!r}")

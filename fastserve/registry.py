@@ -12,6 +12,7 @@ MODELS: dict[str, str] = {
     "decoder": "fastserve.models.decoder:DecoderConfig",
     "seq2seq": "fastserve.models.seq2seq:Seq2SeqConfig",
     "cnn": "fastserve.models.cnn:CNNConfig",
+    "resnet": "fastserve.models.resnet:ResNetConfig",
     "encoder": "fastserve.models.encoder:EncoderConfig",
     "sequential": "fastserve.models.sequential:SequentialConfig",
 }
@@ -37,6 +38,8 @@ DATA_SOURCES: dict[str, str] = {
     "mlm_text": "fastserve.data.mlm_text:MLMTextConfig",
     "strongs": "fastserve.data.strongs:StrongsDataConfig",
     "reviews": "fastserve.data.reviews:ReviewsDataConfig",
+    "fashion_mnist": "fastserve.data.vision:FashionMNISTConfig",
+    "digits": "fastserve.data.vision:DigitsConfig",
 }
 
 KINDS = {"model": MODELS, "task": TASKS, "data": DATA_SOURCES}

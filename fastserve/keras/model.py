@@ -32,6 +32,8 @@ from fastserve.keras.callbacks import Callback, History
 from fastserve.keras.inputs import check_data
 from fastserve.keras.optimizers import Optimizer
 from fastserve.keras.saving import compile_as_saved, read_saved, restore_weights, save_model
+from fastserve.keras.training import (class_weight_vector, export_predict, lr_multiplier, set_lr_multiplier,
+                                      with_lr_multiplier)
 from fastserve.models.sequential import SequentialConfig
 from fastserve.tasks.keras_loss import CUSTOM, LOSSES, KerasLossConfig, canonical_loss
 
@@ -76,6 +78,7 @@ class Sequential:
         self._compiled: _Compiled | None = None
         self._mesh = None
         self._fits = 0
+        self.epochs_done = 0      # epochs trained (saved with the model: resume with fit(initial_epoch=...))
         self._reset_weights()
         for layer in layers or ():
             self.add(layer)
@@ -251,6 +254,7 @@ class Sequential:
             return
         c = self._require_compiled("fit")
         tx, schedule = (c.tx, optax.constant_schedule(0.0)) if c.tx is not None else c.optimizer.build(total_steps)
+        tx = with_lr_multiplier(tx)   # the learning rate callbacks set (model.learning_rate)
         mesh = self._get_mesh()
         graphdef, state, shardings = create_train_state(self.config, tx, mesh, self.seed)
         if self._vars is not None:
@@ -318,7 +322,10 @@ class Sequential:
 
     def fit(self, x: Any = None, y: Any = None, batch_size: int | None = None, epochs: int = 1,
             verbose: Any = "auto", callbacks: Sequence[Callback] | None = None, validation_split: float = 0.0,
-            validation_data: tuple | None = None, shuffle: bool = True, initial_epoch: int = 0) -> History:
+            validation_data: tuple | None = None, shuffle: bool = True, class_weight: dict | None = None,
+            initial_epoch: int = 0) -> History:
+        """Keras's fit: `class_weight` {class: weight} scales each training example's loss (Keras's
+        "sum over batch size": Σ weight · loss / examples; metrics stay unweighted); returns the History."""
         self._require_compiled("fit")
         if not 0 <= validation_split < 1:
             raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
@@ -336,6 +343,8 @@ class Sequential:
                 raise ValueError(f"validation_split={validation_split} of {len(x)} examples leaves "
                                  f"{len(x) - split_at} for validation and {split_at} for training")
             x, y, val = x[:split_at], y[:split_at], (x[split_at:], y[split_at:])
+        example_weights = None if class_weight is None else class_weight_vector(
+            class_weight, y, int(np.prod(self._plan()[-1].output_shape)))
         n, b = len(x), batch_size or 32
         pad_to = self._batch_size(batch_size)
         steps_per_epoch = -(-n // b)
@@ -345,7 +354,7 @@ class Sequential:
         verbose = 1 if verbose == "auto" else int(verbose)
 
         history = History()
-        cbs = [history, *(callbacks or [])]
+        cbs = [*(callbacks or []), history]   # last, as Keras: it records what the others add to the logs
         for cb in cbs:
             cb.set_model(self)
             cb.set_params({"epochs": epochs, "steps": steps_per_epoch, "verbose": verbose})
@@ -361,7 +370,11 @@ class Sequential:
                      else np.arange(n))
             sums = []
             for start in range(0, n, b):
-                batch = _pad({"inputs": x[order[start:start + b]], "labels": y[order[start:start + b]]}, pad_to)
+                rows = order[start:start + b]
+                batch = {"inputs": x[rows], "labels": y[rows]}
+                if example_weights is not None:
+                    batch["sample_weights"] = example_weights[rows]
+                batch = _pad(batch, pad_to)
                 batch = parallel.host_to_global(split_micro_batches(batch, 1), mesh, leading=1)
                 self._state, metrics = train_step(self._state, batch, {})
                 sums.append({k: v for k, v in metrics.items() if k not in ("grad_norm", "learning_rate")})
@@ -376,6 +389,7 @@ class Sequential:
                 print(f"Epoch {epoch + 1}/{epochs}\n{steps_per_epoch}/{steps_per_epoch} - "
                       f"{time.perf_counter() - t0:.1f}s - " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()),
                       flush=True)
+            self.epochs_done = epoch + 1
             for cb in cbs:
                 cb.on_epoch_end(epoch, logs)
             if self.stop_training:
@@ -384,6 +398,24 @@ class Sequential:
             cb.on_train_end()
         self.history = history
         return history
+
+    @property
+    def learning_rate(self) -> float:
+        """The optimizer's current learning rate (its configured rate × the multiplier callbacks set)."""
+        c = self._require_compiled("learning_rate")
+        if c.optimizer is None:
+            raise ValueError("learning_rate is only known for a named optimizer (compile(optimizer='adam' or "
+                             "fs.keras.optimizers.Adam(...)), not for an optax transformation")
+        base = c.optimizer.options["learning_rate"]
+        return base * (lr_multiplier(self._state["opt_state"]) if self._state is not None else 1.0)
+
+    @learning_rate.setter
+    def learning_rate(self, value: float) -> None:
+        c = self._require_compiled("learning_rate")
+        if self._state is None:
+            raise RuntimeError("the learning rate can be set once fit() has started (e.g. from a callback)")
+        self._state["opt_state"] = set_lr_multiplier(self._state["opt_state"],
+                                                     value / c.optimizer.options["learning_rate"])
 
     def _train_step(self, task) -> Callable:
         if "train" not in self._steps:
@@ -444,6 +476,12 @@ class Sequential:
         weights, batch-norm statistics, optimizer state when trained) and keras.json (the compile arguments)."""
         save_model(self, path)
 
+    def export(self, path: str, batch_sizes: Sequence[int] = ()) -> dict:
+        """Writes `predict` as a self-contained export (StableHLO + weights + manifest): `fastserve.load_exported(path)`
+        returns an object whose `forward(x)` (or call) gives `predict(x)`'s outputs without fastserve's model code.
+        `batch_sizes`: fixed batch variants (default: any batch). Returns the manifest."""
+        return export_predict(self, path, tuple(batch_sizes))
+
     def _abstract_params(self) -> dict:
         from fastserve.core.state import abstract_model_split
         return abstract_model_split(self.config)[1]
@@ -466,4 +504,5 @@ def load_model(path: str, compile: bool = True) -> Sequential:
     if compile:
         compile_as_saved(model, meta)
     restore_weights(model, path, meta)
+    model.epochs_done = meta.get("epoch", 0)
     return model

@@ -43,6 +43,7 @@ def save_model(model: Any, path: str) -> None:
         params, model_state = split_like(model._variables(), model._abstract_params())
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state}
     meta = {"name": model.name, "seed": model.seed, "optimizer_state": trained and c.optimizer is not None,
+            "epoch": model.epochs_done,
             "compile": None if c is None else {
                 "optimizer": None if c.optimizer is None else {"name": c.optimizer.name,
                                                                "options": c.optimizer.options},

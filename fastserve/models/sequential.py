@@ -69,6 +69,8 @@ class SequentialConfig:
     name: str = "sequential"
     input_shape: list[int] = field(default_factory=list)   # per example, without the batch axis
     layers: list[Any] = field(default_factory=list)         # [{dense: {units: 128, activation: relu}}, flatten, ...]
+    # true: __call__ applies the final activation too (probabilities: what a Keras predict export returns)
+    activate_outputs: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -113,7 +115,7 @@ class SequentialConfig:
         return 3.0 * sum(p.spec.flops(p.input_shape) for p in self.plan())
 
     def forward_inputs(self, batch) -> dict[str, jax.ShapeDtypeStruct]:
-        """What a `forward` export takes (it returns the pre-final-activation outputs, see the module docstring)."""
+        """What a `forward` export takes (it returns the pre-final-activation outputs unless `activate_outputs`)."""
         return {"inputs": jax.ShapeDtypeStruct((batch, *self.input_shape), self.input_dtype)}
 
 
@@ -273,6 +275,11 @@ class SequentialNet(nnx.Module):
         self.names = tuple(p.name for p in planned)
         self.activations = tuple(p.spec.activation_name for p in planned)
         self.final_activation = self.activations[-1]
+        if cfg.activate_outputs:   # __call__ returns activated outputs: nothing is left for a loss to fold in
+            self.activations, self.final_activation = (*self.activations[:-1], "linear"), "linear"
+            self.output_activation = planned[-1].spec.activation_name
+        else:
+            self.output_activation = "linear"
         # sequence masking (Keras): Embedding(mask_zero=True) makes a mask [B, T] (ids != 0); the layers that take
         # it get it in place of the example mask, it survives the layers that keep the time axis step for step
         # (L.passes_mask) and is dropped by the others (a recurrent layer with return_sequences=False consumes it)
@@ -297,7 +304,7 @@ class SequentialNet(nnx.Module):
                 seq_mask = None
             if i < last:
                 x = activate(act, x)
-        return x.astype(jnp.float32)
+        return activate(self.output_activation, x).astype(jnp.float32)
 
     def outputs(self, inputs: jax.Array, **kw) -> jax.Array:
         """What Keras's model(x) / predict returns: the final activation applied."""

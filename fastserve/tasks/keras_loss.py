@@ -1,6 +1,7 @@
 """`train.task: keras_loss` — Keras's losses and metrics by name, as a task of the core (the loss `compile()` names).
 
-Batch: {inputs, labels, weights [B] (0 for padding examples)}; `labels` is y_true in whatever form the loss takes
+Batch: {inputs, labels, weights [B] (0 for padding examples), optionally sample_weights [B] (class weights: they
+scale the loss, not the metrics)}; `labels` is y_true in whatever form the loss takes
 (one-hot [B, C] for categorical_crossentropy, ids [B] for sparse_categorical_crossentropy, the outputs' shape for
 binary_crossentropy / mse / mae). The model returns its last layer's outputs before the final activation (the
 sequential family: `final_activation` names it; other families: logits, taken as "linear").
@@ -167,7 +168,10 @@ class KerasLoss(Task):
             per = _reduce(jnp.asarray(per, jnp.float32))
         else:
             per = per_example_loss(self.loss_name, y, for_loss, logits)
-        loss_sum = jnp.sum(per * w)
+        # class weights (fit(class_weight=...)) scale the loss only: Keras divides by the examples, not the weights,
+        # and leaves its `metrics` unweighted
+        scale = w * batch["sample_weights"].astype(jnp.float32) if "sample_weights" in batch else w
+        loss_sum = jnp.sum(per * scale)
         sums = {"loss_sum": loss_sum, "weight": jnp.sum(w)}
         binary = self.loss_name == "binary_crossentropy" or out.shape[-1] == 1
         pred = jax.nn.sigmoid(out) if self.cfg.from_logits and binary else out  # metrics see probabilities
