@@ -43,6 +43,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     eval_step = make_eval_step(loaded.graphdef, task, jax.tree.map(lambda x: x.sharding, loaded.params), loaded.mesh,
                                task_shardings)
     metrics = evaluate_params(eval_step, loaded.params, data.eval, task, loaded.mesh, task_state)
+    metrics.update(task.heldout_extra(loaded.graphdef, loaded.params, data, loaded.mesh, cfg))
     return {"step": loaded.step, **metrics}
 
 

@@ -119,6 +119,7 @@ def train(cfg: Config) -> dict[str, Any]:
     last_eval: dict[str, float] = {}
     if step == 0 and data.eval:
         initial_eval = evaluate_params(eval_step, variables(state), data.eval, task, mesh, task_state)
+        initial_eval.update(task.heldout_extra(setup.graphdef, variables(state), data, mesh, cfg))
         monitor.write(0, "eval", initial_eval)
         monitor.print(f"step 0: held-out {format_metrics(initial_eval, task.report)}")
     last: dict[str, float] = {}
@@ -160,6 +161,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     window_time, window_units = 0.0, 0
                 if data.eval and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                     last_eval = evaluate_params(eval_step, variables(state), data.eval, task, mesh, task_state)
+                    last_eval.update(task.heldout_extra(setup.graphdef, variables(state), data, mesh, cfg))
                     monitor.write(step, "eval", last_eval)
                     monitor.print(f"step {step}: held-out {format_metrics(last_eval, task.report)}")
                 slice_done = cfg.train.run_steps > 0 and step - setup.start_step >= cfg.train.run_steps

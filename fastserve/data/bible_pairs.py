@@ -43,7 +43,9 @@ BOOKS = ("Gen Exod Lev Num Deut Josh Judg Ruth 1Sam 2Sam 1Kgs 2Kgs 1Chr 2Chr Ezr
          "1Cor 2Cor Gal Eph Phil Col 1Thess 2Thess 1Tim 2Tim Titus Phlm Heb Jas 1Pet 2Pet 1John 2John 3John Jude "
          "Rev").split()
 SOURCE_TOKENIZER_DIR = "source_tokenizer"
-_SHOUTED_FIRST_WORD = re.compile(r"^([A-ZÁÉÍÓÚÑÜ])([A-ZÁÉÍÓÚÑÜ]+)\b")
+_CAPS = "A-ZÁÉÍÓÚÑÜ"
+_SHOUTED_START = re.compile(rf"^(?:[{_CAPS}]+\s+)*[{_CAPS}]{{2,}}\b")
+_NOTE = re.compile(r"<note\b.*?</note>", re.S)
 
 
 @dataclass
@@ -120,20 +122,27 @@ class BiblePairsConfig:
 
 
 def spanish_case(text: str) -> str:
-    """The Reina-Valera prints a chapter's first word in capitals ("EN el principio"): written as a word."""
-    return _SHOUTED_FIRST_WORD.sub(lambda m: m.group(1) + m.group(2).lower(), text)
+    """The Reina-Valera prints a chapter's first words in capitals ("EN el principio", "Y ACONTECIÓ en"):
+    written in sentence case."""
+    return _SHOUTED_START.sub(lambda m: m.group(0)[0] + m.group(0)[1:].lower(), text)
+
+
+def verse_text(verse) -> str:
+    """The verse as a translation pair side: plain text without the KJV's footnotes ("1.1 ruled: Heb. judged")."""
+    from fastserve.data.sword import plain_text
+    return plain_text(_NOTE.sub("", verse.markup))
 
 
 def verse_pairs(cfg: BiblePairsConfig) -> dict[str, list[tuple[str, str]]]:
     """{train, validation, test}: (English, Spanish) plain-text pairs in canonical order, split by book."""
     from fastserve.data.sword import verses
 
-    english = {(v.book, v.chapter, v.verse): v.text for v in verses(SOURCE_MODULE)}
+    english = {(v.book, v.chapter, v.verse): verse_text(v) for v in verses(SOURCE_MODULE)}
     held = {b: "validation" for b in cfg.validation_books} | {b: "test" for b in cfg.test_books}
     out: dict[str, list[tuple[str, str]]] = {"train": [], "validation": [], "test": []}
     for v in verses(TARGET_MODULE):
         en = english.get((v.book, v.chapter, v.verse))
-        es = spanish_case(v.text)
+        es = spanish_case(verse_text(v))
         if en and es:
             out[held.get(v.book, "train")].append((en, es))
     return out

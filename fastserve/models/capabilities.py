@@ -33,10 +33,10 @@ class ForwardConfig(Protocol):
 
 def capability(model_cfg: Any, model: nnx.Module) -> str:
     """"causal_lm" | "seq2seq" | "forward" | "" (nothing inference knows how to run)."""
+    if isinstance(model, Seq2Seq):  # first: an encoder–decoder has a decoder KV cache (init_cache) too
+        return "seq2seq"
     if isinstance(model, CausalLM):
         return "causal_lm"
-    if isinstance(model, Seq2Seq):
-        return "seq2seq"
     if isinstance(model_cfg, ForwardConfig):
         return "forward"
     return ""

@@ -64,6 +64,11 @@ class Task(abc.ABC):
             raise ValueError(f"train.task={self.name} needs batches with {', '.join(self.batch_keys)}; the data "
                              f"source gives {', '.join(batch)} (missing {', '.join(missing)})")
 
+    def heldout_extra(self, graphdef: Any, variables: Any, data: Any, mesh: Any, cfg: Any) -> dict[str, float]:
+        """Held-out metrics beyond the eval step's sums (seq2seq: BLEU / chrF of decoded translations), merged
+        into every held-out evaluation of the trainer and of `fastserve.evaluate`. Default: none."""
+        return {}
+
     def after_training(self, graphdef: Any, variables: Any, data: Any, mesh: Any, cfg: Any) -> dict[str, Any]:
         """Anything to show once training ends (LM: sampled continuations); printed and returned by the trainer."""
         return {}

@@ -30,12 +30,18 @@ class Seq2SeqTaskConfig:
     name: str = "seq2seq"
     label_smoothing: float = 0.0
     samples: int = 3               # greedy decodes of held-out sources printed at the end (0: none)
+    # held-out BLEU / chrF (sacrebleu) at every evaluation, when the data has reference texts (Dataset.eval_texts):
+    bleu: bool = True
+    beam_size: int = 1             # decoding for those scores: 1 greedy, > 1 beam search
+    length_penalty: float = 1.0    # beam scores: log-prob / length ** length_penalty
 
     def checks(self):
         if not 0 <= self.label_smoothing < 1:
             yield "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}"
         if self.samples < 0:
             yield "samples", f"must be >= 0, got {self.samples}"
+        if self.beam_size < 1:
+            yield "beam_size", f"must be >= 1 (1: greedy), got {self.beam_size}"
 
     def build(self) -> "Seq2SeqTask":
         return Seq2SeqTask(self)
@@ -52,7 +58,7 @@ def token_weights(batch: dict[str, jax.Array]) -> jax.Array:
 class Seq2SeqTask(Task):
     name = "seq2seq"
     unit = "tokens"                # real target tokens
-    report = ("loss", "perplexity", "accuracy", "exact_match")
+    report = ("loss", "perplexity", "accuracy", "exact_match", "bleu", "chrf")
     batch_keys = ("src", "src_mask", "tgt_in", "tgt_out", "tgt_weights")
 
     def __init__(self, cfg: Seq2SeqTaskConfig | None = None):
@@ -102,6 +108,18 @@ class Seq2SeqTask(Task):
             return None
         tokens = getattr(cfg.data, "mean_target_tokens", lambda: cfg.model.max_target_len)()
         return per_example() / max(tokens, 1e-9)
+
+    def heldout_extra(self, graphdef, variables, data, mesh, cfg):
+        """Corpus BLEU and chrF of decoded held-out sources against their reference texts (`data.eval_texts`,
+        aligned with the held-out examples); nothing when the data has no references or `bleu` is off."""
+        tok = data.tokenizer
+        if not self.cfg.bleu or not data.eval or not data.eval_texts or not hasattr(tok, "eos_id"):
+            return {}
+        from fastserve.generation.translation import DecodeSettings, corpus_scores, decode_batches
+
+        settings = DecodeSettings(beam_size=self.cfg.beam_size, length_penalty=self.cfg.length_penalty)
+        hyps = decode_batches(graphdef, variables, data.eval, mesh, tok, settings, data.eval[0]["tgt_out"].shape[1])
+        return corpus_scores(hyps, data.eval_texts[:len(hyps)])
 
     def after_training(self, graphdef, variables, data, mesh, cfg):
         """Greedy decodes (no teacher forcing) of the first held-out batch: a few printed, and their exact match.
