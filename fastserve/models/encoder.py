@@ -45,8 +45,8 @@ HEADS = ("classify", "tag", "mlm", "embed")
 @dataclass
 class EncoderConfig:
     """`model.name: encoder` — a BERT-style bidirectional encoder with one head (`head`, see the module docstring;
-    registered in fastserve.registry). Defaults are BERT's (post-LN, eps 1e-12, exact GELU, dropout 0.1), except that dropout on the
-    attention probabilities is off unless `attention_dropout` asks for it."""
+    registered in fastserve.registry). Defaults are BERT's (post-LN, eps 1e-12, exact GELU, dropout 0.1), except
+    that dropout on the attention probabilities is off unless `attention_dropout` asks for it."""
     name: str = "encoder"
     vocab_size: int = 0            # 0: take it from the data
     d_model: int = 256

@@ -18,6 +18,8 @@ def model_name(cfg: Config) -> str:
     name = os.path.basename(os.path.normpath(path.split("/", 1)[-1] if path.startswith("package:") else path))
     for ext in (".gguf", ".safetensors"):
         name = name[:-len(ext)] if name.endswith(ext) else name
+    if path.startswith("package:") and name in ("model", ""):   # a package's generic folder: the package's name
+        name = path[len("package:"):].split("/", 1)[0]
     return name or "fastserve"
 
 
