@@ -109,3 +109,38 @@ def test_a_tiny_mlm_run_lowers_the_held_out_masked_loss(tmp_path):
     assert evals[0]["loss"] > 6.0 and evals[0]["accuracy"] < 0.01           # untrained: ~ln(600)
     assert evals[60]["loss"] < evals[0]["loss"] - 0.5 and evals[60]["accuracy"] > 0.02
     assert results["eval"]["perplexity"] == pytest.approx(np.exp(evals[60]["mlm_loss"]), rel=1e-6)
+
+
+def test_nsp_adds_each_pairs_cross_entropy_weighted_by_its_masked_tokens():
+    import dataclasses
+
+    import optax
+    from flax import nnx
+
+    from fastserve.config import load_config
+    from fastserve.tasks.mlm import MaskedLM, MLMConfig
+
+    cfg = dataclasses.replace(load_config(None, ["model.name=encoder"]).model, vocab_size=60, d_model=32, n_layers=1,
+                              n_heads=4, d_ff=64, max_seq_len=24, head="mlm", nsp=True, dropout=0.0)
+    with nnx.use_eager_sharding(False):
+        model = cfg.build(nnx.Rngs(0))
+    model.eval()
+    inputs, mask, maskable = synthetic(4, 24, seed=3)
+    inputs = inputs % 60
+    batch = {"inputs": inputs, "mask": mask, "maskable": maskable, "mask_token": np.full(4, MASK, np.int32),
+             "token_types": (np.arange(24)[None] >= 10).astype(np.int32).repeat(4, 0),
+             "nsp_labels": np.array([0, 1, 1, 0], np.int32)}
+    task = MaskedLM(MLMConfig(nsp=True, mask_prob=0.5))
+    loss, sums = task.loss(model, {k: jnp.asarray(v) for k, v in batch.items()}, None, {})
+    corrupted, chosen = choose_and_corrupt(jax.random.fold_in(jax.random.key(0), 0x6D6C6D), jnp.asarray(inputs),
+                                           jnp.asarray(maskable), jnp.full((4,), MASK, jnp.int32), 60, 0.5)
+    mlm_logits, nsp_logits = model(corrupted, mask=jnp.asarray(mask), token_types=jnp.asarray(batch["token_types"]))
+    chosen = np.asarray(chosen)
+    ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(mlm_logits, jnp.asarray(inputs)))
+    nsp_ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(nsp_logits, jnp.asarray(batch["nsp_labels"])))
+    expected = (ce * chosen).sum() + (nsp_ce * chosen.sum(axis=1)).sum()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(sums["nsp_weight"]) == 4 and float(sums["weight"]) == chosen.sum() > 0
+    summary = task.summarize({k: np.asarray(v, np.float64) for k, v in sums.items()})
+    assert summary["nsp_loss"] == pytest.approx(float(nsp_ce.mean()), rel=1e-5)
+    assert summary["perplexity"] == pytest.approx(np.exp((ce * chosen).sum() / chosen.sum()), rel=1e-5)

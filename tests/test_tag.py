@@ -2,7 +2,6 @@
 rule, the tag loss reading only labelled tokens, and the KJV Strong's tagging data."""
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -128,3 +127,17 @@ def test_prepare_names_the_missing_package(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTSERVE_DATA", str(tmp_path / "cache"))    # no cached conversion to fall back on
     with pytest.raises(MissingPackage, match="apt-get install sword-text-kjv"):
         prepare("strongs", [])
+
+
+def test_genesis_1_2_from_the_installed_kjv():
+    from fastserve.data import sword
+
+    try:
+        verses = sword.verses(strongs.MODULE)
+    except MissingPackage as e:
+        pytest.skip(str(e))
+    words, tags, _ = strongs.tag_verse(verses[1].markup)
+    pairs = dict(zip(words[:14], tags[:14]))
+    assert (verses[1].book, verses[1].chapter, verses[1].verse) == ("Gen", 1, 2)
+    assert words[11:13] == ["darkness", "was"] and tags[11:13] == ["B-W", "B-ADD"]   # "darkness *was* upon"
+    assert pairs["earth"] == "B-W" and pairs["the"] == "O" and pairs[","] == "O"

@@ -1,9 +1,9 @@
 """Offline English text for masked-LM pretraining, as documents of passages (../shared/DATA.md):
 
 - `gcide`: the Collaborative International Dictionary of English (Webster 1913 + WordNet), Debian `dict-gcide`,
-  ~40 MB in ~126k articles. A document is the run of articles whose headwords share their first two letters (a
-  dictionary "page range", ~600 documents); a passage is one paragraph of an article (a headline with its first
-  sense, a further sense, a quotation). Pronunciations, the per-article source notes ([1913 Webster], [PJC]) and
+  ~40 MB in ~126k articles. A document is a run of 200 consecutive articles in dictionary order (a "page range",
+  ~630 documents of similar size, so holding out a few of them holds out a fair sample); a passage is one
+  paragraph of an article (a headline with its first sense, a further sense, a quotation). Pronunciations, the per-article source notes ([1913 Webster], [PJC]) and
   the cross-reference braces are dropped; accented letters written as [a^] / ['e] become their base letter.
 - `kjv`: the King James Bible with Strong's numbers (Debian `sword-text-kjv`, via fastserve.data.sword): a document
   is a book, a passage a verse.
@@ -24,6 +24,7 @@ GCIDE_DICT = "/usr/share/dictd/gcide.dict.dz"
 GCIDE_INDEX = "/usr/share/dictd/gcide.index"
 CORPORA = ("gcide", "kjv", "reviews", "pydoc")
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"   # dictd's offsets and lengths
+GCIDE_ARTICLES_PER_DOCUMENT = 200   # a gcide "document": a page range of this many consecutive articles
 
 
 @dataclass
@@ -90,12 +91,15 @@ def gcide_articles() -> list[tuple[str, str]]:
     return [(h, a) for _, h, a in articles]
 
 
-def gcide_documents() -> list[Document]:
-    groups: dict[str, list[str]] = {}
-    for headword, article in gcide_articles():
-        letters = re.sub(r"[^a-z]", "", headword.lower())[:2] or "#"
-        groups.setdefault(letters, []).extend(clean_gcide_article(article))
-    return [Document(f"gcide:{k}", v) for k, v in groups.items() if v]
+def gcide_documents(articles_per_document: int = GCIDE_ARTICLES_PER_DOCUMENT) -> list[Document]:
+    articles = gcide_articles()
+    docs = []
+    for start in range(0, len(articles), articles_per_document):
+        run = articles[start:start + articles_per_document]
+        passages = [p for _, article in run for p in clean_gcide_article(article)]
+        if passages:
+            docs.append(Document(f"gcide:{run[0][0]}…{run[-1][0]}", passages))
+    return docs
 
 
 def kjv_documents() -> list[Document]:
