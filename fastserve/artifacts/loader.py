@@ -35,6 +35,7 @@ _REQUIRED_KEYS = {  # by the export's capability
     "causal_lm": ("format_version", "platforms", "buckets", "functions", "params", "tokenizer", "files",
                   "max_new_tokens", "max_stop_tokens", "max_cache_len", "max_seq_len", "cache"),
     "forward": ("format_version", "platforms", "functions", "params", "files", "inputs"),
+    "seq2seq": ("format_version", "platforms", "functions", "params", "files", "tokenizer", "buckets"),
 }
 
 
@@ -383,6 +384,10 @@ def load_exported(directory: str, platform: str | None = None, *, verify: bool =
     params = [jax.device_put(w, device) for w in weights]
     tok = manifest.get("tokenizer")
     tokenizer = load_tokenizer(os.path.join(directory, tok["file"]), tok.get("kind", "sentencepiece")) if tok else None
+    if manifest.get("capability") == "seq2seq":  # encoder–decoders: fastserve/artifacts/seq2seq_runtime.py
+        from fastserve.artifacts.seq2seq_runtime import ExportedTranslator
+        source_tok = load_tokenizer(os.path.join(directory, tok["source_file"]), tok.get("kind", "sentencepiece"))
+        return ExportedTranslator(directory, manifest, platform, device, params, exported, tokenizer, source_tok)
     if manifest.get("capability") == "forward":  # encoders, classifiers, CNNs
         from fastserve.artifacts.forward_runtime import ExportedForward
         return ExportedForward(directory, manifest, platform, device, params, exported, tokenizer)

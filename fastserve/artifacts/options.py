@@ -49,16 +49,20 @@ class ExportOptions:
         bad = [p for p in platforms if p not in KNOWN_PLATFORMS]
         if bad:
             raise ExportError(f"export.platforms: unknown platform(s) {bad} (choose from {', '.join(KNOWN_PLATFORMS)})")
-        possible = {"causal_lm": LM_FUNCTIONS, "forward": ("forward",)}.get(capability, ())
+        possible = {"causal_lm": LM_FUNCTIONS, "forward": ("forward",),
+                    "seq2seq": ("encode", "translate", "beam")}.get(capability, ())  # artifacts/seq2seq_export.py
         if not possible:
             raise ExportError(f"model.name '{model_cfg.name}': this model has no serving function to export "
-                              f"(exports cover causal LMs and forward models: encoders, classifiers, CNNs)")
+                              f"(exports cover causal LMs, encoder–decoders and forward models: encoders, "
+                              f"classifiers, CNNs)")
         functions = tuple(dict.fromkeys(self.functions or possible))
         bad = [f for f in functions if f not in possible]
         if bad:
             raise ExportError(f"export.functions: {bad} (model.name '{model_cfg.name}' can export "
                               f"{', '.join(possible)})")
-        if capability == "forward":
+        if capability in ("forward", "seq2seq"):
+            if any(not isinstance(v, (int, np.integer)) or v <= 0 for v in (*self.buckets, *self.batch_sizes)):
+                raise ExportError("export.buckets and export.batch_sizes: every entry must be a positive integer")
             return dataclasses.replace(self, platforms=platforms, functions=functions,
                                        batch_sizes=tuple(sorted({int(b) for b in self.batch_sizes})))
         max_cache = self.max_cache_len or model_cfg.max_seq_len

@@ -117,6 +117,9 @@ def export_params(model_cfg: Any, params: Any, tokenizer: Tokenizer | None, out_
         params = nnx.to_pure_dict(params)
     if kind == "forward":
         return export_forward(model_cfg, params, tokenizer, out_dir, opts, source=source)
+    if kind == "seq2seq":
+        from fastserve.artifacts.seq2seq_export import export_seq2seq
+        return export_seq2seq(model_cfg, params, tokenizer, out_dir, opts, source=source)
     if tokenizer is None or tokenizer.vocab_size > model_cfg.vocab_size:
         raise ExportError(f"tokenizer has {getattr(tokenizer, 'vocab_size', 'no')} pieces but model.vocab_size="
                           f"{model_cfg.vocab_size}")
