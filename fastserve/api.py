@@ -28,11 +28,16 @@ def evaluate(config: str | Config | None = None, *overrides: str) -> dict[str, A
 def infer(config: str | Config | None, prompts: Sequence[str] | None = None, *overrides: str) -> list[Any]:
     """Runs the model of `config.source` (default: the trained work dir) on `prompts`, one result per prompt: a
     language model's completion (str); an encoder's embedding (head embed: a list of floats, L2-normalized), class
-    prediction (head classify: `.label`, `.probs`) or per-piece classes (head tag)."""
+    prediction (head classify: `.label`, `.probs`) or per-piece classes (head tag); an encoder–decoder's
+    translation (str, greedy)."""
     from fastserve.generation.encoders import read_texts, runner_from_config, source_is_encoder
     cfg = _config(config, overrides)
     if source_is_encoder(cfg):
         return runner_from_config(cfg).infer(read_texts(cfg, prompts or ()))
+    if getattr(cfg.model, "name", "") == "seq2seq":  # encoder–decoders translate each prompt (greedy)
+        from fastserve.generation.runner import read_prompts
+        from fastserve.translate import translate_from_config
+        return translate_from_config(cfg, read_prompts(cfg, prompts or ()))
     from fastserve.generation.runner import generate
     return [c.text for c in generate(cfg, prompts)]
 

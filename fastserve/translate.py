@@ -42,9 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.beam < 1 or args.batch_size < 1 or args.max_len < 0:
         print("error: --beam and --batch-size must be >= 1, --max-len >= 0", file=sys.stderr)
         return 2
+    from fastserve.generation.translation import DecodeSettings
+    settings = DecodeSettings(beam_size=args.beam, length_penalty=args.length_penalty, temperature=args.temperature)
     try:
         lines = args.text if args.text else open(args.input, encoding="utf-8").read().splitlines()
-        out, seconds = translate(cfg, lines, args)
+        t0 = time.perf_counter()
+        out = translate_from_config(cfg, lines, settings, keep_empty=bool(args.input), max_len=args.max_len,
+                                    batch_size=args.batch_size, seed=args.seed)
+        seconds = time.perf_counter() - t0
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -54,19 +59,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         for src, tgt in zip(lines, out):
             print(f">>> {src}\n{tgt}\n", flush=True)
-    print(f"translated {sum(1 for s in lines if s.strip())} sentences in {seconds:.1f} s", file=sys.stderr)
+    print(f"translated {sum(1 for s in lines if s.strip())} sentences in {seconds:.1f} s (model loading and "
+          "compilation included)", file=sys.stderr)
     return 0
 
 
-def translate(cfg, lines: list[str], args) -> tuple[list[str], float]:
-    """(translations aligned with `lines`, seconds spent decoding); empty lines of a file translate to ''."""
+def translate_from_config(cfg, lines: Sequence[str], settings=None, *, keep_empty: bool = False, max_len: int = 0,
+                          batch_size: int = 16, seed: int = 0) -> list[str]:
+    """Translations of `lines` by the work dir of `cfg.source` (default: the trained one), aligned with them;
+    with `keep_empty`, empty lines translate to '' (else an empty line is an error)."""
+    from flax import nnx
+
     from fastserve.data.bible_pairs import pair_tokenizer_from_workdir
     from fastserve.generation.seq2seq_decode import is_seq2seq
     from fastserve.generation.translation import DecodeSettings, translate_texts
     from fastserve.workdir import load_model
 
     loaded = load_model(cfg)
-    from flax import nnx
     if not is_seq2seq(nnx.merge(loaded.graphdef, loaded.params)):
         raise ValueError(f"model.name '{loaded.model_cfg.name}' is not an encoder–decoder model: use "
                          "fastserve.generate for language models")
@@ -74,17 +83,15 @@ def translate(cfg, lines: list[str], args) -> tuple[list[str], float]:
     if os.path.basename(os.path.normpath(workdir)) == "checkpoints":
         workdir = os.path.dirname(os.path.normpath(workdir))
     tok = pair_tokenizer_from_workdir(workdir)
-    keep = [i for i, s in enumerate(lines) if s.strip()] if args.input else list(range(len(lines)))
-    settings = DecodeSettings(beam_size=args.beam, length_penalty=args.length_penalty, temperature=args.temperature)
+    keep = [i for i, s in enumerate(lines) if s.strip()] if keep_empty else list(range(len(lines)))
     mc = loaded.model_cfg
-    t0 = time.perf_counter()
     done = translate_texts(loaded.graphdef, loaded.params, loaded.mesh, tok, [lines[i] for i in keep],
-                           max_source_len=mc.max_source_len, max_len=args.max_len or mc.max_target_len,
-                           settings=settings, batch_size=args.batch_size, seed=args.seed)
+                           max_source_len=mc.max_source_len, max_len=max_len or mc.max_target_len,
+                           settings=settings or DecodeSettings(), batch_size=batch_size, seed=seed)
     out = [""] * len(lines)
     for i, text in zip(keep, done):
         out[i] = text
-    return out, time.perf_counter() - t0
+    return out
 
 
 if __name__ == "__main__":

@@ -86,11 +86,13 @@ def test_train_score_and_translate_a_tiny_model(sword, tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("God is love.\n\nJesus wept.\n", encoding="utf-8")
     out = tmp_path / "out.txt"
-    tr = _run("fastserve.translate", "--config", RECIPE, *run, "--input", str(src), "--output", str(out), "--beam", "2")
+    tr = _run("fastserve.translate", "--config", RECIPE, *run, "--input", str(src), "--output", str(out))
     assert tr.returncode == 0, tr.stderr[-3000:]
     lines = out.read_text(encoding="utf-8").split("\n")
     assert len(lines) == 4 and lines[1] == "" and lines[3] == ""    # one line per input line, the empty one kept
 
+    import fastserve
+    assert fastserve.infer(RECIPE, ["God is love."], *run) == [lines[0]]   # greedy, like --beam 1
     bad = _run("fastserve.translate", "--config", RECIPE, *run, "--text", "")
     assert bad.returncode == 2 and "source sentence 1 is empty" in bad.stderr
     long = _run("fastserve.translate", "--config", RECIPE, *run, "--text", "and the word " * 40)
