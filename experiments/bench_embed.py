@@ -1,0 +1,130 @@
+"""Sentence-embedding speed of all-MiniLM-L6-v2: fastserve (the imported weights, `EncoderRunner`, what
+`python -m fastserve.embed` and `/v1/embeddings` run) against Hugging Face transformers on CPU PyTorch, on the same
+sentences, interleaved in one run.
+
+    python experiments/bench_embed.py            # 1,024 KJV verses, 3 interleaved rounds
+    python experiments/bench_embed.py --quick    # 256 verses, 2 rounds (about a minute)
+
+Both sides do the same work per round: tokenize (WordPiece; [CLS] … [SEP], cut at 256 tokens), sort by length,
+batches of 32 padded to their longest (transformers) or to the smallest bucket of 32/64/128/256 that fits
+(fastserve: one compiled program per bucket), encode, mean-pool over the mask, L2-normalize. Each side's compile /
+warm-up runs once before the timed rounds. Reports sentences/s per side (median round), their ratio, and the cosine
+between the two sides' embeddings (minimum over the sentences). Sentences: verses of the KJV (Debian
+sword-text-kjv: real text of varied length, offline). The last line is one JSON object; a full run writes
+experiments/results/bench_embed.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from provenance import provenance  # noqa: E402  (experiments/: the script's own directory is on sys.path)
+
+from fastserve.config import load_config  # noqa: E402
+from fastserve.data.packages import MissingPackage  # noqa: E402
+from fastserve.generation.encoders import EncoderRunner  # noqa: E402
+from fastserve.workdir import load_model, resolve_path  # noqa: E402
+
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "minilm.yaml")
+MAX_LEN, BATCH, BUCKETS = 256, 32, (32, 64, 128, 256)
+
+
+def sentences(n: int) -> list[str]:
+    """`n` KJV verses spread over the whole Bible (every k-th), so lengths vary as real text does."""
+    from fastserve.data.sword import verses
+    texts = [v.text for v in verses("engKJV2006eb")]
+    step = max(1, len(texts) // n)
+    return texts[::step][:n]
+
+
+class TorchSide:
+    """transformers' BertModel on CPU PyTorch with sentence-transformers' recipe (sorted batches, mean, normalize)."""
+
+    def __init__(self, directory: str):
+        import torch
+        import transformers
+        self.torch = torch
+        self.tok = transformers.BertTokenizerFast.from_pretrained(directory)
+        self.model = transformers.BertModel.from_pretrained(directory).eval()
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        torch = self.torch
+        lengths = [len(x) for x in self.tok(texts, truncation=True, max_length=MAX_LEN)["input_ids"]]
+        order = np.argsort(lengths, kind="stable")
+        out = np.zeros((len(texts), self.model.config.hidden_size), np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(texts), BATCH):
+                rows = order[start:start + BATCH]
+                batch = self.tok([texts[i] for i in rows], padding=True, truncation=True, max_length=MAX_LEN,
+                                 return_tensors="pt")
+                hidden = self.model(**batch).last_hidden_state
+                m = batch["attention_mask"].unsqueeze(-1).float()
+                emb = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+                out[rows] = emb.numpy()
+        return out
+
+
+def timed(fn, texts: list[str]) -> tuple[float, np.ndarray]:
+    t0 = time.perf_counter()
+    result = fn(texts)
+    return time.perf_counter() - t0, result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    n, rounds = (256, 2) if args.quick else (1024, 3)
+    try:
+        texts = sentences(n)
+    except MissingPackage as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = load_config(CONFIG)
+    ours = EncoderRunner(load_model(cfg), BATCH, BUCKETS, MAX_LEN)
+    theirs = TorchSide(resolve_path(cfg.source.path))
+    t_compile, _ = timed(ours.embed, texts)          # compiles every bucket the texts need
+    t_warm, _ = timed(theirs.embed, texts[:BATCH])
+    times: dict[str, list[float]] = {"fastserve": [], "torch": []}
+    for r in range(rounds):                          # interleaved: both sides see the same machine load
+        for side, fn in (("fastserve", ours.embed), ("torch", theirs.embed)) if r % 2 == 0 else \
+                (("torch", theirs.embed), ("fastserve", ours.embed)):
+            seconds, result = timed(fn, texts)
+            times[side].append(seconds)
+            if side == "fastserve":
+                a = result
+            else:
+                b = result
+        print(f"round {r}: " + ", ".join(f"{k} {n / v[-1]:.1f} sentences/s" for k, v in times.items()), flush=True)
+    cosine = np.sum(a * b, axis=-1)
+    rate = {k: n / statistics.median(v) for k, v in times.items()}
+    tokens = [len(ours.wrap(t)) for t in texts]
+    import torch
+    out = {"bench": "embed", "model": "all-MiniLM-L6-v2 (HF safetensors, float32)", "quick": args.quick,
+           "sentences": n, "mean_tokens": round(float(np.mean(tokens)), 1), "max_tokens": int(max(tokens)),
+           "batch": BATCH, "max_len": MAX_LEN, "rounds": rounds,
+           "fastserve_sentences_per_s": round(rate["fastserve"], 1), "torch_sentences_per_s": round(rate["torch"], 1),
+           "ratio_fastserve_over_torch": round(rate["fastserve"] / rate["torch"], 3),
+           "cosine_min": float(np.min(cosine)), "fastserve_first_pass_s": round(t_compile, 2),
+           "torch_warmup_s": round(t_warm, 2), "torch_threads": torch.get_num_threads(), "jax": jax.__version__,
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), **provenance()}
+    out["machine"] = f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.0f} at the end"
+    out["headline"] = {"fastserve / torch sentences/s": out["ratio_fastserve_over_torch"],
+                       "1 - cosine to transformers (max)": float(f"{1 - out['cosine_min']:.2g}")}
+    if not args.quick:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_embed.json"), "w") as f:
+            json.dump(out, f, indent=1)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
