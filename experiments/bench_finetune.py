@@ -83,8 +83,8 @@ def test_batches(fs: FastserveClassifier, test_texts, test_labels):
     from fastserve.data.encoder_text import encode_texts, heldout_text_batches, length_buckets
 
     d = fs.cfg.data
-    enc = encode_texts(fs.data.tokenizer, test_texts, d.max_len)
-    return heldout_text_batches(enc, test_labels, d.batch_size, sorted(d.buckets) or length_buckets(d.max_len),
+    enc = encode_texts(fs.data.tokenizer, test_texts, d.seq_len)
+    return heldout_text_batches(enc, test_labels, d.batch_size, sorted(d.buckets) or length_buckets(d.seq_len),
                                 fs.data.tokenizer.pad_id)
 
 
@@ -138,7 +138,7 @@ def compare(cfg, steps: int, phase: int, n_test: int, splits) -> dict:
     pt_eval_s = time.perf_counter() - t
     rate = {k: v[1] / max(v[0], 1e-9) for k, v in timed.items()}
     lengths = sorted({b["inputs"].shape[1] for b in batches})
-    return {"steps": steps, "batch_size": cfg.data.batch_size, "max_len": cfg.data.max_len, "padded_lengths": lengths,
+    return {"steps": steps, "batch_size": cfg.data.batch_size, "max_len": cfg.data.seq_len, "padded_lengths": lengths,
             "phase_steps": phase, "test_examples": len(test_y[:n_test]),
             "fastserve": {"examples_per_s": round(rate["fastserve"], 2), "timed_examples": timed["fastserve"][1],
                           "setup_s": round(fs_setup_s, 1), "test_eval_s": round(fs_eval_s, 1),
@@ -229,6 +229,7 @@ def main() -> int:
     ap.add_argument("--part", choices=("all", "minilm", "recipes"), default="all",
                     help="minilm: the comparison and baselines only; recipes: only the recipes (merged into the "
                          "recorded result, so the two can run as separate processes)")
+    ap.add_argument("--recipes", default=",".join(RECIPES), help="which recipes to run (comma-separated)")
     args = ap.parse_args()
     os.chdir(REPO)
     t_start = time.time()
@@ -246,16 +247,21 @@ def main() -> int:
         result["minilm"] = compare(cfg, steps, phase, n_test, splits)
         print(json.dumps({"minilm": result["minilm"]}), flush=True)
     if args.part != "minilm" and not args.quick:
-        result["recipes"] = {name: run_recipe(name, recipe, recipe_overrides(name)) for name, recipe in RECIPES.items()}
+        chosen = [n for n in args.recipes.split(",") if n]
+        unknown = sorted(set(chosen) - set(RECIPES))
+        if unknown:
+            raise SystemExit(f"unknown recipes {unknown}; choose from {', '.join(RECIPES)}")
+        result["recipes"] = {name: run_recipe(name, RECIPES[name], recipe_overrides(name)) for name in chosen}
         for rec in result["recipes"].values():
             rec.update(commit=result["commit"], dirty=result["dirty"], date=result["date"])
         print(json.dumps({"recipes": result["recipes"]}), flush=True)
     if not args.quick and args.part != "all" and os.path.isfile(out + ".json"):
         with open(out + ".json") as f:          # keep the other part's recorded result
             earlier = json.load(f)
-        for key in ("baselines", "minilm", "recipes"):
+        for key in ("baselines", "minilm"):
             if key not in result and key in earlier:
                 result[key] = earlier[key]
+        result["recipes"] = {**earlier.get("recipes", {}), **result.get("recipes", {})}
     if "minilm" not in result:              # the recipes alone so far: recorded for the minilm part to merge
         if not args.quick:
             with open(out + ".json", "w") as f:

@@ -6,7 +6,7 @@ Splits: `train` = the first 4,000 − `validation` rows of training_data, `valid
 (default 500: rows 3,501–4,000, in the package's order), `test` = testing_data. Labels: great = 0, other = 1.
 `eval_split` picks which split the held-out batches are (validation while developing a recipe; test to report).
 
-Batches come from fastserve.data.encoder_text: `[CLS] review [SEP]`, cut to `max_len` tokens, padded per batch to the
+Batches come from fastserve.data.encoder_text: `[CLS] review [SEP]`, cut to `seq_len` tokens, padded per batch to the
 smallest of `buckets` that holds the longest review in it, with `mask`. The tokenizer is the config's: an imported
 WordPiece vocabulary (`tokenizer.kind: wordpiece`) or a sentencepiece model with BERT specials trained on the
 training reviews (cached in the work dir). `load_reviews` serves the raw texts and labels (baselines, the Keras face).
@@ -32,8 +32,8 @@ SPLITS = ("train", "validation", "test")
 @dataclass
 class ReviewsDataConfig:
     source: str = "reviews"
-    max_len: int = 256             # tokens per review including [CLS] and [SEP]; longer reviews are cut
-    buckets: list[int] = field(default_factory=list)   # padded lengths; empty: 4 spread evenly up to max_len
+    seq_len: int = 256             # tokens per review including [CLS] and [SEP]; longer reviews are cut
+    buckets: list[int] = field(default_factory=list)   # padded lengths; empty: 4 spread evenly up to seq_len
     batch_size: int = 32           # global batch
     validation: int = 500          # the last rows of training_data held out for validation
     eval_split: str = "validation"  # the held-out batches: validation | test
@@ -41,20 +41,21 @@ class ReviewsDataConfig:
     r_library: str = str(R_SITE_LIBRARY)   # where R packages are installed (Debian's r-cran-* go here)
 
     def checks(self):
-        yield from positive(self, "max_len", "batch_size")
+        yield from positive(self, "seq_len", "batch_size")
         if not 0 <= self.validation <= 3000:
             yield "validation", f"must be in [0, 3000] (rows of the 4,000 training reviews), got {self.validation}"
         if self.eval_split not in ("validation", "test"):
             yield "eval_split", f"expected validation or test, got {self.eval_split!r}"
         if self.eval_split == "validation" and self.validation == 0:
             yield "eval_split", "is validation but data.validation=0 holds nothing out; use eval_split=test"
-        if self.max_len < 3:
-            yield "max_len", f"must leave room for [CLS], [SEP] and one token: at least 3, got {self.max_len}"
-        bad = [b for b in self.buckets if not 1 <= b <= self.max_len]
+        if self.seq_len < 3:
+            yield "seq_len", f"must leave room for [CLS], [SEP] and one token: at least 3, got {self.seq_len}"
+        bad = [b for b in self.buckets if not 1 <= b <= self.seq_len]
         if bad:
-            yield "buckets", f"every bucket must be in [1, max_len={self.max_len}], got {bad}"
-        if self.buckets and max(self.buckets) != self.max_len:
-            yield "buckets", f"the largest bucket must be max_len={self.max_len} (reviews are cut to it), got {max(self.buckets)}"
+            yield "buckets", f"every bucket must be in [1, seq_len={self.seq_len}], got {bad}"
+        if self.buckets and max(self.buckets) != self.seq_len:
+            yield "buckets", (f"the largest bucket must be seq_len={self.seq_len} (reviews are cut to it), got "
+                              f"{max(self.buckets)}")
 
     def prepare(self) -> str:
         """Checks the package is installed and readable; says what the splits hold."""
@@ -70,19 +71,19 @@ class ReviewsDataConfig:
         splits = load_reviews(self.validation, self.r_library)
         train_texts, train_labels = splits["train"]
         tok = encoder_tokenizer(cfg, train_texts)
-        buckets = sorted(self.buckets) or length_buckets(self.max_len)
+        buckets = sorted(self.buckets) or length_buckets(self.seq_len)
         pi, pc = jax.process_index(), jax.process_count()
-        train = encode_texts(tok, train_texts, self.max_len)
+        train = encode_texts(tok, train_texts, self.seq_len)
         batches = TextBatches(train, train_labels, self.batch_size, cfg.train.seed, buckets, tok.pad_id,
                               self.shuffle, pi, pc)
         eval_texts, eval_labels = splits[self.eval_split]
-        held_out = heldout_text_batches(encode_texts(tok, eval_texts, self.max_len), eval_labels, self.batch_size,
+        held_out = heldout_text_batches(encode_texts(tok, eval_texts, self.seq_len), eval_labels, self.batch_size,
                                         buckets, tok.pad_id, pi, pc) if eval_texts else []
         if cfg.train.eval_batches > 0:
             held_out = held_out[:cfg.train.eval_batches]
-        cut = int(np.sum(train.lengths >= self.max_len))
+        cut = int(np.sum(train.lengths >= self.seq_len))
         return Dataset(batches, held_out, len(train), len(eval_texts),
-                       f"{len(train)} train / {len(eval_texts)} {self.eval_split} reviews, ≤ {self.max_len} tokens "
+                       f"{len(train)} train / {len(eval_texts)} {self.eval_split} reviews, ≤ {self.seq_len} tokens "
                        f"({cut} cut), buckets {buckets}",
                        tokenizer=tok, eval_texts=list(eval_texts),
                        model_fields={"vocab_size": tok.vocab_size, "num_classes": len(CLASSES)})
