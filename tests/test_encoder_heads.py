@@ -99,3 +99,24 @@ def test_head_config_errors_name_the_key():
     with pytest.raises(ValueError, match="num_classes must be set for head tag"):
         build_model(tiny(head="tag", num_classes=0), nnx.Rngs(0))
     build_model(tiny(head="mlm", num_classes=0), nnx.Rngs(0))   # mlm / embed need no classes
+
+
+def test_mlm_with_nsp_exports_both_outputs(tmp_path):
+    """The forward export of a model with two outputs (masked-LM and next-sentence logits) returns both, equal to
+    the model in-process; its inputs include the token types."""
+    import jax.numpy as jnp
+
+    from fastserve.artifacts.loader import load_exported
+    from fastserve.artifacts.options import ExportOptions
+    from fastserve.artifacts.writer import export_params
+    cfg = tiny(head="mlm", nsp=True, max_seq_len=T)
+    model = build_model(cfg, nnx.Rngs(0))
+    export_params(cfg, nnx.to_pure_dict(nnx.state(model)), None, str(tmp_path), ExportOptions(platforms=("cpu",),
+                                                                                             batch_sizes=(4,)))
+    tokens, mask, types = inputs()
+    mlm, nsp = load_exported(str(tmp_path)).forward(tokens, mask=mask, token_types=types)
+    want_mlm, want_nsp = jax.jit(lambda t, m, y: model(t, mask=m, token_types=y))(tokens, mask, types)
+    assert mlm.shape == (3, T, V) and nsp.shape == (3, 2)
+    np.testing.assert_allclose(mlm, np.asarray(want_mlm), atol=1e-4)
+    np.testing.assert_allclose(nsp, np.asarray(want_nsp), atol=1e-5)
+    assert float(jnp.abs(want_nsp[0] - want_nsp[1]).max()) > 1e-5

@@ -35,8 +35,9 @@ class ExportedForward:
                              f"({max(b for _, b in options)}); call it in chunks")
         return fitting[0][1], fitting[0][0]
 
-    def forward(self, inputs: Any, **named: Any) -> np.ndarray:
-        """The model's outputs for one batch (e.g. class logits [B, C]); inputs as `manifest["inputs"]` lists."""
+    def forward(self, inputs: Any, **named: Any) -> np.ndarray | tuple[np.ndarray, ...]:
+        """The model's outputs for one batch (e.g. class logits [B, C], or a tuple of arrays for a model with
+        several outputs); inputs as `manifest["inputs"]` lists."""
         names = list(self.inputs)
         missing = [k for k in names[1:] if k not in named]
         unknown = [k for k in named if k not in names]
@@ -58,6 +59,8 @@ class ExportedForward:
             fn = self._calls[name] = jax.jit(self.exported[name].call)
         with jax.default_device(self.device):
             out = fn(self.params, *[jax.device_put(a, self.device) for a in args])
+        if isinstance(out, (tuple, list)):   # several outputs (masked-LM + next-sentence logits): one array each
+            return tuple(np.asarray(o)[:n] for o in out)
         return np.asarray(out)[:n]
 
     __call__ = forward
