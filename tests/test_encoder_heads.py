@@ -61,9 +61,13 @@ def test_heads_output_shapes_and_padding_invariance():
 def test_mlm_decoder_is_tied_to_the_word_embeddings():
     cfg = tiny(head="mlm")
     model, logits = run(cfg)
-    hidden = model.encode(*[inputs()[i] for i in (0, 1, 2)])
-    h = model.mlm.norm(jax.nn.gelu(model.mlm.dense(hidden), approximate=False))
-    expected = h @ model.embeddings.word.embedding[...].T + model.mlm.bias[...]
+
+    @jax.jit
+    def by_hand(tokens, mask, types):
+        h = model.encode(tokens, mask, types)
+        h = model.mlm.norm(jax.nn.gelu(model.mlm.dense(h), approximate=False))
+        return h @ model.embeddings.word.embedding[...].T + model.mlm.bias[...]
+    expected = by_hand(*inputs())
     np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=1e-4, rtol=1e-4)
     _, _, logical = abstract_model(cfg)
     assert "embedding" not in logical["mlm"] and "classifier" not in logical and "pooler" not in logical
@@ -120,3 +124,56 @@ def test_mlm_with_nsp_exports_both_outputs(tmp_path):
     np.testing.assert_allclose(mlm, np.asarray(want_mlm), atol=1e-4)
     np.testing.assert_allclose(nsp, np.asarray(want_nsp), atol=1e-5)
     assert float(jnp.abs(want_nsp[0] - want_nsp[1]).max()) > 1e-5
+
+
+_MESH_CHILD = """
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 8)
+import dataclasses
+import numpy as np
+from flax import nnx
+from fastserve import parallel
+from fastserve.config import MeshConfig, load_config
+from fastserve.core.state import init_params
+
+rng = np.random.default_rng(0)
+tokens = rng.integers(1, 40, (4, 12)).astype(np.int32)
+mask = np.arange(12)[None] < np.array([[4], [7], [12], [9]])
+types = (np.arange(12)[None] >= 3).astype(np.int32).repeat(4, 0)
+out = {}
+for head in ("tag", "mlm"):
+    cfg = dataclasses.replace(load_config(None, ["model.name=encoder"]).model, vocab_size=40, num_classes=5, d_model=32,
+                              n_layers=2, n_heads=4, d_ff=64, max_seq_len=16, head=head, nsp=head == "mlm")
+    results = []
+    for shape in ((1, 1, 1), (2, 2, 2)):
+        mesh = parallel.make_mesh(MeshConfig(*shape), jax.devices()[:int(np.prod(shape))])
+        graphdef, variables, _ = init_params(cfg, mesh, seed=0)
+        batch = parallel.host_to_global({"t": tokens, "m": mask, "y": types}, mesh)
+        with jax.set_mesh(mesh):
+            y = jax.jit(lambda v, b: nnx.merge(graphdef, v)(b["t"], mask=b["m"], token_types=b["y"]))(variables, batch)
+        results.append([np.asarray(jax.device_get(a)) for a in (y if isinstance(y, tuple) else (y,))])
+        if shape == (2, 2, 2):
+            word = variables["embeddings"]["word"]["embedding"]
+            out[head + "_word_spec"] = str(word.sharding.spec)
+    out[head] = max(float(np.max(np.abs(a - b))) for a, b in zip(*results))
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow      # a subprocess with 8 simulated devices: 4 compiles of a tiny model
+def test_heads_on_a_2x2x2_mesh_equal_one_device():
+    """The per-token heads' outputs (mlm's tied decoder with the vocabulary on `tensor`, and nsp) are the same on
+    1 device and on 8 simulated devices as data × fsdp × tensor = 2 × 2 × 2."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _MESH_CHILD], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    assert res["mlm_word_spec"] == "P('tensor', 'fsdp')", res
+    for head in ("tag", "mlm"):
+        assert res[head] < 1e-5, res

@@ -69,6 +69,7 @@ def runner():
     return EncoderRunner(load_model(cfg), batch_size=16, buckets=(32, 64, 256), max_len=MAX_LEN)
 
 
+@pytest.mark.slow      # ~10 s of CPU (transformers' forward over 36 × 256 positions); more on a shared machine
 def test_minilm_embeddings_match_transformers(runner):
     directory, torch, transformers = minilm()
     assert runner.cfg.head == "embed" and runner.cfg.d_model == 384 and runner.cfg.n_layers == 6
