@@ -125,3 +125,48 @@ def test_import_errors_name_the_problem(tmp_path):
                                           '"hidden_act": "gelu_new"}')
     with pytest.raises(ValueError, match="unsupported hidden_act 'gelu_new'"):
         load_hf_bert(tmp_path)
+
+
+@pytest.mark.parametrize("arch, head", [("BertForPreTraining", "mlm"), ("BertForSequenceClassification", "classify"),
+                                        ("BertForTokenClassification", "tag")])
+def test_task_heads_match_transformers(tmp_path, arch, head):
+    """A small random BERT of each task architecture, saved by transformers as safetensors, imports with its head
+    (masked-LM through the tied decoder + next-sentence, sequence and token classification) and gives the outputs
+    transformers gives, padding and token types included."""
+    torch = pytest.importorskip("torch", reason="CPU PyTorch is the reference: pip install torch")
+    transformers = pytest.importorskip("transformers", reason="pip install transformers")
+    import jax
+    from flax import nnx
+
+    from fastserve.interop import load_hf_bert
+    from fastserve.models import build_model
+    torch.manual_seed(0)
+    conf = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, max_position_embeddings=24, num_labels=3)
+    reference = getattr(transformers, arch)(conf).eval()
+    with torch.no_grad():       # BERT initializes LayerNorms and biases to 1 / 0: make every tensor count
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    reference.save_pretrained(tmp_path, safe_serialization=True)
+    imported = load_hf_bert(tmp_path)
+    assert imported.model_cfg.head == head and imported.model_cfg.nsp == (arch == "BertForPreTraining")
+    model = build_model(imported.model_cfg, nnx.Rngs(0))
+    nnx.update(model, imported.params)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(1, 60, (3, 12)).astype(np.int64)
+    mask = (np.arange(12)[None] < np.array([[5], [12], [8]])).astype(np.int64)
+    types = (np.arange(12)[None] >= 4).astype(np.int64).repeat(3, 0)
+    with torch.no_grad():
+        out = reference(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                        token_type_ids=torch.tensor(types))
+    ours = jax.jit(lambda t, m, y: model(t, mask=m, token_types=y))(tokens.astype(np.int32), mask.astype(bool),
+                                                                   types.astype(np.int32))
+    if head == "mlm":
+        valid = mask[..., None].astype(bool)
+        np.testing.assert_allclose(np.asarray(ours[0]) * valid, out.prediction_logits.numpy() * valid, atol=2e-4)
+        np.testing.assert_allclose(np.asarray(ours[1]), out.seq_relationship_logits.numpy(), atol=2e-4)
+    elif head == "tag":
+        valid = mask[..., None].astype(bool)
+        np.testing.assert_allclose(np.asarray(ours) * valid, out.logits.numpy() * valid, atol=2e-4)
+    else:
+        np.testing.assert_allclose(np.asarray(ours), out.logits.numpy(), atol=2e-4)
