@@ -1,6 +1,7 @@
 """Imported Hugging Face BERT: all-MiniLM-L6-v2 through `source.kind: hf` gives the same mean-pooled, normalized
 sentence embeddings as transformers' BertModel on CPU PyTorch (cosine ≥ 0.9999 on 36 varied sentences, one truncated
-at 256 tokens), and a classifier's output does not depend on how far its inputs are padded."""
+at 256 tokens), a classifier's output does not depend on how far its inputs are padded, and the task heads of
+BertForPreTraining / ForSequenceClassification / ForTokenClassification import and match transformers."""
 import os
 
 import numpy as np
