@@ -40,6 +40,7 @@ def fashion_subset(n_train, n_test):
     return flat(x[:n_train]), onehot(y[:n_train]), flat(xt[:n_test]), onehot(yt[:n_test])
 
 
+@pytest.mark.slow
 def test_the_seed_snippet_on_fashion_mnist():
     """The issue's snippet as written, on 6,000 Fashion-MNIST training images (784 pixels in [0, 1], one-hot labels),
     validated on the last 1,000 of the 60,000, tested on the first 2,000 test images. Measured: test accuracy
@@ -176,6 +177,7 @@ EIGHT_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_fit_on_8_devices_is_data_parallel_with_the_same_history():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], capture_output=True, text=True, cwd=ROOT, env=env,

@@ -31,9 +31,10 @@ from fastserve.keras import losses as keras_losses
 from fastserve.keras.callbacks import Callback, History
 from fastserve.keras.inputs import check_data
 from fastserve.keras.optimizers import Optimizer
+from fastserve.keras.summary import ModelSummary, summarize
 from fastserve.keras.saving import compile_as_saved, read_saved, restore_weights, save_model
-from fastserve.keras.training import (class_weight_vector, export_predict, lr_multiplier, set_lr_multiplier,
-                                      with_lr_multiplier)
+from fastserve.keras.training import (RESIDENT_BYTES, class_weight_vector, epoch_plan, export_predict,
+                                      lr_multiplier, make_epoch_runner, set_lr_multiplier, with_lr_multiplier)
 from fastserve.models.sequential import SequentialConfig
 from fastserve.tasks.keras_loss import CUSTOM, LOSSES, KerasLossConfig, canonical_loss
 
@@ -48,21 +49,6 @@ class _Compiled:
     tx: optax.GradientTransformation | None
     task_cfg: KerasLossConfig
     loss_fn: Callable | None             # a custom loss callable
-
-
-@dataclasses.dataclass
-class ModelSummary:
-    rows: list[tuple[str, str, tuple, int]]   # (name, Keras class, output shape with None batch, params)
-    total: int
-    trainable: int
-    non_trainable: int
-    text: str
-
-    def __str__(self) -> str:
-        return self.text
-
-    def __repr__(self) -> str:
-        return f"ModelSummary(total={self.total:,}, trainable={self.trainable:,}, layers={len(self.rows)})"
 
 
 class Sequential:
@@ -151,24 +137,7 @@ class Sequential:
 
     def summary(self, print_fn: Callable[[str], Any] | None = print) -> ModelSummary:
         """Prints (with `print_fn`; None: silent) and returns Keras's table: layer (type), output shape, params."""
-        plan = self._plan()
-        rows = [(p.name, p.spec.keras_name, (None, *p.output_shape), p.trainable + p.non_trainable) for p in plan]
-        trainable = sum(p.trainable for p in plan)
-        fixed = sum(p.non_trainable for p in plan)
-        widths = (34, 26, 12)
-        line = lambda a, b, c: f" {a:<{widths[0] - 1}}{b:<{widths[1]}}{c:>{widths[2]}}"
-        rule = "_" * sum(widths)
-        out = [f'Model: "{self.name}"', rule, line("Layer (type)", "Output Shape", "Param #"), "=" * sum(widths)]
-        for i, (name, kind, shape, n) in enumerate(rows):
-            out.append(line(f"{name} ({kind})", str(shape).replace(",)", ")"), f"{n:,}"))
-            out.append(rule if i == len(rows) - 1 else "")
-        out[-1:] = ["=" * sum(widths)]
-        out += [f"Total params: {trainable + fixed:,}", f"Trainable params: {trainable:,}",
-                f"Non-trainable params: {fixed:,}", rule]
-        text = "\n".join(out)
-        if print_fn is not None:
-            print_fn(text)
-        return ModelSummary(rows, trainable + fixed, trainable, fixed, text)
+        return summarize(self.name, self._plan(), print_fn)
 
     # --------------------------------------------------------------------------------------------- compile
 
@@ -351,6 +320,10 @@ class Sequential:
         self._ensure_train_state(steps_per_epoch * max(epochs - initial_epoch, 1))
         task, mesh = self._task(), self._get_mesh()
         train_step, eval_step = self._train_step(task), self._eval_step(task)
+        resident = x.nbytes + y.nbytes <= RESIDENT_BYTES    # whole epochs in one dispatch (see make_epoch_runner)
+        if resident:
+            rep = parallel.replicated(mesh)
+            x_dev, y_dev = jax.device_put(x, rep), jax.device_put(y, rep)
         verbose = 1 if verbose == "auto" else int(verbose)
 
         history = History()
@@ -369,15 +342,20 @@ class Sequential:
             order = (np.random.default_rng([self.seed, self._fits, epoch]).permutation(n) if shuffle
                      else np.arange(n))
             sums = []
-            for start in range(0, n, b):
-                rows = order[start:start + b]
-                batch = {"inputs": x[rows], "labels": y[rows]}
-                if example_weights is not None:
-                    batch["sample_weights"] = example_weights[rows]
-                batch = _pad(batch, pad_to)
-                batch = parallel.host_to_global(split_micro_batches(batch, 1), mesh, leading=1)
-                self._state, metrics = train_step(self._state, batch, {})
-                sums.append({k: v for k, v in metrics.items() if k not in ("grad_norm", "learning_rate")})
+            if resident:
+                plan = epoch_plan(order, b, pad_to, example_weights)
+                self._state, total = self._epoch_runner()(self._state, x_dev, y_dev, *plan)
+                sums.append(total)
+            else:   # step by step, each batch copied to the devices
+                for start in range(0, n, b):
+                    rows = order[start:start + b]
+                    batch = {"inputs": x[rows], "labels": y[rows]}
+                    if example_weights is not None:
+                        batch["sample_weights"] = example_weights[rows]
+                    batch = _pad(batch, pad_to)
+                    batch = parallel.host_to_global(split_micro_batches(batch, 1), mesh, leading=1)
+                    self._state, metrics = train_step(self._state, batch, {})
+                    sums.append({k: v for k, v in metrics.items() if k not in ("grad_norm", "learning_rate")})
             total = {k: np.sum([np.asarray(s[k], np.float64) for s in jax.device_get(sums)], axis=0)
                      for k in sums[0]}
             logs = task.summarize(total)
@@ -422,6 +400,11 @@ class Sequential:
             self._steps["train"] = make_train_step(self._graphdef, task, self._tx, self._schedule, self._shardings,
                                                    self._get_mesh())
         return self._steps["train"]
+
+    def _epoch_runner(self) -> Callable:
+        if "epoch" not in self._steps:
+            self._steps["epoch"] = make_epoch_runner(self._steps["train"], self._shardings, self._get_mesh())
+        return self._steps["epoch"]
 
     def _eval_step(self, task) -> Callable:
         if "eval" not in self._steps:

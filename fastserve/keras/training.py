@@ -71,3 +71,54 @@ def export_predict(model: Any, out_dir: str, batch_sizes: tuple[int, ...] = ()) 
     variables = jax.device_get(model._variables())
     return export_params(cfg, variables, None, out_dir, ExportOptions(batch_sizes=tuple(batch_sizes)),
                          source={"kind": "keras", "name": model.name})
+
+
+# ---------------------------------------------------------------------------------------- whole epochs
+
+RESIDENT_BYTES = 1 << 30   # training arrays up to this size stay on the devices for a whole fit
+
+
+def make_epoch_runner(train_step: Any, state_shardings: Any, mesh: Any) -> Any:
+    """A jitted (state, x, y, order [S, B], weights [S, B], sample_weights [S, B] | None) → (state, summed
+    metrics) that runs S steps of the core's `train_step` in one `lax.scan` over device-resident x, y (replicated;
+    each step's rows are gathered on the devices and constrained to the batch sharding, so a mesh still runs data
+    parallel). One dispatch per epoch instead of a host→device copy and a dispatch per step."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from fastserve import parallel
+
+    rep = parallel.replicated(mesh)
+    batch_axis = parallel.logical_to_spec(("batch",))[0]
+
+    def constrain(a):
+        return jax.lax.with_sharding_constraint(a[None], NamedSharding(mesh, P(None, batch_axis)))
+
+    def run(state, x, y, order, weights, sample_weights):
+        def body(state, step):
+            rows, w, sw = step
+            batch = {"inputs": x[rows], "labels": y[rows], "weights": w}
+            if sample_weights is not None:
+                batch["sample_weights"] = sw
+            state, metrics = train_step(state, jax.tree.map(constrain, batch), {})
+            return state, {k: v for k, v in metrics.items() if k not in ("grad_norm", "learning_rate")}
+        steps = (order, weights, weights if sample_weights is None else sample_weights)
+        state, per_step = jax.lax.scan(body, state, steps)
+        return state, jax.tree.map(lambda v: v.sum(axis=0), per_step)
+
+    return jax.jit(run, in_shardings=(state_shardings, rep, rep, rep, rep, rep), out_shardings=(state_shardings, rep),
+                   donate_argnums=0)
+
+
+def epoch_plan(order: np.ndarray, batch: int, pad_to: int, sample_weights: np.ndarray | None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(rows [S, pad_to], weights [S, pad_to], sample weights [S, pad_to] | None) for one epoch in `order`: batches
+    of `batch` examples, each padded to `pad_to` rows of weight 0 (the last one holds the remainder)."""
+    steps = -(-len(order) // batch)
+    rows = np.zeros((steps, pad_to), np.int32)
+    weights = np.zeros((steps, pad_to), np.float32)
+    for s in range(steps):
+        chunk = order[s * batch:(s + 1) * batch]
+        rows[s, :len(chunk)] = chunk
+        weights[s, :len(chunk)] = 1.0
+    sw = None if sample_weights is None else sample_weights[rows] * weights
+    return rows, weights, sw
