@@ -101,12 +101,20 @@ def test_reported_truncation_loss_is_the_measured_output_error(base, calibrate):
 def test_params_ratio_allocates_ranks_within_one_budget(base, calibrate):
     _, _, params = base
     pattern = "layers.*.mlp.*"
-    cfg, _, rows = lowrank(CFG, params, include=pattern, params_ratio=0.6, method="whitened", calibrate=calibrate)
+    cfg, _, rows = lowrank(CFG, params, include=pattern, params_ratio=0.6, method="whitened", allocation="loss",
+                           calibrate=calibrate)
     dense = sum(r["params_before"] for r in rows)
     assert sum(r["params_after"] for r in rows) <= 0.6 * dense
     assert sum(r["params_after"] for r in rows) > 0.5 * dense          # the budget is used, not wasted
     assert len({r["rank"] for r in rows}) > 1                          # allocated per layer, not one ratio
     assert all(r["action"] == "factorized" for r in rows)
+    # uniform (the default): every layer at the same fraction of its own parameters
+    _, _, rows = lowrank(CFG, params, include=pattern, params_ratio=0.6, method="whitened", calibrate=calibrate)
+    for r in rows:
+        m, n = r["shape"]
+        assert r["rank"] == int(0.6 * m * n / (m + n)) and r["params_after"] <= 0.6 * m * n
+    with pytest.raises(TransformError, match="allocation: only applies to a params_ratio"):
+        lowrank(CFG, params, include=pattern, rank=3, allocation="loss")
 
 
 def test_whitened_without_calibration_fails_clearly(base):

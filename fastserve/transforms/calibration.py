@@ -106,7 +106,13 @@ def lm_calibration_batches(cfg: Any, tokenizer: Any, sequences: int) -> list[dic
 def lm_calibration(cfg: Any, loaded: Any) -> Calibration:
     """The `calibrate(paths, options)` that `lowrank(method=whitened)` asks for, for a loaded causal LM (a
     `fastserve.workdir.LoadedModel`) and its config's text data; options: {sequences: N (default 32)}."""
+    memo: dict[tuple, dict] = {}  # the same layers and options again (several ratios of one model): no new pass
+
     def calibrate(paths: Sequence[str], options: dict) -> dict[str, tuple[np.ndarray, float]]:
-        batches = lm_calibration_batches(cfg, loaded.tokenizer, int(options.get("sequences", 32)))
-        return input_grams(loaded.graphdef, loaded.params, batches, paths, loaded.mesh)
+        sequences = int(options.get("sequences", 32))
+        key = (tuple(paths), sequences)
+        if key not in memo:
+            batches = lm_calibration_batches(cfg, loaded.tokenizer, sequences)
+            memo[key] = input_grams(loaded.graphdef, loaded.params, batches, paths, loaded.mesh)
+        return memo[key]
     return calibrate

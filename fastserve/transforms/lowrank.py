@@ -11,9 +11,13 @@ Methods (`method`, per rule):
 
 Rank rules (exactly one per rule): `rank` (fixed; capped at min(m, n)), `rank_ratio` (r = ceil(ratio · min(m, n))),
 `energy` (the smallest r whose singular values keep that fraction of Σσ²), or `params_ratio` (one budget for all
-the layers the rule selects: their factors hold at most that fraction of their dense parameters, and the ranks are
-allocated across layers greedily by truncation loss — each kept singular value buys the largest share of its own
-layer's Σσ² per parameter it costs). The singular values are split evenly into the two factors.
+the layers the rule selects: their factors hold at most that fraction of their dense parameters). How a
+`params_ratio` budget is shared (`allocation`): `uniform` (default) gives every layer the same fraction of its own
+parameters; `loss` allocates greedily by truncation loss — each kept singular value buys the largest share of its
+own layer's Σσ² per parameter it costs. Measured on SmolLM2-135M (experiments/results/bench_lowrank_real.md), the
+loss-driven allocation was *worse* than uniform (held-out perplexity 74.7 vs 49.4 at 0.8): a layer's own output
+error does not say what its error costs the model, so `uniform` is the default. The singular values are split
+evenly into the two factors.
 
 A layer stays dense when r·(m + n) ≥ m·n (the factors would not store fewer parameters) unless the rule says
 `force: true`; the report says so. The factorized model is a config change (`model.compressed[path] =
@@ -32,8 +36,9 @@ from fastserve.transforms.common import (TransformError, check_options, check_pa
                                          rel_error, replace_node, select, to_host)
 
 RANK_RULES = ("rank", "rank_ratio", "energy", "params_ratio")
-RULE_KEYS = ("include", "exclude", *RANK_RULES, "force", "method")
+RULE_KEYS = ("include", "exclude", *RANK_RULES, "force", "method", "allocation")
 METHODS = ("svd", "whitened")
+ALLOCATIONS = ("uniform", "loss")
 CALIBRATION_KEYS = ("sequences",)
 OPTIONS = RULE_KEYS + ("rules", "calibration")
 
@@ -59,6 +64,11 @@ def _check_rule(rule: dict, where: str) -> dict:
         _number(rule, "energy", where, 0.0, 1.0)
     if "params_ratio" in given:
         _number(rule, "params_ratio", where, 0.0, 1.0)
+    if rule.get("allocation", "uniform") not in ALLOCATIONS:
+        raise TransformError(f"{where}.allocation: expected one of {', '.join(ALLOCATIONS)}, "
+                             f"got {rule['allocation']!r}")
+    if rule.get("allocation") is not None and rule.get("params_ratio") is None:
+        raise TransformError(f"{where}.allocation: only applies to a params_ratio budget")
     if rule.get("method", "svd") not in METHODS:
         raise TransformError(f"{where}.method: expected one of {', '.join(METHODS)}, got {rule['method']!r}")
     if not isinstance(rule.get("force", False), bool):
@@ -138,17 +148,18 @@ def allocate_ranks(spectra: dict[str, np.ndarray], shapes: dict[str, tuple[int, 
 
 def lowrank(model_cfg: Any, params: dict, *, include: Any = None, exclude: Any = None, rank: int | None = None,
             rank_ratio: float | None = None, energy: float | None = None, params_ratio: float | None = None,
-            force: bool = False, method: str | None = None, rules: list[dict] | None = None,
+            force: bool = False, method: str | None = None, allocation: str | None = None,
+            rules: list[dict] | None = None,
             calibration: dict | None = None, calibrate: Any = None) -> tuple[Any, dict, list[dict]]:
     """Factorizes the dense Linear kernels selected by path patterns. Pure: returns (new cfg, new params, report).
 
     Either one rule as keyword arguments (`include`, `exclude`, one of `rank` / `rank_ratio` / `energy` /
-    `params_ratio`, `force`, `method`) or `rules=[{...}, ...]`, the first matching rule deciding each layer.
+    `params_ratio`, `force`, `method`, `allocation`) or `rules=[{...}, ...]`, the first matching rule deciding each layer.
     `method: whitened` needs `calibrate(paths, calibration) -> {path: (XᵀX, tokens)}` (fastserve.compress gives it;
     `calibration` holds its options, e.g. {sequences: 32}).
     """
     single = dict(include=include, exclude=exclude, rank=rank, rank_ratio=rank_ratio, energy=energy,
-                  params_ratio=params_ratio, force=force, method=method)
+                  params_ratio=params_ratio, force=force, method=method, allocation=allocation)
     if rules is not None:
         if any(v not in (None, False) for v in single.values()):
             raise TransformError("lowrank: give either `rules` or one rule's keys (include, rank, ...), not both")
@@ -233,5 +244,9 @@ def _ranks(todo: list[str], rules: list[dict], chosen: dict[str, int], spectra: 
             ranks[path] = choose_rank(spectrum.s, m, n, rule)
     for i, paths in shared.items():
         shapes = {p: (spectra[p].U.shape[0], spectra[p].Vt.shape[1]) for p in paths}
-        ranks.update(allocate_ranks({p: spectra[p].s for p in paths}, shapes, float(rules[i]["params_ratio"])))
+        ratio = float(rules[i]["params_ratio"])
+        if rules[i].get("allocation", "uniform") == "loss":
+            ranks.update(allocate_ranks({p: spectra[p].s for p in paths}, shapes, ratio))
+        else:  # the same fraction of every layer's own parameters: r·(m + n) ≤ ratio·m·n
+            ranks.update({p: max(1, int(ratio * m * n / (m + n))) for p, (m, n) in shapes.items()})
     return ranks
