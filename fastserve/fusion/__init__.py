@@ -1,0 +1,6 @@
+"""Model fusion: weight averaging of work dirs (uniform / greedy soups, EMA of a run's checkpoints) in
+`fastserve.fusion.soup`, and probability-averaging ensembles (held-out evaluation, export) in
+`fastserve.fusion.ensemble`. The command line is `python -m fastserve.fuse`."""
+from fastserve.fusion.members import FusionError, Member, check_compatible, load_member
+
+__all__ = ["FusionError", "Member", "check_compatible", "load_member"]
