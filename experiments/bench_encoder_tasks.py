@@ -2,14 +2,15 @@
 the same run, with Hugging Face transformers on CPU PyTorch (BertForTokenClassification of the same size, from
 scratch): the same batches in the same order (fastserve's data pipeline makes them once; both sides consume them),
 the same steps, AdamW settings, linear schedule, clipping and dropout. Phases alternate (`--phase` steps of
-fastserve, then of PyTorch) so both see the same machine load; the first step of each padded length (a compile, a
-warm-up) is left out of both sides' tokens/s. Both are scored on the held-out books with the same rules (token
+fastserve, then of PyTorch) so both see the same machine load; in full mode PyTorch trains only the first
+`--peer-steps` (default 100) and both are scored there, fastserve continues to the recipe's steps; the first
+step of each padded length (a compile, a warm-up) is left out of both sides' tokens/s. Both are scored on the held-out books with the same rules (token
 accuracy over words; conlleval span F1, fastserve.tasks.spans), beside the most-frequent-tag-per-word baseline.
 
 Full mode also reads the masked-LM pretraining run of configs/mlm_pretrain.yaml (`--mlm-workdir`, default
 runs/mlm_pretrain: its metrics.jsonl) and reports its held-out masked-token perplexity before / after.
 
-    python experiments/bench_encoder_tasks.py            # tag_strongs.yaml's steps a side (+ the MLM run's record)
+    python experiments/bench_encoder_tasks.py            # tag_strongs.yaml as written, the peer for 100 steps
     python experiments/bench_encoder_tasks.py --quick    # ~1-2 minutes: 40 steps a side, 20 held-out batches
 
 Prints one JSON object on its last line; writes experiments/results/bench_encoder_tasks.json (full mode).
@@ -159,7 +160,10 @@ def word_tags(batches: list[dict], predict) -> tuple[list[list[str]], list[list[
     return pred_rows, gold_rows
 
 
-def compare_tagging(cfg: Any, steps: int, phase: int, eval_batches: int) -> dict:
+def compare_tagging(cfg: Any, steps: int, peer_steps: int, phase: int, eval_batches: int) -> dict:
+    """fastserve trains `steps`; PyTorch trains the first `peer_steps` of them, in alternating phases. Both are
+    scored after `peer_steps` (the same learning-rate history: both schedules span `steps`), fastserve again at the
+    end; process CPU seconds per side (both use the 2 cores) give the recipe's CPU time."""
     import torch
 
     from fastserve.data import strongs
@@ -173,10 +177,14 @@ def compare_tagging(cfg: Any, steps: int, phase: int, eval_batches: int) -> dict
     held = fs.data.eval[:eval_batches] if eval_batches else fs.data.eval
     seen: set = set()
     timed = {"fastserve": [0.0, 0], "pytorch": [0.0, 0]}
+    cpu = {"fastserve": 0.0, "pytorch": 0.0}
     losses: dict[str, list[float]] = {"fastserve": [], "pytorch": []}
+    at_peer: dict[str, Any] = {}
     for start in range(0, steps, phase):
-        for name, run in (("fastserve", fs.step), ("pytorch", pt.train_step)):
-            for b in batches[start:start + phase]:
+        sides = (("fastserve", fs.step), ("pytorch", pt.train_step)) if start < peer_steps else (("fastserve", fs.step),)
+        for name, run in sides:
+            c = time.process_time()
+            for b in batches[start:min(start + phase, peer_steps if name == "pytorch" else steps)]:
                 t = time.perf_counter()
                 losses[name].append(run(b))
                 dt = time.perf_counter() - t
@@ -185,23 +193,27 @@ def compare_tagging(cfg: Any, steps: int, phase: int, eval_batches: int) -> dict
                     timed[name][0] += dt
                     timed[name][1] += int(b["mask"].sum())
                 seen.add(key)
-        print(json.dumps({"step": min(start + phase, steps), "loss_fastserve": round(losses["fastserve"][-1], 4),
-                          "loss_pytorch": round(losses["pytorch"][-1], 4)}), flush=True)
+            cpu[name] += time.process_time() - c
+        print(json.dumps({"step": min(start + phase, steps), **{f"loss_{k}": round(v[-1], 4) for k, v in losses.items()}}),
+              flush=True)
+        if min(start + phase, steps) == peer_steps:
+            at_peer = {"fastserve": score_tags(*word_tags(held, lambda b: fs_predict(fs, b))),
+                       "pytorch": score_tags(*word_tags(held, pt.predict))}
     fs_metrics = fs.evaluate(held)
     fs_words = word_tags(held, lambda b: fs_predict(fs, b))
-    pt_words = word_tags(held, pt.predict)
     train_verses, held_verses = strongs.split_books(strongs.tagged_verses(), fs.cfg.data.eval_books)
     n_held = len(fs_words[1])
     baseline = strongs.most_frequent_tag_baseline(train_verses, held_verses[:n_held])
     rate = {k: v[1] / max(v[0], 1e-9) for k, v in timed.items()}
-    return {"steps": steps, "batch_size": fs.cfg.data.batch_size, "phase_steps": phase, "held_out_verses": n_held,
-            "setup_s": round(setup_s, 1),
-            "fastserve": {"tokens_per_s": round(rate["fastserve"], 1), **score_tags(*fs_words),
-                          "task_metrics": {k: round(float(v), 4) for k, v in fs_metrics.items()},
+    return {"steps": steps, "peer_steps": peer_steps, "batch_size": fs.cfg.data.batch_size, "phase_steps": phase,
+            "held_out_verses": n_held, "setup_s": round(setup_s, 1),
+            "fastserve": {"tokens_per_s": round(rate["fastserve"], 1), "train_cpu_s": round(cpu["fastserve"], 1),
+                          **score_tags(*fs_words), "task_metrics": {k: round(float(v), 4) for k, v in fs_metrics.items()},
                           "final_loss": round(float(np.mean(losses["fastserve"][-10:])), 4)},
-            "pytorch": {"tokens_per_s": round(rate["pytorch"], 1), **score_tags(*pt_words),
+            "pytorch": {"tokens_per_s": round(rate["pytorch"], 1), "train_cpu_s": round(cpu["pytorch"], 1),
                         "final_loss": round(float(np.mean(losses["pytorch"][-10:])), 4),
                         "threads": torch.get_num_threads()},
+            f"at_step_{peer_steps}": at_peer,
             "baseline_most_frequent_tag": score_tags(baseline, [v.tags for v in held_verses[:n_held]]),
             "ratio_tokens_per_s": round(rate["fastserve"] / max(rate["pytorch"], 1e-9), 3)}
 
@@ -245,14 +257,18 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--phase", type=int, default=0, help="steps per alternating phase (default: steps / 5)")
+    ap.add_argument("--peer-steps", type=int, default=100,
+                    help="full mode: PyTorch trains only the first N steps (it is ~5x slower here)")
     ap.add_argument("--mlm-workdir", default=os.path.join(REPO, "runs", "mlm_pretrain"))
     args = ap.parse_args()
     cfg = fastserve.load_config(os.path.join(REPO, TAG_RECIPE))
     steps = 40 if args.quick else cfg.train.steps
+    peer_steps = steps if args.quick else min(args.peer_steps, steps)
     workdir = os.path.join("/tmp", f"fastserve-bench-tag-{os.getpid()}")
     cfg = fastserve.load_config(os.path.join(REPO, TAG_RECIPE), [f"train.workdir={workdir}", f"train.steps={steps}"])
     t0 = time.time()
-    tagging = compare_tagging(cfg, steps, args.phase or max(1, steps // 5), 20 if args.quick else 0)
+    phase = args.phase or max(1, peer_steps // 5)
+    tagging = compare_tagging(cfg, steps, peer_steps, phase, 20 if args.quick else 0)
     result = {"bench": "encoder_tasks", "quick": args.quick, "tagging": tagging, "wall_s": round(time.time() - t0, 1),
               "date": time.strftime("%Y-%m-%d"), **provenance()}
     if not args.quick:
