@@ -34,8 +34,9 @@ import fastserve
 from provenance import provenance  # experiments/: the script's own directory is on sys.path
 
 RECIPE = "configs/translate_en_es.yaml"
-# what the recipe's header claims on the test books (full mode checks the measured scores reach these)
-CLAIM = {"greedy_bleu": 0.0, "beam4_bleu": 0.0}
+# what the recipe's header claims on the test books (measured 2.81 / 3.30 at step 600): full mode checks the scores
+# reach these floors (a retrained model may land a little lower)
+CLAIM = {"greedy_bleu": 2.5, "beam4_bleu": 3.0}
 QUICK = ["model.d_model=64", "model.n_heads=2", "model.d_ff=128", "model.n_encoder_layers=1",
          "model.n_decoder_layers=1", "tokenizer.vocab_size=1000", "train.steps=40", "train.eval_every=40",
          "checkpoint.every=40", "data.max_eval_pairs=16", "train.task.bleu=false"]
@@ -54,7 +55,7 @@ def main() -> int:
     args = ap.parse_args()
     from fastserve.config import SourceConfig, load_config
     from fastserve.data.bible_pairs import verse_pairs
-    from fastserve.generation.translation import DecodeSettings, corpus_scores, decode_batches, translate_texts
+    from fastserve.generation.translation import DecodeSettings, corpus_scores, decode_batches
     from fastserve.workdir import load_model
 
     overrides = ["log.progress=false", *(QUICK if args.quick else [])]
@@ -76,9 +77,9 @@ def main() -> int:
     settings = {"greedy": DecodeSettings(), "beam4": DecodeSettings(beam_size=4, length_penalty=1.0)}
     decode = {name: (lambda s=s: decode_batches(loaded.graphdef, loaded.params, data.eval, loaded.mesh, tok, s,
                                                 mc.max_target_len)) for name, s in settings.items()}
-    one_by_one = {name: (lambda s=s: translate_texts(loaded.graphdef, loaded.params, loaded.mesh, tok, sources[:16],
-                                                     max_source_len=mc.max_source_len, max_len=mc.max_target_len,
-                                                     settings=s, batch_size=1)) for name, s in settings.items()}
+    singles = [{k: v[i:i + 1] for k, v in data.eval[0].items()} for i in range(16)]   # batch 1, sources as cut
+    one_by_one = {name: (lambda s=s: decode_batches(loaded.graphdef, loaded.params, singles, loaded.mesh, tok, s,
+                                                    mc.max_target_len)) for name, s in settings.items()}
     uncached = uncached_greedy(loaded, data.eval[:2], tok, mc.max_target_len)
     cached = lambda: decode_batches(loaded.graphdef, loaded.params, data.eval[:2], loaded.mesh, tok,  # noqa: E731
                                     settings["greedy"], mc.max_target_len)
