@@ -1,6 +1,6 @@
 """Encoder–decoder decoding (fastserve.generation.seq2seq_decode): the cached decoder equals the full teacher-forced
 pass, beam size 1 equals greedy, beam search is exact against brute force on a tiny model and beats greedy where
-greedy is built to fail."""
+greedy is built to fail; decoding on a 2×2×2 mesh equals 1 device."""
 import itertools
 
 import jax
@@ -137,3 +137,56 @@ def test_early_stopping_ends_the_loop_when_every_beam_has_finished():
         return table[tokens], cache
     sd.beam_loop(step, None, 1, beam_size=2, max_len=20, bos_id=BOS, eos_id=EOS, pad_id=PAD, early_stopping=True)
     assert len(calls) <= 3          # EOS is among the best two at every step: two finished by step 2
+
+
+MESH_SCRIPT = """
+import json, jax
+jax.config.update("jax_num_cpu_devices", 8)
+import numpy as np
+from flax import nnx
+from fastserve import parallel
+from fastserve.config import MeshConfig
+from fastserve.generation.translation import DecodeSettings, decode_batches
+from fastserve.models.seq2seq import Seq2SeqConfig
+from fastserve.workdir import place_params
+
+cfg = Seq2SeqConfig(vocab_size=16, d_model=32, n_heads=2, d_ff=48, n_encoder_layers=1, n_decoder_layers=2,
+                    max_source_len=8, max_target_len=8, init_std=0.5)
+with nnx.use_eager_sharding(False):
+    params = nnx.to_pure_dict(nnx.state(cfg.build(nnx.Rngs(0))))
+rng = np.random.default_rng(1)
+lengths = rng.integers(2, 9, 8)
+mask = np.arange(8)[None, :] < lengths[:, None]
+batch = {"src": np.where(mask, rng.integers(3, 16, (8, 8)), 0).astype(np.int32), "src_mask": mask}
+class Tok:
+    bos_id, eos_id, pad_id = 1, 2, 0
+    def decode(self, ids):
+        return " ".join(str(int(i)) for i in ids)
+out = {}
+for shape in [(1, 1, 1), (2, 2, 2)]:
+    mesh = parallel.make_mesh(MeshConfig(*shape), jax.devices()[:int(np.prod(shape))])
+    graphdef, placed = place_params(params, cfg, mesh)
+    out["x".join(map(str, shape))] = {name: decode_batches(graphdef, placed, [batch], mesh, Tok(), s, 8)
+                                      for name, s in (("greedy", DecodeSettings()),
+                                                      ("beam", DecodeSettings(beam_size=3)))}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_decoding_on_a_2x2x2_mesh_equals_one_device():
+    """Greedy and beam search with weights sharded by the rules table and the batch split over data × fsdp."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], cwd=root, env=env, text=True, capture_output=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["2x2x2"] == out["1x1x1"]
+    assert len(out["1x1x1"]["beam"]) == 8
