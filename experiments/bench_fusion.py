@@ -2,8 +2,9 @@
 1e-3 / 3e-3 / 6e-3, same seed so the same held-out split and data order), their uniform and greedy soups and
 their probability-averaging ensemble, and the ensemble's cost (forward tokens/s vs one member, timed interleaved).
 
-    python experiments/bench_fusion.py            # d128 2-layer model, 150 + 60 steps (a few minutes on 2 cores)
-    python experiments/bench_fusion.py --quick    # 40 + 20 steps (about a minute or two on a loaded machine)
+    python experiments/bench_fusion.py            # d128 2-layer model, 150 + 60 steps: 4.6 min (2 cores, load ~14)
+    python experiments/bench_fusion.py --quick    # 40 + 20 steps: 3.7 min measured at load ~17 (mostly compiles
+                                                  # and tokenizer training)
 
 No peer framework is timed: the comparison that matters is fused vs single model, measured in the same run. The
 greedy soup is selected on the held-out split it is scored on (as fastserve.fuse --greedy does), so its number is
