@@ -1,7 +1,7 @@
 """Vision on Fashion-MNIST: fastserve's Keras-like face against Keras 3 on its JAX backend, and the ResNet's speed.
 
-    python experiments/bench_vision.py            # full: MLP 10 epochs on 55,000 images, CNN 3 epochs on 20,000
-                                                  # (~20-40 min on the shared 2-core CPU)
+    python experiments/bench_vision.py            # full: MLP 10 epochs on 55,000 images, CNN 3 epochs on 10,000
+                                                  # (~15-30 min on the shared 2-core CPU)
     python experiments/bench_vision.py --quick    # ~2 minutes: MLP 6,000 images, CNN 2,000, 2 epochs each
 
 Two models, each built twice — `fs.models.Sequential` and `keras.Sequential`, the same layers, Keras's default
@@ -218,13 +218,13 @@ def main() -> int:
         return 0 if result["met"] else 1
     load_avg = os.getloadavg()[0]
     data = load(6000 if args.quick else 55000)
-    cnn_examples = 2000 if args.quick else 20000
+    cnn_examples = 2000 if args.quick else 10000
     result = {"benchmark": "bench_vision", "quick": args.quick, "provenance": provenance(),
               "load_average": round(load_avg, 2), "cpu_count": os.cpu_count()}
     result["mlp"] = race("mlp", data, 32, 2 if args.quick else 10)
     result["cnn"] = race("cnn", (data[0][:cnn_examples], data[1][:cnn_examples], *data[2:]), 128,
                          2 if args.quick else 3)
-    result["resnet"] = resnet_speed(3 if args.quick else 20)
+    result["resnet"] = resnet_speed(3 if args.quick else 10)
     os.makedirs(RESULTS, exist_ok=True)
     name = "bench_vision_quick" if args.quick else "bench_vision"
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
