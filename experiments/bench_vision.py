@@ -10,7 +10,7 @@ size, epochs and data (the first N of the 55,000 training images, pixels / 255, 
 images):
   - mlp: the issue's seed snippet, 784 → 128 relu → 64 relu → 10 softmax, batch 32;
   - cnn: configs/fashion_mnist_cnn.yaml's layers (conv 32 - BN - relu - pool - conv 64 - BN - relu - pool - flatten -
-    dropout - dense 128 - dropout - softmax), batch 128.
+    dropout - dense 128 - dropout - softmax; BN momentum 0.9 for the short run), batch 128.
 The two frameworks train interleaved, one epoch each in turn (`fit(epochs=1)` repeatedly), so machine load hits both
 alike. Reported per framework: training examples/s from wall time and from CPU time (this process's, summed over
 threads: robust to other processes on a shared machine), over the epochs after the first (which compiles), the step
@@ -58,8 +58,11 @@ def layers_of(kind: str, lib) -> list:
     if kind == "mlp":
         return [lib.Flatten(), lib.Dense(128, activation="relu"), lib.Dense(64, activation="relu"),
                 lib.Dense(10, activation="softmax")]
-    return [lib.Conv2D(32, 3, padding="same", use_bias=False), lib.BatchNormalization(), lib.Activation("relu"),
-            lib.MaxPool2D(2), lib.Conv2D(64, 3, padding="same", use_bias=False), lib.BatchNormalization(),
+    # BN momentum 0.9 (the recipe keeps Keras's 0.99): a few hundred steps leave 0.99's running statistics
+    # far from the data's (measured: test accuracy 0.28 / 0.57 for fastserve / Keras after 237 steps)
+    return [lib.Conv2D(32, 3, padding="same", use_bias=False), lib.BatchNormalization(momentum=0.9),
+            lib.Activation("relu"), lib.MaxPool2D(2), lib.Conv2D(64, 3, padding="same", use_bias=False),
+            lib.BatchNormalization(momentum=0.9),
             lib.Activation("relu"), lib.MaxPool2D(2), lib.Flatten(), lib.Dropout(0.3),
             lib.Dense(128, activation="relu"), lib.Dropout(0.3), lib.Dense(10, activation="softmax")]
 
