@@ -2,7 +2,7 @@
 1e-3 / 3e-3 / 6e-3, same seed so the same held-out split and data order), their uniform and greedy soups and
 their probability-averaging ensemble, and the ensemble's cost (forward tokens/s vs one member, timed interleaved).
 
-    python experiments/bench_fusion.py            # d128 2-layer model, 150 + 60 steps: 4.6 min (2 cores, load ~14)
+    python experiments/bench_fusion.py            # d128 2-layer model, 150 + 60 steps: 74 s (2 cores, load ~4)
     python experiments/bench_fusion.py --quick    # 40 + 20 steps: 3.7 min measured at load ~17 (mostly compiles
                                                   # and tokenizer training)
 
