@@ -3,7 +3,7 @@
 their probability-averaging ensemble, and the ensemble's cost (forward tokens/s vs one member, timed interleaved).
 
     python experiments/bench_fusion.py            # d128 2-layer model, 150 + 60 steps: 74 s (2 cores, load ~4)
-    python experiments/bench_fusion.py --quick    # 40 + 20 steps: 3.7 min measured at load ~17 (mostly compiles
+    python experiments/bench_fusion.py --quick    # 40 + 20 steps: 51 s at load ~5 (3.7 min at load ~17; mostly compiles
                                                   # and tokenizer training)
 
 No peer framework is timed: the comparison that matters is fused vs single model, measured in the same run. The
