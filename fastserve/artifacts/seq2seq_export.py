@@ -15,6 +15,7 @@ target side, decoding) and source_tokenizer.model (encoding; the same model when
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from typing import Any
@@ -23,7 +24,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fastserve.artifacts.loader import FORMAT_VERSION, WEIGHTS_FILE
 from fastserve.artifacts.options import ExportError, ExportOptions
+
+log = logging.getLogger("fastserve.export")
 
 BEAM_SIZE = 4
 SEQ2SEQ_FUNCTIONS = ("encode", "translate", "beam")
@@ -42,7 +46,7 @@ def source_buckets(opts: ExportOptions, max_source_len: int) -> list[int]:
 def export_seq2seq(model_cfg: Any, params: Any, tokenizer: Any, out_dir: str, opts: ExportOptions, *,
                    source: dict[str, Any] | None = None) -> dict[str, Any]:
     """Writes the functions above, the weights, both tokenizers and the manifest into `out_dir`."""
-    from fastserve.artifacts import writer
+    from fastserve.artifacts import files as artifact_files
     from fastserve.artifacts.functions import batch_variants, export_one
     from fastserve.core.state import abstract_model
     from fastserve.generation.seq2seq_decode import beam_loop, model_step, translate_tokens
@@ -50,7 +54,7 @@ def export_seq2seq(model_cfg: Any, params: Any, tokenizer: Any, out_dir: str, op
     if tokenizer is None:
         raise ExportError("a seq2seq export needs the work dir's tokenizer (tokenizer.model)")
     graphdef, abstract, _ = abstract_model(model_cfg)
-    writer._check_params(params, abstract)
+    artifact_files.check_params(params, abstract)
     leaves, treedef = jax.tree.flatten(params)
     leaf_specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
     ids = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
@@ -72,7 +76,7 @@ def export_seq2seq(model_cfg: Any, params: Any, tokenizer: Any, out_dir: str, op
                          length_penalty=length_penalty, early_stopping=True, **ids)
 
     fns = {"encode": encode, "translate": translate, "beam": beam}
-    manifest_path = writer._prepare_dir(out_dir)
+    manifest_path = artifact_files.prepare_dir(out_dir)
     functions = {}
     sds = jax.ShapeDtypeStruct
     for b, suffix in batch_variants(opts.batch_sizes):
@@ -87,28 +91,28 @@ def export_seq2seq(model_cfg: Any, params: Any, tokenizer: Any, out_dir: str, op
                 fname = name + ".jax_exported"
                 with open(os.path.join(out_dir, fname), "wb") as f:
                     f.write(exp.serialize())
-                writer.log.info("exported %s (%.1f s)", fname, time.perf_counter() - t0)
+                log.info("exported %s (%.1f s)", fname, time.perf_counter() - t0)
                 functions[name] = {"file": fname, "kind": kind, "doc": DOCS[kind], "bucket": t,
                                    "batch": b if isinstance(b, int) else str(b), "platforms": list(exp.platforms),
                                    "args": ["params", "src", "src_mask"] + (["length_penalty"] if kind == "beam" else []),
                                    "results": [str(a.shape) for a in exp.out_avals][:4]}
-    writer.save_weights(os.path.join(out_dir, writer.WEIGHTS_FILE), writer.param_names(params), leaves)
-    files = [writer.WEIGHTS_FILE, writer._write_tokenizer(out_dir, tokenizer)]
+    artifact_files.save_weights(os.path.join(out_dir, WEIGHTS_FILE), artifact_files.param_names(params), leaves)
+    files = [WEIGHTS_FILE, artifact_files.write_tokenizer(out_dir, tokenizer)]
     source_tok = _source_tokenizer(source)
     if source_tok is not None:
         with open(os.path.join(out_dir, "source_tokenizer.model"), "wb") as f:
             f.write(source_tok)
         files.append("source_tokenizer.model")
-    manifest = {"capability": "seq2seq", "format_version": writer.FORMAT_VERSION,
+    manifest = {"capability": "seq2seq", "format_version": FORMAT_VERSION,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "jax_version": jax.__version__,
                 "platforms": list(opts.platforms), "model": dataclasses.asdict(model_cfg),
                 "buckets": source_buckets(opts, model_cfg.max_source_len), "max_target_len": max_len,
                 "beam_size": BEAM_SIZE, "batch": list(opts.batch_sizes) or "symbolic",
-                "params": writer._params_entry(params, leaves),
-                "tokenizer": {**writer._tokenizer_entry(tokenizer, files[1]),
+                "params": artifact_files.params_entry(params, leaves),
+                "tokenizer": {**artifact_files.tokenizer_entry(tokenizer, files[1]),
                               "source_file": "source_tokenizer.model" if source_tok is not None else files[1]},
                 "functions": functions, "source": source or {}}
-    return writer._finish(out_dir, manifest_path, manifest, files)
+    return artifact_files.finish(out_dir, manifest_path, manifest, files)
 
 
 def _source_tokenizer(source: dict[str, Any] | None) -> bytes | None:

@@ -24,17 +24,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Sequence
 
 import jax
 import numpy as np
-import safetensors
 from flax import nnx
 
 from fastserve import cli
@@ -47,53 +44,17 @@ from fastserve.artifacts.options import ExportError, ExportOptions
 from fastserve.models import build_model
 from fastserve.models import capabilities as caps
 from fastserve.models.capabilities import capability
-from fastserve.artifacts.loader import (EXPORTED_SUFFIX, FORMAT_VERSION, MANIFEST_FILE, SAFETENSORS_DTYPES,
-                                WEIGHTS_FILE, sha256_file)
+from fastserve.artifacts.loader import EXPORTED_SUFFIX, FORMAT_VERSION, WEIGHTS_FILE
+# the files every export writes (fusion/ensemble.py writes its own export with them too)
+from fastserve.artifacts.files import (check_params as _check_params, finish as _finish, param_names,
+                                      params_entry as _params_entry, prepare_dir as _prepare_dir, save_weights,
+                                      tokenizer_entry as _tokenizer_entry, write_tokenizer as _write_tokenizer)
 
 log = logging.getLogger("fastserve.export")
 
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-def param_names(params: Any) -> list[str]:
-    """Dotted tree paths of the leaves, in `jax.tree.leaves` order: `layers.0.attn.q.kernel`."""
-    return [jax.tree_util.keystr(path, simple=True, separator=".")
-            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-
-def save_weights(path: str, names: Sequence[str], leaves: Sequence[Any]) -> None:
-    """Writes the leaves as safetensors (bfloat16 and float8 included), keyed by their tree-path names."""
-    arrays = {}
-    for name, leaf in zip(names, leaves):
-        arr = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
-        if arr.dtype.name not in SAFETENSORS_DTYPES:
-            raise ExportError(f"parameter {name}: dtype {arr.dtype} cannot be stored in safetensors")
-        arrays[name] = arr.astype(arr.dtype.newbyteorder("<"), copy=False)  # safetensors is little-endian
-    if hasattr(safetensors, "TensorSpec"):  # safetensors >= 0.8: raw pointers; `arrays` keeps the buffers alive
-        specs = {name: safetensors.TensorSpec(dtype=a.dtype.name, shape=list(a.shape), data_ptr=a.ctypes.data,
-                                              data_len=a.nbytes) for name, a in arrays.items()}
-    else:  # older releases take the bytes themselves
-        specs = {name: {"dtype": a.dtype.name, "shape": list(a.shape), "data": a.tobytes()}
-                 for name, a in arrays.items()}
-    blob = safetensors.serialize(specs, metadata={"format": "fastserve", "order": "manifest.params.names"})
-    with open(path, "wb") as f:
-        f.write(bytes(blob))
-
-
-def _check_params(params: Any, abstract: Any) -> None:
-    """The parameters must have the model config's tree structure and shapes (dtypes may differ, e.g. bfloat16)."""
-    got, want = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(abstract)
-    if got != want:
-        have, need = set(param_names(params)), set(param_names(abstract))
-        raise ExportError(f"parameters do not match the model config: missing {sorted(need - have)[:8]}, "
-                          f"unexpected {sorted(have - need)[:8]}")
-    bad = [f"{n}: {tuple(p.shape)} (config wants {tuple(a.shape)})"
-           for n, p, a in zip(param_names(abstract), jax.tree.leaves(params), jax.tree.leaves(abstract))
-           if tuple(p.shape) != tuple(a.shape)]
-    if bad:
-        raise ExportError("parameter shapes do not match the model config: " + "; ".join(bad[:8]))
-
 
 # --------------------------------------------------------------------------------------------- the export
 
@@ -210,25 +171,6 @@ def export_forward(model_cfg: Any, params: Any, tokenizer: Tokenizer | None, out
     return _finish(out_dir, manifest_path, manifest, files)
 
 
-def _params_entry(params: Any, leaves: list[Any]) -> dict[str, Any]:
-    return {"file": WEIGHTS_FILE,
-            "order": "every function takes the weights as its first argument: a list of arrays in this order",
-            "names": param_names(params), "shapes": [list(map(int, x.shape)) for x in leaves],
-            "dtypes": [str(np.dtype(x.dtype)) for x in leaves], "num_leaves": len(leaves),
-            "num_parameters": int(sum(int(np.prod(x.shape)) for x in leaves))}
-
-
-def _prepare_dir(out_dir: str) -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    manifest_path = os.path.join(out_dir, MANIFEST_FILE)
-    if os.path.exists(manifest_path):
-        os.unlink(manifest_path)  # an interrupted re-export must not leave the old manifest vouching for new files
-    for stale in os.listdir(out_dir):  # functions of an earlier export into the same directory
-        if stale.endswith(EXPORTED_SUFFIX):
-            os.unlink(os.path.join(out_dir, stale))
-    return manifest_path
-
-
 def _write_function(out_dir, fn, args, platforms, name, kind, bucket, b, n_leaves, arg_names, result_names,
                     n_layers) -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -239,42 +181,6 @@ def _write_function(out_dir, fn, args, platforms, name, kind, bucket, b, n_leave
         f.write(blob)
     log.info("exported %s (%d bytes, %.1f s)", fname, len(blob), time.perf_counter() - t0)
     return describe(exp, fname, kind, bucket, b, n_leaves, arg_names, result_names, n_layers)
-
-
-def _write_tokenizer(out_dir: str, tokenizer: Any) -> str:
-    _, tok_file, tok_bytes = tokenizer.export_file()
-    with open(os.path.join(out_dir, tok_file), "wb") as f:
-        f.write(tok_bytes)
-    return tok_file
-
-
-def _tokenizer_entry(tokenizer: Any, tok_file: str) -> dict[str, Any]:
-    return {"file": tok_file, "kind": tokenizer.export_file()[0], "vocab_size": tokenizer.vocab_size,
-            "pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
-            "add_bos": bool(tokenizer.add_bos), "stop_ids": [int(i) for i in tokenizer.stop_ids],
-            "chat_template": getattr(tokenizer, "chat_template", None)}
-
-
-def _finish(out_dir: str, manifest_path: str, manifest: dict[str, Any], files: list[str]) -> dict[str, Any]:
-    """Hashes every file into the manifest and writes it last (atomically): a half-written export has none."""
-    files = files + [fn["file"] for fn in manifest["functions"].values()]
-    manifest["files"] = {f: {"sha256": sha256_file(os.path.join(out_dir, f)),
-                             "bytes": os.path.getsize(os.path.join(out_dir, f))} for f in files}
-    _atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
-    return manifest
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a manifest is as readable as the files beside it
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------- sources

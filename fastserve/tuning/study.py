@@ -183,7 +183,7 @@ def _short(v: Any) -> str:
 
 def tune(base: Config, spec: TuneSpec, tune_dir: str, seed: int = 0) -> dict[str, Any]:
     """Runs (or resumes) the study until it holds `spec.trials` finished trials or `spec.timeout_s` passes."""
-    optuna = _optuna()
+    _optuna()  # a clear error before any work when optuna is not installed
     study = open_study(tune_dir, spec, seed)
     requeued = requeue_interrupted(study)
     if spec.baseline and not study.get_trials(deepcopy=False):
