@@ -59,8 +59,49 @@ def _train(d: dict) -> dict:
             "MFU (vs measured matmul peak)": d["jax"]["mfu"]}
 
 
+def _finetune(d: dict) -> dict:
+    m, g = d["minilm"], d["goals"]
+    return {"MiniLM fastserve / PyTorch examples/s": m["ratio_examples_per_s"], "test accuracy gap": g["accuracy_gap"],
+            "over TF-IDF (goal ≥ 0.03)": g["over_tfidf"]}
+
+
+def _encoder_tasks(d: dict) -> dict:
+    t = d["tagging"]
+    return {"tagging fastserve / PyTorch tokens/s": t["ratio_tokens_per_s"]}
+
+
+def _fusion(d: dict) -> dict:
+    h = d["heldout_loss"]
+    return {"held-out loss base / best member / greedy soup / ensemble":
+            f"{h['base']} / {min(v for k, v in h.items() if k.startswith('lr='))} / {h['greedy_soup']} / {h['ensemble']}",
+            "ensemble / one model tokens/s": d["forward_tokens_per_s"]["ratio"]}
+
+
+def _translate(d: dict) -> dict:
+    return {"test BLEU greedy / beam 4 (copy baseline)":
+            f"{d['greedy']['bleu']:.2f} / {d['beam4']['bleu']:.2f} ({d['copy_baseline']['bleu']:.2f})",
+            "KV-cache speed-up": d["kv_cache_speedup"]}
+
+
+def _vision(d: dict) -> dict:
+    return {"MLP fastserve / Keras examples/s": d["mlp"]["ratio_wall"], "MLP accuracy gap (pt)": d["mlp"]["accuracy_gap_points"],
+            "CNN fastserve / Keras examples/s": d["cnn"]["ratio_wall"], "ResNet-18 images/s": d["resnet"]["images_per_s_wall"]}
+
+
+def _vision_recipe(d: dict) -> dict:
+    return {f"{d['recipe']} test accuracy": f"{d['test_accuracy']} (claim ≥ {d['claim_test_accuracy']})",
+            "met": d["met"]}
+
+
 EXTRACTORS = {"bench_compress": _compress, "bench_decode": _decode, "bench_quickstart": _quickstart,
-              "bench_recipes": _recipes, "bench_serving": _serving, "bench_train": _train}
+              "bench_recipes": _recipes, "bench_serving": _serving, "bench_train": _train,
+              "bench_finetune": _finetune, "bench_encoder_tasks": _encoder_tasks, "bench_fusion": _fusion,
+              "bench_fusion_quick": _fusion, "bench_translate": _translate, "bench_vision": _vision,
+              "bench_vision_recipe_cnn": _vision_recipe, "bench_vision_recipe_resnet": _vision_recipe}
+# results written by a mode of another script
+COMMANDS = {"bench_fusion_quick": "python experiments/bench_fusion.py --quick",
+            "bench_vision_recipe_cnn": "python experiments/bench_vision.py --recipe cnn",
+            "bench_vision_recipe_resnet": "python experiments/bench_vision.py --recipe resnet"}
 
 
 def _fmt(v) -> str:
@@ -72,10 +113,12 @@ def _fmt(v) -> str:
 def row(name: str, d: dict) -> str:
     headline = d.get("headline") or (EXTRACTORS[name](d) if name in EXTRACTORS else {})
     figures = "; ".join(f"{k}: {_fmt(v)}" for k, v in headline.items()) or "(no headline recorded)"
-    commit = d.get("commit")
-    commit = f"`{commit[:7]}`{' (dirty)' if d.get('dirty') else ''}" if commit and commit != "unknown" else "not recorded"
-    machine = d.get("machine") or d.get("device") or "not recorded"
-    command = d.get("command") or f"python experiments/{name}.py"
+    prov = d.get("provenance") if isinstance(d.get("provenance"), dict) else d
+    commit = prov.get("commit")
+    commit = f"`{commit[:7]}`{' (dirty)' if prov.get('dirty') else ''}" if commit and commit != "unknown" else "not recorded"
+    machine = d.get("machine") or d.get("device") or (f"{d['cpu_count']} CPU cores" if d.get("cpu_count") else
+                                                      "not recorded")
+    command = d.get("command") or COMMANDS.get(name) or f"python experiments/{name}.py"
     plots = " ".join(f"[plot](results/{p.name})" for p in sorted(RESULTS.glob(f"{name}*.png")))
     notes = " ".join(f"[notes](results/{p.name})" for p in sorted(RESULTS.glob(f"{name}*.md")))
     return (f"| {name} | `{command}` | {str(d.get('date', ''))[:10]} | {commit} | {machine} | {figures} | "

@@ -76,3 +76,17 @@ class Task(abc.ABC):
 
 def weighted_mean(sums: dict[str, float], key: str) -> float:
     return float(sums[key]) / max(float(sums["weight"]), 1e-9)
+
+
+def real_tokens(batch: dict) -> int:
+    """Tokens of a padded batch of sequences that are not padding (the unit of per-token encoder tasks)."""
+    return int(batch["mask"].sum())
+
+
+def flops_per_token(cfg: Any) -> float | None:
+    """Training FLOPs per token of a model that states its FLOPs per example of `data.seq_len` tokens."""
+    per_example = getattr(cfg.model, "flops_per_example", None)
+    seq_len = getattr(cfg.data, "seq_len", 0)
+    if per_example is None or not seq_len:
+        return None
+    return per_example(seq_len) / seq_len

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from fastserve.checks import at_least
-from fastserve.tasks.base import Task, weighted_mean
+from fastserve.tasks.base import Task, flops_per_token, real_tokens, weighted_mean
 
 # how the chosen positions are corrupted: [MASK], a random token, unchanged (BERT's 80/10/10)
 REPLACE_MASK, REPLACE_RANDOM = 0.8, 0.1
@@ -134,14 +134,10 @@ class MaskedLM(Task):
 
     def units(self, batch):
         """Real (unpadded) tokens."""
-        return int(batch["mask"].sum())
+        return real_tokens(batch)
 
     def flops_per_unit(self, cfg):
-        per_example = getattr(cfg.model, "flops_per_example", None)
-        seq_len = getattr(cfg.data, "seq_len", 0)
-        if per_example is None or not seq_len:
-            return None
-        return per_example(seq_len) / seq_len
+        return flops_per_token(cfg)
 
 
 def vocab_size_of(model) -> int:

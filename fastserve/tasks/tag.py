@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from fastserve.checks import one_of
-from fastserve.tasks.base import Task, weighted_mean
+from fastserve.tasks.base import Task, flops_per_token, real_tokens, weighted_mean
 from fastserve.tasks.spans import span_counts, span_f1
 
 SCHEMES = ("bio", "none")
@@ -73,11 +73,7 @@ class Tagging(Task):
 
     def units(self, batch):
         """Real (unpadded) tokens."""
-        return int(batch["mask"].sum())
+        return real_tokens(batch)
 
     def flops_per_unit(self, cfg):
-        per_example = getattr(cfg.model, "flops_per_example", None)
-        seq_len = getattr(cfg.data, "seq_len", 0)
-        if per_example is None or not seq_len:
-            return None
-        return per_example(seq_len) / seq_len
+        return flops_per_token(cfg)
