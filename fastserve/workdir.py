@@ -86,6 +86,10 @@ def _load_checkpoint(cfg: Config, mesh) -> LoadedModel:
             tokenizer = BPETokenizer.from_json(f.read())
     elif os.path.isfile(os.path.join(workdir, "tokenizer.model")):
         tokenizer = Tokenizer.from_file(os.path.join(workdir, "tokenizer.model"))
+    elif trained.tokenizer.path and os.path.exists(resolve_path(trained.tokenizer.path)):
+        # a run that read an existing tokenizer (`tokenizer.path`) from where it read it
+        from fastserve.data.tokenizer import load_or_train_tokenizer
+        tokenizer = load_or_train_tokenizer(resolve_path(trained.tokenizer.path), [], 0, "", workdir)
     else:  # a family without text (images) or a source that brings its own vocabulary
         tokenizer = None
     ckpt = Checkpointer(ckpt_dir)

@@ -144,3 +144,20 @@ def test_a_config_change_on_resume_is_reported_as_such(tiny_config):
     with pytest.raises(CheckpointMismatch, match=r"not saved: params\.lm_head\.kernel"):
         prepare_state(untied)
     assert Checkpointer(os.path.join(cfg.train.workdir, "checkpoints")).all_steps() == [2, 4]
+
+
+def test_a_run_given_tokenizer_path_loads_with_that_tokenizer(tiny_config, tmp_path):
+    from conftest import TINY
+    from fastserve.config import load_config
+    from fastserve.workdir import load_model
+
+    first = tiny_config("train.steps=2", "train.eval_every=2", "checkpoint.every=2")
+    train(first)
+    vocab = os.path.join(first.train.workdir, "tokenizer.model")
+    second = load_config(None, [*TINY, f"train.workdir={tmp_path / 'second'}", f"tokenizer.path={vocab}",
+                                "train.steps=2", "train.eval_every=2", "checkpoint.every=2"])
+    train(second)
+    assert not os.path.exists(os.path.join(second.train.workdir, "tokenizer.model"))  # read where it lies
+    loaded = load_model(load_config(None, [f"source.path={second.train.workdir}", "mesh.data=1"]))
+    assert loaded.tokenizer is not None and loaded.tokenizer.encode("the class") == \
+        load_model(load_config(None, [f"source.path={first.train.workdir}", "mesh.data=1"])).tokenizer.encode("the class")
