@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 
 from fastserve.interop.gguf import ImportedModel, _cast, check_params
-from fastserve.interop.safetensors_llama import _open_tensors
+from fastserve.interop.safetensors_llama import _open_tensors, read_hf_config
 from fastserve.models.encoder import EncoderConfig
-from fastserve.models.layers import dtype_of
 
 _HEADS = {"BertModel": ("embed", False), "BertForMaskedLM": ("mlm", False), "BertForPreTraining": ("mlm", True),
           "BertForSequenceClassification": ("classify", False), "BertForTokenClassification": ("tag", False)}
@@ -107,16 +106,7 @@ def read_hf_bert(directory: str, dtype: str = "float32", head: str | None = None
                  ) -> tuple[EncoderConfig, dict[str, Any], str]:
     """(config, every tensor of the checkpoint under our paths, the source's name). Raises FileNotFoundError
     without config.json / safetensors, ValueError for an unsupported config or an unknown tensor (named)."""
-    dtype_of(dtype)  # an unknown dtype fails before anything is read
-    directory = os.fspath(directory)
-    if os.path.isfile(directory):
-        directory = os.path.dirname(directory) or "."
-    conf_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(conf_path):
-        raise FileNotFoundError(f"no config.json in {directory}")
-    with open(conf_path, encoding="utf-8") as f:
-        conf = json.load(f)
-    source = os.path.basename(os.path.normpath(directory)) or directory
+    directory, conf, source = read_hf_config(directory, dtype)
     cfg = encoder_config_from_hf(conf, dtype, f"{source}/config.json", head)
     params: dict[str, Any] = {}
     unknown = []

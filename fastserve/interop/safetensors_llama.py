@@ -96,6 +96,21 @@ def _open_tensors(directory: str) -> dict[str, np.ndarray]:
     return tensors
 
 
+def read_hf_config(directory: str | os.PathLike, dtype: str) -> tuple[str, dict[str, Any], str]:
+    """(the model directory, its config.json, a short name for messages) of a HF checkpoint directory (or a file in
+    it); an unknown `dtype` fails before anything is read."""
+    dtype_of(dtype)
+    directory = os.fspath(directory)
+    if os.path.isfile(directory):
+        directory = os.path.dirname(directory) or "."
+    conf_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(conf_path):
+        raise FileNotFoundError(f"no config.json in {directory}")
+    with open(conf_path, encoding="utf-8") as f:
+        conf = json.load(f)
+    return directory, conf, os.path.basename(os.path.normpath(directory)) or directory
+
+
 def load_hf_llama(directory: str | os.PathLike, dtype: str = "float32") -> ImportedModel:
     """Reads a HF Llama directory into `DecoderLM` params (numpy arrays of `dtype`), its `tokenizer.json` tokenizer
     (None without one) and the chat template of tokenizer_config.json (None without one).
@@ -106,16 +121,7 @@ def load_hf_llama(directory: str | os.PathLike, dtype: str = "float32") -> Impor
     """
     from fastserve.interop.tokenizer import BPETokenizer
 
-    dtype_of(dtype)  # an unknown dtype fails before anything is read
-    directory = os.fspath(directory)
-    if os.path.isfile(directory):
-        directory = os.path.dirname(directory) or "."
-    conf_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(conf_path):
-        raise FileNotFoundError(f"no config.json in {directory}")
-    with open(conf_path, encoding="utf-8") as f:
-        conf = json.load(f)
-    source = os.path.basename(os.path.normpath(directory)) or directory
+    directory, conf, source = read_hf_config(directory, dtype)
     cfg = model_config_from_hf(conf, dtype, f"{source}/config.json")
     tensors = {k: v for k, v in _open_tensors(directory).items() if not k.endswith(_IGNORED_SUFFIXES)}
 

@@ -89,6 +89,15 @@ class CNNConfig:
         return {"inputs": jax.ShapeDtypeStruct((batch, self.image_size, self.image_size, self.channels), jnp.float32)}
 
 
+def check_images(images: jax.Array, family: str, image_size: int, channels: int) -> None:
+    """NHWC images of the configured channels (and side, when set), else an error naming both shapes."""
+    if images.ndim != 4 or images.shape[-1] != channels or (
+            image_size and images.shape[1:3] != (image_size, image_size)):
+        want = f"[batch, {image_size or 'H'}, {image_size or 'W'}, {channels}]"
+        raise ValueError(f"the {family} model (model.image_size={image_size}, model.channels={channels}) "
+                         f"takes NHWC images {want}, got shape {tuple(images.shape)}")
+
+
 def forward_flops(cfg: CNNConfig) -> float:
     """Multiply-adds × 2 of the convolutions and the head for one image (norms, pools and ReLUs not counted)."""
     side, k2 = cfg.image_size, cfg.kernel_size ** 2
@@ -179,11 +188,7 @@ class CNN(nnx.Module):
                            dtype=self.dtype, param_dtype=dtype_of(cfg.param_dtype), init_std=cfg.head_init_std)
 
     def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        if images.ndim != 4 or images.shape[-1] != self.channels or (
-                self.image_size and images.shape[1:3] != (self.image_size, self.image_size)):
-            want = f"[batch, {self.image_size or 'H'}, {self.image_size or 'W'}, {self.channels}]"
-            raise ValueError(f"the cnn model (model.image_size={self.image_size}, model.channels={self.channels}) "
-                             f"takes NHWC images {want}, got shape {tuple(images.shape)}")
+        check_images(images, "cnn", self.image_size, self.channels)
         x = constrain(images.astype(self.dtype), ACTIVATION_AXES)
         x = jax.nn.relu(self.stem_norm(self.stem(x)))
         for i, stage in enumerate(self.stages):

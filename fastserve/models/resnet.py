@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fastserve.models.cnn import ACTIVATION_AXES, KERNEL_AXES, NORM_AXES
+from fastserve.models.cnn import ACTIVATION_AXES, KERNEL_AXES, NORM_AXES, check_images
 from fastserve.models.layers import Linear, constrain, dtype_of
 
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3)}
@@ -200,11 +200,7 @@ class ResNet(nnx.Module):
                            dtype=self.dtype, param_dtype=dtype_of(cfg.param_dtype), init_std=cfg.head_init_std)
 
     def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        if images.ndim != 4 or images.shape[-1] != self.channels or (
-                self.image_size and images.shape[1:3] != (self.image_size, self.image_size)):
-            want = f"[batch, {self.image_size or 'H'}, {self.image_size or 'W'}, {self.channels}]"
-            raise ValueError(f"the resnet model (model.image_size={self.image_size}, model.channels={self.channels}) "
-                             f"takes NHWC images {want}, got shape {tuple(images.shape)}")
+        check_images(images, "resnet", self.image_size, self.channels)
         x = constrain(images.astype(self.dtype), ACTIVATION_AXES)
         x = jax.nn.relu(self.stem_norm(self.stem(x)))
         if self.imagenet_stem:

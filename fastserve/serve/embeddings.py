@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -189,47 +188,17 @@ class EmbeddingServer(Server):
     # -- serving: the generation server's, with the runner's compile in place of the engine's start
 
     def warm_up(self) -> None:
-        """Compiles every bucket (at the runner's batch size) before the port opens."""
+        """Compiles every bucket (at the runner's batch size) before the server accepts requests."""
         for bucket in self.runner.buckets:
             self.runner.embed_wrapped([[0] * bucket])
 
-    def start(self, host: str | None = None, port: int | None = None, timeout: float = 30.0) -> "EmbeddingServer":
-        """Serves on a background thread; returns once the port accepts connections."""
-        import threading
+    def _begin(self) -> None:
         self.warm_up()
-        sock = self._bind(host, port)
-        server = self._make_uvicorn()
-        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="fastserve-http",
-                                        daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the HTTP server did not start on {self.url}")
-            time.sleep(0.01)
-        return self
 
-    def run(self, host: str | None = None, port: int | None = None) -> None:
-        """Serves in the foreground until SIGINT / SIGTERM, then returns."""
-        self.warm_up()
-        sock = self._bind(host, port)
-        print(f"fastserve: serving '{self.model_name}' embeddings at {self.url} (POST /v1/embeddings; dimension "
-              f"{self.dimension}, buckets {self.runner.buckets}); Ctrl-C stops", file=sys.stderr, flush=True)
-        try:
-            self._make_uvicorn().run(sockets=[sock])
-        except KeyboardInterrupt:
-            pass
-        finally:
-            self._worker.shutdown(wait=True)
-            print("fastserve: stopped", file=sys.stderr, flush=True)
-
-    def stop(self, engine: bool = True) -> None:
-        """Stops the HTTP server (open requests are answered first) and the worker thread."""
-        if self._uvicorn is not None:
-            self._uvicorn.should_exit = True
-        if self._thread is not None:
-            self._thread.join(self.shutdown_grace_s + 15)
-            self._thread = None
+    def _end(self) -> None:
         self._worker.shutdown(wait=True)
+
+    def _banner(self) -> str:
+        return (f"fastserve: serving '{self.model_name}' embeddings at {self.url} (POST /v1/embeddings; dimension "
+                f"{self.dimension}, buckets {self.runner.buckets}); Ctrl-C stops")
 

@@ -357,10 +357,22 @@ class Server:
         self._uvicorn = _Uvicorn(config)
         return self._uvicorn
 
+    # what runs behind the HTTP server: the engine here; a subclass serving another kind of model overrides these
+    def _begin(self) -> None:
+        self.engine.start()
+
+    def _end(self) -> None:
+        self.engine.stop()
+
+    def _banner(self) -> str:
+        return (f"fastserve: serving '{self.model_name}' at {self.url} (OpenAI API under /v1; scheduler "
+                f"{self.engine.scheduler.name}, {self.engine.slots} slots, buckets {self.engine.buckets}); "
+                "Ctrl-C stops")
+
     def start(self, host: str | None = None, port: int | None = None, timeout: float = 30.0) -> "Server":
         """Starts the engine and serves on a background thread; returns once the port accepts connections."""
         sock = self._bind(host, port)
-        self.engine.start()
+        self._begin()
         server = self._make_uvicorn()
         self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="fastserve-http",
                                         daemon=True)
@@ -377,16 +389,14 @@ class Server:
         """Serves in the foreground until SIGINT / SIGTERM (see the class: requests in flight are answered), then
         stops the engine and returns."""
         sock = self._bind(host, port)
-        self.engine.start()
-        print(f"fastserve: serving '{self.model_name}' at {self.url} (OpenAI API under /v1; scheduler "
-              f"{self.engine.scheduler.name}, {self.engine.slots} slots, buckets {self.engine.buckets}); Ctrl-C stops",
-              file=sys.stderr, flush=True)
+        self._begin()
+        print(self._banner(), file=sys.stderr, flush=True)
         try:
             self._make_uvicorn().run(sockets=[sock])
         except KeyboardInterrupt:   # a second Ctrl-C while shutting down
             pass
         finally:
-            self.engine.stop()
+            self._end()
             print("fastserve: stopped", file=sys.stderr, flush=True)
 
     def stop(self, engine: bool = True) -> None:
@@ -398,7 +408,7 @@ class Server:
             self._thread.join(self.shutdown_grace_s + 15)
             self._thread = None
         if engine:
-            self.engine.stop()
+            self._end()
 
     def __enter__(self) -> "Server":
         return self
