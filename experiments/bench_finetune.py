@@ -97,11 +97,16 @@ def hf_directory(cfg) -> str:
     return resolve_path(cfg.train.init_from)
 
 
-def compare(cfg, steps: int, phase: int, n_test: int, splits) -> dict:
-    """Alternating phases of fastserve and PyTorch steps on the same batches; test metrics of both."""
+def compare(cfg, steps: int, phase: int, n_test: int, splits, peer_steps: int | None = None,
+            eval_at: tuple[int, ...] = ()) -> dict:
+    """Alternating phases of fastserve and PyTorch steps on the same batches; test metrics of both. With `peer_steps`
+    < `steps`, PyTorch trains (and is timed on) only the first `peer_steps` batches, interleaved as before, and is not
+    scored on test (its schedule still spans `steps`, so the window is the same recipe's start); fastserve goes on
+    alone to `steps`. `eval_at`: earlier steps at which fastserve is also scored on test."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
+    peer_steps = steps if peer_steps is None else min(peer_steps, steps)
     t0 = time.perf_counter()
     fs = FastserveClassifier(cfg)
     fs_setup_s = time.perf_counter() - t0
@@ -109,15 +114,21 @@ def compare(cfg, steps: int, phase: int, n_test: int, splits) -> dict:
     t0 = time.perf_counter()
     pt = TorchBertClassifier(hf_directory(cfg), 2, o.learning_rate, min(o.warmup_steps, steps), steps,
                              o.weight_decay, o.clip_norm, o.b1, o.b2, o.eps, cfg.train.seed,
-                             cfg.model.attention_dropout)
+                             cfg.model.attention_dropout) if peer_steps > 0 else None
     pt_setup_s = time.perf_counter() - t0
     batches = list(islice(fs.data.train, steps))
+    test_x, test_y = splits["test"]
+    tb = test_batches(fs, test_x[:n_test], test_y[:n_test])
     seen: set[int] = set()
     timed = {"fastserve": [0.0, 0], "pytorch": [0.0, 0]}
     losses = {"fastserve": [], "pytorch": []}
+    compile_s = {"fastserve": 0.0, "pytorch": 0.0}
+    t_train, earlier = time.perf_counter(), {}
     for start in range(0, steps, phase):
-        for name, run in (("fastserve", fs.step), ("pytorch", pt.train_step)):
-            for i in range(start, min(start + phase, steps)):
+        sides = [("fastserve", fs.step, steps)] + ([("pytorch", pt.train_step, peer_steps)] if start < peer_steps
+                                                   else [])
+        for name, run, last in sides:
+            for i in range(start, min(start + phase, last)):
                 b = batches[i]
                 t = time.perf_counter()
                 losses[name].append(run(b))
@@ -125,30 +136,46 @@ def compare(cfg, steps: int, phase: int, n_test: int, splits) -> dict:
                 length = b["inputs"].shape[1]
                 first = (name, length) not in seen
                 seen.add((name, length))
-                if not first:                      # a new padded length: compile / warm-up, not throughput
+                if first:                          # a new padded length: compile / warm-up, not throughput
+                    compile_s[name] += dt
+                else:
                     timed[name][0] += dt
                     timed[name][1] += len(b["inputs"])
-        print(json.dumps({"step": min(start + phase, steps), "loss_fastserve": round(losses["fastserve"][-1], 4),
-                          "loss_pytorch": round(losses["pytorch"][-1], 4)}), flush=True)
-    test_x, test_y = splits["test"]
-    tb = test_batches(fs, test_x[:n_test], test_y[:n_test])
+        done = min(start + phase, steps)
+        print(json.dumps({"step": done, "loss_fastserve": round(float(np.mean(losses["fastserve"][-phase:])), 4),
+                          **({"loss_pytorch": round(float(np.mean(losses["pytorch"][-phase:])), 4)}
+                             if start < peer_steps else {}),
+                          "wall_s": round(time.perf_counter() - t_train, 1)}), flush=True)
+        if done in eval_at and done < steps:
+            earlier[done] = fs.evaluate(tb)
+            print(json.dumps({"step": done, "test_fastserve": earlier[done]}), flush=True)
     t = time.perf_counter()
     fs_test = fs.evaluate(tb)
     fs_eval_s = time.perf_counter() - t
-    t = time.perf_counter()
-    pt_test = scores(pt.predict(tb), np.asarray(test_y[:n_test]))
-    pt_eval_s = time.perf_counter() - t
+    pt_test, pt_eval_s = {}, None
+    if pt is not None and peer_steps == steps:
+        t = time.perf_counter()
+        pt_test = scores(pt.predict(tb), np.asarray(test_y[:n_test]))
+        pt_eval_s = round(time.perf_counter() - t, 1)
     rate = {k: v[1] / max(v[0], 1e-9) for k, v in timed.items()}
+    window = {k: round(float(np.mean(v[:peer_steps])), 4) for k, v in losses.items() if v}
     lengths = sorted({b["inputs"].shape[1] for b in batches})
     return {"steps": steps, "batch_size": cfg.data.batch_size, "max_len": cfg.data.seq_len, "padded_lengths": lengths,
-            "phase_steps": phase, "test_examples": len(test_y[:n_test]),
+            "mean_padded_length": round(float(np.mean([b["inputs"].shape[1] for b in batches])), 1),
+            "phase_steps": phase, "peer_steps": peer_steps, "test_examples": len(test_y[:n_test]),
+            "mean_loss_first_peer_steps": window,
             "fastserve": {"examples_per_s": round(rate["fastserve"], 2), "timed_examples": timed["fastserve"][1],
-                          "setup_s": round(fs_setup_s, 1), "test_eval_s": round(fs_eval_s, 1),
-                          "final_loss": round(float(np.mean(losses["fastserve"][-10:])), 4), **fs_test},
+                          "setup_s": round(fs_setup_s, 1), "first_step_per_length_s": round(compile_s["fastserve"], 1),
+                          "train_wall_s": round(time.perf_counter() - t_train - fs_eval_s, 1),
+                          "test_eval_s": round(fs_eval_s, 1),
+                          "final_loss": round(float(np.mean(losses["fastserve"][-10:])), 4), **fs_test,
+                          "test_at_step": {str(k): v for k, v in earlier.items()}},
             "pytorch": {"examples_per_s": round(rate["pytorch"], 2), "timed_examples": timed["pytorch"][1],
-                        "setup_s": round(pt_setup_s, 1), "test_eval_s": round(pt_eval_s, 1),
-                        "final_loss": round(float(np.mean(losses["pytorch"][-10:])), 4), **pt_test,
-                        "threads": torch.get_num_threads()},
+                        "trained_steps": len(losses["pytorch"]),
+                        "setup_s": round(pt_setup_s, 1), "first_step_per_length_s": round(compile_s["pytorch"], 1),
+                        "test_eval_s": pt_eval_s,
+                        "final_loss": round(float(np.mean(losses["pytorch"][-10:])), 4) if losses["pytorch"] else None,
+                        **pt_test, "threads": torch.get_num_threads()},
             "ratio_examples_per_s": round(rate["fastserve"] / max(rate["pytorch"], 1e-9), 3)}
 
 
@@ -213,7 +240,11 @@ def markdown(r: dict) -> str:
              "| run | test accuracy | test macro-F1 | train examples/s |", "|---|---|---|---|"]
     for side in ("fastserve", "pytorch"):
         s = c[side]
-        lines.append(f"| MiniLM, {side} | {s['accuracy']:.3f} | {s['macro_f1']:.3f} | {s['examples_per_s']:.2f} |")
+        if "accuracy" in s:
+            lines.append(f"| MiniLM, {side} | {s['accuracy']:.3f} | {s['macro_f1']:.3f} | {s['examples_per_s']:.2f} |")
+        else:
+            lines.append(f"| MiniLM, {side} (first {s['trained_steps']} steps only, not scored) | | | "
+                         f"{s['examples_per_s']:.2f} |")
     lines.append(f"| majority class | {b['majority']['accuracy']:.3f} | {b['majority']['macro_f1']:.3f} | |")
     lines.append(f"| TF-IDF + logistic regression (C={b['tfidf_logreg']['C']}) | {b['tfidf_logreg']['accuracy']:.3f} | "
                  f"{b['tfidf_logreg']['macro_f1']:.3f} | |")
@@ -225,10 +256,13 @@ def markdown(r: dict) -> str:
             lines.append(f"| {rec['recipe']}{init} ({rec['train_wall_s']:.0f} s) | {rec['test_accuracy']:.3f} | "
                          f"{rec['test_macro_f1']:.3f} | |")
     g = r["goals"]
+    equal = ("not measured (PyTorch trained a window only; mean loss over it: "
+             f"{c.get('mean_loss_first_peer_steps')})" if g["accuracy_gap"] is None else
+             f"{g['accuracy_gap']:+.3f} (goal ±0.01: {'met' if g['equal_accuracy'] else 'missed'})")
     lines += ["", f"fastserve / PyTorch examples/s: **{c['ratio_examples_per_s']:.3f}** (goal ≥ 1.0: "
-              f"{'met' if g['ratio'] else 'missed'}); accuracy difference {g['accuracy_gap']:+.3f} (goal ±0.01: "
-              f"{'met' if g['equal_accuracy'] else 'missed'}); MiniLM − TF-IDF {g['over_tfidf']:+.3f} (goal ≥ 0.03: "
-              f"{'met' if g['beats_tfidf'] else 'missed'})."]
+              f"{'met' if g['ratio'] else 'missed'}); accuracy difference {equal}; MiniLM − TF-IDF "
+              f"{g['over_tfidf']:+.3f} accuracy, {g.get('over_tfidf_macro_f1', float('nan')):+.3f} macro-F1 "
+              f"(goal ≥ 0.03: {'met' if g['beats_tfidf'] else 'missed'})."]
     return "\n".join(lines) + "\n"
 
 
@@ -243,6 +277,12 @@ def main() -> int:
                     help="minilm: the comparison and baselines only; recipes: only the recipes (merged into the "
                          "recorded result, so the two can run as separate processes)")
     ap.add_argument("--recipes", default=",".join(RECIPES), help="which recipes to run (comma-separated)")
+    ap.add_argument("--peer-steps", type=int, default=None,
+                    help="PyTorch trains (interleaved, timed) only the first N steps and is not scored on test; "
+                         "default: the whole run")
+    ap.add_argument("--eval-at", default="", help="earlier steps at which fastserve is also scored on test (comma-"
+                                                  "separated)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of configs/sentiment_minilm.yaml")
     args = ap.parse_args()
     os.chdir(REPO)
     t_start = time.time()
@@ -253,11 +293,14 @@ def main() -> int:
         result["baselines"] = baselines(splits)
         print(json.dumps({"baselines": result["baselines"]}), flush=True)
         workdir = tempfile.mkdtemp(prefix="fastserve-minilm-")
-        cfg = fastserve.load_config(MINILM, [f"train.workdir={workdir}", "data.eval_split=test"])
+        cfg = fastserve.load_config(MINILM, [f"train.workdir={workdir}", "data.eval_split=test", *args.overrides])
         steps = 4 if args.quick else cfg.train.steps
         n_test = 32 if args.quick else len(splits["test"][0])
         phase = args.phase or max(1, steps // 4)
-        result["minilm"] = compare(cfg, steps, phase, n_test, splits)
+        eval_at = tuple(int(x) for x in args.eval_at.split(",") if x)
+        peer = None if args.peer_steps is None else (min(args.peer_steps, 2) if args.quick else args.peer_steps)
+        result["minilm"] = compare(cfg, steps, phase, n_test, splits, peer, eval_at)
+        result["minilm"]["overrides"] = args.overrides
         print(json.dumps({"minilm": result["minilm"]}), flush=True)
     if args.part != "minilm" and not args.quick:
         chosen = [n for n in args.recipes.split(",") if n]
@@ -284,10 +327,13 @@ def main() -> int:
         print(json.dumps(result))
         return 0
     fs, pt = result["minilm"]["fastserve"], result["minilm"]["pytorch"]
-    gap = fs["accuracy"] - pt["accuracy"]
+    gap = fs["accuracy"] - pt["accuracy"] if "accuracy" in pt else None   # None: PyTorch ran a window only
     over = fs["accuracy"] - result["baselines"]["tfidf_logreg"]["accuracy"]
-    result["goals"] = {"ratio": result["minilm"]["ratio_examples_per_s"] >= 1.0, "accuracy_gap": round(gap, 4),
-                       "equal_accuracy": abs(gap) <= 0.01, "over_tfidf": round(over, 4), "beats_tfidf": over >= 0.03}
+    over_f1 = fs["macro_f1"] - result["baselines"]["tfidf_logreg"]["macro_f1"]
+    result["goals"] = {"ratio": result["minilm"]["ratio_examples_per_s"] >= 1.0,
+                       "accuracy_gap": None if gap is None else round(gap, 4),
+                       "equal_accuracy": None if gap is None else abs(gap) <= 0.01, "over_tfidf": round(over, 4),
+                       "over_tfidf_macro_f1": round(over_f1, 4), "beats_tfidf": over >= 0.03}
     result["wall_s"] = round(time.time() - t_start, 1)
     if not args.quick:
         with open(out + ".json", "w") as f:

@@ -78,6 +78,37 @@ def test_batches_pad_to_the_smallest_bucket_with_a_mask_and_resume():
     assert all((np.concatenate([h[k] for h in halves]) == batches[0][k]).all() for k in batches[0])
 
 
+def test_length_grouped_batches_pad_less_cover_each_example_once_per_epoch_and_resume():
+    rng = np.random.default_rng(2)
+    texts = [" ".join("w" for _ in range(int(n))) for n in rng.integers(1, 63, 203)]
+    enc = et.encode_texts(WordTokenizer(), texts, max_len=64)
+    labels = np.arange(203, dtype=np.int32)          # the label names the example
+    buckets = [8, 16, 24, 32, 48, 64]
+
+    def epoch(it, n=25):
+        bs = [next(it) for _ in range(n)]
+        return bs, sum(b["inputs"].size for b in bs)
+
+    plain, plain_tokens = epoch(et.TextBatches(enc, labels, 8, 3, buckets, 0))
+    grouped_it = et.TextBatches(enc, labels, 8, 3, buckets, 0, group_by_length=5)
+    grouped, grouped_tokens = epoch(grouped_it)
+    assert grouped_it.get_state() == {"epoch": 1, "index": 0}     # 25 batches of 8 = one epoch (3 dropped)
+    seen = np.concatenate([b["labels"] for b in grouped])
+    assert len(set(seen.tolist())) == 200                         # every kept example exactly once
+    assert grouped_tokens < 0.8 * plain_tokens                     # similar lengths share a batch
+    for b in grouped:
+        real = b["mask"].sum(1)
+        assert b["inputs"].shape[1] == min(x for x in buckets if x >= real.max())
+    # epoch 2 is another grouping; a resumed iterator continues exactly
+    second = [next(grouped_it) for _ in range(3)]
+    assert not all((a["labels"] == b["labels"]).all() for a, b in zip(second, grouped[:3]))
+    again = et.TextBatches(enc, labels, 8, 3, buckets, 0, group_by_length=5)
+    again.set_state({"epoch": 1, "index": 0})
+    for want in second:
+        got = next(again)
+        assert all((got[k] == want[k]).all() for k in want)
+
+
 def test_heldout_batches_cover_every_example_once_and_pairs_and_token_labels():
     enc = et.encode_texts(WordTokenizer(), ["a bb", "ccc dddd eeeee", "f"] * 3, max_len=8)
     held = et.heldout_text_batches(enc, np.arange(9) % 2, 4, [4, 8], 0)

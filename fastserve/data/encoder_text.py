@@ -6,7 +6,9 @@ and batch with per-batch padding to a few length buckets (no packing across exam
   first). The tokenizer's `encode` adds no specials; it names `cls_id`, `sep_id`, `pad_id` (and `mask_id`, `unk_id`; -1 where absent).
 - `TextBatches`: endless, deterministic, resumable training batches (`get_state` / `set_state`, as
   `dataset.ExampleBatches`, whose shuffling it reuses). Each global batch is padded to the smallest bucket ≥ its
-  longest example, so every host of a multi-host run pads its slice to the same length.
+  longest example, so every host of a multi-host run pads its slice to the same length. With `group_by_length=K`
+  each window of K shuffled batches is sorted by length before it is cut into batches, and the epoch's batches are
+  shuffled again (as Hugging Face's `group_by_length`): batches of similar lengths pad to small buckets.
 - `heldout_text_batches`: every held-out example once, in the given order, padded the same way; the last batch is
   filled with padding examples of weight 0.
 
@@ -164,18 +166,45 @@ def _check_aligned(encoded: EncodedTexts, labels: Any) -> None:
                              f"{len(encoded.ids[bad[0]])} tokens (wrap them with wrap_token_labels)")
 
 
+class _LengthGroupedOrder(ExampleBatches):
+    """ExampleBatches whose epoch permutation puts examples of similar length into the same batch: each window of
+    `window` batches of the shuffled order is sorted by length (longest first), cut into batches, and the epoch's
+    batches are shuffled, all from (seed, epoch), so the order stays a pure function of the position."""
+
+    def __init__(self, lengths: np.ndarray, global_batch: int, seed: int, window: int, **kw: Any):
+        super().__init__({"index": np.arange(len(lengths))}, global_batch, seed, **kw)
+        self._lengths, self._window = lengths, window
+        self._grouped_epoch, self._grouped = -1, np.arange(len(lengths))
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._grouped_epoch:
+            perm, b = super()._permutation(epoch), self._global_batch
+            n = self.batches_per_epoch * b       # the epoch's remainder stays dropped, as in ExampleBatches
+            span = self._window * b
+            grouped = np.concatenate([w[np.argsort(-self._lengths[w], kind="stable")]
+                                      for w in (perm[i:min(i + span, n)] for i in range(0, n, span))])
+            order = np.random.default_rng([self._seed, epoch, 1]).permutation(self.batches_per_epoch)
+            self._grouped = grouped.reshape(-1, b)[order].reshape(-1)
+            self._grouped_epoch = epoch
+        return self._grouped
+
+
 class TextBatches:
     """Endless, deterministic, resumable training batches of encoded texts, padded per batch to a length bucket.
 
     The order is `ExampleBatches`' (a pure function of seed, epoch and position; the epoch's remainder dropped);
-    every process computes the global batch, picks the bucket from its longest example and keeps its own slice."""
+    every process computes the global batch, picks the bucket from its longest example and keeps its own slice.
+    `group_by_length` > 0 (with shuffle): batches of similar lengths, from windows of that many batches."""
 
     def __init__(self, encoded: EncodedTexts, labels: Any, global_batch: int, seed: int, buckets: Sequence[int],
-                 pad_id: int, shuffle: bool = True, process_index: int = 0, process_count: int = 1):
+                 pad_id: int, shuffle: bool = True, process_index: int = 0, process_count: int = 1,
+                 group_by_length: int = 0):
         _check_aligned(encoded, labels)
         self._local = check_process(global_batch, process_index, process_count)
-        self._order = ExampleBatches({"index": np.arange(len(encoded))}, global_batch, seed, shuffle,
-                                     what="texts", hint="use a smaller data.batch_size")
+        kw = dict(shuffle=shuffle, what="texts", hint="use a smaller data.batch_size")
+        self._order = (_LengthGroupedOrder(encoded.lengths, global_batch, seed, group_by_length, **kw)
+                       if group_by_length > 0 and shuffle else
+                       ExampleBatches({"index": np.arange(len(encoded))}, global_batch, seed, **kw))
         longest = int(encoded.lengths.max())
         bucket_for(longest, buckets)   # fails now, not mid-run, if the buckets cannot hold the longest text
         self.encoded, self.labels, self.buckets, self.pad_id = encoded, labels, sorted(buckets), pad_id

@@ -38,10 +38,13 @@ class ReviewsDataConfig:
     validation: int = 500          # the last rows of training_data held out for validation
     eval_split: str = "validation"  # the held-out batches: validation | test
     shuffle: bool = True
+    group_by_length: int = 0       # > 0: batches of similar lengths, sorted within windows of this many batches
     r_library: str = str(R_SITE_LIBRARY)   # where R packages are installed (Debian's r-cran-* go here)
 
     def checks(self):
         yield from positive(self, "seq_len", "batch_size")
+        if self.group_by_length < 0:
+            yield "group_by_length", f"must be 0 (off) or a number of batches per sorted window, got {self.group_by_length}"
         if not 0 <= self.validation <= 3000:
             yield "validation", f"must be in [0, 3000] (rows of the 4,000 training reviews), got {self.validation}"
         if self.eval_split not in ("validation", "test"):
@@ -75,7 +78,7 @@ class ReviewsDataConfig:
         pi, pc = jax.process_index(), jax.process_count()
         train = encode_texts(tok, train_texts, self.seq_len)
         batches = TextBatches(train, train_labels, self.batch_size, cfg.train.seed, buckets, tok.pad_id,
-                              self.shuffle, pi, pc)
+                              self.shuffle, pi, pc, self.group_by_length)
         eval_texts, eval_labels = splits[self.eval_split]
         held_out = heldout_text_batches(encode_texts(tok, eval_texts, self.seq_len), eval_labels, self.batch_size,
                                         buckets, tok.pad_id, pi, pc) if eval_texts else []
