@@ -57,7 +57,8 @@ def batch_variants(sizes: Sequence[int]) -> list[tuple[Any, str]]:
 
 
 def export_one(fn: Callable, args: Sequence[Any], platforms: Sequence[str]) -> jax.export.Exported:
-    return jax.export.export(jax.jit(fn), platforms=tuple(platforms))(*args)
+    from fastserve.kernels.build import export_checks  # int8 layers call fastserve's own CPU kernel
+    return jax.export.export(jax.jit(fn), platforms=tuple(platforms), disabled_checks=export_checks())(*args)
 
 
 def plan_exports(opts: ExportOptions, leaf_specs: list[Any], cache_spec: Callable[[Any], Any]

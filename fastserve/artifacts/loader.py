@@ -379,6 +379,8 @@ def load_exported(directory: str, platform: str | None = None, *, verify: bool =
             raise ExportIntegrityError(f"{path}: its weight arguments do not match manifest.params (an export "
                                        "directory mixing files of different exports?)")
         exported[name] = exp
+    from fastserve.kernels.build import require_for_exports  # registers the int8 CPU kernel an export calls
+    require_for_exports(exported, platform, directory)
     p = manifest["params"]
     weights = load_weights(os.path.join(directory, p["file"]), p["names"], p.get("shapes"), p.get("dtypes"))
     params = [jax.device_put(w, device) for w in weights]

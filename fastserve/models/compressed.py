@@ -7,8 +7,10 @@ generates and exports unchanged. The parameter transforms that produce such para
 
 - `LowRankLinear`: u (in, r) on ("<in axis>", "rank"), v (r, out) on ("rank", "<out axis>"); y = (x @ u) @ v,
   W = u @ v is never formed. Trainable (low-rank fine-tuning to recover accuracy).
-- `QuantizedLinear`: int8 kernel (in, out) + float32 per-output-channel scale (out,), symmetric; the kernel is
-  dequantized inside the matmul: (x @ kernel.astype(dtype)) * scale. INFERENCE ONLY: the int8 kernel is an
+- `QuantizedLinear`: int8 kernel (in, out) + float32 scales, symmetric: per output channel (out,), or with
+  {"kind": "int8", "group": g} per group of g input rows (ceil(in / g), out). y = x @ dequantize(kernel, scale)
+  through `fastserve.kernels.int8_matmul`: a C++ kernel on CPU (XLA:CPU would materialize the dequantized kernel
+  at every step, slower than float32), XLA's fused dequantize-then-dot on TPU / GPU. INFERENCE ONLY: the int8 kernel is an
   `nnx.Param` (so it checkpoints and exports like any weight) but it has no gradient — `jax.grad` refuses
   integer inputs, so building a train step on a model with int8 layers fails at trace time.
 """
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fastserve.kernels.int8 import int8_matmul
 from fastserve.models.layers import Linear
 
 KINDS = ("lowrank", "int8")
@@ -49,37 +52,47 @@ class LowRankLinear(nnx.Module):
 
 
 class QuantizedLinear(nnx.Module):
-    """y = (x @ kernel.astype(dtype)) * scale (+ b): int8 kernel (in, out), float32 scale (out,). Inference only."""
+    """y = x @ dequantize(kernel, scale) (+ b): int8 kernel (in, out), float32 scale (out,) per channel or
+    (ceil(in / group), out) per group of `group` input rows. Inference only."""
 
     def __init__(self, in_features: int, out_features: int, axes: tuple[str, str], *, rngs: nnx.Rngs | None = None,
                  use_bias: bool = False, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 kernel: jax.Array | None = None):
+                 kernel: jax.Array | None = None, group: int | None = None):
         if kernel is None:
             kernel = jnp.zeros((in_features, out_features), jnp.float32)
-        q, scale = quantize_int8(kernel)
+        q, scale = quantize_int8(kernel, group)
         self.kernel = nnx.Param(q, out_sharding=axes)
-        self.scale = nnx.Param(scale, out_sharding=(axes[1],))
+        self.scale = nnx.Param(scale, out_sharding=(axes[1],) if group is None else (None, axes[1]))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=(axes[1],)) if use_bias else None
         self.dtype = dtype
+        self.group = group
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-        y = y * self.scale[...].astype(self.dtype)
+        y = int8_matmul(x, self.kernel[...], self.scale[...], self.group).astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
 
 
-def quantize_int8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Symmetric per-output-channel int8: scale[j] = max_i |w[i, j]| / 127, q = round(w / scale) in [-127, 127].
+def quantize_int8(w: jax.Array, group: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8: q = round(w / scale) in [-127, 127] with scale = max |w| / 127 over each output column
+    (scale (out,)), or with `group` over each block of `group` rows of a column (scale (ceil(in / group), out); the
+    last block may be shorter).
 
-    An all-zero column gets scale 1 (its codes are all 0). Works on numpy arrays, jax arrays and tracers.
+    An all-zero column or block gets scale 1 (its codes are all 0). Works on numpy arrays, jax arrays and tracers.
     """
     w = jnp.asarray(w, jnp.float32)
-    amax = jnp.max(jnp.abs(w), axis=0)
+    if group is None:
+        amax = jnp.max(jnp.abs(w), axis=0)
+        scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float32)
+        return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+    m, n = w.shape
+    groups = -(-m // group)
+    blocks = jnp.pad(w, ((0, groups * group - m), (0, 0))).reshape(groups, group, n)
+    amax = jnp.max(jnp.abs(blocks), axis=1)
     scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float32)
-    q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
-    return q, scale
+    q = jnp.clip(jnp.round(blocks / scale[:, None, :]), -127, 127).astype(jnp.int8)
+    return q.reshape(groups * group, n)[:m], scale
 
 
 # ----------------------------------------------------------------------------------------- structure
@@ -102,14 +115,15 @@ def linear_layers(model: nnx.Module) -> dict[str, str]:
 
 
 def validate_entry(path: str, entry: Any, where: str = "model.compressed") -> dict:
-    """Checks one `compressed` entry: {"kind": "lowrank", "rank": r>0} or {"kind": "int8"}; errors name the key."""
+    """Checks one `compressed` entry: {"kind": "lowrank", "rank": r>0} or {"kind": "int8"} (optionally "group": g>0);
+    errors name the key."""
     key = f"{where}[{path!r}]"
     if not isinstance(entry, dict):
         raise ValueError(f"{key}: expected a mapping like {{kind: lowrank, rank: 32}} or {{kind: int8}}, got {entry!r}")
     kind = entry.get("kind")
     if kind not in KINDS:
         raise ValueError(f"{key}.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
-    allowed = {"kind", "rank"} if kind == "lowrank" else {"kind"}
+    allowed = {"kind", "rank"} if kind == "lowrank" else {"kind", "group"}
     for name in entry:
         if name not in allowed:
             near = difflib.get_close_matches(str(name), sorted(allowed), n=1)
@@ -119,6 +133,9 @@ def validate_entry(path: str, entry: Any, where: str = "model.compressed") -> di
         rank = entry.get("rank")
         if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
             raise ValueError(f"{key}.rank: expected a positive int, got {rank!r}")
+    group = entry.get("group")
+    if group is not None and (not isinstance(group, int) or isinstance(group, bool) or group <= 0):
+        raise ValueError(f"{key}.group: expected a positive int (rows of the kernel per scale), got {group!r}")
     return entry
 
 
@@ -141,7 +158,7 @@ def _resolve(model: nnx.Module, path: str, dense: dict[str, str]) -> tuple[Any, 
 def apply_structure(model: nnx.Module, structure: dict[str, dict], rngs: nnx.Rngs | None = None) -> nnx.Module:
     """Swaps the `Linear` at each dotted path (e.g. "layers.3.mlp.gate") for its compressed variant, in place.
 
-    structure: path → {"kind": "lowrank", "rank": r} | {"kind": "int8"}. The new layers keep the dense layer's
+    structure: path → {"kind": "lowrank", "rank": r} | {"kind": "int8"[, "group": g]}. The new layers keep the dense layer's
     logical axes, bias, dtype and param dtype. Their initial values (a fresh model) are random factors whose product
     has the dense kernel's spread, or the int8 quantization of the dense kernel; the params of a transformed model
     replace them (fastserve.transforms). Returns the model.
@@ -163,7 +180,7 @@ def apply_structure(model: nnx.Module, structure: dict[str, dict], rngs: nnx.Rng
             # the product u @ v starts with the dense kernel's spread (init_std may be traced: jnp, not math)
             new = LowRankLinear(m, n, rank, axes, rngs=rngs, init_std=jnp.std(kernel.astype(jnp.float32)), **kw)
         else:
-            new = QuantizedLinear(m, n, axes, kernel=kernel, **kw)
+            new = QuantizedLinear(m, n, axes, kernel=kernel, group=entry.get("group"), **kw)
         if layer.bias is not None:
             new.bias.set_value(layer.bias.get_value())
         if isinstance(last, int):

@@ -1,0 +1,153 @@
+"""Builds fastserve's C++ CPU kernels on first use into a cache directory and registers them with XLA (`jax.ffi`).
+
+Why on first use rather than at install time: the kernels compile against the XLA FFI headers of the *installed*
+jaxlib (`jax.ffi.include_dir()`), which a setuptools build would have to install into its isolated build
+environment, and an editable install (`pip install -e .`, CI) would go stale when jax is upgraded. Here the
+library is keyed by a hash of the sources, the jax version and the compiler, built once (~20 s, three instruction
+set variants in parallel) and reused by every later process; `python -m fastserve.kernels build` does it ahead of
+time (e.g. in a container image). Without a C++ compiler, or with FASTSERVE_INT8_KERNEL=0, `load()` returns None,
+logs why once, and int8 layers use the pure-XLA dequantize-then-dot path (correct, slower on CPU).
+
+Environment: CXX (compiler; default g++ / c++ / clang++ on PATH), FASTSERVE_KERNEL_CACHE (default
+~/.cache/fastserve/kernels), FASTSERVE_INT8_KERNEL=0 (never use the kernel), FASTSERVE_INT8_ISA=avx2|generic
+(a narrower variant than the CPU allows; read when the library is first called).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+
+log = logging.getLogger("fastserve.kernels")
+
+CSRC = Path(__file__).with_name("csrc")
+LIBRARY = "libfastserve_kernels.so"
+INT8_TARGET = "fastserve_int8_matmul"
+COMMON_FLAGS = ["-O3", "-fPIC", "-std=c++17", "-Wno-psabi", "-fno-math-errno"]
+# (name, vectors per tile for 1 / 2 / 4 rows, flags): the tile widths keep each variant's accumulators in registers
+X86_VARIANTS = [("avx512", (8, 8, 4), ["-mavx512f", "-mavx512bw", "-mfma"]),
+                ("avx2", (3, 2, 1), ["-mavx2", "-mfma"])]
+GENERIC_VARIANT = ("generic", (1, 1, 1), [])
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ kernels could not be compiled or loaded here (the message says why)."""
+
+
+@dataclass(frozen=True)
+class KernelLibrary:
+    """The loaded shared library, registered with XLA as the `INT8_TARGET` custom call on CPU."""
+    path: Path
+    isa: str
+    handle: ctypes.CDLL
+
+
+def disabled() -> bool:
+    return os.environ.get("FASTSERVE_INT8_KERNEL", "1").strip().lower() in ("0", "false", "off", "no")
+
+
+def compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def _variants() -> list[tuple[str, tuple[int, int, int], list[str]]]:
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return (X86_VARIANTS if x86 else []) + [GENERIC_VARIANT]
+
+
+def library_path(cxx: str) -> Path:
+    """Where the library for these sources, this jax and this compiler lives (built or not)."""
+    h = hashlib.sha256()
+    for src in sorted(CSRC.glob("*.cc")):
+        h.update(src.name.encode() + src.read_bytes())
+    h.update(f"{jax.__version__}|{cxx}|{platform.machine()}|{COMMON_FLAGS}|{_variants()}".encode())
+    root = Path(os.environ.get("FASTSERVE_KERNEL_CACHE") or Path.home() / ".cache" / "fastserve" / "kernels")
+    return root / h.hexdigest()[:16] / LIBRARY
+
+
+def build(cxx: str | None = None) -> Path:
+    """Compiles the kernels (unless this version is already in the cache); returns the library's path."""
+    cxx = cxx or compiler()
+    if not cxx:
+        raise KernelBuildError("no C++ compiler found (set CXX, or install g++)")
+    out = library_path(cxx)
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        jobs = [[cxx, *COMMON_FLAGS, "-I", jax.ffi.include_dir(), "-c", str(CSRC / "int8_ffi.cc"),
+                 "-o", f"{tmp}/ffi.o"]]
+        for name, (nv1, nv2, nv4), flags in _variants():
+            jobs.append([cxx, *COMMON_FLAGS, *flags, f"-DFS_ISA={name}", f"-DFS_NV1={nv1}", f"-DFS_NV2={nv2}",
+                         f"-DFS_NV4={nv4}", "-c", str(CSRC / "int8_tile.cc"), "-o", f"{tmp}/tile_{name}.o"])
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in jobs]
+        for cmd, p in zip(jobs, procs):
+            output = p.communicate()[0]
+            if p.returncode:
+                raise KernelBuildError(f"`{' '.join(cmd)}` failed:\n{output[-2000:]}")
+        objects = [f"{tmp}/ffi.o"] + [f"{tmp}/tile_{name}.o" for name, _, _ in _variants()]
+        link = subprocess.run([cxx, "-shared", "-o", f"{tmp}/{LIBRARY}", *objects], capture_output=True, text=True)
+        if link.returncode:
+            raise KernelBuildError(f"linking {LIBRARY} failed:\n{link.stderr[-2000:]}")
+        os.replace(f"{tmp}/{LIBRARY}", out)  # atomic: parallel builders (pytest -n) each publish a whole file
+    return out
+
+
+_failure: list[str] = []  # why the last `load()` found no kernel
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> KernelLibrary | None:
+    """The built, loaded and registered kernel library, or None (logged once) where it cannot be had."""
+    if disabled():
+        log.info("FASTSERVE_INT8_KERNEL=0: int8 layers use the XLA dequantize-then-dot path")
+        return None
+    try:
+        path = build()
+        handle = ctypes.CDLL(str(path))
+    except (KernelBuildError, OSError) as e:
+        _failure.append(str(e))
+        log.warning("fastserve int8 CPU kernel unavailable, int8 layers fall back to XLA's dequantize-then-dot "
+                    "(correct, slower): %s", e)
+        return None
+    jax.ffi.register_ffi_target(INT8_TARGET, jax.ffi.pycapsule(handle.fastserve_int8_matmul), platform="cpu")
+    handle.fastserve_int8_isa.restype = ctypes.c_char_p
+    return KernelLibrary(path, handle.fastserve_int8_isa().decode(), handle)
+
+
+def status() -> dict:
+    """What `load()` found: available, instruction set, library path (builds it if needed)."""
+    lib = load()
+    if lib is None:
+        return {"available": False, "disabled": disabled(), "compiler": compiler()}
+    return {"available": True, "isa": lib.isa, "path": str(lib.path), "compiler": compiler()}
+
+
+def export_checks() -> list:
+    """The `disabled_checks` jax.export needs for a function that may call the kernel: the custom call is
+    fastserve's own, so jax cannot vouch for its stability; `require_for_exports` re-registers it when loading."""
+    return [jax.export.DisabledSafetyCheck.custom_call(INT8_TARGET)]
+
+
+def require_for_exports(exported: dict, platform_name: str, where: str) -> None:
+    """Before running loaded exports on `platform_name`: registers the kernel if any of them calls it, or raises
+    KernelBuildError naming what the artifact needs when it cannot be built here."""
+    if platform_name != "cpu":
+        return
+    needs = [name for name, exp in exported.items() if INT8_TARGET.encode() in exp.mlir_module_serialized]
+    if needs and load() is None:
+        why = "FASTSERVE_INT8_KERNEL=0" if disabled() else (_failure[-1] if _failure else "unknown")
+        raise KernelBuildError(
+            f"{where}: {', '.join(sorted(needs))} call fastserve's int8 CPU kernel (custom call '{INT8_TARGET}'), "
+            f"which is not available in this process ({why}). Install a C++ compiler (g++, or set CXX), "
+            "or re-export with FASTSERVE_INT8_KERNEL=0 for an artifact that runs XLA's dequantize-then-dot instead")

@@ -1,0 +1,129 @@
+// XLA FFI handler `fastserve_int8_matmul`: y[M, N] = x[M, K] · dequantize(W int8 [K, N], scale [G, N]) on CPU.
+//
+// Picks the widest tile code this CPU runs (AVX-512BW, AVX2+FMA, or portable) once, and splits the columns over
+// XLA's intra-op thread pool when the product is large enough to pay for it.
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+extern "C" {
+typedef void (*TileFn)(const float*, const int8_t*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
+                       int64_t, int64_t);
+void fastserve_int8_tile_generic(const float*, const int8_t*, const float*, float*, int64_t, int64_t, int64_t,
+                                 int64_t, int64_t, int64_t);
+#if defined(__x86_64__)
+void fastserve_int8_tile_avx512(const float*, const int8_t*, const float*, float*, int64_t, int64_t, int64_t,
+                                int64_t, int64_t, int64_t);
+void fastserve_int8_tile_avx2(const float*, const int8_t*, const float*, float*, int64_t, int64_t, int64_t,
+                              int64_t, int64_t, int64_t);
+#endif
+}
+
+namespace {
+
+struct Isa {
+  TileFn fn;
+  const char* name;
+};
+
+// The widest tile code this CPU runs; FASTSERVE_INT8_ISA=avx2|generic asks for a narrower one (tests use it to
+// check every variant on one machine).
+Isa pick_isa() {
+  const char* want = std::getenv("FASTSERVE_INT8_ISA");
+  const bool any = !want || !*want;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if ((any || !std::strcmp(want, "avx512")) && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw"))
+    return {fastserve_int8_tile_avx512, "avx512"};
+  if ((any || !std::strcmp(want, "avx512") || !std::strcmp(want, "avx2")) && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma"))
+    return {fastserve_int8_tile_avx2, "avx2"};
+#endif
+  return {fastserve_int8_tile_generic, "generic"};
+}
+
+const Isa& isa() {
+  static const Isa chosen = pick_isa();
+  return chosen;
+}
+
+// Columns per work item: a multiple of every tile width (128 = 8 vectors of 16).
+constexpr int64_t kChunk = 128;
+// Below this many multiply-adds one thread finishes before a second one would have started.
+constexpr int64_t kParallelMacs = 1 << 19;
+
+// Work shared by the calling thread and the helpers it schedules: each claims chunks until none are left, and the
+// caller returns once every claimed chunk is finished. A helper that starts late (the pool busy) finds nothing
+// left and returns, so the caller never waits on a task that has not started: no deadlock on a full pool.
+struct Shared {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+void run_chunks(Shared& sh, int64_t chunks, TileFn fn, const float* x, const int8_t* w, const float* s, float* y,
+                int64_t M, int64_t K, int64_t N, int64_t group) {
+  for (int64_t c; (c = sh.next.fetch_add(1)) < chunks;) {
+    const int64_t n0 = c * kChunk, n1 = n0 + kChunk < N ? n0 + kChunk : N;
+    fn(x, w, s, y, M, K, N, group, n0, n1);
+    sh.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                      ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t group, int64_t threads) {
+  const auto wd = w.dimensions(), sd = scale.dimensions(), xd = x.dimensions();
+  if (wd.size() != 2 || sd.size() != 2 || xd.size() < 1)
+    return ffi::Error::InvalidArgument("fastserve_int8_matmul: expected x [..., K], w [K, N], scale [G, N]");
+  const int64_t K = wd[0], N = wd[1];
+  if (xd.back() != K || group <= 0 || sd[1] != N || sd[0] != (K + group - 1) / group)
+    return ffi::Error::InvalidArgument("fastserve_int8_matmul: shapes of x, w, scale and group do not agree");
+  const int64_t M = K ? static_cast<int64_t>(x.element_count()) / K : 0;
+  if (static_cast<int64_t>(y->element_count()) != M * N)
+    return ffi::Error::InvalidArgument("fastserve_int8_matmul: result is not [M, N]");
+  const float* xp = x.typed_data();
+  const int8_t* wp = w.typed_data();
+  const float* sp = scale.typed_data();
+  float* yp = y->typed_data();
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    for (int64_t i = 0; i < M * N; ++i) yp[i] = 0.f;
+    return ffi::Error::Success();
+  }
+  const TileFn fn = isa().fn;
+  const int64_t chunks = (N + kChunk - 1) / kChunk;
+  int64_t helpers = threads > 0 ? threads - 1 : pool.num_threads();
+  if (M * K * N < kParallelMacs || chunks < 2) helpers = 0;
+  if (helpers > chunks - 1) helpers = chunks - 1;
+  if (helpers <= 0) {
+    fn(xp, wp, sp, yp, M, K, N, group, 0, N);
+    return ffi::Error::Success();
+  }
+  auto sh = std::make_shared<Shared>();
+  for (int64_t h = 0; h < helpers; ++h)
+    pool.Schedule([=] { run_chunks(*sh, chunks, fn, xp, wp, sp, yp, M, K, N, group); });
+  run_chunks(*sh, chunks, fn, xp, wp, sp, yp, M, K, N, group);
+  while (sh->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fastserve_int8_matmul, Int8Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [..., K]
+                                  .Arg<ffi::Buffer<ffi::S8>>()    // w [K, N]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // scale [G, N]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // y [..., N]
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("threads"));  // 0: the pool's size; 1: this thread only
+
+extern "C" const char* fastserve_int8_isa() { return isa().name; }

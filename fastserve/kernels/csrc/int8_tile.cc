@@ -1,0 +1,120 @@
+// y[M, n0:n1] = x[M, K] · (W[K, n0:n1] int8 × scale[G, n0:n1]), W row-major [K, N], G = ceil(K / group).
+//
+// One source, compiled once per instruction set (FS_ISA = avx512 / avx2 / generic, with the matching -m flags;
+// int8_ffi.cc picks one at run time). It uses GCC/Clang vector extensions rather than intrinsics, so the same
+// code becomes vpmovsxbd + vcvtdq2ps + vfmadd on AVX-512, two ymm halves on AVX2 and SSE2 elsewhere.
+// Only <cstdint> is included and everything but the entry point is file-local: no inline function from a
+// shared header can be compiled here with AVX-512 and then picked by the linker for the portable code.
+#include <cstdint>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#ifndef FS_ISA
+#error "compile with -DFS_ISA=<name> -DFS_NV1=.. -DFS_NV2=.. -DFS_NV4=.."
+#endif
+#define FS_CAT2(a, b) a##b
+#define FS_CAT(a, b) FS_CAT2(a, b)
+#define FS_ENTRY FS_CAT(fastserve_int8_tile_, FS_ISA)
+
+namespace {
+
+constexpr int kLanes = 16;  // one "vector" = 16 floats: 1 zmm, 2 ymm or 4 xmm
+typedef float vf __attribute__((vector_size(64)));
+typedef float vf_u __attribute__((vector_size(64), aligned(4), may_alias));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef int8_t vb_u __attribute__((vector_size(16), aligned(1), may_alias));
+// How many rows ahead to prefetch the weight stream: the tile walks K rows N bytes apart, a stride the hardware
+// prefetcher follows only within a page.
+constexpr int64_t kPrefetchRows = 8;
+
+// 16 int8 weights as 16 floats: sign-extend, convert. Intrinsics on x86 (GCC makes scalar code of the generic
+// vector conversion there); the generic vector conversion elsewhere.
+#if defined(__AVX512F__)
+inline vf load_w(const int8_t* p) {
+  return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#elif defined(__AVX2__)
+typedef float vh __attribute__((vector_size(32)));
+inline vf load_w(const int8_t* p) {
+  const vh lo = (vh)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  const vh hi =
+      (vh)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+#else
+inline vf load_w(const int8_t* p) {
+  return __builtin_convertvector(__builtin_convertvector(*reinterpret_cast<const vb_u*>(p), vi), vf);
+}
+#endif
+inline vf load_f(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
+inline void store_f(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
+
+// MB rows × NV·16 columns starting at column n: per group an inner sum over its rows of K, then × scale.
+template <int MB, int NV>
+void block(const float* x, const int8_t* w, const float* s, float* y, int64_t K, int64_t N, int64_t group,
+           int64_t n) {
+  vf total[MB][NV];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NV; ++j) total[i][j] = vf{};
+  for (int64_t k0 = 0, g = 0; k0 < K; k0 += group, ++g) {
+    const int64_t k1 = k0 + group < K ? k0 + group : K;
+    vf acc[MB][NV];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NV; ++j) acc[i][j] = vf{};
+    for (int64_t k = k0; k < k1; ++k) {
+      const int8_t* wr = w + k * N + n;
+      if (k + kPrefetchRows < K)
+        for (int j = 0; j < NV; j += 4) __builtin_prefetch(wr + kPrefetchRows * N + j * kLanes);
+      vf wv[NV];
+      for (int j = 0; j < NV; ++j) wv[j] = load_w(wr + j * kLanes);
+      for (int i = 0; i < MB; ++i) {
+        const vf xb = vf{} + x[i * K + k];
+        for (int j = 0; j < NV; ++j) acc[i][j] += xb * wv[j];
+      }
+    }
+    const float* sr = s + g * N + n;
+    for (int j = 0; j < NV; ++j) {
+      const vf sv = load_f(sr + j * kLanes);
+      for (int i = 0; i < MB; ++i) total[i][j] += acc[i][j] * sv;
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NV; ++j) store_f(y + i * N + n + j * kLanes, total[i][j]);
+}
+
+// The last < 16 columns, one at a time.
+void tail_columns(const float* x, const int8_t* w, const float* s, float* y, int64_t rows, int64_t K, int64_t N,
+                  int64_t group, int64_t n0, int64_t n1) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t n = n0; n < n1; ++n) {
+      float total = 0.f;
+      for (int64_t k0 = 0, g = 0; k0 < K; k0 += group, ++g) {
+        const int64_t k1 = k0 + group < K ? k0 + group : K;
+        float acc = 0.f;
+        for (int64_t k = k0; k < k1; ++k) acc += x[i * K + k] * static_cast<float>(w[k * N + n]);
+        total += acc * s[g * N + n];
+      }
+      y[i * N + n] = total;
+    }
+}
+
+// Rows [0, MB) of x / y over columns [n0, n1): wide tiles, then 16-column tiles, then the scalar tail.
+template <int MB, int NV>
+void rows(const float* x, const int8_t* w, const float* s, float* y, int64_t K, int64_t N, int64_t group,
+          int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NV * kLanes <= n1; n += NV * kLanes) block<MB, NV>(x, w, s, y, K, N, group, n);
+  for (; n + kLanes <= n1; n += kLanes) block<MB, 1>(x, w, s, y, K, N, group, n);
+  if (n < n1) tail_columns(x, w, s, y, MB, K, N, group, n, n1);
+}
+
+}  // namespace
+
+extern "C" void FS_ENTRY(const float* x, const int8_t* w, const float* s, float* y, int64_t M, int64_t K, int64_t N,
+                         int64_t group, int64_t n0, int64_t n1) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) rows<4, FS_NV4>(x + m * K, w, s, y + m * N, K, N, group, n0, n1);
+  for (; m + 2 <= M; m += 2) rows<2, FS_NV2>(x + m * K, w, s, y + m * N, K, N, group, n0, n1);
+  for (; m < M; ++m) rows<1, FS_NV1>(x + m * K, w, s, y + m * N, K, N, group, n0, n1);
+}
