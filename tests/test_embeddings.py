@@ -218,3 +218,38 @@ def test_bad_bodies_and_generation_endpoints(server):
     code, reply = post(server, "/v1/embeddings", {"input": "x", "encoding_format": "base64"})
     vec = np.frombuffer(base64.b64decode(reply["data"][0]["embedding"]), "<f4")
     assert code == 200 and vec.shape == (384,) and np.isclose(np.linalg.norm(vec), 1.0, atol=1e-5)
+
+
+def test_requests_waiting_for_the_worker_share_one_run():
+    import asyncio
+    import threading
+
+    from fastserve.serve.embeddings import EmbedBatcher
+
+    busy, release, calls = threading.Event(), threading.Event(), []
+
+    def embed(wrapped):                   # row i of the result: the input's first token id, repeated
+        calls.append([w[0] for w in wrapped])
+        busy.set()
+        release.wait(10)
+        if any(w[0] < 0 for w in wrapped):
+            raise ValueError("negative id")
+        return np.array([[w[0]] * 3 for w in wrapped], np.float32)
+
+    batcher = EmbedBatcher(embed, max_inputs=4)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.embed([[1]]))
+        await asyncio.get_running_loop().run_in_executor(None, busy.wait, 10)   # the worker holds request 1
+        rest = [asyncio.ensure_future(batcher.embed(w)) for w in ([[2], [3]], [[4]], [[5], [6]], [[-7]])]
+        await asyncio.sleep(0.05)
+        release.set()
+        return await first, await asyncio.gather(*rest, return_exceptions=True)
+
+    first, rest = asyncio.run(main())
+    batcher.close()
+    # request 1 alone; then the waiting ones, as many as fit in 4 inputs; then the rest
+    assert calls == [[1], [2, 3, 4], [5, 6, -7]] and batcher.calls == 2
+    assert first.tolist() == [[1, 1, 1]]
+    assert rest[0].tolist() == [[2] * 3, [3] * 3] and rest[1].tolist() == [[4] * 3]
+    assert all(isinstance(r, ValueError) for r in rest[2:])   # a failed run fails each of its requests
