@@ -3,6 +3,7 @@ SmolLM2-135M-Instruct, before and after a short recovery fine-tune.
 
     python experiments/bench_lowrank_real.py           # ratios 0.9 / 0.8 / 0.5 + recovery; ~1 h on a loaded 2-core CPU
     python experiments/bench_lowrank_real.py --quick   # ratio 0.8 only, one held-out batch, no decode, no recovery
+    python experiments/bench_lowrank_real.py --int8 [--quick]  # int8 decode vs float32 / llama.cpp (int8_decode.py)
 
 Each setting goes through `fastserve.transforms` exactly as `python -m fastserve.compress` applies it:
 `lowrank: {include: layers.*.mlp.*, params_ratio: R, method: svd | whitened, calibration: {sequences: CALIB}}` —
@@ -70,12 +71,15 @@ def settings(quick: bool) -> list[tuple[str, float, list[dict]]]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--int8", action="store_true", help="the int8 decode table instead (experiments/int8_decode.py)")
     ap.add_argument("--control-only", action="store_true",
                     help="only add the dense control row (the dense model trained the same recovery steps) to the "
                          "recorded result")
     args = ap.parse_args()
     if args.control_only:
         return add_control()
+    if args.int8:
+        return int8_table(args.quick)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
     eval_batches = 1 if args.quick else EVAL_BATCHES
@@ -117,6 +121,34 @@ def main() -> int:
         with open(os.path.join(RESULTS, "bench_lowrank_real.json"), "w") as f:
             json.dump(out, f, indent=1)
         write_markdown(out, os.path.join(RESULTS, "bench_lowrank_real.md"))
+    print(json.dumps(out))
+    return 0
+
+
+def int8_table(quick: bool) -> int:
+    """Runs experiments/int8_decode.py's table; the full run writes results/bench_lowrank_real_int8.{json,md,png}."""
+    import int8_decode
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    t_start, load_start = time.perf_counter(), os.getloadavg()[0]
+    cfg = load_config(SMOLLM, ["mesh.data=1", "data.seq_len=128", "data.batch_size=16"])
+    loaded = load_model(cfg)
+    batches = heldout_batches(cfg, loaded.tokenizer, 1 if quick else EVAL_BATCHES)
+    table = int8_decode.run(cfg, loaded, batches, decode_prompt_ids(loaded.tokenizer), spec(0.8, "whitened"), quick)
+    out = {"bench": "lowrank_real_int8", "quick": quick, "model": "SmolLM2-135M-Instruct (GGUF Q4_1 → float32)",
+           **table, "heldout_tokens": int(sum(float(b["weights"].sum()) for b in batches)),
+           "command": "python experiments/bench_lowrank_real.py --int8" + (" --quick" if quick else ""),
+           "machine": f"{os.uname().machine}, {os.cpu_count()} cores", "jax": jax.__version__,
+           "date": time.strftime("%Y-%m-%d"), **provenance(), "load_avg_start": round(load_start, 2),
+           "load_avg_end": round(os.getloadavg()[0], 2), "wall_s": round(time.perf_counter() - t_start)}
+    out["headline"] = {f"{r['setting']}: batch-1 decode × dense": round(r["decode_b1_over_dense"], 2)
+                       for r in out["rows"]}
+    if not quick:
+        os.makedirs(RESULTS, exist_ok=True)
+        with open(os.path.join(RESULTS, "bench_lowrank_real_int8.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        int8_decode.write_markdown(out, os.path.join(RESULTS, "bench_lowrank_real_int8.md"))
+        int8_decode.plot(out, os.path.join(RESULTS, "bench_lowrank_real_int8.png"))
     print(json.dumps(out))
     return 0
 
