@@ -15,6 +15,7 @@ MODELS: dict[str, str] = {
     "resnet": "fastserve.models.resnet:ResNetConfig",
     "encoder": "fastserve.models.encoder:EncoderConfig",
     "sequential": "fastserve.models.sequential:SequentialConfig",
+    "ensemble": "fastserve.fusion.model:EnsembleConfig",     # N models averaged (python -m fastserve.fuse --ensemble)
 }
 
 TASKS: dict[str, str] = {

@@ -1,18 +1,26 @@
 """Model fusion (fastserve.fuse / fastserve.fusion): soups of tiny runs fine-tuned from one start, the EMA of a
-run's checkpoints, mismatch errors, and a probability-averaging ensemble (held-out and export)."""
+run's checkpoints, mismatch errors, and probability-averaging ensembles served, generated and exported like one
+model."""
 import os
+import subprocess
+import sys
+import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fastserve import fuse
 from fastserve.config import load_config
 from fastserve.fusion import FusionError, load_member
-from fastserve.fusion.ensemble import EnsembleHeldOut, ensemble_forward, export_ensemble, forward_specs
+from fastserve.fusion.ensemble import ensemble_member
 from fastserve.fusion.soup import HeldOut, ema_of_checkpoints, greedy_soup, uniform_soup
 from fastserve.core.trainer import train
 from tests.conftest import TINY
+from tests.fresh_process import WITHOUT_MODEL_CODE
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +40,10 @@ def runs(tmp_path_factory):
     ft = [run(f"ft{i}", "train.steps=3", f"train.init_from={base}", f"tokenizer.path={tok}", "train.seed=0",
               f"optimizer.learning_rate={lr}") for i, lr in ((1, 3e-3), (2, 1e-3))]
     wide = run("wide", "train.steps=1", "model.d_ff=96", f"tokenizer.path={tok}")
-    return {"base": base, "ft": ft, "wide": wide, "root": root}
+    # ensemble members of different sizes with peaked distributions (large init): greedy tokens far from ties
+    sharp = [run(f"sharp{i}", "train.steps=1", "model.init_std=0.3", f"train.seed={i}", f"tokenizer.path={tok}", *dims)
+             for i, dims in ((1, ()), (2, ("model.n_layers=1", "model.d_ff=96")))]
+    return {"base": base, "ft": ft, "wide": wide, "sharp": sharp, "root": root}
 
 
 def _close(a, b, atol=1e-6):
@@ -93,20 +104,96 @@ def test_mismatched_tokenizer_is_refused(runs, tiny_config):
         uniform_soup([load_member(runs["base"]), load_member(cfg.train.workdir)])
 
 
-def test_ensemble_of_one_is_the_model_and_exports(runs, tmp_path):
-    from fastserve.artifacts.loader import load_exported
-    base = load_member(runs["base"])
-    alone = HeldOut(base.cfg, base)(base.params)
-    assert EnsembleHeldOut([base])()["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+SERVE = dict(slots=2, buckets=[8, 16], max_cache_len=48)
+PROMPTS = [[1, 17, 5, 90, 33], [2, 250, 7, 7, 31, 64, 12, 3, 8, 200, 41]]
+MAX_NEW = 10
 
-    members = [load_member(w) for w in runs["ft"]] + [load_member(runs["wide"])]  # sizes may differ
-    both = EnsembleHeldOut(members)()
-    assert np.isfinite(both["loss"])
-    export_ensemble(members, str(tmp_path / "ens"), batch_sizes=[2])
-    exported = load_exported(str(tmp_path / "ens"))
-    tokens = np.random.default_rng(0).integers(0, 300, forward_specs(members[0], 2, 32)["tokens"].shape)
-    fn, variables = ensemble_forward(members, ["tokens"])
-    want = np.asarray(jax.jit(fn)(variables, tokens.astype(np.int32)))
-    got = np.asarray(exported.forward(tokens))
-    np.testing.assert_allclose(got, want, atol=1e-4)
-    np.testing.assert_allclose(np.exp(got).sum(-1), 1.0, atol=1e-4)  # log-probabilities
+
+def _served(workdir, prompts=PROMPTS, max_new=MAX_NEW):
+    """Greedy tokens of `prompts` through the serving engine on the work dir's model."""
+    from fastserve.config import ServeConfig
+    from fastserve.serve.engine import Engine, Request
+    engine = Engine.from_loaded(load_member(workdir).loaded, ServeConfig(**SERVE))
+    reqs = [Request(p, max_new_tokens=max_new, stop_ids=[]) for p in prompts]
+    return [r.output for r in engine.generate(reqs, timeout=300)]
+
+
+def _averaged_greedy(members, prompt, max_new=MAX_NEW):
+    """Reference: argmax of the members' mean softmax, each member re-reading the whole sequence (no KV cache)."""
+    from flax import nnx
+    models = [nnx.merge(m.loaded.graphdef, m.params) for m in members]
+    seq, out = list(prompt), []
+    for _ in range(max_new):
+        tokens = jnp.asarray([seq], jnp.int32)
+        probs = np.mean([np.asarray(jax.nn.softmax(model(tokens)[0][0, -1])) for model in models], axis=0)
+        out.append(int(np.argmax(probs)))
+        seq.append(out[-1])
+    return out
+
+
+def test_ensemble_of_one_is_the_model(runs):
+    one = str(runs["root"] / "ens_one")
+    assert fuse.main(["--ensemble", "--out", one, runs["sharp"][0]]) == 0
+    model, ens = load_member(runs["sharp"][0]), load_member(one)
+    assert ens.loaded.model_cfg.name == "ensemble" and ens.loaded.step == 0
+    assert HeldOut(model.cfg, ens)(ens.params)["loss"] == pytest.approx(HeldOut(model.cfg, model)(model.params)["loss"],
+                                                                         rel=1e-5)
+    assert _served(one) == _served(runs["sharp"][0])  # through the engine: the model's own greedy tokens
+
+
+def test_ensemble_of_two_sizes_serves_the_argmax_of_mean_probabilities(runs):
+    out = str(runs["root"] / "ens_two")
+    assert fuse.main(["--ensemble", "--out", out, *runs["sharp"]]) == 0
+    members = [load_member(w) for w in runs["sharp"]]
+    want = [_averaged_greedy(members, p) for p in PROMPTS]
+    assert _served(out) == want
+    # the average decides: it differs from what at least one member alone would say
+    alone = [[_averaged_greedy([m], p) for p in PROMPTS] for m in members]
+    assert any(a != want for a in alone)
+
+    from fastserve.generation.runner import Generator      # python -m fastserve.generate's path (bucketed, batched)
+    from fastserve.generation.decoding import SamplingParams
+    gen = Generator(load_member(out).loaded, batch_size=2, buckets=(16,))
+    for c, w in zip(gen._batch([list(p) for p in PROMPTS], SamplingParams(max_new_tokens=MAX_NEW), 0), want):
+        assert c.tokens and c.tokens == w[:len(c.tokens)]   # up to a stop token, if one comes
+
+
+_CHILD = WITHOUT_MODEL_CODE + textwrap.dedent("""
+    import numpy as np
+    from fastserve.artifacts.loader import load_exported
+
+    m = load_exported(sys.argv[1])
+    d = np.load(sys.argv[2])
+    logits, cache = m.prefill(d["tokens"], d["lengths"])
+    nxt = np.asarray(logits).argmax(-1).astype(np.int32)
+    dlogits, cache = m.decode(nxt, d["lengths"], cache)
+    np.savez(sys.argv[3], logits=np.asarray(logits), dlogits=np.asarray(dlogits))
+    print("RESULT " + json.dumps({"blocked": [k for k in sys.modules if k.split(".")[0] in ("flax", "optax")]}))
+""")
+
+
+def test_exported_ensemble_runs_without_model_code_and_equals_in_process(runs, tmp_path):
+    from flax import nnx
+    from fastserve.export import main as export_main
+    from fastserve.generation import decoding as infer
+
+    ens_dir, export_dir = str(runs["root"] / "ens_export_src"), str(tmp_path / "export")
+    assert fuse.main(["--ensemble", "--no-heldout", "--out", ens_dir, *runs["sharp"]]) == 0
+    assert export_main(["--checkpoint", ens_dir, "--out", export_dir, "--platforms", "cpu", "--buckets", "16",
+                        "--max-cache-len", "48", "--functions", "prefill,decode"]) == 0
+    tokens, lengths = infer.pad_prompts(PROMPTS, (16,))
+    np.savez(tmp_path / "in.npz", tokens=tokens, lengths=lengths)
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, export_dir, str(tmp_path / "in.npz"), str(tmp_path / "o.npz")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(tmp_path / "o.npz")
+
+    ens = load_member(ens_dir)
+    model = nnx.merge(ens.loaded.graphdef, ens.params)
+    logits, cache = infer.prefill(model, jnp.asarray(tokens), jnp.asarray(lengths), model.init_cache(2, 48))
+    assert isinstance(cache, tuple) and len(cache) == 2                 # one KV cache per member
+    dlogits, _ = infer.decode(model, jnp.argmax(logits, -1).astype(jnp.int32), jnp.asarray(lengths), cache)
+    np.testing.assert_allclose(got["logits"], np.asarray(logits), atol=1e-4)
+    np.testing.assert_allclose(got["dlogits"], np.asarray(dlogits), atol=1e-4)
+    np.testing.assert_allclose(np.exp(got["dlogits"]).sum(-1), 1.0, atol=1e-4)   # log-probabilities

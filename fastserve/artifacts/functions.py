@@ -90,25 +90,26 @@ def plan_exports(opts: ExportOptions, leaf_specs: list[Any], cache_spec: Callabl
 
 
 def describe(exp: jax.export.Exported, fname: str, kind: str, bucket: int | None, b: Any, n_params: int,
-             arg_names: list[str], result_names: list[str], n_layers: int) -> dict[str, Any]:
-    """Arguments and results of one exported function, read from its own avals (so they cannot drift)."""
+             arg_names: list[str], result_names: list[str], cache: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Arguments and results of one exported function, read from its own avals (so they cannot drift). `cache`
+    describes a KV cache argument / result: {"leaves": its number of arrays, …fields for the manifest}."""
+    n_cache = int(cache["leaves"]) if cache else 0
     in_avals, out_avals = list(exp.in_avals), list(exp.out_avals)
     args: list[dict[str, Any]] = [{"name": "params", "kind": "weights", "count": n_params,
                                    "order": "manifest.params.names"}]
     rest = in_avals[n_params:]
     for name in arg_names:
         if name == "cache":
-            args.append({**_spec("cache", rest[0]), "kind": "kv_cache", "layers": n_layers, "entries": ["k", "v"]})
-            rest = rest[2 * n_layers:]
+            args.append({**_spec("cache", rest[0]), "kind": "kv_cache", **(cache or {})})
+            rest = rest[n_cache:]
         else:
             args.append(_spec(name, rest[0]))
             rest = rest[1:]
     results = []
     for name in result_names:
         if name == "cache":
-            results.append({**_spec("cache", out_avals[0]), "kind": "kv_cache", "layers": n_layers,
-                            "entries": ["k", "v"]})
-            out_avals = out_avals[2 * n_layers:]
+            results.append({**_spec("cache", out_avals[0]), "kind": "kv_cache", **(cache or {})})
+            out_avals = out_avals[n_cache:]
         else:
             results.append(_spec(name, out_avals[0]))
             out_avals = out_avals[1:]

@@ -236,12 +236,21 @@ class ExportedModel:
 
     # -------------------------------------------------------------------------------------------- steps
 
-    def init_cache(self, batch: int) -> list[dict[str, jax.Array]]:
-        """A zeroed KV cache in the decode layout (list per layer of {"k", "v"} [batch, max_cache_len, K, D])."""
-        c = self.manifest["cache"]
-        shape = (batch, *c["shape"][1:])
-        zeros = lambda: jax.device_put(np.zeros(shape, _np_dtype(c["dtype"])), self.device)
-        return [{"k": zeros(), "v": zeros()} for _ in range(c["layers"])]
+    def cache_spec(self, batch: int = 1) -> Any:
+        """The decode function's cache argument at `batch` rows (a pytree of ShapeDtypeStructs [batch,
+        max_cache_len, ...]: for the decoder a list per layer of {"k", "v"}; for an ensemble a tuple of its
+        members' caches), read from the exported decode's own argument tree."""
+        names = [n for n, fn in self.manifest["functions"].items() if fn["kind"] == "decode"]
+        if not names:
+            raise ValueError(f"this export has no decode function (functions: {self.functions}): no KV cache to make")
+        exp = self.exported[names[0]]
+        args, _ = jax.tree.unflatten(exp.in_tree, exp.in_avals)
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct((batch, *a.shape[1:]), a.dtype), args[3])
+
+    def init_cache(self, batch: int) -> Any:
+        """A zeroed KV cache in the decode layout (`cache_spec`: for the decoder a list per layer of {"k", "v"}
+        [batch, max_cache_len, K, D]), on the export's device."""
+        return jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), self.device), self.cache_spec(batch))
 
     def prefill(self, tokens: Any, lengths: Any) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
         """Right-padded prompts [B, T] (padded here to the smallest bucket ≥ T) → (last logits [B, V], KV cache)."""

@@ -16,7 +16,9 @@ What lands in DIR (read back by `fastserve.artifacts.loader.load_exported`, whic
 
 B is a symbolic dimension ("b": any batch size, one compile per size at load time) unless fixed batch sizes are
 asked for, in which case each function is exported once per size (`prefill_{T}_b{B}`, `decode_b{B}`, ...).
-The KV cache is the model's own layout: a list with one {"k", "v"} per layer, each [B, max_cache_len, K, D].
+The KV cache is the model's own layout: for the decoder a list with one {"k", "v"} per layer, each
+[B, max_cache_len, K, D]; for an ensemble the tuple of its members' caches (any pytree of [B, max_cache_len, ...]
+arrays: the exported decode's own argument tree says which).
 Weights are arguments, never constants: `params` is the flat list `jax.tree.leaves(params)` (the order of
 `manifest["params"]["names"]`), unflattened inside each function with a treedef rebuilt from the model config.
 """
@@ -93,15 +95,13 @@ def export_params(model_cfg: Any, params: Any, tokenizer: Tokenizer | None, out_
     def cache_spec(b):  # the model's own cache layout (a list of {"k", "v"} per layer for the decoder)
         return caps.cache_spec(model, b, opts.max_cache_len)
 
-    n_layers = len(cache_spec(1))
-    one = cache_spec(1)[0]["k"]
-    kv_heads, head_dim, cache_dtype = one.shape[2], one.shape[3], np.dtype(one.dtype)
+    cache_info, cache_entry = describe_cache(cache_spec(1))
 
     plan = plan_exports(opts, leaf_specs, cache_spec)
 
     manifest_path = _prepare_dir(out_dir)
     functions = {name: _write_function(out_dir, fns[kind], args, opts.platforms, name, kind, bucket, b, len(leaves),
-                                       arg_names, result_names, n_layers)
+                                       arg_names, result_names, cache_info)
                  for name, kind, bucket, b, args, arg_names, result_names in plan}
     save_weights(os.path.join(out_dir, WEIGHTS_FILE), param_names(params), leaves)
     tok_file = _write_tokenizer(out_dir, tokenizer)
@@ -120,12 +120,7 @@ def export_params(model_cfg: Any, params: Any, tokenizer: Tokenizer | None, out_
         "max_cache_len": opts.max_cache_len,
         "max_new_tokens": opts.max_new_tokens,
         "max_stop_tokens": opts.max_stop_tokens,
-        "cache": {
-            "layout": "list with one {'k', 'v'} per layer (the model's KVCache); positions >= a row's length "
-                      "hold garbage that the attention mask hides",
-            "layers": n_layers, "shape": ["b", opts.max_cache_len, kv_heads, head_dim],
-            "dtype": str(cache_dtype),
-        },
+        "cache": cache_entry,
         "params": _params_entry(params, leaves),
         "tokenizer": _tokenizer_entry(tokenizer, tok_file),
         "functions": functions,
@@ -155,7 +150,7 @@ def export_forward(model_cfg: Any, params: Any, tokenizer: Tokenizer | None, out
 
         name = f"forward{suffix}"
         functions[name] = _write_function(out_dir, forward, (leaf_specs, *specs.values()), opts.platforms, name,
-                                          "forward", None, b, len(leaves), input_names, ["outputs"], 0)
+                                          "forward", None, b, len(leaves), input_names, ["outputs"], None)
         inputs = {k: {"shape": [str(d) for d in v.shape], "dtype": str(np.dtype(v.dtype))} for k, v in specs.items()}
     save_weights(os.path.join(out_dir, WEIGHTS_FILE), param_names(params), leaves)
     files = [WEIGHTS_FILE]
@@ -171,8 +166,27 @@ def export_forward(model_cfg: Any, params: Any, tokenizer: Tokenizer | None, out
     return _finish(out_dir, manifest_path, manifest, files)
 
 
+def describe_cache(spec: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the cache fields of a function's manifest entry, the manifest's `cache` entry) of a model's cache at batch
+    1. The decoder's list of {"k", "v"} per layer keeps its compact entry (layers, shape, dtype); any other pytree
+    (an ensemble's tuple of its members' caches) lists its leaves, in the order the exported functions take them."""
+    leaves = jax.tree.leaves(spec)
+    garbage = "positions >= a row's length hold garbage that the attention mask hides"
+    if isinstance(spec, list) and all(isinstance(c, dict) and sorted(c) == ["k", "v"] for c in spec):
+        one = spec[0]["k"]
+        return ({"leaves": len(leaves), "layers": len(spec), "entries": ["k", "v"]},
+                {"layout": f"list with one {{'k', 'v'}} per layer (the model's KVCache); {garbage}",
+                 "layers": len(spec), "shape": ["b", one.shape[1], one.shape[2], one.shape[3]],
+                 "dtype": str(np.dtype(one.dtype))})
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(spec)[0]]
+    return ({"leaves": len(leaves)},
+            {"layout": f"the model's own cache pytree (the exported decode's argument tree); {garbage}",
+             "leaves": [{"path": p, "shape": ["b", *x.shape[1:]], "dtype": str(np.dtype(x.dtype))}
+                        for p, x in zip(paths, leaves)]})
+
+
 def _write_function(out_dir, fn, args, platforms, name, kind, bucket, b, n_leaves, arg_names, result_names,
-                    n_layers) -> dict[str, Any]:
+                    cache_info) -> dict[str, Any]:
     t0 = time.perf_counter()
     exp = export_one(fn, args, platforms)
     blob = exp.serialize()
@@ -180,7 +194,7 @@ def _write_function(out_dir, fn, args, platforms, name, kind, bucket, b, n_leave
     with open(os.path.join(out_dir, fname), "wb") as f:
         f.write(blob)
     log.info("exported %s (%d bytes, %.1f s)", fname, len(blob), time.perf_counter() - t0)
-    return describe(exp, fname, kind, bucket, b, n_leaves, arg_names, result_names, n_layers)
+    return describe(exp, fname, kind, bucket, b, n_leaves, arg_names, result_names, cache_info)
 
 
 # ----------------------------------------------------------------------------------------------- sources

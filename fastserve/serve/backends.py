@@ -26,8 +26,6 @@ import jax.numpy as jnp
 from fastserve.serve.kv import extract_rows, insert_rows
 from fastserve.serve.programs import masked_decode, sample_rows
 
-_KV = ("k", "v")
-
 
 class ExportedPrograms:
     """The engine's prefill / decode / extend over an ExportedModel's exported functions (one jit each, built by
@@ -38,9 +36,8 @@ class ExportedPrograms:
         self.params = exp.params
         self.device = exp.device     # where the weights live: the engine's KV pool is placed there too
         self.max_len = exp.max_cache_len
-        c = exp.manifest["cache"]
-        # (layers, kv_heads, head_dim, dtype) of the engine's KV pool: the exported decode's cache argument
-        self.cache_layout = (int(c["layers"]), int(c["shape"][2]), int(c["shape"][3]), jnp.dtype(c["dtype"]))
+        # the engine's KV pool holds the exported decode's cache argument (any pytree of [batch, seq, ...]) per slot
+        self.cache_spec = exp.cache_spec(1)
         # what the engine's config checks read from a ModelConfig
         self.model_cfg = SimpleNamespace(max_seq_len=int(exp.max_seq_len), vocab_size=int(exp.manifest["vocab_size"]))
         self._prefill = self._decode = self._extend = None
@@ -80,7 +77,7 @@ class ExportedPrograms:
         def prefill(params, tokens, lengths, ints, floats):
             logits, cache = prefills[tokens.shape[1]].call(params, tokens, lengths)
             # the exported cache holds max_cache_len positions; the pool takes rows of the bucket's length
-            rows = [{n: c[n][:, :tokens.shape[1]] for n in _KV} for c in cache]
+            rows = jax.tree.map(lambda c: c[:, :tokens.shape[1]], cache)
             return sample_rows(logits, ints[0], ints[1], floats[0], ints[2], floats[1]), rows
 
         def decode_all(params, cache, ints, floats):
@@ -109,7 +106,7 @@ class ExportedPrograms:
         self._extend = jax.jit(extend, donate_argnums=1)
 
     def prefill(self, tokens: Any, lengths: Any, ints: Any, floats: Any) -> tuple[jax.Array, Any]:
-        """tokens [1, T] (T an exported bucket) → (sampled first token [1], KV rows [1, T, ...] per layer)."""
+        """tokens [1, T] (T an exported bucket) → (sampled first token [1], the cache's rows [1, T, ...])."""
         return self._prefill(self.params, tokens, lengths, ints, floats)
 
     def decode(self, cache: Any, ints: Any, floats: Any) -> tuple[jax.Array, Any]:

@@ -69,9 +69,7 @@ class Engine:
 
         self.programs = programs or ModelPrograms(graphdef, params, self.max_len)
         self.programs.check(self.max_len, self.buckets, self.slots)
-        layers, kv_heads, head_dim, dtype = self.programs.cache_layout
-        self.pool = KVPool(layers, self.slots, self.max_len, kv_heads, head_dim, dtype, self.buckets, mesh,
-                           self.programs.device)
+        self.pool = KVPool(self.programs.cache_spec, self.slots, self.max_len, self.buckets, mesh, self.programs.device)
 
         # scheduling state
         self._lock = threading.Lock()            # guards the inbox and _live (submit() runs on other threads)

@@ -1,14 +1,17 @@
-"""The serving KV pool: one preallocated cache [slots, max_cache_len, kv_heads, head_dim] per layer (k and v), rows
-moved in and out of slots by jitted functions whose slot index is a traced argument (one compile for all slots),
-and host-memory copies of preempted jobs' rows (numpy).
+"""The serving KV pool: the model's own cache preallocated for every slot (each leaf [slots, max_cache_len, ...];
+for the decoder one {"k", "v"} of [slots, max_cache_len, kv_heads, head_dim] per layer, for an ensemble the tuple
+of its members' caches), rows moved in and out of slots by jitted functions whose slot index is a traced argument
+(one compile for all slots), and host-memory copies of preempted jobs' rows (numpy).
 
-Rows move in a few static lengths (the prompt buckets and max_cache_len): a job with L cached positions moves the
-smallest such length >= L. Rows past a job's position hold stale values; they are harmless because a query only
-sees keys at positions <= its own, and decoding writes position p before attending to it.
+Any pytree of arrays whose axis 0 is the batch (slot) and axis 1 the position works; rows move in a few static
+lengths (the prompt buckets and max_cache_len): a job with L cached positions moves the smallest such length >= L.
+Rows past a job's position hold stale values; they are harmless because a query only sees keys at positions <= its
+own, and decoding writes position p before attending to it.
 """
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -19,7 +22,12 @@ import numpy as np
 from fastserve import parallel
 from fastserve.models.decoder import CACHE_AXES
 
-Rows = list[dict[str, Any]]   # per layer {"k": [1, L, K, D], "v": [1, L, K, D]}
+Rows = Any   # the cache's pytree with [1, L, ...] leaves (decoder: per layer {"k", "v"} of [1, L, K, D])
+
+
+def _cache_axes(ndim: int) -> tuple:
+    """Logical axes of a cache leaf: the decoder's [batch, seq, kv_heads, head_dim], else batch and seq only."""
+    return CACHE_AXES if ndim == len(CACHE_AXES) else ("cache_batch", "cache_seq") + (None,) * (ndim - 2)
 
 
 @dataclass
@@ -31,15 +39,20 @@ class HostKV:
 
 
 def insert_rows(cache: Rows, rows: Rows, slot: Any) -> Rows:
-    """`rows` ([1, length ≤ L, ...] per layer) written into `slot` of the cache, from position 0 (traceable)."""
-    return [{n: jax.lax.dynamic_update_slice(c[n], r[n].astype(c[n].dtype), (slot, 0, 0, 0)) for n in ("k", "v")}
-            for c, r in zip(cache, rows)]
+    """`rows` (leaves [1, length ≤ L, ...]) written into `slot` of the cache, from position 0 (traceable)."""
+    return jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice(c, r.astype(c.dtype), (slot,) + (0,) * (c.ndim - 1)),
+                        cache, rows)
 
 
 def extract_rows(cache: Rows, slot: Any, length: int) -> Rows:
-    """The first `length` positions of `slot`'s rows ([1, length, ...] per layer; traceable, length static)."""
-    return [{n: jax.lax.dynamic_slice(c[n], (slot, 0, 0, 0), (1, length) + c[n].shape[2:]) for n in ("k", "v")}
-            for c in cache]
+    """The first `length` positions of `slot`'s rows (leaves [1, length, ...]; traceable, length static)."""
+    return jax.tree.map(lambda c: jax.lax.dynamic_slice(c, (slot,) + (0,) * (c.ndim - 1), (1, length) + c.shape[2:]),
+                        cache)
+
+
+def cache_length(cache: Rows) -> int:
+    """Positions the cache holds (axis 1 of its leaves)."""
+    return jax.tree.leaves(cache)[0].shape[1]
 
 
 # Module-level jits: engines over the same model shapes share their compiled programs.
@@ -52,26 +65,23 @@ class KVPool:
 
     Placed by `mesh` (sharded by CACHE_AXES) or, without one, on `device` (an exported backend's device)."""
 
-    def __init__(self, n_layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype: Any,
-                 lengths: Sequence[int], mesh: Any = None, device: Any = None):
-        self.n_layers, self.slots, self.max_len = n_layers, slots, max_len
-        self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, jnp.dtype(dtype)
+    def __init__(self, spec: Any, slots: int, max_len: int, lengths: Sequence[int], mesh: Any = None,
+                 device: Any = None):
+        """`spec`: the model's cache at any batch and length (a pytree of arrays or ShapeDtypeStructs, e.g.
+        `jax.eval_shape(lambda: model.init_cache(1, 1))`); the pool holds it at [slots, max_len, ...]."""
+        self.slots, self.max_len = slots, max_len
         self.lengths = sorted({int(x) for x in lengths if 0 < x <= max_len} | {max_len})
         self.mesh = mesh
-        shape = (slots, max_len, kv_heads, head_dim)
-        sharding = parallel.named_sharding(mesh, CACHE_AXES, shape) if mesh is not None else None
+        self.spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct((slots, max_len, *x.shape[2:]), x.dtype), spec)
+        # bytes of one slot's rows per position, all leaves
+        self.position_bytes = sum(math.prod(x.shape[2:]) * jnp.dtype(x.dtype).itemsize
+                                  for x in jax.tree.leaves(self.spec))
         # Committed from the start: the programs return a committed cache (placed like their weights), and jax
         # compiles insert / extract apart for a committed and an uncommitted argument, so an uncommitted first cache
         # would leave the start-up warm compiling the wrong variants.
         self.device = device
-        if sharding is None and device is not None:
-            sharding = jax.sharding.SingleDeviceSharding(device)
-
-        def zeros():
-            return [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)} for _ in range(n_layers)]
-
-        out_sh = None if sharding is None else [{"k": sharding, "v": sharding}] * n_layers
-        self._zeros = jax.jit(zeros, out_shardings=out_sh)
+        self._zeros = jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self.spec),
+                              out_shardings=self._shardings(self.spec))
         self.cache = self._zeros()
 
     def reset(self) -> None:
@@ -79,8 +89,8 @@ class KVPool:
         self.cache = self._zeros()
 
     def row_bytes(self, length: int) -> int:
-        """Bytes of one slot's k and v rows over `length` positions, all layers."""
-        return 2 * self.n_layers * length * self.kv_heads * self.head_dim * self.dtype.itemsize
+        """Bytes of one slot's rows over `length` positions, all leaves (decoder: k and v of every layer)."""
+        return length * self.position_bytes
 
     def row_length(self, positions: int) -> int:
         """The smallest movable row length holding `positions` cached positions."""
@@ -101,17 +111,19 @@ class KVPool:
         """Copies `slot`'s first `positions` positions (rounded up to a row length) to host memory."""
         length = self.row_length(positions)
         rows = jax.device_get(self.extract(slot, length))
-        return HostKV(rows, length, sum(r["k"].nbytes + r["v"].nbytes for r in rows))
+        return HostKV(rows, length, sum(r.nbytes for r in jax.tree.leaves(rows)))
 
     def restore(self, host: HostKV, slot: int) -> None:
         """Uploads host rows into `slot` (placed like the cache, so the insert program compiled at start-up runs)."""
-        self.insert(jax.device_put(host.rows, self._row_shardings(host.rows)), slot)
+        self.insert(jax.device_put(host.rows, self._shardings(host.rows)), slot)
 
-    def _row_shardings(self, rows: Rows) -> Any:
-        if self.mesh is None:
-            return None if self.device is None else [{n: jax.sharding.SingleDeviceSharding(self.device) for n in r}
-                                                     for r in rows]
-        return [{n: parallel.named_sharding(self.mesh, CACHE_AXES, r[n].shape) for n in r} for r in rows]
+    def _shardings(self, tree: Any) -> Any:
+        """Placements of cache-shaped leaves: by the cache's logical axes on the mesh, else on the device."""
+        if self.mesh is not None:
+            return jax.tree.map(lambda x: parallel.named_sharding(self.mesh, _cache_axes(len(x.shape)), x.shape), tree)
+        if self.device is not None:
+            return jax.tree.map(lambda x: jax.sharding.SingleDeviceSharding(self.device), tree)
+        return None
 
     def warm(self) -> None:
         """Compiles insert and extract for every row length (slot 0 is written with its own contents)."""

@@ -19,7 +19,7 @@ from flax import nnx
 
 from fastserve.generation import decoding as infer
 from fastserve.models.capabilities import CausalLM, cache_spec
-from fastserve.serve.kv import extract_rows, insert_rows
+from fastserve.serve.kv import cache_length, extract_rows, insert_rows
 
 
 def sample_rows(logits, seeds, counts, temperature, top_k, top_p):
@@ -66,7 +66,7 @@ def extend_fn(graphdef, params, cache, slot, tokens, start, last, ints, floats):
     long prompt's chunks) → (the token [1] sampled from the logits of tokens[0, last], as prefill_fn samples with
     ints [3, 1] / floats [2, 1]; the cache)."""
     model = nnx.merge(graphdef, params)
-    row = extract_rows(cache, slot, cache[0]["k"].shape[1])
+    row = extract_rows(cache, slot, cache_length(cache))
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     logits, row = model(tokens, positions, row)
     logits = jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False)     # [1, V]
@@ -82,16 +82,15 @@ class ModelPrograms:
         if not isinstance(model, CausalLM):
             raise ValueError(f"{type(model).__name__} is not a causal LM (no KV cache): the serving engine decodes "
                              "tokens; export a forward model instead")
-        # (layers, kv_heads, head_dim, dtype) of the engine's KV pool, as the model builds its own cache
-        one = cache_spec(model, 1, 1)
-        self.cache_layout = (len(one), one[0]["k"].shape[2], one[0]["k"].shape[3], one[0]["k"].dtype)
+        # the engine's KV pool holds the model's own cache (any pytree of [batch, seq, ...] leaves) for every slot
+        self.cache_spec = cache_spec(model, 1, 1)
         self.device = None     # the pool is placed by the engine's mesh
 
     def check(self, max_len: int, buckets: list[int], slots: int) -> None:
         """Nothing to check: the programs compile for whatever shapes the engine picked."""
 
     def prefill(self, tokens: Any, lengths: Any, ints: Any, floats: Any) -> tuple[jax.Array, Any]:
-        """tokens [1, T] → (sampled first token [1], KV rows [1, T, ...] per layer)."""
+        """tokens [1, T] → (sampled first token [1], the cache's rows: leaves [1, T, ...])."""
         return prefill_fn(self.graphdef, self.params, tokens, lengths, ints, floats)
 
     def decode(self, cache: Any, ints: Any, floats: Any) -> tuple[jax.Array, Any]:

@@ -10,6 +10,7 @@
     trials: 8                                # finished trials (complete or pruned) the study should hold
     timeout_s: 900                           # wall time of one invocation (0: none)
     pruner: median                           # median | halving | none (checked at each train.eval_every)
+    prune_from_step: 100                     # no pruning before this step (warmups differ early on)
     baseline: true                           # trial 0 is the config as given, measured in the same study
 
 Every problem (an unknown key, a malformed distribution, a value the config refuses) names the key.
@@ -64,6 +65,7 @@ class TuneSpec:
     timeout_s: float = 0.0
     pruner: str = "median"
     baseline: bool = True
+    prune_from_step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -108,7 +110,7 @@ def load_spec(path: str, base: Config) -> TuneSpec:
         raw = yaml.safe_load(f) or {}
     if not isinstance(raw, dict) or not isinstance(raw.get("space"), dict) or not raw["space"]:
         raise TuneError(f"{path}: needs a `space:` mapping of config keys to distributions")
-    known = {"space", "objective", "direction", "trials", "timeout_s", "pruner", "baseline"}
+    known = {"space", "objective", "direction", "trials", "timeout_s", "pruner", "baseline", "prune_from_step"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise TuneError(f"{path}: unknown field(s) {unknown} (known: {sorted(known)})")
@@ -122,11 +124,13 @@ def load_spec(path: str, base: Config) -> TuneSpec:
             raise TuneError(f"space.{p.key}: the config does not take it: {e}") from None
     spec = TuneSpec(params, str(raw.get("objective", "loss")), str(raw.get("direction", "minimize")),
                     int(raw.get("trials", 8)), float(raw.get("timeout_s", 0) or 0), str(raw.get("pruner", "median")),
-                    bool(raw.get("baseline", True)))
+                    bool(raw.get("baseline", True)), int(raw.get("prune_from_step", 0) or 0))
     if spec.direction not in ("minimize", "maximize"):
         raise TuneError(f"direction: '{spec.direction}' (choose minimize or maximize)")
     if spec.pruner not in PRUNERS:
         raise TuneError(f"pruner: '{spec.pruner}' (choose from {', '.join(PRUNERS)})")
+    if spec.prune_from_step < 0:
+        raise TuneError(f"prune_from_step: {spec.prune_from_step} (at least 0)")
     if spec.trials < 1:
         raise TuneError(f"trials: {spec.trials} (at least 1)")
     return spec

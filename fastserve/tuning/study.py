@@ -45,8 +45,8 @@ def trial_config(base: Config, params: dict[str, Any], workdir: str, slice_steps
 
 def open_study(tune_dir: str, spec: TuneSpec, seed: int) -> Any:
     optuna = _optuna()
-    pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
-              "halving": optuna.pruners.SuccessiveHalvingPruner(),
+    pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=spec.prune_from_step),
+              "halving": optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, spec.prune_from_step)),
               "none": optuna.pruners.NopPruner()}[spec.pruner]
     os.makedirs(tune_dir, exist_ok=True)
     storage = f"sqlite:///{os.path.abspath(os.path.join(tune_dir, 'study.db'))}"
@@ -84,7 +84,7 @@ def make_objective(base: Config, spec: TuneSpec, tune_dir: str):
         workdir = os.path.join(tune_dir, f"trial_{trial.number:04d}")
         trial.set_user_attr("workdir", workdir)
         cfg = trial_config(base, params, workdir, slice_steps)
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         while True:
             results = train(cfg)
             metrics = results.get("eval") or {}
@@ -96,6 +96,8 @@ def make_objective(base: Config, spec: TuneSpec, tune_dir: str):
             trial.set_user_attr("step", int(results["step"]))
             trial.set_user_attr("heldout", {k: float(v) for k, v in metrics.items()})
             trial.set_user_attr("seconds", round(time.time() - t0, 1))
+            # CPU seconds of all threads: on a shared machine wall time overstates what the trial costs
+            trial.set_user_attr("cpu_seconds", round(time.process_time() - cpu0, 1))
             if not math.isfinite(value):
                 raise optuna.TrialPruned(f"{spec.objective} is {value}")
             if not results["stopped_early"]:
@@ -112,7 +114,8 @@ def trial_rows(study: Any, spec: TuneSpec) -> list[dict[str, Any]]:
         last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
         rows.append({"trial": t.number, "state": t.state.name, "value": t.value if t.value is not None else last,
                      "step": t.user_attrs.get("step"), "params": t.params, "heldout": t.user_attrs.get("heldout"),
-                     "seconds": t.user_attrs.get("seconds"), "workdir": t.user_attrs.get("workdir"),
+                     "seconds": t.user_attrs.get("seconds"), "cpu_seconds": t.user_attrs.get("cpu_seconds"),
+                     "workdir": t.user_attrs.get("workdir"),
                      "baseline": bool(t.user_attrs.get("baseline")), "rerun_of": t.user_attrs.get("rerun_of")})
     return rows
 
@@ -124,14 +127,14 @@ def write_outputs(study: Any, spec: TuneSpec, base: Config, tune_dir: str) -> di
         for row in rows:
             f.write(json.dumps(row) + "\n")
     keys = [p.key for p in spec.params]
-    lines = [f"| trial | state | {spec.objective} | step | " + " | ".join(keys) + " | s |",
-             "|---" * (len(keys) + 5) + "|"]
+    lines = [f"| trial | state | {spec.objective} | step | " + " | ".join(keys) + " | s | CPU s |",
+             "|---" * (len(keys) + 6) + "|"]
     for r in rows:
         value = f"{r['value']:.4f}" if isinstance(r["value"], float) else ""
         params = " | ".join(_short(r["params"].get(k)) for k in keys)
         tag = " (baseline)" if r["baseline"] else ""
         lines.append(f"| {r['trial']}{tag} | {r['state']} | {value} | {r['step'] or ''} | {params} | "
-                     f"{r['seconds'] or ''} |")
+                     f"{r['seconds'] or ''} | {r['cpu_seconds'] or ''} |")
     with open(os.path.join(tune_dir, "trials.md"), "w") as f:
         f.write(f"# {spec.direction} held-out {spec.objective}\n\n" + "\n".join(lines) + "\n")
     summary: dict[str, Any] = {"trials": len(rows), "finished": finished_count(study)}
@@ -184,6 +187,7 @@ def _short(v: Any) -> str:
 def tune(base: Config, spec: TuneSpec, tune_dir: str, seed: int = 0) -> dict[str, Any]:
     """Runs (or resumes) the study until it holds `spec.trials` finished trials or `spec.timeout_s` passes."""
     _optuna()  # a clear error before any work when optuna is not installed
+    cpu0 = time.process_time()
     study = open_study(tune_dir, spec, seed)
     requeued = requeue_interrupted(study)
     if spec.baseline and not study.get_trials(deepcopy=False):
@@ -196,7 +200,8 @@ def tune(base: Config, spec: TuneSpec, tune_dir: str, seed: int = 0) -> dict[str
         study.optimize(make_objective(base, spec, tune_dir), n_trials=remaining,
                        timeout=spec.timeout_s or None, callbacks=[after_trial], catch=())
     summary = write_outputs(study, spec, base, tune_dir)
-    return {**summary, "requeued": requeued, "ran": max(remaining, 0), "dir": tune_dir}
+    return {**summary, "requeued": requeued, "ran": max(remaining, 0), "dir": tune_dir,
+            "cpu_seconds": round(time.process_time() - cpu0, 1)}
 
 
 __all__ = ["tune", "open_study", "write_outputs", "trial_config"]
