@@ -34,10 +34,11 @@ CSRC = Path(__file__).with_name("csrc")
 LIBRARY = "libfastserve_kernels.so"
 INT8_TARGET = "fastserve_int8_matmul"
 COMMON_FLAGS = ["-O3", "-fPIC", "-std=c++17", "-Wno-psabi", "-fno-math-errno"]
-# (name, vectors per tile for 1 / 2 / 4 rows, flags): the tile widths keep each variant's accumulators in registers
-X86_VARIANTS = [("avx512", (8, 8, 4), ["-mavx512f", "-mavx512bw", "-mfma"]),
-                ("avx2", (3, 2, 1), ["-mavx2", "-mfma"])]
-GENERIC_VARIANT = ("generic", (1, 1, 1), [])
+# (name, floats per vector, vectors per tile for 1 / 2 / 4 rows, flags): the tile widths keep each variant's
+# accumulators in its registers (32 zmm, 16 ymm, 16 xmm)
+X86_VARIANTS = [("avx512", 16, (8, 8, 4), ["-mavx512f", "-mavx512bw", "-mfma"]),
+                ("avx2", 8, (4, 3, 2), ["-mavx2", "-mfma"])]
+GENERIC_VARIANT = ("generic", 4, (2, 2, 1), [])
 
 
 class KernelBuildError(RuntimeError):
@@ -60,7 +61,7 @@ def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
-def _variants() -> list[tuple[str, tuple[int, int, int], list[str]]]:
+def _variants() -> list[tuple[str, int, tuple[int, int, int], list[str]]]:
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     return (X86_VARIANTS if x86 else []) + [GENERIC_VARIANT]
 
@@ -87,15 +88,15 @@ def build(cxx: str | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         jobs = [[cxx, *COMMON_FLAGS, "-I", jax.ffi.include_dir(), "-c", str(CSRC / "int8_ffi.cc"),
                  "-o", f"{tmp}/ffi.o"]]
-        for name, (nv1, nv2, nv4), flags in _variants():
-            jobs.append([cxx, *COMMON_FLAGS, *flags, f"-DFS_ISA={name}", f"-DFS_NV1={nv1}", f"-DFS_NV2={nv2}",
-                         f"-DFS_NV4={nv4}", "-c", str(CSRC / "int8_tile.cc"), "-o", f"{tmp}/tile_{name}.o"])
+        for name, lanes, (nv1, nv2, nv4), flags in _variants():
+            jobs.append([cxx, *COMMON_FLAGS, *flags, f"-DFS_ISA={name}", f"-DFS_LANES={lanes}", f"-DFS_NV1={nv1}",
+                         f"-DFS_NV2={nv2}", f"-DFS_NV4={nv4}", "-c", str(CSRC / "int8_tile.cc"), "-o", f"{tmp}/tile_{name}.o"])
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in jobs]
         for cmd, p in zip(jobs, procs):
             output = p.communicate()[0]
             if p.returncode:
                 raise KernelBuildError(f"`{' '.join(cmd)}` failed:\n{output[-2000:]}")
-        objects = [f"{tmp}/ffi.o"] + [f"{tmp}/tile_{name}.o" for name, _, _ in _variants()]
+        objects = [f"{tmp}/ffi.o"] + [f"{tmp}/tile_{v[0]}.o" for v in _variants()]
         link = subprocess.run([cxx, "-shared", "-o", f"{tmp}/{LIBRARY}", *objects], capture_output=True, text=True)
         if link.returncode:
             raise KernelBuildError(f"linking {LIBRARY} failed:\n{link.stderr[-2000:]}")

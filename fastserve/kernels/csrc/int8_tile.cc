@@ -2,7 +2,7 @@
 //
 // One source, compiled once per instruction set (FS_ISA = avx512 / avx2 / generic, with the matching -m flags;
 // int8_ffi.cc picks one at run time). It uses GCC/Clang vector extensions rather than intrinsics, so the same
-// code becomes vpmovsxbd + vcvtdq2ps + vfmadd on AVX-512, two ymm halves on AVX2 and SSE2 elsewhere.
+// code becomes vpmovsxbd + vcvtdq2ps + vfmadd on zmm (AVX-512), on ymm (AVX2), or SSE2 elsewhere.
 // Only <cstdint> is included and everything but the entry point is file-local: no inline function from a
 // shared header can be compiled here with AVX-512 and then picked by the linker for the portable code.
 #include <cstdint>
@@ -11,7 +11,7 @@
 #endif
 
 #ifndef FS_ISA
-#error "compile with -DFS_ISA=<name> -DFS_NV1=.. -DFS_NV2=.. -DFS_NV4=.."
+#error "compile with -DFS_ISA=<name> -DFS_LANES=.. -DFS_NV1=.. -DFS_NV2=.. -DFS_NV4=.."
 #endif
 #define FS_CAT2(a, b) a##b
 #define FS_CAT(a, b) FS_CAT2(a, b)
@@ -19,38 +19,37 @@
 
 namespace {
 
-constexpr int kLanes = 16;  // one "vector" = 16 floats: 1 zmm, 2 ymm or 4 xmm
-typedef float vf __attribute__((vector_size(64)));
-typedef float vf_u __attribute__((vector_size(64), aligned(4), may_alias));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef int8_t vb_u __attribute__((vector_size(16), aligned(1), may_alias));
+// One vector = FS_LANES floats: 16 (a zmm) for avx512, 8 (a ymm) for avx2, 4 (an xmm) for the portable build.
+constexpr int kLanes = FS_LANES;
+typedef float vf __attribute__((vector_size(4 * FS_LANES)));
+typedef float vf_u __attribute__((vector_size(4 * FS_LANES), aligned(4), may_alias));
+typedef int32_t vi __attribute__((vector_size(4 * FS_LANES)));
+typedef int8_t vb __attribute__((vector_size(FS_LANES)));
 // How many rows ahead to prefetch the weight stream: the tile walks K rows N bytes apart, a stride the hardware
 // prefetcher follows only within a page.
 constexpr int64_t kPrefetchRows = 8;
 
-// 16 int8 weights as 16 floats: sign-extend, convert. Intrinsics on x86 (GCC makes scalar code of the generic
+// kLanes int8 weights as floats: sign-extend, convert. Intrinsics on x86 (GCC makes scalar code of the generic
 // vector conversion there); the generic vector conversion elsewhere.
 #if defined(__AVX512F__)
 inline vf load_w(const int8_t* p) {
   return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 #elif defined(__AVX2__)
-typedef float vh __attribute__((vector_size(32)));
 inline vf load_w(const int8_t* p) {
-  const vh lo = (vh)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  const vh hi =
-      (vh)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
-  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 #else
 inline vf load_w(const int8_t* p) {
-  return __builtin_convertvector(__builtin_convertvector(*reinterpret_cast<const vb_u*>(p), vi), vf);
+  vb b;
+  __builtin_memcpy(&b, p, sizeof b);
+  return __builtin_convertvector(__builtin_convertvector(b, vi), vf);
 }
 #endif
 inline vf load_f(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
 inline void store_f(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
 
-// MB rows × NV·16 columns starting at column n: per group an inner sum over its rows of K, then × scale.
+// MB rows × NV·kLanes columns starting at column n: per group an inner sum over its rows of K, then × scale.
 template <int MB, int NV>
 void block(const float* x, const int8_t* w, const float* s, float* y, int64_t K, int64_t N, int64_t group,
            int64_t n) {
@@ -65,7 +64,7 @@ void block(const float* x, const int8_t* w, const float* s, float* y, int64_t K,
     for (int64_t k = k0; k < k1; ++k) {
       const int8_t* wr = w + k * N + n;
       if (k + kPrefetchRows < K)
-        for (int j = 0; j < NV; j += 4) __builtin_prefetch(wr + kPrefetchRows * N + j * kLanes);
+        for (int j = 0; j < NV * kLanes; j += 64) __builtin_prefetch(wr + kPrefetchRows * N + j);
       vf wv[NV];
       for (int j = 0; j < NV; ++j) wv[j] = load_w(wr + j * kLanes);
       for (int i = 0; i < MB; ++i) {
@@ -83,7 +82,7 @@ void block(const float* x, const int8_t* w, const float* s, float* y, int64_t K,
     for (int j = 0; j < NV; ++j) store_f(y + i * N + n + j * kLanes, total[i][j]);
 }
 
-// The last < 16 columns, one at a time.
+// The last < kLanes columns, one at a time.
 void tail_columns(const float* x, const int8_t* w, const float* s, float* y, int64_t rows, int64_t K, int64_t N,
                   int64_t group, int64_t n0, int64_t n1) {
   for (int64_t i = 0; i < rows; ++i)
@@ -99,7 +98,7 @@ void tail_columns(const float* x, const int8_t* w, const float* s, float* y, int
     }
 }
 
-// Rows [0, MB) of x / y over columns [n0, n1): wide tiles, then 16-column tiles, then the scalar tail.
+// Rows [0, MB) of x / y over columns [n0, n1): wide tiles, then one-vector tiles, then the scalar tail.
 template <int MB, int NV>
 void rows(const float* x, const int8_t* w, const float* s, float* y, int64_t K, int64_t N, int64_t group,
           int64_t n0, int64_t n1) {
