@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fastserve.models.attention_kernels import causal_attention, check_attention
 from fastserve.models.layers import Embed, Linear, RMSNorm, attention, constrain, dtype_of, rope
 
 @dataclass
@@ -32,6 +33,7 @@ class DecoderConfig:
     dtype: str = "float32"         # compute dtype: float32 | bfloat16 (parameters stay float32)
     param_dtype: str = "float32"
     remat: bool = False            # recompute layer activations in the backward pass (saves memory)
+    attention: str = "auto"        # auto | xla | blocked | cudnn | splash (fastserve/models/attention_kernels.py)
     init_std: float = 0.02
     # Compressed layers (written by fastserve.transforms): dotted path → {kind: lowrank, rank: R} | {kind: int8}.
     # int8 layers are inference-only (no gradient through an int8 kernel).
@@ -46,6 +48,7 @@ class DecoderConfig:
                             "init_std")
         yield from at_least(self, 0, "vocab_size", "n_kv_heads", "head_dim", zero="derived")
         yield from check_dtypes(self)
+        yield from check_attention(self)
         if self.n_heads <= 0:
             return
         if not self.head_dim and self.d_model % self.n_heads:
@@ -88,6 +91,7 @@ class Attention(nnx.Module):
         self.v = Linear(d, kv * hd, ("embed", "kv_heads"), **kw)
         self.o = Linear(h * hd, d, ("heads", "embed"), **{**kw, "init_std": cfg.init_std / (2 * cfg.n_layers) ** 0.5})
         self.n_heads, self.n_kv_heads, self.head_dim, self.theta = h, kv, hd, cfg.rope_theta
+        self.implementation = getattr(cfg, "attention", "auto")  # the KV-cached path below stays on xla
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array] | None,
                  segments: jax.Array | None = None):
@@ -96,7 +100,7 @@ class Attention(nnx.Module):
         k = rope(self.k(x).reshape(b, t, self.n_kv_heads, self.head_dim), positions, self.theta)
         v = self.v(x).reshape(b, t, self.n_kv_heads, self.head_dim)
         if cache is None:  # training: packed documents (segments) do not see each other
-            out = attention(q, k, v, positions, positions, q_segments=segments, k_segments=segments)
+            out = causal_attention(q, k, v, positions, segments, implementation=self.implementation)
             return self.o(out), None
         # Write the new keys/values at their absolute positions (rows past the cache are dropped), then attend
         # over the whole cache: the position mask hides slots not yet written for this query.
