@@ -48,11 +48,13 @@ if importlib.util.find_spec("fastserve") is None:
         repo = os.path.abspath("fastserve")
         if not os.path.isdir(repo):
             subprocess.run(["git", "clone", "--depth", "1", REPO_URL, repo], check=True)
-    on_tpu = os.path.exists("/dev/accel0") or os.path.isdir("/dev/vfio") or "TPU_ACCELERATOR_TYPE" in os.environ
+    on_gpu = shutil.which("nvidia-smi") is not None
+    on_tpu = not on_gpu and (os.path.exists("/dev/accel0") or os.path.isdir("/dev/vfio")
+                             or "TPU_ACCELERATOR_TYPE" in os.environ or "COLAB_TPU_ADDR" in os.environ)
     pip = [sys.executable, "-m", "pip", "install", "-q"]
     subprocess.run(pip + ["-e", repo + "[dev]"], check=True)
-    if on_tpu:  # the TPU runtime library of the same JAX release
-        subprocess.run(pip + ["jax[tpu]>=0.10.2,<0.11"], check=True)
+    if on_tpu or on_gpu:  # the accelerator's runtime libraries for the JAX release fastserve pins
+        subprocess.run(pip + ["jax[tpu]>=0.10.2,<0.11" if on_tpu else "jax[cuda12]>=0.10.2,<0.11"], check=True)
     if EXTRA_PIP:
         subprocess.run(pip + ["--no-deps", *EXTRA_PIP], check=True)
     if EXTRA_APT and shutil.which("apt-get") and os.geteuid() == 0:
