@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fastserve.kernels import build
 
@@ -53,10 +54,9 @@ def int8_matmul_kernel(x: jax.Array, q: jax.Array, scale: jax.Array, group: int 
 
 
 def _rows(x: jax.Array) -> int | None:
-    try:
-        return math.prod(int(d) for d in x.shape[:-1])
-    except TypeError:  # a symbolic dimension (an export for any batch size)
-        return None
+    """x's row count, or None when a dimension is symbolic (an export for any batch size)."""
+    dims = x.shape[:-1]
+    return math.prod(int(d) for d in dims) if all(isinstance(d, (int, np.integer)) for d in dims) else None
 
 
 def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, group: int | None = None) -> jax.Array:
