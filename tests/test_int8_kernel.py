@@ -212,3 +212,17 @@ def test_int8_export_loads_with_the_kernel_in_a_fresh_process(lib, tmp_path):
     got = np.load(tmp_path / "out.npz")
     np.testing.assert_allclose(got["logits"], logits, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(got["dlogits"], dlogits, atol=1e-5, rtol=1e-5)
+
+
+def test_quantize_transform_per_group_and_bad_group():
+    from fastserve.transforms import TransformError, quantize
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=72, max_seq_len=16)
+    _, params, _ = init_params(cfg, make_mesh(MeshConfig(), jax.devices()[:1]), seed=0)
+    params = jax.device_get(params)
+    new_cfg, new_params, report = quantize(cfg, params, group=32, include="layers.*.mlp.*")
+    assert new_cfg.compressed["layers.0.mlp.down"] == {"kind": "int8", "group": 32}
+    down = next(r for r in report if r["layer"] == "layers.0.mlp.down")  # kernel (72, 32): groups of 32, 32, 8
+    assert down["bytes_after"] == 72 * 32 + 4 * 3 * 32 and down["rel_error"] < 0.01
+    with pytest.raises(TransformError, match="quantize.group"):
+        quantize(cfg, params, group=0)
