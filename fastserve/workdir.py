@@ -19,7 +19,7 @@ import yaml
 from fastserve import parallel
 from fastserve.data.packages import resolve_path  # noqa: F401  (re-exported: `package:` paths)
 from fastserve.config import Config, config_from_dict
-from fastserve.core.checkpoint import CheckpointError, Checkpointer
+from fastserve.core.checkpoint import CheckpointError, CheckpointMismatch, Checkpointer
 from fastserve.core.state import abstract_model, abstract_model_split, merge_trees
 
 log = logging.getLogger(__name__)
@@ -96,16 +96,34 @@ def _load_checkpoint(cfg: Config, mesh) -> LoadedModel:
     steps = ckpt.all_steps()
     if not steps:
         raise CheckpointError(f"no checkpoint in {ckpt_dir}")
-    graphdef, params, p_axes, state, s_axes = abstract_model_split(model_cfg)
-    def target(abstract, logical):
-        shardings = parallel.tree_shardings(mesh, abstract, logical)
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    entries = {"params": target(params, p_axes), "model_state": target(state, s_axes)}
-    try:  # checked against the save's checksums; a corrupt or unreadable step is reported and the previous one used
+    from fastserve.models.layer_stack import other_layout, per_layer_config, unstack_layers
+
+    def restore(model_cfg):
+        graphdef, params, p_axes, state, s_axes = abstract_model_split(model_cfg)
+        def target(abstract, logical):
+            shardings = parallel.tree_shardings(mesh, abstract, logical)
+            return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        entries = {"params": target(params, p_axes), "model_state": target(state, s_axes)}
+        # checked against the save's checksums; a corrupt or unreadable step is reported and the previous one used
         step, restored = ckpt.restore_entries_latest(entries)
+        return graphdef, step, merge_trees(restored["params"], restored["model_state"])
+    try:
+        try:
+            graphdef, step, params = restore(model_cfg)
+        except CheckpointMismatch:  # saved with the other layer layout (stacked ↔ per-layer), e.g. before scan_layers
+            twin = other_layout(model_cfg)
+            if twin is None:
+                raise
+            try:
+                graphdef, step, params = restore(twin)
+            except CheckpointMismatch:
+                raise CheckpointMismatch(f"{ckpt_dir} matches neither layer layout of the config") from None
+            model_cfg = twin
     finally:
         ckpt.close()
-    params = merge_trees(restored["params"], restored["model_state"])
+    if getattr(model_cfg, "scanned", False):  # tools address single layers (transforms, KV cache): per-layer weights
+        model_cfg = per_layer_config(model_cfg)
+        graphdef, params = place_params(unstack_layers(params), model_cfg, mesh)
     return LoadedModel(model_cfg, graphdef, params, tokenizer, mesh,
                        chat_template=getattr(tokenizer, "chat_template", None), step=step)
 

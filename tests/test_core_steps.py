@@ -125,7 +125,7 @@ def test_bfloat16_compute_trains_with_float32_params():
     # the compute really is bfloat16 (activations), the parameters float32
     model = nnx.merge(graphdef, merge_trees(state["params"], state["model_state"]))
     assert model.embed(jnp.asarray(batch["inputs"])).dtype == jnp.bfloat16
-    assert model.layers[0].mlp.gate(jnp.ones((1, 32), jnp.bfloat16)).dtype == jnp.bfloat16
+    assert model.block(0).mlp.gate(jnp.ones((1, 32), jnp.bfloat16)).dtype == jnp.bfloat16
     step = make_train_step(graphdef, make_task("lm"), tx, schedule, shardings, mesh)
     losses = []
     for _ in range(20):

@@ -37,7 +37,8 @@ BUCKETS = (8, 16)
 MAX_NEW = 8
 CACHE_LEN = 64
 # Sharp enough logits (init_std 0.3) that greedy decoding is not a string of near-ties.
-TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64, init_std=0.3)
+# Per-layer weights, as `fastserve.export` gets them from a work dir (load_model unstacks scanned layers).
+TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64, init_std=0.3, scan_layers=False)
 
 
 @pytest.fixture(scope="module")

@@ -259,7 +259,7 @@ def tiny_hf_state_dict(tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
 def tiny_model_cfg(tied: bool) -> ModelConfig:
     return ModelConfig(vocab_size=TINY["vocab"], d_model=TINY["d"], n_layers=TINY["layers"], n_heads=TINY["heads"],
                        n_kv_heads=TINY["kv"], d_ff=TINY["ff"], rope_theta=TINY["theta"], norm_eps=TINY["eps"],
-                       tie_embeddings=tied, max_seq_len=128)
+                       tie_embeddings=tied, max_seq_len=128, scan_layers=False)   # imported weights: per layer
 
 
 def write_tiny_tokenizer(directory) -> None:

@@ -19,8 +19,10 @@ from fastserve.tasks import make_task
 from fastserve.transforms import TransformError, apply_transforms, choose_rank, lowrank, prune, quantize
 from fastserve.transforms.common import get_node, replace_node
 
+# per-layer weights, addressed by path here (scanned ones go through the same transforms unstacked:
+# tests/test_scan_layers.py)
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32,
-                  tie_embeddings=False)
+                  tie_embeddings=False, scan_layers=False)
 TOKENS = (jnp.arange(2 * 12, dtype=jnp.int32).reshape(2, 12) * 7) % 64
 
 

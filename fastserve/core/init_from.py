@@ -92,7 +92,7 @@ def match(target: dict[str, Any], source: dict[str, np.ndarray], name: str) -> t
 def init_params_from(params: Any, shardings: Any, path: str) -> tuple[Any, InitReport]:
     """`params` (a train state's, placed with `shardings`) with the matching ones replaced by `path`'s."""
     flat_target = _flat(params)
-    chosen, report = match(flat_target, source_params(path), path)
+    chosen, report = match(flat_target, _in_layout_of(flat_target, source_params(path)), path)
     flat_shardings = _flat(shardings)
 
     def replace(p, x):
@@ -101,3 +101,20 @@ def init_params_from(params: Any, shardings: Any, path: str) -> tuple[Any, InitR
             return x
         return jax.device_put(np.asarray(chosen[key], dtype=x.dtype), flat_shardings[key])
     return jax.tree_util.tree_map_with_path(replace, params), report
+
+
+def _in_layout_of(target: dict[str, Any], source: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`source` with its decoder blocks in the target's layout: stacked (`layers.mlp.up.kernel` [L, …], a model with
+    `scan_layers`) or per-layer (`layers.3.mlp.up.kernel`); sources come either way (work dirs load per-layer)."""
+    from fastserve.models.layer_stack import stack_flat, unstack_flat
+
+    def stacked(flat):
+        return any(p.startswith("layers.") and not p.split(".")[1].isdigit() for p in flat)
+
+    def per_layer(flat):
+        return any(p.startswith("layers.") and p.split(".")[1].isdigit() for p in flat)
+    if stacked(target) and per_layer(source):
+        return stack_flat(source)
+    if per_layer(target) and stacked(source):
+        return unstack_flat(source)
+    return source

@@ -6,8 +6,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import jax
+
 from fastserve import parallel
-from fastserve.core.checkpoint import Checkpointer
+from fastserve.core.checkpoint import CheckpointMismatch, Checkpointer
 from fastserve.config import Config
 from fastserve.core.optim import make_optimizer
 from fastserve.core.state import abstract_train_state, create_train_state
@@ -39,7 +41,7 @@ def prepare_state(cfg: Config, restore: bool = True) -> TrainSetup:
                         cfg.checkpoint.async_save)
     start_step, data_state, init_note = 0, None, ""
     if restore:
-        restored = ckpt.restore_latest(abstract_train_state(state, shardings))
+        restored = _restore_either_layout(ckpt, cfg.model, state, shardings)
         if restored is not None:
             start_step, state, extra = restored
             data_state = extra.get("data")
@@ -50,3 +52,22 @@ def prepare_state(cfg: Config, restore: bool = True) -> TrainSetup:
         state = {**state, "params": params}
         init_note = report.line()
     return TrainSetup(mesh, tx, schedule, graphdef, state, shardings, ckpt, start_step, data_state, init_note)
+
+
+def _restore_either_layout(ckpt: Checkpointer, model_cfg: Any, state: dict, shardings: Any):
+    """`ckpt.restore_latest` for this state; a checkpoint saved with the other layer layout of the same model
+    (stacked ↔ per-layer blocks: `model.scan_layers` changed, or a work dir from before it) is read in that layout
+    and converted, optimizer moments included."""
+    abstract = abstract_train_state(state, shardings)
+    try:
+        return ckpt.restore_latest(abstract)
+    except CheckpointMismatch:
+        from fastserve.models.layer_stack import other_layout, stack_layers, unstack_layers
+        if other_layout(model_cfg) is None:
+            raise
+        to_saved, to_ours = (unstack_layers, stack_layers) if model_cfg.scanned else (stack_layers, unstack_layers)
+        found = ckpt.restore_latest(to_saved(abstract))
+    step, saved, extra = found
+    log.info("checkpoint step %d has the other layer layout: converted to %s", step,
+             "stacked (scan_layers)" if model_cfg.scanned else "per-layer")
+    return step, jax.device_put(to_ours(saved), shardings), extra

@@ -118,6 +118,7 @@ def model_config_from_metadata(meta: dict[str, Any], *, tied: bool, vocab_size: 
         tie_embeddings=tied,
         dtype=dtype,
         param_dtype=dtype,
+        scan_layers=False,   # the weights come per layer (fine-tuning stacks them: fastserve.core.init_from)
     )
 
 

@@ -70,6 +70,7 @@ def model_config_from_hf(conf: dict[str, Any], dtype: str = "float32", source: s
         tie_embeddings=bool(conf.get("tie_word_embeddings", False)),
         dtype=dtype,
         param_dtype=dtype,
+        scan_layers=False,   # the weights come per layer (fine-tuning stacks them: fastserve.core.init_from)
     )
 
 

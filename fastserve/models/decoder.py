@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fastserve.models.attention_kernels import causal_attention, check_attention
 from fastserve.models.layers import Embed, Linear, RMSNorm, attention, constrain, dtype_of, rope
 
 @dataclass
@@ -30,10 +29,15 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    dtype: str = "float32"         # compute dtype: float32 | bfloat16 (parameters stay float32)
+    dtype: str = "float32"         # compute dtype: float32 | bfloat16. bfloat16 is mixed precision: matmuls and the
+                                   # residual stream in bf16; norms, attention softmax, logits and the loss in f32;
+                                   # weights (param_dtype), gradients and optimizer state stay float32
     param_dtype: str = "float32"
-    remat: bool = False            # recompute layer activations in the backward pass (saves memory)
-    attention: str = "auto"        # auto | xla | blocked | cudnn | splash (fastserve/models/attention_kernels.py)
+    remat: str | bool = "none"     # none | full | dots_saveable: what the backward pass recomputes instead of
+                                   # storing (true = full, false = none, the old boolean's meanings)
+    scan_layers: bool = True       # the blocks as one stacked block under lax.scan: compile time flat in depth.
+                                   # Weights then carry a leading `layers` axis; tools convert (models/layer_stack.py).
+                                   # A model with `compressed` layers is always per-layer.
     init_std: float = 0.02
     # Compressed layers (written by fastserve.transforms): dotted path → {kind: lowrank, rank: R} | {kind: int8}.
     # int8 layers are inference-only (no gradient through an int8 kernel).
@@ -48,7 +52,8 @@ class DecoderConfig:
                             "init_std")
         yield from at_least(self, 0, "vocab_size", "n_kv_heads", "head_dim", zero="derived")
         yield from check_dtypes(self)
-        yield from check_attention(self)
+        if remat_policy_name(self.remat) not in REMAT_POLICIES:
+            yield "remat", f"unknown remat policy {self.remat!r} (choose from {', '.join(REMAT_POLICIES)}, or true/false)"
         if self.n_heads <= 0:
             return
         if not self.head_dim and self.d_model % self.n_heads:
@@ -66,6 +71,11 @@ class DecoderConfig:
                 validate_entry(path, entry, where="compressed")
             except ValueError as e:
                 yield "compressed", str(e)
+
+    @property
+    def scanned(self) -> bool:
+        """Whether the model holds its blocks stacked (scan_layers, and no compressed layer: those differ per layer)."""
+        return bool(self.scan_layers) and not self.compressed
 
     def build(self, rngs: nnx.Rngs) -> "DecoderLM":
         return DecoderLM(self, rngs=rngs)
@@ -91,7 +101,6 @@ class Attention(nnx.Module):
         self.v = Linear(d, kv * hd, ("embed", "kv_heads"), **kw)
         self.o = Linear(h * hd, d, ("heads", "embed"), **{**kw, "init_std": cfg.init_std / (2 * cfg.n_layers) ** 0.5})
         self.n_heads, self.n_kv_heads, self.head_dim, self.theta = h, kv, hd, cfg.rope_theta
-        self.implementation = getattr(cfg, "attention", "auto")  # the KV-cached path below stays on xla
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array] | None,
                  segments: jax.Array | None = None):
@@ -100,7 +109,7 @@ class Attention(nnx.Module):
         k = rope(self.k(x).reshape(b, t, self.n_kv_heads, self.head_dim), positions, self.theta)
         v = self.v(x).reshape(b, t, self.n_kv_heads, self.head_dim)
         if cache is None:  # training: packed documents (segments) do not see each other
-            out = causal_attention(q, k, v, positions, segments, implementation=self.implementation)
+            out = attention(q, k, v, positions, positions, q_segments=segments, k_segments=segments)
             return self.o(out), None
         # Write the new keys/values at their absolute positions (rows past the cache are dropped), then attend
         # over the whole cache: the position mask hides slots not yet written for this query.
@@ -140,6 +149,36 @@ class Block(nnx.Module):
         return x, cache
 
 
+# `model.remat`: what the backward pass recomputes. none: store every activation; full: store only each block's
+# input and recompute the rest; dots_saveable: store matmul outputs, recompute the cheap elementwise ops around them.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots_saveable": jax.checkpoint_policies.dots_saveable}
+
+
+def remat_policy_name(remat: str | bool) -> str:
+    """The policy name for `model.remat`, mapping the old boolean (true → full, false → none)."""
+    if isinstance(remat, bool):
+        return "full" if remat else "none"
+    return remat
+
+
+def _stacked_blocks(cfg: Any, rngs: nnx.Rngs) -> Block:
+    """One Block whose every parameter is the L blocks' stacked along a leading `layers` axis.
+
+    The blocks are built one by one (the same random draws, in the same order, as a per-layer model: the two
+    initialize identically) and their variables stacked; the logical axes gain `layers` in front.
+    """
+    blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)]
+    graphdef = nnx.graphdef(blocks[0])
+
+    def stack(*variables: nnx.Variable) -> nnx.Variable:
+        axes = variables[0].get_metadata().get("out_sharding")
+        return variables[0].copy(jnp.stack([v.get_value() for v in variables]),
+                                 out_sharding=None if axes is None else ("layers", *axes))
+    states = [nnx.state(b) for b in blocks]
+    return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
 class DecoderLM(nnx.Module):
     """tokens [B, T] → logits [B, T, vocab] (float32), and the updated KV cache when one is given."""
 
@@ -148,11 +187,16 @@ class DecoderLM(nnx.Module):
             raise ValueError("model.vocab_size must be set (the trainer fills it from the tokenizer)")
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=dt, param_dtype=pdt, init_std=cfg.init_std)
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.scanned = bool(getattr(cfg, "scan_layers", False)) and not getattr(cfg, "compressed", None)
+        if self.scanned:
+            self.layers = _stacked_blocks(cfg, rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
         self.lm_head = None if cfg.tie_embeddings else Linear(
             cfg.d_model, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dt, param_dtype=pdt, init_std=cfg.init_std)
-        self.remat = cfg.remat
+        self.remat = remat_policy_name(cfg.remat)
+        self.n_layers = cfg.n_layers
         self.cache_dims = (cfg.n_kv_heads or cfg.n_heads, cfg.head_dim or cfg.d_model // cfg.n_heads)
         self.dtype = dt
 
@@ -163,19 +207,52 @@ class DecoderLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         x = constrain(self.embed(tokens), ("batch", "seq", "embed"))
-        new_cache = [] if cache is not None else None
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache[i]
-            if self.remat and cache is None:
-                x, _ = nnx.remat(lambda blk, x, p, s: blk(x, p, None, s))(layer, x, positions, segments)
-            else:
-                x, layer_cache = layer(x, positions, layer_cache, segments)
-            if new_cache is not None:
-                new_cache.append(layer_cache)
+        if cache is None:
+            x = self._blocks(x, positions, segments)
+            new_cache = None
+        else:
+            x, new_cache = self._blocks_cached(x, positions, cache)
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
         return logits, new_cache
+
+    def _blocks(self, x: jax.Array, positions: jax.Array, segments: jax.Array | None) -> jax.Array:
+        """Every block without a cache (training, scoring): one scanned block, or the blocks one after another."""
+        policy = REMAT_POLICIES[self.remat]
+        if not self.scanned:
+            for layer in self.layers:
+                if self.remat == "none":
+                    x, _ = layer(x, positions, None, segments)
+                else:
+                    x, _ = nnx.remat(lambda blk, x, p, s: blk(x, p, None, s), policy=policy)(
+                        layer, x, positions, segments)
+            return x
+        graphdef, stacked = nnx.split(self.layers)
+
+        def step(x, layer_state):
+            y, _ = nnx.merge(graphdef, layer_state)(x, positions, None, segments)
+            return y, None
+        if self.remat != "none":
+            step = jax.checkpoint(step, policy=policy, prevent_cse=False)  # inside scan, CSE cannot undo it
+        x, _ = jax.lax.scan(step, x, stacked)
+        return x
+
+    def _blocks_cached(self, x: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """KV-cached inference: the cache stays one {"k", "v"} per layer (what serving and export lay out), so a
+        scanned model runs its blocks one after another too, each a view of the stacked weights."""
+        new_cache = []
+        for i, layer_cache in enumerate(cache):
+            x, layer_cache = self.block(i)(x, positions, layer_cache)
+            new_cache.append(layer_cache)
+        return x, new_cache
+
+    def block(self, i: int) -> Block:
+        """Layer `i`'s block: its own module, or, when scanned, a view of the i-th slice of the stacked weights."""
+        if not self.scanned:
+            return self.layers[i]
+        graphdef, stacked = nnx.split(self.layers)
+        return nnx.merge(graphdef, jax.tree.map(lambda w: w[i], stacked))
 
     def init_cache(self, batch: int, length: int, dtype: Any = None) -> KVCache:
         """Zeroed KV cache: one {"k", "v"} of [batch, length, kv_heads, head_dim] per layer."""
@@ -183,7 +260,7 @@ class DecoderLM(nnx.Module):
         dtype = dtype or self.dtype
         def zeros():  # laid out by logical axes, so the cache shards by the same rules as everything else
             return constrain(jnp.zeros((batch, length, kv, hd), dtype), CACHE_AXES)
-        return [{"k": zeros(), "v": zeros()} for _ in range(len(self.layers))]
+        return [{"k": zeros(), "v": zeros()} for _ in range(self.n_layers)]
 
 
 def count_flops_per_token(cfg: Any, seq_len: int) -> float:

@@ -32,6 +32,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from fastserve.models.layer_stack import as_per_layer
 from fastserve.transforms.common import (TransformError, check_options, check_params, describe, get_node,
                                          rel_error, replace_node, select, to_host)
 
@@ -172,6 +173,7 @@ def lowrank(model_cfg: Any, params: dict, *, include: Any = None, exclude: Any =
         wheres = ["lowrank"]
     calibration = check_options("lowrank.calibration", calibration, CALIBRATION_KEYS)
 
+    model_cfg, params = as_per_layer(model_cfg, params)   # scanned weights unstacked: paths name one layer
     abstract, layers = describe(model_cfg)
     check_params(abstract, params, "lowrank (input)")
     chosen: dict[str, int] = {}

@@ -14,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from fastserve.models.layer_stack import as_per_layer
 from fastserve.transforms.common import (TransformError, check_params, describe, get_node, rel_error, replace_node,
                                          select, to_host)
 
@@ -51,6 +52,7 @@ def prune(model_cfg: Any, params: dict, *, sparsity: float | None = None, patter
         sparsity = 0.5
     elif isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0.0 <= sparsity < 1.0):
         raise TransformError(f"prune.sparsity: expected a fraction in [0, 1), got {sparsity!r}")
+    model_cfg, params = as_per_layer(model_cfg, params)   # scanned weights unstacked: paths name one layer
     abstract, layers = describe(model_cfg)
     check_params(abstract, params, "prune (input)")
     new_params, report = params, []

@@ -17,6 +17,7 @@ import numpy as np
 
 from fastserve.kernels.int8 import dequantize
 from fastserve.models.compressed import quantize_int8
+from fastserve.models.layer_stack import as_per_layer
 from fastserve.transforms.common import (TransformError, check_params, describe, get_node, rel_error, replace_node,
                                          select, to_host)
 
@@ -31,6 +32,7 @@ def quantize(model_cfg: Any, params: dict, *, bits: int = 8, group: int | None =
         raise TransformError(f"quantize.bits: only 8 is supported, got {bits!r}")
     if group is not None and (not isinstance(group, int) or isinstance(group, bool) or group <= 0):
         raise TransformError(f"quantize.group: expected a positive int (input rows per scale), got {group!r}")
+    model_cfg, params = as_per_layer(model_cfg, params)   # scanned weights unstacked: paths name one layer
     abstract, layers = describe(model_cfg)
     check_params(abstract, params, "quantize (input)")
     new_params, compressed, report = params, dict(model_cfg.compressed), []
