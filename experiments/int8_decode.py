@@ -25,19 +25,20 @@ from fastserve.generation.program import model_program
 from fastserve.kernels import build as kernels
 from fastserve.transforms.report import measure, transform_loaded
 
-ROUNDS = 5
-DECODE_TOKENS = 24
+ROUNDS = 4
+DECODE_TOKENS = 16
 BATCHES = (1, 16)
+QUICK = {"rounds": 2, "decode_tokens": 8, "batches": (1,)}  # dense and int8 only: ~1-2 min (compiles dominate)
 INT8 = {"quantize": {"include": ["layers.*"]}}
 INT8_G64 = {"quantize": {"include": ["layers.*"], "group": 64}}
 GOAL = {"int8_over_dense_b1_min": 1.5, "int8_over_llama_q8_0_b1_min": 0.8, "perplexity_ratio_max": 1.01}
 
 
 def settings(whitened: list[dict], quick: bool) -> list[tuple[str, list[dict]]]:
-    out = [("dense", []), ("int8", [INT8]), ("int8 group 64", [INT8_G64])]
-    if not quick:
-        out += [("whitened 0.8", whitened), ("whitened 0.8 + int8", whitened + [INT8])]
-    return out
+    if quick:
+        return [("dense", []), ("int8", [INT8])]
+    return [("dense", []), ("int8", [INT8]), ("int8 group 64", [INT8_G64]), ("whitened 0.8", whitened),
+            ("whitened 0.8 + int8", whitened + [INT8])]
 
 
 def decode_timer(graphdef: Any, params: Any, prompt_ids: list[int], batch: int, new_tokens: int, mesh: Any
@@ -71,6 +72,8 @@ def run(cfg: Any, loaded: Any, batches: list, prompt_ids: list[int], whitened: l
     """Rows for every setting (and llama.cpp's when available); see the module docstring."""
     status = kernels.status()
     print(f"int8 kernel: {status}", flush=True)
+    rounds, tokens, batch_sizes = ((QUICK["rounds"], QUICK["decode_tokens"], QUICK["batches"]) if quick
+                                   else (ROUNDS, DECODE_TOKENS, BATCHES))
     rows, timers = [], {}
     for label, specs in settings(whitened, quick):
         t0 = time.perf_counter()
@@ -79,15 +82,14 @@ def run(cfg: Any, loaded: Any, batches: list, prompt_ids: list[int], whitened: l
         else:
             model_cfg, graphdef, params = loaded.model_cfg, loaded.graphdef, loaded.params
         m = measure(graphdef, params, model_cfg, loaded.mesh, batches, prompt_ids, 0)
-        timers[label] = {b: decode_timer(graphdef, params, prompt_ids, b, DECODE_TOKENS, loaded.mesh)
-                         for b in BATCHES}
+        timers[label] = {b: decode_timer(graphdef, params, prompt_ids, b, tokens, loaded.mesh) for b in batch_sizes}
         rows.append({"setting": label, "transforms": specs, "parameters": m["parameters"], "bytes": m["bytes"],
                      "perplexity": m["perplexity"], "prepare_s": round(time.perf_counter() - t0, 1)})
         print(f"{label:22} {m['bytes'] / 2**20:7.1f} MiB  ppl {m['perplexity']:.3f}", flush=True)
-    steps = {(r["setting"], b): [] for r in rows for b in BATCHES}
-    for i in range(2 if quick else ROUNDS):
+    steps = {(r["setting"], b): [] for r in rows for b in batch_sizes}
+    for i in range(rounds):
         for r in rows:
-            for b in BATCHES:
+            for b in batch_sizes:
                 steps[(r["setting"], b)].append(timers[r["setting"]][b]())
         print(f"round {i + 1}: " + "  ".join(f"{r['setting']} {1 / steps[(r['setting'], 1)][-1]:.1f}"
                                              for r in rows) + " tok/s (batch 1)", flush=True)
@@ -95,14 +97,14 @@ def run(cfg: Any, loaded: Any, batches: list, prompt_ids: list[int], whitened: l
     for r in rows:
         r["perplexity_ratio"] = r["perplexity"] / dense["perplexity"]
         r["bytes_ratio"] = r["bytes"] / dense["bytes"]
-        for b in BATCHES:
+        for b in batch_sizes:
             own, ref = steps[(r["setting"], b)], steps[("dense", b)]
             r[f"decode_b{b}_tokens_per_s"] = b / statistics.median(own)
             r[f"decode_b{b}_over_dense"] = statistics.median(d / s for d, s in zip(ref, own))
             r[f"decode_b{b}_step_s"] = [round(s, 5) for s in own]
-    peers = llama_cpp_rows(cfg, prompt_ids, 2 if quick else ROUNDS)
+    peers = llama_cpp_rows(cfg, prompt_ids, rounds, tokens)
     return {"kernel": status, "rows": rows, "llama_cpp": peers, "goal": goal(rows, peers),
-            "decode_tokens": DECODE_TOKENS, "rounds": 2 if quick else ROUNDS}
+            "decode_tokens": tokens, "rounds": rounds}
 
 
 def goal(rows: list[dict], peers: dict) -> dict:
@@ -116,7 +118,7 @@ def goal(rows: list[dict], peers: dict) -> dict:
     return out
 
 
-def llama_cpp_rows(cfg: Any, prompt_ids: list[int], rounds: int) -> dict:
+def llama_cpp_rows(cfg: Any, prompt_ids: list[int], rounds: int, tokens: int) -> dict:
     """llama.cpp (llama-cpp-python) on the shipped Q4_1 GGUF and its Q8_0 requantization, 2 threads, batch-1
     greedy decode of the same prompt tokens; {"skipped": why} when the package is not installed."""
     try:
@@ -142,7 +144,7 @@ def llama_cpp_rows(cfg: Any, prompt_ids: list[int], rounds: int) -> dict:
             llm.reset()
             llm.eval(list(prompt_ids))
             times = []
-            for _ in range(DECODE_TOKENS):
+            for _ in range(tokens):
                 tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
                 t = time.perf_counter()
                 llm.eval([tok])
