@@ -243,3 +243,39 @@ def test_import_fastserve_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-1500:]
     assert "{'dense': {'units': 3, 'activation': 'relu'}}" in out.stdout
+
+
+def test_full_batches_skip_the_example_mask_and_padded_batches_keep_it():
+    """fit runs full batches through a step without batch norm's example mask (faster) and only a padded batch
+    through the masked one: on a full batch both give the same loss, gradients and running statistics; on a padded
+    batch the mask is what keeps the padding rows out of the statistics."""
+    import jax
+    from flax import nnx
+
+    from fastserve.core.steps import make_loss_fn
+    from fastserve.keras.fitting import FullBatchKerasLoss
+    from fastserve.tasks.keras_loss import KerasLoss, KerasLossConfig
+
+    model = fs.models.Sequential([fs.layers.Conv2D(4, 3, padding="same", use_bias=False, input_shape=(6, 6, 1)),
+                                  fs.layers.BatchNormalization(), fs.layers.Activation("relu"), fs.layers.Flatten(),
+                                  fs.layers.Dense(3, activation="softmax")])
+    net = model.config.build(nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    r = np.random.default_rng(0)
+    batch = {"inputs": r.standard_normal((8, 6, 6, 1)).astype(np.float32),
+             "labels": np.eye(3, dtype=np.float32)[r.integers(0, 3, 8)], "weights": np.ones(8, np.float32)}
+    cfg = KerasLossConfig(loss="categorical_crossentropy", metrics=["accuracy"])
+
+    def run(task, b):
+        fn = jax.value_and_grad(make_loss_fn(graphdef, task), has_aux=True)
+        (loss, (sums, state)), grads = fn(params, rest, b, jax.random.key(0), {})
+        return loss, state, grads
+
+    masked, full = run(KerasLoss(cfg), batch), run(FullBatchKerasLoss(cfg), batch)
+    for a, b in zip(jax.tree.leaves(masked), jax.tree.leaves(full)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    padded = {**batch, "inputs": batch["inputs"].copy(), "weights": (np.arange(8) < 5).astype(np.float32)}
+    padded["inputs"][5:] = 0.0
+    kept, ignored = run(KerasLoss(cfg), padded)[1], run(FullBatchKerasLoss(cfg), padded)[1]
+    assert not np.allclose(jax.tree.leaves(kept)[0], jax.tree.leaves(ignored)[0])   # the mask changes the stats

@@ -167,3 +167,21 @@ def test_batch_norm_train_eval_and_checkpointed_statistics(tmp_path):
         return np.asarray(model(x))
     np.testing.assert_allclose(logits(a, "eval")[0], logits(b, "eval")[0], rtol=1e-5, atol=1e-5)
     assert np.max(np.abs(logits(a, "train")[0] - logits(b, "train")[0])) > 1e-4
+
+
+def test_small_pool_stem_runs_the_stages_at_half_resolution():
+    """stem: small_pool = the small stem's 3×3 conv at full resolution, then a 3×3/2 max pool: the stages cost
+    what the small-stem network's stages cost on 14×14 images, and the logits come out as usual."""
+    from fastserve.models.resnet import forward_flops
+
+    def cfg(stem, side):
+        return resnet_cfg("model.depth=18", "model.width=8", f"model.stem={stem}", f"model.image_size={side}",
+                          "model.channels=1", "model.num_classes=10")
+    stem_conv = lambda side: 2.0 * side * side * 9 * 1 * 8
+    assert forward_flops(cfg("small_pool", 28)) - stem_conv(28) == forward_flops(cfg("small", 14)) - stem_conv(14)
+    assert cfg("small_pool", 28).reduction() == 16
+    model = cfg("small_pool", 28).build(nnx.Rngs(0))
+    model.eval()
+    assert model(jnp.ones((2, 28, 28, 1))).shape == (2, 10)
+    with pytest.raises(Exception, match="smaller than the network's total stride 16"):
+        resnet_cfg("model.stem=small_pool", "model.image_size=8")

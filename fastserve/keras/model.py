@@ -11,8 +11,6 @@ compile arguments); `load_model(path)` reads it back; the fastserve tools (evalu
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -24,7 +22,7 @@ from flax import nnx
 from fastserve import layers as L, parallel
 from fastserve.config import MeshConfig, config_from_dict
 from fastserve.core.state import create_train_state, init_params, merge_trees, split_like
-from fastserve.core.steps import make_eval_step, make_train_step, split_micro_batches
+from fastserve.core.steps import make_eval_step, make_train_step
 from fastserve.core.trainer import evaluate_params
 from fastserve.data.dataset import padded_eval_batches
 from fastserve.keras import losses as keras_losses
@@ -33,8 +31,9 @@ from fastserve.keras.inputs import check_data
 from fastserve.keras.optimizers import Optimizer
 from fastserve.keras.summary import ModelSummary, summarize
 from fastserve.keras.saving import compile_as_saved, read_saved, restore_weights, save_model
-from fastserve.keras.training import (RESIDENT_BYTES, class_weight_vector, epoch_plan, export_predict,
-                                      lr_multiplier, make_epoch_runner, set_lr_multiplier, with_lr_multiplier)
+from fastserve.keras import fitting
+from fastserve.keras.training import (export_predict, lr_multiplier, make_epoch_runner, set_lr_multiplier,
+                                      with_lr_multiplier)
 from fastserve.models.sequential import SequentialConfig
 from fastserve.tasks.keras_loss import CUSTOM, LOSSES, KerasLossConfig, canonical_loss
 
@@ -294,91 +293,10 @@ class Sequential:
             validation_data: tuple | None = None, shuffle: bool = True, class_weight: dict | None = None,
             initial_epoch: int = 0) -> History:
         """Keras's fit: `class_weight` {class: weight} scales each training example's loss (Keras's
-        "sum over batch size": Σ weight · loss / examples; metrics stay unweighted); returns the History."""
-        self._require_compiled("fit")
-        if not 0 <= validation_split < 1:
-            raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
-        x, y = self._check_data(x, y)
-        if y is None:
-            raise ValueError("fit() needs labels y")
-        val = None
-        if validation_data is not None:
-            if len(validation_data) != 2:
-                raise ValueError("validation_data must be (x_val, y_val) (sample weights are not supported)")
-            val = self._check_data(*validation_data, what="validation_data")
-        elif validation_split:
-            split_at = math.ceil(len(x) * (1 - validation_split))   # Keras 3: the tail is held out, never trained on
-            if split_at == len(x) or split_at == 0:
-                raise ValueError(f"validation_split={validation_split} of {len(x)} examples leaves "
-                                 f"{len(x) - split_at} for validation and {split_at} for training")
-            x, y, val = x[:split_at], y[:split_at], (x[split_at:], y[split_at:])
-        example_weights = None if class_weight is None else class_weight_vector(
-            class_weight, y, int(np.prod(self._plan()[-1].output_shape)))
-        n, b = len(x), batch_size or 32
-        pad_to = self._batch_size(batch_size)
-        steps_per_epoch = -(-n // b)
-        self._ensure_train_state(steps_per_epoch * max(epochs - initial_epoch, 1))
-        task, mesh = self._task(), self._get_mesh()
-        train_step, eval_step = self._train_step(task), self._eval_step(task)
-        # whole epochs in one dispatch (make_epoch_runner) — but not for convolutions: XLA:CPU runs them ~6× slower
-        # inside a loop (measured on bench_vision's CNN: 1.9 vs 0.3 CPU-s per step), so conv nets go step by step
-        has_conv = any(isinstance(spec, L.Conv2D) for spec in self._specs)
-        resident = x.nbytes + y.nbytes <= RESIDENT_BYTES and not has_conv
-        if resident:
-            rep = parallel.replicated(mesh)
-            x_dev, y_dev = jax.device_put(x, rep), jax.device_put(y, rep)
-        verbose = 1 if verbose == "auto" else int(verbose)
-
-        history = History()
-        cbs = [*(callbacks or []), history]   # last, as Keras: it records what the others add to the logs
-        for cb in cbs:
-            cb.set_model(self)
-            cb.set_params({"epochs": epochs, "steps": steps_per_epoch, "verbose": verbose})
-        self.stop_training = False
-        for cb in cbs:
-            cb.on_train_begin()
-        self._fits += 1
-        for epoch in range(initial_epoch, epochs):
-            for cb in cbs:
-                cb.on_epoch_begin(epoch)
-            t0 = time.perf_counter()
-            order = (np.random.default_rng([self.seed, self._fits, epoch]).permutation(n) if shuffle
-                     else np.arange(n))
-            sums = []
-            if resident:
-                plan = epoch_plan(order, b, pad_to, example_weights)
-                self._state, total = self._epoch_runner()(self._state, x_dev, y_dev, *plan)
-                sums.append(total)
-            else:   # step by step, each batch copied to the devices
-                for start in range(0, n, b):
-                    rows = order[start:start + b]
-                    batch = {"inputs": x[rows], "labels": y[rows]}
-                    if example_weights is not None:
-                        batch["sample_weights"] = example_weights[rows]
-                    batch = _pad(batch, pad_to)
-                    batch = parallel.host_to_global(split_micro_batches(batch, 1), mesh, leading=1)
-                    self._state, metrics = train_step(self._state, batch, {})
-                    sums.append({k: v for k, v in metrics.items() if k not in ("grad_norm", "learning_rate")})
-            total = {k: np.sum([np.asarray(s[k], np.float64) for s in jax.device_get(sums)], axis=0)
-                     for k in sums[0]}
-            logs = task.summarize(total)
-            if val is not None:
-                batches = padded_eval_batches({"inputs": val[0], "labels": val[1]}, pad_to)
-                logs.update({f"val_{k}": v for k, v in
-                             evaluate_params(eval_step, self._variables(), batches, task, mesh, {}).items()})
-            if verbose:
-                print(f"Epoch {epoch + 1}/{epochs}\n{steps_per_epoch}/{steps_per_epoch} - "
-                      f"{time.perf_counter() - t0:.1f}s - " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()),
-                      flush=True)
-            self.epochs_done = epoch + 1
-            for cb in cbs:
-                cb.on_epoch_end(epoch, logs)
-            if self.stop_training:
-                break
-        for cb in cbs:
-            cb.on_train_end()
-        self.history = history
-        return history
+        "sum over batch size": Σ weight · loss / examples; metrics stay unweighted); `validation_split` holds out
+        the tail (never trained on); returns the History."""
+        return fitting.fit(self, x, y, batch_size, epochs, verbose, callbacks, validation_split, validation_data,
+                           shuffle, class_weight, initial_epoch)
 
     @property
     def learning_rate(self) -> float:
@@ -398,11 +316,11 @@ class Sequential:
         self._state["opt_state"] = set_lr_multiplier(self._state["opt_state"],
                                                      value / c.optimizer.options["learning_rate"])
 
-    def _train_step(self, task) -> Callable:
-        if "train" not in self._steps:
-            self._steps["train"] = make_train_step(self._graphdef, task, self._tx, self._schedule, self._shardings,
-                                                   self._get_mesh())
-        return self._steps["train"]
+    def _train_step(self, task, key: str = "train") -> Callable:
+        if key not in self._steps:
+            self._steps[key] = make_train_step(self._graphdef, task, self._tx, self._schedule, self._shardings,
+                                               self._get_mesh())
+        return self._steps[key]
 
     def _epoch_runner(self) -> Callable:
         if "epoch" not in self._steps:
@@ -471,15 +389,6 @@ class Sequential:
     def _abstract_params(self) -> dict:
         from fastserve.core.state import abstract_model_split
         return abstract_model_split(self.config)[1]
-
-
-def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """The batch padded to `size` rows of zeros, with `weights` 1 on the real rows and 0 on the padding."""
-    n = len(batch["inputs"])
-    out = {k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)]) if n < size else v
-           for k, v in batch.items()}
-    out["weights"] = (np.arange(size) < n).astype(np.float32)
-    return out
 
 
 def load_model(path: str, compile: bool = True) -> Sequential:

@@ -5,9 +5,11 @@ images [B, H, W, C] (NHWC, float) → logits [B, num_classes] (float32), called 
 conv, not its first 1×1): a stem, four stages of `width · 2^i` channels (× 4 after a bottleneck) with [2, 2, 2, 2]
 (18), [3, 4, 6, 3] (34, 50) blocks, every stage after the first halving the resolution in its first block; global
 average pooling; a dense head. A block's shortcut is the identity, or a 1×1 conv (strided) + BN where the shape
-changes. Stems: `imagenet` (7×7 conv stride 2 + 3×3 max pool stride 2: 224² → 56²) or `small` (one 3×3 conv,
-stride 1, no pool: for 28×28 / 32×32 images, as CIFAR ResNets do). `zero_init_residual` starts every block's last
-BN scale at 0, so each residual branch starts as the identity (Goyal et al. 2017).
+changes. Stems: `imagenet` (7×7 conv stride 2 + 3×3 max pool stride 2: 224² → 56²), `small` (one 3×3 conv,
+stride 1, no pool: for 28×28 / 32×32 images, as CIFAR ResNets do) or `small_pool` (that conv, then a 3×3/2 max pool:
+the stages run at half the resolution, a quarter of the FLOPs — what a 2-core CPU affords for 28×28 images).
+`zero_init_residual` starts every block's last BN scale at 0, so each residual branch starts as the identity (Goyal
+et al. 2017).
 
 Batch norm is the cnn family's (fastserve/models/cnn.py): batch statistics in train mode (reduced over the whole
 batch on a mesh), running statistics (`nnx.BatchStat`, model state carried and checkpointed beside the params) in
@@ -27,7 +29,8 @@ from fastserve.models.layers import Linear, constrain, dtype_of
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3)}
 BOTTLENECK_DEPTHS = (50,)
 EXPANSION = 4                       # a bottleneck block's output channels / its inner width
-STEMS = ("imagenet", "small")
+STEMS = ("imagenet", "small", "small_pool")
+STEM_REDUCTION = {"imagenet": 4, "small": 1, "small_pool": 2}
 
 
 @dataclass
@@ -37,6 +40,7 @@ class ResNetConfig:
     depth: int = 18                # 18 | 34 (basic blocks) | 50 (bottleneck blocks)
     width: int = 64                # channels of the first stage (64 in the paper; narrower for small CPUs)
     stem: str = "imagenet"         # imagenet (7×7/2 conv + 3×3/2 max pool) | small (3×3/1 conv: 28² / 32² images)
+                                   # | small_pool (3×3/1 conv + 3×3/2 max pool: the stages run at half resolution)
     image_size: int = 0            # square images of this side; 0: take it from the data
     channels: int = 0              # input channels; 0: take it from the data
     num_classes: int = 0           # 0: take it from the data
@@ -66,8 +70,9 @@ class ResNetConfig:
                                  f"(stem {self.stem!r}: use stem: small for small images)")
 
     def reduction(self) -> int:
-        """How much the network shrinks each side: 8 from the stages, × 4 from the imagenet stem."""
-        return 8 * (4 if self.stem == "imagenet" else 1)
+        """How much the network shrinks each side: 8 from the stages, × 4 (imagenet) or × 2 (small_pool) from
+        the stem."""
+        return 8 * STEM_REDUCTION.get(self.stem, 1)
 
     def build(self, rngs: nnx.Rngs) -> "ResNet":
         return ResNet(self, rngs=rngs)
@@ -94,6 +99,7 @@ def forward_flops(cfg: ResNetConfig) -> float:
         side = _out(side, 2)
     else:
         flops += 2.0 * side * side * 9 * cfg.channels * cfg.width
+        side = _out(side, STEM_REDUCTION[cfg.stem])
     c_in, bottleneck = cfg.width, cfg.depth in BOTTLENECK_DEPTHS
     for i, n in enumerate(STAGE_BLOCKS[cfg.depth]):
         inner = cfg.width * 2 ** i
@@ -186,6 +192,7 @@ class ResNet(nnx.Module):
                 raise ValueError(f"model.{n} must be set (the trainer fills it from the data)")
         self.image_size, self.channels, self.dtype = cfg.image_size, cfg.channels, dtype_of(cfg.dtype)
         self.imagenet_stem = cfg.stem == "imagenet"
+        self.stem_pool = cfg.stem in ("imagenet", "small_pool")   # these stems end in a 3×3/2 max pool
         self.stem = _conv(cfg, cfg.channels, cfg.width, 7 if self.imagenet_stem else 3, 2 if self.imagenet_stem else 1,
                           rngs)
         self.stem_norm = _norm(cfg, cfg.width, rngs)
@@ -203,7 +210,7 @@ class ResNet(nnx.Module):
         check_images(images, "resnet", self.image_size, self.channels)
         x = constrain(images.astype(self.dtype), ACTIVATION_AXES)
         x = jax.nn.relu(self.stem_norm(self.stem(x)))
-        if self.imagenet_stem:
+        if self.stem_pool:
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         for block in self.blocks:
             x = constrain(block(x), ACTIVATION_AXES)
