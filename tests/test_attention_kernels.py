@@ -37,7 +37,7 @@ def _value_and_grads(fn, q, k, v, w, rows=None):
     def loss(q, k, v):
         out = fn(q, k, v) * w
         return jnp.sum(out if rows is None else out * rows[..., None])
-    return fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    return jax.jit(lambda q, k, v: (fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))(q, k, v)
 
 
 def _assert_same(a, b, rows=None, atol=2e-5):
@@ -123,6 +123,7 @@ def test_auto_picks_per_backend_and_a_bad_name_is_an_error():
         load_config(None, ["model.attention=flash"])
 
 
+@pytest.mark.slow
 def test_decoder_trains_and_decodes_the_same_with_blocked_attention():
     """The decoder's training path takes `model.attention`; its KV-cached path stays on xla and agrees with it."""
     def model_with(impl):
@@ -132,18 +133,23 @@ def test_decoder_trains_and_decodes_the_same_with_blocked_attention():
             return build_model(cfg, nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 19), 0, 32)
     blocked, xla = model_with("blocked"), model_with("xla")
-    np.testing.assert_allclose(blocked(tokens)[0], xla(tokens)[0], atol=1e-5)
 
-    def loss(model):
-        return jnp.mean(model(tokens)[0] ** 2)
-    for (path, g_b), (_, g_x) in zip(jax.tree_util.tree_leaves_with_path(nnx.grad(loss)(blocked)),
-                                     jax.tree_util.tree_leaves_with_path(nnx.grad(loss)(xla))):
+    @nnx.jit
+    def logits_and_grads(model):
+        return nnx.value_and_grad(lambda m: (lambda y: (jnp.mean(y ** 2), y))(m(tokens)[0]), has_aux=True)(model)
+    (_, full), grads_b = logits_and_grads(blocked)
+    (_, full_x), grads_x = logits_and_grads(xla)
+    np.testing.assert_allclose(full, full_x, atol=1e-5)
+    for (path, g_b), (_, g_x) in zip(jax.tree_util.tree_leaves_with_path(grads_b),
+                                     jax.tree_util.tree_leaves_with_path(grads_x)):
         np.testing.assert_allclose(g_b, g_x, atol=1e-5, err_msg=jax.tree_util.keystr(path))
     # prefill through a KV cache, then one decode step: the same logits as the uncached forward
-    cache = blocked.init_cache(2, 32)
     pos = jnp.broadcast_to(jnp.arange(19), (2, 19))
-    prefill, cache = blocked(tokens[:, :18], pos[:, :18], cache)
-    step, _ = blocked(tokens[:, 18:], pos[:, 18:], cache)
-    full = blocked(tokens)[0]
+
+    @nnx.jit
+    def prefill_then_step(model):
+        prefill, cache = model(tokens[:, :18], pos[:, :18], model.init_cache(2, 32))
+        return prefill, model(tokens[:, 18:], pos[:, 18:], cache)[0]
+    prefill, step = prefill_then_step(blocked)
     np.testing.assert_allclose(prefill, full[:, :18], atol=1e-5)
     np.testing.assert_allclose(step[:, 0], full[:, 18], atol=1e-5)
