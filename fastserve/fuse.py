@@ -83,7 +83,8 @@ def _ensemble(members, args) -> int:
     for row in report["members"]:
         print(f"{row['model']:50} held-out {_fmt(row.get('heldout'))}")
     print(f"ensemble of {len(members)} → {args.out}: held-out {_fmt(report.get('ensemble'))}\n"
-          f"serve it: python -m fastserve.serve --checkpoint {args.out}   (or generate / export / evaluate)\n"
+          f"serve it: python -m fastserve.serve source.path={args.out}   (generate / export / evaluate: --checkpoint "
+          f"{args.out})\n"
           f"report: {os.path.join(args.out, REPORT_FILE)}")
     return 0
 

@@ -172,6 +172,7 @@ _CHILD = WITHOUT_MODEL_CODE + textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # exports two members' prefill and decode, then compiles them in a fresh process and the engine
 def test_exported_ensemble_runs_without_model_code_and_equals_in_process(runs, tmp_path):
     from flax import nnx
     from fastserve.export import main as export_main
@@ -197,3 +198,10 @@ def test_exported_ensemble_runs_without_model_code_and_equals_in_process(runs, t
     np.testing.assert_allclose(got["logits"], np.asarray(logits), atol=1e-4)
     np.testing.assert_allclose(got["dlogits"], np.asarray(dlogits), atol=1e-4)
     np.testing.assert_allclose(np.exp(got["dlogits"]).sum(-1), 1.0, atol=1e-4)   # log-probabilities
+
+    from fastserve.artifacts.loader import load_exported   # the engine on the export: every member's cache per slot
+    from fastserve.config import ServeConfig
+    from fastserve.serve.engine import Engine, Request
+    engine = Engine.from_exported(load_exported(export_dir), ServeConfig(slots=2, buckets=[16], max_cache_len=48))
+    reqs = engine.generate([Request(p, max_new_tokens=MAX_NEW, stop_ids=[]) for p in PROMPTS], timeout=300)
+    assert [r.output for r in reqs] == [_averaged_greedy([load_member(w) for w in runs["sharp"]], p) for p in PROMPTS]

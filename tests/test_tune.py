@@ -40,6 +40,7 @@ def test_tune_resumes_without_repeating_trials_and_writes_best(tmp_path):
     rows = [json.loads(line) for line in _lines(os.path.join(out, "trials.jsonl"))]
     assert rows[0]["baseline"] and rows[0]["params"]["optimizer.learning_rate"] == pytest.approx(3e-3)
     assert [(r["state"], r["step"]) for r in rows] == [("COMPLETE", 4)]
+    assert 0 < rows[0]["cpu_seconds"] and first["cpu_seconds"] >= rows[0]["cpu_seconds"]
     metrics_before = {r["workdir"]: len(_lines(os.path.join(r["workdir"], "metrics.jsonl"))) for r in rows}
 
     study = open_study(out, spec, 0)  # an invocation killed mid-trial leaves it RUNNING
@@ -83,3 +84,14 @@ def test_cli_reports_a_bad_space(tmp_path, capsys):
     assert tune_cli.main(["--config", str(tmp_path / "c.yaml"), "--space", str(tmp_path / "space.yaml"),
                           "--out", str(tmp_path / "t")]) == 2
     assert "space.model.d_ff: choice() needs at least one value" in capsys.readouterr().err
+
+
+def test_prune_from_step_reaches_the_pruner(tmp_path):
+    base = load_config(None, TINY)
+    (tmp_path / "space.yaml").write_text(SPACE + "prune_from_step: 150\n")
+    spec = load_spec(str(tmp_path / "space.yaml"), base)
+    assert spec.prune_from_step == 150
+    assert open_study(str(tmp_path / "t"), spec, 0).pruner._n_warmup_steps == 150  # no pruning before step 150
+    (tmp_path / "bad.yaml").write_text(SPACE + "prune_from_step: -1\n")
+    with pytest.raises(TuneError, match="prune_from_step: -1"):
+        load_spec(str(tmp_path / "bad.yaml"), base)
