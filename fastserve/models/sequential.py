@@ -30,6 +30,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fastserve import layers as L
+from fastserve.layers.base import _pair
+from fastserve.layers.core import _Pool2D
+from fastserve.layers.recurrent import _Recurrent
 from fastserve.models import recurrent
 from fastserve.models.cnn import KERNEL_AXES, NORM_AXES
 from fastserve.models.layers import dtype_of, matmul
@@ -137,8 +140,8 @@ class DenseLayer(nnx.Module):
 
 class ConvLayer(nnx.Module):
     def __init__(self, spec: L.Conv2D, c_in: int, cfg: SequentialConfig, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(c_in, spec.filters, L._pair(spec.kernel_size, "kernel_size"),
-                             strides=L._pair(spec.strides, "strides"), padding=spec.padding.upper(),
+        self.conv = nnx.Conv(c_in, spec.filters, _pair(spec.kernel_size, "kernel_size"),
+                             strides=_pair(spec.strides, "strides"), padding=spec.padding.upper(),
                              use_bias=spec.use_bias, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
                              kernel_init=nnx.initializers.glorot_uniform(),
                              kernel_metadata={"out_sharding": KERNEL_AXES},
@@ -149,7 +152,7 @@ class ConvLayer(nnx.Module):
 
 
 class PoolLayer(nnx.Module):
-    def __init__(self, spec: L._Pool2D):
+    def __init__(self, spec: _Pool2D):
         self.window, self.strides = spec.window()
         self.padding, self.max = spec.padding.upper(), isinstance(spec, L.MaxPool2D)
 
@@ -227,7 +230,7 @@ class GlobalAveragePooling1DLayer(nnx.Module):
 _RNN_MODULES = {L.SimpleRNN: recurrent.SimpleRNN, L.LSTM: recurrent.LSTM, L.GRU: recurrent.GRU}
 
 
-def _build_recurrent(s: L._Recurrent, d_in: int, cfg: SequentialConfig, rngs: nnx.Rngs) -> recurrent.RNN:
+def _build_recurrent(s: _Recurrent, d_in: int, cfg: SequentialConfig, rngs: nnx.Rngs) -> recurrent.RNN:
     cell = {"activation": s.cell_activation, "use_bias": s.use_bias}
     if isinstance(s, L.LSTM):
         cell |= {"recurrent_activation": s.recurrent_activation, "unit_forget_bias": s.unit_forget_bias}
@@ -240,7 +243,7 @@ def _build_recurrent(s: L._Recurrent, d_in: int, cfg: SequentialConfig, rngs: nn
 
 def _build_layer(p: L.Planned, cfg: SequentialConfig, rngs: nnx.Rngs) -> nnx.Module:
     s, shape = p.spec, p.input_shape
-    if isinstance(s, L._Recurrent):      # fastserve.models.recurrent's modules, called with the sequence mask
+    if isinstance(s, _Recurrent):      # fastserve.models.recurrent's modules, called with the sequence mask
         return _build_recurrent(s, shape[-1], cfg, rngs)
     if isinstance(s, L.Bidirectional):
         return recurrent.Bidirectional(_build_recurrent(s.layer, shape[-1], cfg, rngs), s.merge_mode, rngs=rngs)
@@ -250,7 +253,7 @@ def _build_layer(p: L.Planned, cfg: SequentialConfig, rngs: nnx.Rngs) -> nnx.Mod
         return DenseLayer(s, shape[-1], cfg, rngs)
     if isinstance(s, L.Conv2D):
         return ConvLayer(s, shape[-1], cfg, rngs)
-    if isinstance(s, L._Pool2D):
+    if isinstance(s, _Pool2D):
         return PoolLayer(s)
     if isinstance(s, L.BatchNormalization):
         return BatchNormLayer(s, shape[-1], cfg, rngs)
