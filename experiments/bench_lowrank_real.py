@@ -126,7 +126,8 @@ def main() -> int:
 
 
 def int8_table(quick: bool) -> int:
-    """Runs experiments/int8_decode.py's table; the full run writes results/bench_lowrank_real_int8.{json,md,png}."""
+    """Runs experiments/int8_decode.py's table into results/bench_lowrank_real_int8.{json,md,png} (--quick:
+    bench_lowrank_real_int8_quick.{json,md})."""
     import int8_decode
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -143,12 +144,13 @@ def int8_table(quick: bool) -> int:
            "load_avg_end": round(os.getloadavg()[0], 2), "wall_s": round(time.perf_counter() - t_start)}
     out["headline"] = {f"{r['setting']}: batch-1 decode × dense": round(r["decode_b1_over_dense"], 2)
                        for r in out["rows"]}
+    name = "bench_lowrank_real_int8" + ("_quick" if quick else "")
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    int8_decode.write_markdown(out, os.path.join(RESULTS, f"{name}.md"))
     if not quick:
-        os.makedirs(RESULTS, exist_ok=True)
-        with open(os.path.join(RESULTS, "bench_lowrank_real_int8.json"), "w") as f:
-            json.dump(out, f, indent=1)
-        int8_decode.write_markdown(out, os.path.join(RESULTS, "bench_lowrank_real_int8.md"))
-        int8_decode.plot(out, os.path.join(RESULTS, "bench_lowrank_real_int8.png"))
+        int8_decode.plot(out, os.path.join(RESULTS, f"{name}.png"))
     print(json.dumps(out))
     return 0
 

@@ -167,10 +167,11 @@ def write_markdown(out: dict, path: str) -> None:
              "| setting | bytes | perplexity | × dense | batch 1 tok/s | × dense | batch 16 tok/s | × dense |",
              "|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
+        b16 = (f"{r['decode_b16_tokens_per_s']:.1f} | {r['decode_b16_over_dense']:.2f}"
+               if "decode_b16_tokens_per_s" in r else "- | -")
         lines.append(f"| {r['setting']} | {r['bytes'] / 2**20:.1f} MiB ({r['bytes_ratio']:.2f}×) | "
                      f"{r['perplexity']:.3f} | {r['perplexity_ratio']:.4f} | {r['decode_b1_tokens_per_s']:.1f} | "
-                     f"{r['decode_b1_over_dense']:.2f} | {r['decode_b16_tokens_per_s']:.1f} | "
-                     f"{r['decode_b16_over_dense']:.2f} |")
+                     f"{r['decode_b1_over_dense']:.2f} | {b16} |")
     peers = out["llama_cpp"]
     if "rows" in peers:
         for p in peers["rows"]:
