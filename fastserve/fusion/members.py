@@ -64,21 +64,39 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 
 def load_step(member: Member, step: int) -> Any:
-    """The variables (params ∪ model state) of `member`'s work dir at checkpoint `step`, placed like its params."""
-    _, params, p_axes, state, s_axes = abstract_model_split(member.loaded.model_cfg)
+    """The variables (params ∪ model state) of `member`'s work dir at checkpoint `step`, placed like its params (in
+    its loaded layout: a checkpoint saved with stacked decoder layers is unstacked, as `load_model` does)."""
+    from fastserve.core.checkpoint import CheckpointMismatch
+    from fastserve.models.layer_stack import other_layout, unstack_layers
+    from fastserve.workdir import place_params
+
     mesh = member.loaded.mesh
 
-    def target(abstract, logical):
-        shardings = parallel.tree_shardings(mesh, abstract, logical)
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    def restore(model_cfg):
+        _, params, p_axes, state, s_axes = abstract_model_split(model_cfg)
+
+        def target(abstract, logical):
+            shardings = parallel.tree_shardings(mesh, abstract, logical)
+            return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+        restored = ckpt.restore_entries(step, {"params": target(params, p_axes),
+                                               "model_state": target(state, s_axes)})
+        return merge_trees(restored["params"], restored["model_state"])
 
     ckpt = Checkpointer(os.path.join(member.workdir, "checkpoints"))
     try:
-        restored = ckpt.restore_entries(step, {"params": target(params, p_axes),
-                                               "model_state": target(state, s_axes)})
+        try:
+            return restore(member.loaded.model_cfg)
+        except CheckpointMismatch:  # saved with the other layer layout (scanned training, per-layer tools)
+            twin = other_layout(member.loaded.model_cfg)
+            if twin is None:
+                raise
+            variables = restore(twin)
     finally:
         ckpt.close()
-    return merge_trees(restored["params"], restored["model_state"])
+    if getattr(twin, "scanned", False):
+        variables = unstack_layers(variables)
+    return place_params(variables, member.loaded.model_cfg, mesh)[1]
 
 
 def _tokenizer_bytes(tokenizer: Any) -> bytes | None:
