@@ -5,7 +5,7 @@ ensemble's cost vs one member, timed interleaved: forward tokens/s of a [16, 64]
 tokens/s (8 rows, one jitted decode step per token as the serving engine runs it, one host transfer per step).
 
     python experiments/bench_fusion.py            # d128 2-layer model, 150 + 60 steps: 74 s (2 cores, load ~4)
-    python experiments/bench_fusion.py --quick    # 40 + 20 steps: 51 s at load ~5 (3.7 min at load ~17; mostly compiles
+    python experiments/bench_fusion.py --quick    # 40 + 20 steps: 51 s at load ~5 (6.5 min at load ~17; mostly compiles
                                                   # and tokenizer training)
     python experiments/bench_fusion.py --part tune [--tune-dir DIR] [--no-run]
         # the recipe configs/tune_quickstart.yaml (python -m fastserve.tune on the quickstart): runs or resumes the
