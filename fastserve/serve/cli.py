@@ -2,6 +2,7 @@
 `fastserve.deploy(config)`: load the model of `config.source`, compile the engine of `config.serve`, serve HTTP."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -23,6 +24,14 @@ def model_name(cfg: Config) -> str:
     return name or "fastserve"
 
 
+def serving_config(cfg: Config) -> Config:
+    """`cfg` with `serve.mesh`'s axes in its `mesh:` section: a model trained on one mesh serves on another (e.g.
+    `serve.mesh={tensor: 2}`: heads and MLP split over 2 devices, the KV pool sharded by the same rules)."""
+    if not cfg.serve.mesh:
+        return cfg
+    return dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **cfg.serve.mesh))
+
+
 def serve(cfg: Config, block: bool = True) -> Server | None:
     """Loads `cfg.source`, compiles the engine of `cfg.serve`, and serves it (block=False: returns the running
     Server, whose `.url` and `.stop()` the caller uses). source.kind=exported serves an export directory's
@@ -31,6 +40,7 @@ def serve(cfg: Config, block: bool = True) -> Server | None:
     from fastserve.generation.encoders import source_is_encoder
     from fastserve.workdir import load_model, resolve_path
     t0 = time.perf_counter()
+    cfg = serving_config(cfg)
     parallel.enable_compilation_cache()  # a restarted server compiles its buckets from the on-disk cache
     if cfg.source.kind == "exported":   # the export's functions, weights and tokenizer instead of a model definition
         from fastserve.artifacts.loader import load_exported
