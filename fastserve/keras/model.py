@@ -30,16 +30,12 @@ from fastserve.keras.callbacks import Callback, History
 from fastserve.keras.inputs import check_data
 from fastserve.keras.optimizers import Optimizer
 from fastserve.keras.summary import ModelSummary, summarize
-from fastserve.keras.saving import compile_as_saved, read_saved, restore_weights, save_model
+from fastserve.keras.saving import compile_as_saved, flat_variables, read_saved, restore_weights, save_model
 from fastserve.keras import fitting
 from fastserve.keras.training import (export_predict, lr_multiplier, make_epoch_runner, set_lr_multiplier,
                                       with_lr_multiplier)
 from fastserve.models.sequential import SequentialConfig
 from fastserve.tasks.keras_loss import CUSTOM, LOSSES, KerasLossConfig, canonical_loss
-
-# Keras's order in a layer (Bidirectional: the forward layer's weights, then the backward one's)
-_WEIGHT_ORDER = {"kernel": 0, "embedding": 0, "recurrent_kernel": 1, "scale": 1, "bias": 2, "mean": 3, "var": 4}
-_SUBLAYER_ORDER = {"forward_layer": 0, "backward_layer": 1}
 
 
 @dataclasses.dataclass
@@ -261,17 +257,7 @@ class Sequential:
             self._vars = new
 
     def _flat_variables(self, variables: dict) -> list[tuple[tuple[str, ...], Any]]:
-        out = []
-        for p in self._plan():
-            layer = variables.get("layers", {}).get(p.name)
-            if not layer:
-                continue
-            leaves = jax.tree_util.tree_flatten_with_path(layer)[0]
-            keyed = [((p.name, *[str(getattr(k, "key", k)) for k in path]), v) for path, v in leaves]
-            keyed.sort(key=lambda kv: (_SUBLAYER_ORDER.get(kv[0][1], 0) if len(kv[0]) > 2 else 0,
-                                       _WEIGHT_ORDER.get(kv[0][-1], 9)))
-            out += [(("layers", *path), v) for path, v in keyed]
-        return out
+        return flat_variables(self._plan(), variables)
 
     # ------------------------------------------------------------------------------------------ checking
 

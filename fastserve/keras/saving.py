@@ -101,3 +101,24 @@ def restore_weights(model: Any, path: str, meta: dict) -> None:
             if found is None:
                 raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
             model._vars = merge_trees(found[1]["params"], found[1]["model_state"])
+
+
+# Keras's order in a layer (Bidirectional: the forward layer's weights, then the backward one's)
+_WEIGHT_ORDER = {"kernel": 0, "embedding": 0, "recurrent_kernel": 1, "scale": 1, "bias": 2, "mean": 3, "var": 4}
+_SUBLAYER_ORDER = {"forward_layer": 0, "backward_layer": 1}
+
+
+def flat_variables(planned: list, variables: dict) -> list[tuple[tuple[str, ...], Any]]:
+    """(path, array) for every variable, layer by layer in Keras's `get_weights` order (kernel, bias; batch norm:
+    scale, bias, mean, var)."""
+    out = []
+    for p in planned:
+        layer = variables.get("layers", {}).get(p.name)
+        if not layer:
+            continue
+        leaves = jax.tree_util.tree_flatten_with_path(layer)[0]
+        keyed = [((p.name, *[str(getattr(k, "key", k)) for k in path]), v) for path, v in leaves]
+        keyed.sort(key=lambda kv: (_SUBLAYER_ORDER.get(kv[0][1], 0) if len(kv[0]) > 2 else 0,
+                                   _WEIGHT_ORDER.get(kv[0][-1], 9)))
+        out += [(("layers", *path), v) for path, v in keyed]
+    return out
