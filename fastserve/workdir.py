@@ -110,14 +110,14 @@ def _load_checkpoint(cfg: Config, mesh) -> LoadedModel:
     try:
         try:
             graphdef, step, params = restore(model_cfg)
-        except CheckpointMismatch:  # saved with the other layer layout (stacked ↔ per-layer), e.g. before scan_layers
+        except CheckpointMismatch as mismatch:  # saved with the other layer layout (stacked ↔ per-layer)?
             twin = other_layout(model_cfg)
             if twin is None:
                 raise
             try:
                 graphdef, step, params = restore(twin)
             except CheckpointMismatch:
-                raise CheckpointMismatch(f"{ckpt_dir} matches neither layer layout of the config") from None
+                raise mismatch from None   # not a layout change: the error for the config's own layout says why
             model_cfg = twin
     finally:
         ckpt.close()

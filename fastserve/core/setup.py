@@ -61,12 +61,15 @@ def _restore_either_layout(ckpt: Checkpointer, model_cfg: Any, state: dict, shar
     abstract = abstract_train_state(state, shardings)
     try:
         return ckpt.restore_latest(abstract)
-    except CheckpointMismatch:
+    except CheckpointMismatch as mismatch:
         from fastserve.models.layer_stack import other_layout, stack_layers, unstack_layers
         if other_layout(model_cfg) is None:
             raise
         to_saved, to_ours = (unstack_layers, stack_layers) if model_cfg.scanned else (stack_layers, unstack_layers)
-        found = ckpt.restore_latest(to_saved(abstract))
+        try:
+            found = ckpt.restore_latest(to_saved(abstract))
+        except CheckpointMismatch:
+            raise mismatch from None   # not a layout change: another model config (the error for this layout says so)
     step, saved, extra = found
     log.info("checkpoint step %d has the other layer layout: converted to %s", step,
              "stacked (scan_layers)" if model_cfg.scanned else "per-layer")

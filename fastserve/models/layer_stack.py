@@ -25,29 +25,6 @@ def _int_keys(node: Any) -> bool:
     return isinstance(node, dict) and bool(node) and all(isinstance(k, int) for k in node)
 
 
-def is_stacked(tree: Any) -> bool | None:
-    """True when `tree` (a model's variables, or a train state) holds stacked layers, False when per-layer, None
-    when it has no `layers` dict at all (another family, or no blocks)."""
-    found = _find_layers(tree)
-    return None if found is None else not _int_keys(found)
-
-
-def _find_layers(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        if "layers" in tree and isinstance(tree["layers"], dict):
-            return tree["layers"]
-        for v in tree.values():
-            found = _find_layers(v)
-            if found is not None:
-                return found
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            found = _find_layers(v)
-            if found is not None:
-                return found
-    return None
-
-
 def _stack(per_layer: dict) -> Any:
     n = len(per_layer)
     if sorted(per_layer) != list(range(n)):
