@@ -11,9 +11,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from fastserve import cli
+
+if TYPE_CHECKING:
+    from fastserve.data.bible_pairs import PairTokenizer
 
 
 def _parser():
@@ -70,7 +73,6 @@ def translate_from_config(cfg, lines: Sequence[str], settings=None, *, keep_empt
     with `keep_empty`, empty lines translate to '' (else an empty line is an error)."""
     from flax import nnx
 
-    from fastserve.data.bible_pairs import pair_tokenizer_from_workdir
     from fastserve.generation.seq2seq_decode import is_seq2seq
     from fastserve.generation.translation import DecodeSettings, translate_texts
     from fastserve.workdir import load_model
@@ -79,10 +81,7 @@ def translate_from_config(cfg, lines: Sequence[str], settings=None, *, keep_empt
     if not is_seq2seq(nnx.merge(loaded.graphdef, loaded.params)):
         raise ValueError(f"model.name '{loaded.model_cfg.name}' is not an encoder–decoder model: use "
                          "fastserve.generate for language models")
-    workdir = cfg.source.path or cfg.train.workdir
-    if os.path.basename(os.path.normpath(workdir)) == "checkpoints":
-        workdir = os.path.dirname(os.path.normpath(workdir))
-    tok = pair_tokenizer_from_workdir(workdir)
+    tok = pair_tokenizer(cfg)
     keep = [i for i, s in enumerate(lines) if s.strip()] if keep_empty else list(range(len(lines)))
     mc = loaded.model_cfg
     done = translate_texts(loaded.graphdef, loaded.params, loaded.mesh, tok, [lines[i] for i in keep],
@@ -92,6 +91,15 @@ def translate_from_config(cfg, lines: Sequence[str], settings=None, *, keep_empt
     for i, text in zip(keep, done):
         out[i] = text
     return out
+
+
+def pair_tokenizer(cfg) -> "PairTokenizer":
+    """The source and target vocabularies of the seq2seq work dir `cfg.source` names (default: the trained one)."""
+    from fastserve.data.bible_pairs import pair_tokenizer_from_workdir
+    workdir = cfg.source.path or cfg.train.workdir
+    if os.path.basename(os.path.normpath(workdir)) == "checkpoints":
+        workdir = os.path.dirname(os.path.normpath(workdir))
+    return pair_tokenizer_from_workdir(workdir)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """English → Spanish Bible pairs (data.source: bible_pairs) and the translation verbs on them: whole books held
 out, clear config errors, and a tiny model trained, scored (BLEU / chrF) and used by fastserve.translate."""
+import http.client
 import json
 import os
 import subprocess
 import sys
+from urllib.parse import urlparse
 
 import pytest
 
@@ -97,3 +99,17 @@ def test_train_score_and_translate_a_tiny_model(sword, tmp_path):
     assert bad.returncode == 2 and "source sentence 1 is empty" in bad.stderr
     long = _run("fastserve.translate", "--config", RECIPE, *run, "--text", "and the word " * 40)
     assert long.returncode == 2 and "longer than the model's max_source_len=24" in long.stderr
+
+    # served as `python -m fastserve.serve` would: POST /v1/completions translates each prompt (same batch shape)
+    from fastserve.serve.translations import TranslationServer
+    srv = fastserve.deploy(RECIPE, *run, "serve.port=0", "serve.slots=16", block=False)
+    try:
+        assert isinstance(srv, TranslationServer)
+        u = urlparse(srv.url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": ["God is love."]}),
+                     {"Content-Type": "application/json"})
+        reply = json.loads(conn.getresponse().read())
+        assert reply["choices"][0]["text"] == lines[0], reply
+    finally:
+        srv.stop()

@@ -37,7 +37,10 @@ def serve(cfg: Config, block: bool = True) -> Server | None:
     Server, whose `.url` and `.stop()` the caller uses). source.kind=exported serves an export directory's
     functions (its buckets and max_cache_len bound serve.buckets and serve.max_cache_len)."""
     from fastserve import parallel
+    from flax import nnx
+
     from fastserve.generation.encoders import source_is_encoder
+    from fastserve.generation.seq2seq_decode import is_seq2seq
     from fastserve.workdir import load_model, resolve_path
     t0 = time.perf_counter()
     cfg = serving_config(cfg)
@@ -57,7 +60,13 @@ def serve(cfg: Config, block: bool = True) -> Server | None:
         server = EmbeddingServer(runner, cfg.serve, model_name(cfg))
     else:
         loaded = load_model(cfg)
-        server = Server(Engine.from_loaded(loaded, cfg.serve), loaded, cfg.serve, model_name(cfg))
+        if is_seq2seq(nnx.merge(loaded.graphdef, loaded.params)):   # translation: POST /v1/completions per sentence
+            from fastserve.serve.translations import TranslationServer, Translator
+            from fastserve.translate import pair_tokenizer
+            translator = Translator(loaded, pair_tokenizer(cfg), cfg.serve.slots)
+            server = TranslationServer(translator, cfg.serve, model_name(cfg))
+        else:
+            server = Server(Engine.from_loaded(loaded, cfg.serve), loaded, cfg.serve, model_name(cfg))
     if not block:
         return server.start()
     print(f"fastserve: '{server.model_name}' loaded and compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr,
