@@ -31,6 +31,7 @@ import time
 
 import jax
 import numpy as np
+import yaml
 
 from provenance import provenance  # experiments/: the script's own directory is on sys.path
 
@@ -106,11 +107,13 @@ def tune_part(args) -> int:
     with open(os.path.join(out, "trials.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     complete = [r for r in rows if r["state"] == "COMPLETE"]
+    finished = sum(r["state"] in ("COMPLETE", "PRUNED") for r in rows)
+    budget = 2 if args.quick else int(yaml.safe_load(open("configs/tune_quickstart.yaml"))["trials"])
     baseline = next((r for r in complete if r["baseline"]), None)
     best = min(complete, key=lambda r: r["value"]) if complete else None
     out_json = {
         "bench": "tune_quickstart", "quick": args.quick, "command": "python -m fastserve.tune " + " ".join(argv),
-        "trials": len(rows), "complete": len(complete), "pruned": sum(r["state"] == "PRUNED" for r in rows),
+        "trials": len(rows), "complete": len(complete), "budget_trials": budget, "study_finished": finished >= budget, "pruned": sum(r["state"] == "PRUNED" for r in rows),
         "baseline": baseline and {"trial": baseline["trial"], "loss": round(baseline["value"], 4),
                                   "params": baseline["params"]},
         "best": best and {"trial": best["trial"], "loss": round(best["value"], 4), "params": best["params"]},
@@ -138,8 +141,12 @@ def tune_part(args) -> int:
     with open(os.path.join(results, f"{name}.md"), "w") as f:
         f.write(f"# fastserve.tune on the quickstart ({summary})\n\n`{out_json['command']}`\n\n"
                 f"{len(complete)} complete, {out_json['pruned']} pruned of {len(rows)} trials; trials' CPU "
-                f"{out_json['trial_cpu_s']:.0f} s, wall {out_json['trial_wall_s']:.0f} s (load average "
-                f"{load_start:.1f} → {out_json['load_avg_end']:.1f}); objective vs trial: {name}.png\n\n{table}")
+                f"{out_json['trial_cpu_s']:.0f} s, wall {out_json['trial_wall_s']:.0f} s"
+                + (f" (read from {out} as it was)" if args.no_run else
+                   f" (load average {load_start:.1f} → {out_json['load_avg_end']:.1f})")
+                + f"; objective vs trial: {name}.png\n\n"
+                + ("" if finished >= budget else f"**The study is unfinished: {finished} of its {budget} trials** "
+                   "(re-running the command resumes it).\n\n") + table)
     if os.path.isfile(os.path.join(out, "objective.png")):
         shutil.copy(os.path.join(out, "objective.png"), os.path.join(results, f"{name}.png"))
     print(json.dumps({k: v for k, v in out_json.items() if k != "rows"}))
