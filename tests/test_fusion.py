@@ -118,14 +118,17 @@ def _served(workdir, prompts=PROMPTS, max_new=MAX_NEW):
     return [r.output for r in engine.generate(reqs, timeout=300)]
 
 
-def _averaged_greedy(members, prompt, max_new=MAX_NEW):
-    """Reference: argmax of the members' mean softmax, each member re-reading the whole sequence (no KV cache)."""
-    from flax import nnx
-    models = [nnx.merge(m.loaded.graphdef, m.params) for m in members]
+def _averaged_greedy(members, prompt, max_new=MAX_NEW, width=32):
+    """Reference: argmax of the members' mean softmax, each member re-reading the whole sequence (no KV cache; the
+    sequence right-padded to one width, which a causal model's earlier positions never see)."""
+    from fastserve.generation.program import model_program
+    forwards = [model_program(m.loaded.graphdef, lambda model, tokens: jax.nn.softmax(model(tokens)[0], -1))
+                for m in members]
     seq, out = list(prompt), []
     for _ in range(max_new):
-        tokens = jnp.asarray([seq], jnp.int32)
-        probs = np.mean([np.asarray(jax.nn.softmax(model(tokens)[0][0, -1])) for model in models], axis=0)
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, :len(seq)] = seq
+        probs = np.mean([np.asarray(f(m.params, tokens))[0, len(seq) - 1] for f, m in zip(forwards, members)], axis=0)
         out.append(int(np.argmax(probs)))
         seq.append(out[-1])
     return out
