@@ -40,10 +40,10 @@ class EnsembleConfig:
     """`model.name: ensemble` — the members' `model` sections; max_seq_len and vocab_size are derived from them
     (the shortest context; the one shared vocabulary)."""
     name: str = "ensemble"
-    members: list[dict] = field(default_factory=list)
+    members: list[dict] = field(default_factory=list)  # each member's `model:` section (its name and fields)
     max_seq_len: int = 0           # 0: the smallest member's
     vocab_size: int = 0            # 0: the members' (they must agree)
-    compressed: dict[str, dict] = field(default_factory=dict)  # unused: compress the members before ensembling
+    compressed: dict[str, dict] = field(default_factory=dict)  # unused: compress the members, then ensemble them
 
     def __post_init__(self):
         cfgs = self.member_configs() if self.members else []
