@@ -3,7 +3,6 @@
 OpenAI-compatible `POST /v1/embeddings` answers the official `openai` client (float and base64) with what the model
 computes in-process, and every bad input with a 4xx OpenAI error body."""
 import base64
-import dataclasses
 import http.client
 import json
 import os
@@ -224,7 +223,7 @@ def test_requests_waiting_for_the_worker_share_one_run():
     import asyncio
     import threading
 
-    from fastserve.serve.embeddings import EmbedBatcher
+    from fastserve.serve.batcher import Batcher
 
     busy, release, calls = threading.Event(), threading.Event(), []
 
@@ -236,12 +235,12 @@ def test_requests_waiting_for_the_worker_share_one_run():
             raise ValueError("negative id")
         return np.array([[w[0]] * 3 for w in wrapped], np.float32)
 
-    batcher = EmbedBatcher(embed, max_inputs=4)
+    batcher = Batcher(lambda key, wrapped: embed(wrapped), max_items=4)
 
     async def main():
-        first = asyncio.ensure_future(batcher.embed([[1]]))
+        first = asyncio.ensure_future(batcher.submit([[1]]))
         await asyncio.get_running_loop().run_in_executor(None, busy.wait, 10)   # the worker holds request 1
-        rest = [asyncio.ensure_future(batcher.embed(w)) for w in ([[2], [3]], [[4]], [[5], [6]], [[-7]])]
+        rest = [asyncio.ensure_future(batcher.submit(w)) for w in ([[2], [3]], [[4]], [[5], [6]], [[-7]])]
         await asyncio.sleep(0.05)
         release.set()
         return await first, await asyncio.gather(*rest, return_exceptions=True)

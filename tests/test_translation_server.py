@@ -108,23 +108,30 @@ def test_chat_and_content_type_are_refused(server):
 
 
 def test_waiting_requests_of_one_setting_share_a_run_and_others_wait_their_turn():
-    calls = []
+    import threading
+    busy, release, calls = threading.Event(), threading.Event(), []
 
     def run(key, items):
         calls.append((key, list(items)))
+        busy.set()
+        release.wait(10)
         return [f"{key}:{x}" for x in items]
 
-    async def main():
-        batcher = Batcher(run, max_items=4)
-        jobs = [batcher.submit(["a", "b"], key="greedy"), batcher.submit(["c"], key="beam"),
-                batcher.submit(["d"], key="greedy"), batcher.submit(["e", "f", "g"], key="greedy")]
-        out = await asyncio.gather(*jobs)
-        batcher.close()
-        return out
+    batcher = Batcher(run, max_items=4)
 
-    out = asyncio.run(main())
-    assert out == [["greedy:a", "greedy:b"], ["beam:c"], ["greedy:d"], ["greedy:e", "greedy:f", "greedy:g"]]
-    # every request ran exactly once, with requests of its own key only, never more than 4 items but a whole request
-    ran = [x for _, items in calls for x in items]
-    assert sorted(ran) == list("abcdefg") and all(len(items) <= 4 for _, items in calls)
-    assert all(k == ("beam" if set(items) == {"c"} else "greedy") for k, items in calls)
+    async def main():
+        first = asyncio.ensure_future(batcher.submit(["x"], key="greedy"))
+        await asyncio.get_running_loop().run_in_executor(None, busy.wait, 10)   # the worker holds request 1
+        rest = [asyncio.ensure_future(batcher.submit(items, key=key)) for items, key in
+                ((["a", "b"], "greedy"), (["c"], "beam"), (["d"], "greedy"), (["e", "f", "g"], "greedy"))]
+        await asyncio.sleep(0.05)
+        release.set()
+        return await first, await asyncio.gather(*rest)
+
+    first, rest = asyncio.run(main())
+    batcher.close()
+    # the oldest waiting request's setting runs first with every later one of that setting that fits in 4 items;
+    # the beam request, next oldest, runs before the greedy one that did not fit
+    assert calls == [("greedy", ["x"]), ("greedy", ["a", "b", "d"]), ("beam", ["c"]), ("greedy", ["e", "f", "g"])]
+    assert first == ["greedy:x"] and rest == [["greedy:a", "greedy:b"], ["beam:c"], ["greedy:d"],
+                                              ["greedy:e", "greedy:f", "greedy:g"]]

@@ -1,8 +1,9 @@
 """Cross-request batching for servers without a decode engine (embeddings, translation).
 
-One worker thread runs the items of every waiting request that shares the first one's key in one call of `run`
-(`run(key, items) -> results`, one result per item, sliceable), at most `max_items` per call; a request is never
-split, and requests with another key wait, in arrival order, for a later run. Concurrent small requests so share
+One worker thread runs the items of the oldest waiting request and of the later ones that share its key in one call
+of `run` (`run(key, items) -> results`, one result per item, sliceable), in arrival order and at most `max_items`
+per call (a larger request runs alone); a request is never split, a request of the key that does not fit ends the
+run (no overtaking), and requests with another key wait, in arrival order, for a later run. Concurrent small requests so share
 padded batches instead of each filling its own.
 """
 from __future__ import annotations
@@ -45,10 +46,11 @@ class Batcher:
             return None
         batch, rest, count = [], [], 0
         for i, item in enumerate(self._held):
-            if item is _STOP:                     # nothing queued after the stop signal joins this run
-                rest.extend(self._held[i:])
+            full = item is not _STOP and item[0] == first[0] and batch and count + len(item[1]) > self.max_items
+            if item is _STOP or full:             # nothing after the stop signal, or after a request of this key
+                rest.extend(self._held[i:])       # that does not fit, joins this run (no overtaking within a key)
                 break
-            if item[0] == first[0] and count + len(item[1]) <= max(self.max_items, len(first[1])):
+            if item[0] == first[0]:
                 batch.append(item)
                 count += len(item[1])
             else:

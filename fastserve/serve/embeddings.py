@@ -10,7 +10,7 @@ Each input becomes `[CLS] pieces [SEP]`; one longer than `embed.max_len` tokens 
 context_length_exceeded) rather than silently cut, as OpenAI does. `usage.prompt_tokens` counts the tokens embedded,
 [CLS] and [SEP] included. Inputs run on one worker thread (one JAX program at a time) in batches of
 `embed.batch_size`, padded to `serve.buckets`, every bucket compiled at start-up. Requests that arrive while the
-worker is busy are batched together (`EmbedBatcher`): the next run takes every waiting request's inputs, up to
+worker is busy are batched together (fastserve/serve/batcher.py): the next run takes every waiting request's inputs, up to
 `MAX_INPUTS`, so concurrent small requests share padded batches instead of each filling its own.
 
 `EmbeddingServer` is the HTTP server of an encoder: the generation server's socket, uvicorn and shutdown handling
@@ -18,10 +18,7 @@ worker is busy are batched together (`EmbedBatcher`): the next run takes every w
 """
 from __future__ import annotations
 
-import asyncio
 import base64
-import queue
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +36,7 @@ from fastserve.config import ServeConfig
 from fastserve.serve import api
 from fastserve.serve.api import APIError
 from fastserve.serve.asgi import error_response, guard, json_response, read_body
+from fastserve.serve.batcher import Batcher
 from fastserve.serve.server import Server
 
 MAX_INPUTS = 2048          # OpenAI's limit on inputs per request
@@ -105,71 +103,6 @@ def embeddings_body(model: str, vectors: np.ndarray, encoding_format: str, promp
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
-_STOP = object()             # the worker's stop signal, queued behind the waiting requests
-
-
-class EmbedBatcher:
-    """One worker thread that embeds the inputs of every request waiting when it becomes free in one call of
-    `embed` (a list of wrapped inputs → [N, D] array), at most `max_inputs` per call (a request is never split)."""
-
-    def __init__(self, embed: Any, max_inputs: int = MAX_INPUTS):
-        self._embed, self.max_inputs = embed, max_inputs
-        self._queue: queue.Queue = queue.Queue()
-        self._held: Any = None                   # a request taken from the queue that did not fit the last run
-        self.calls = 0                           # embed calls made (for /metrics and tests)
-        self._thread = threading.Thread(target=self._loop, name="fastserve-embed", daemon=True)
-        self._thread.start()
-
-    async def embed(self, wrapped: list[list[int]]) -> np.ndarray:
-        """The embeddings of `wrapped`, computed with whatever other requests are waiting."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._queue.put((wrapped, loop, future))
-        return await future
-
-    def _take(self) -> list | None:
-        """The next run's requests, in arrival order (None: stop)."""
-        first, self._held = (self._held, None) if self._held is not None else (self._queue.get(), None)
-        if first is _STOP:
-            return None
-        batch, count = [first], len(first[0])
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return batch
-            if item is _STOP or count + len(item[0]) > self.max_inputs:
-                self._held = item                 # first in the next run (or the stop signal, after this run)
-                return batch
-            batch.append(item)
-            count += len(item[0])
-
-    def _loop(self) -> None:
-        while (batch := self._take()) is not None:
-            try:
-                vectors = self._embed([w for wrapped, _, _ in batch for w in wrapped])
-                self.calls += 1
-                start, results = 0, []
-                for wrapped, _, _ in batch:
-                    results.append(vectors[start:start + len(wrapped)])
-                    start += len(wrapped)
-            except Exception as e:                # every request of the run gets the error
-                results = [e] * len(batch)
-            for (_, loop, future), result in zip(batch, results):
-                setter = future.set_exception if isinstance(result, Exception) else future.set_result
-                loop.call_soon_threadsafe(_settle, future, setter, result)
-
-    def close(self) -> None:
-        """Finishes the waiting requests, then stops the worker."""
-        self._queue.put(_STOP)
-        self._thread.join()
-
-
-def _settle(future: asyncio.Future, setter: Any, value: Any) -> None:
-    if not future.done():                         # a client that went away cancelled it
-        setter(value)
-
-
 class EmbeddingServer(Server):
     """The OpenAI-compatible HTTP server of an encoder (`runner`: a fastserve.generation.encoders.EncoderRunner).
     `start()` / `run()` / `stop()` as the generation Server's."""
@@ -184,7 +117,7 @@ class EmbeddingServer(Server):
         self._in_flight: set = set()           # the generation server's; nothing is ever in it here
         self._uvicorn: Any = None
         self._thread: Any = None
-        self._batcher: EmbedBatcher | None = None    # started with the server (warm_up runs first)
+        self._batcher: Batcher | None = None    # started with the server (warm_up runs first)
         r = self.registry = CollectorRegistry()
         self.http = Counter("fastserve_http_requests", "HTTP requests by path and status code", ["path", "status"],
                             registry=r)
@@ -249,7 +182,7 @@ class EmbeddingServer(Server):
             return error_response(e)
         if self._batcher is None:
             self._begin_batching()
-        vectors = await self._batcher.embed(wrapped)
+        vectors = await self._batcher.submit(wrapped)
         tokens = sum(len(w) for w in wrapped)
         self.inputs_total.inc(len(wrapped))
         self.tokens_total.inc(tokens)
@@ -264,10 +197,10 @@ class EmbeddingServer(Server):
             self.runner.embed_wrapped([[0] * bucket])
 
     def _begin_batching(self) -> None:
-        def run(wrapped: list[list[int]]) -> np.ndarray:
+        def run(key: None, wrapped: list[list[int]]) -> np.ndarray:
             self.runs.inc()
             return self.runner.embed_wrapped(wrapped)
-        self._batcher = EmbedBatcher(run)
+        self._batcher = Batcher(run, max_items=MAX_INPUTS, name="fastserve-embed")
 
     def _begin(self) -> None:
         self.warm_up()
