@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fastserve.models.attention_kernels import causal_attention, check_attention
 from fastserve.models.layers import Embed, Linear, RMSNorm, attention, constrain, dtype_of, rope
 
 @dataclass
@@ -38,6 +39,7 @@ class DecoderConfig:
     scan_layers: bool = True       # the blocks as one stacked block under lax.scan: compile time flat in depth.
                                    # Weights then carry a leading `layers` axis; tools convert (models/layer_stack.py).
                                    # A model with `compressed` layers is always per-layer.
+    attention: str = "auto"        # auto | xla | blocked | cudnn | splash (fastserve/models/attention_kernels.py)
     init_std: float = 0.02
     # Compressed layers (written by fastserve.transforms): dotted path → {kind: lowrank, rank: R} | {kind: int8}.
     # int8 layers are inference-only (no gradient through an int8 kernel).
@@ -54,6 +56,7 @@ class DecoderConfig:
         yield from check_dtypes(self)
         if remat_policy_name(self.remat) not in REMAT_POLICIES:
             yield "remat", f"unknown remat policy {self.remat!r} (choose from {', '.join(REMAT_POLICIES)}, or true/false)"
+        yield from check_attention(self)
         if self.n_heads <= 0:
             return
         if not self.head_dim and self.d_model % self.n_heads:
@@ -101,6 +104,7 @@ class Attention(nnx.Module):
         self.v = Linear(d, kv * hd, ("embed", "kv_heads"), **kw)
         self.o = Linear(h * hd, d, ("heads", "embed"), **{**kw, "init_std": cfg.init_std / (2 * cfg.n_layers) ** 0.5})
         self.n_heads, self.n_kv_heads, self.head_dim, self.theta = h, kv, hd, cfg.rope_theta
+        self.implementation = getattr(cfg, "attention", "auto")  # the KV-cached path below stays on xla
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array] | None,
                  segments: jax.Array | None = None):
@@ -109,7 +113,7 @@ class Attention(nnx.Module):
         k = rope(self.k(x).reshape(b, t, self.n_kv_heads, self.head_dim), positions, self.theta)
         v = self.v(x).reshape(b, t, self.n_kv_heads, self.head_dim)
         if cache is None:  # training: packed documents (segments) do not see each other
-            out = attention(q, k, v, positions, positions, q_segments=segments, k_segments=segments)
+            out = causal_attention(q, k, v, positions, segments, implementation=self.implementation)
             return self.o(out), None
         # Write the new keys/values at their absolute positions (rows past the cache are dropped), then attend
         # over the whole cache: the position mask hides slots not yet written for this query.
