@@ -112,7 +112,9 @@ def _fmt(v) -> str:
 
 def row(name: str, d: dict) -> str:
     headline = d.get("headline") or (EXTRACTORS[name](d) if name in EXTRACTORS else {})
-    figures = "; ".join(f"{k}: {_fmt(v)}" for k, v in headline.items()) or "(no headline recorded)"
+    if isinstance(headline, str):            # a benchmark may record its headline as one sentence
+        headline = {"": headline}
+    figures = "; ".join(f"{k}: {_fmt(v)}" if k else str(v) for k, v in headline.items()) or "(no headline recorded)"
     prov = d.get("provenance") if isinstance(d.get("provenance"), dict) else d
     commit = prov.get("commit")
     commit = f"`{commit[:7]}`{' (dirty)' if prov.get('dirty') else ''}" if commit and commit != "unknown" else "not recorded"
