@@ -300,6 +300,7 @@ def test_api_key_is_enforced(loaded, server):
 
 def test_metrics_expose_the_counters(server):
     client(server).completions.create(model=NAME, prompt="hello", max_tokens=3, temperature=0)
+    assert request(server, "POST", "/v1/completions", {"prompt": ""})[0] == 400   # (whatever ran before on this worker)
     code, headers, text = request(server, "GET", "/metrics")
     assert code == 200 and headers["content-type"].startswith("text/plain")
     for name in ("fastserve_queue_length", "fastserve_slots_used", "fastserve_slots_total 2.0",

@@ -17,8 +17,9 @@ from fastserve.transforms import TransformError, apply_transforms, lowrank
 from fastserve.transforms.calibration import input_grams
 from fastserve.transforms.common import get_node
 
+# per-layer weights, as every transform sees them (load_model hands tools per-layer weights; models/layer_stack.py)
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32,
-                  tie_embeddings=False)
+                  tie_embeddings=False, scan_layers=False)
 BATCHES = [{"inputs": (np.arange(4 * 16, dtype=np.int32).reshape(4, 16) * (7 + i)) % 64,
             "weights": np.ones((4, 16), np.float32)} for i in range(2)]
 PATH = "layers.1.mlp.down"

@@ -24,24 +24,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
+from prometheus_client import Counter, Histogram
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
-from starlette.routing import Route
 
 from fastserve.config import ServeConfig
 from fastserve.serve import api
 from fastserve.serve.api import APIError
-from fastserve.serve.asgi import error_response, guard, json_response, read_body
-from fastserve.serve.batcher import Batcher
-from fastserve.serve.server import Server
+from fastserve.serve.asgi import error_response, json_response, read_body
+from fastserve.serve.worker_server import WorkerServer
 
 MAX_INPUTS = 2048          # OpenAI's limit on inputs per request
 ENCODING_FORMATS = ("float", "base64")
-_PATHS = ("/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
 @dataclass
@@ -103,50 +97,32 @@ def embeddings_body(model: str, vectors: np.ndarray, encoding_format: str, promp
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
-class EmbeddingServer(Server):
+class EmbeddingServer(WorkerServer):
     """The OpenAI-compatible HTTP server of an encoder (`runner`: a fastserve.generation.encoders.EncoderRunner).
     `start()` / `run()` / `stop()` as the generation Server's."""
+    kind = "embeddings"
+    max_items = MAX_INPUTS
 
     def __init__(self, runner: Any, cfg: ServeConfig | None = None, model_name: str = "fastserve",
                  shutdown_grace_s: float = 5.0):
-        self.runner, self.cfg, self.model_name = runner, cfg or ServeConfig(), model_name
+        super().__init__(cfg, model_name, shutdown_grace_s)
+        self.runner = runner
         self.dimension = int(runner.cfg.d_model)
-        self.created = int(time.time())
-        self.url: str | None = None
-        self.shutdown_grace_s = shutdown_grace_s
-        self._in_flight: set = set()           # the generation server's; nothing is ever in it here
-        self._uvicorn: Any = None
-        self._thread: Any = None
-        self._batcher: Batcher | None = None    # started with the server (warm_up runs first)
-        r = self.registry = CollectorRegistry()
-        self.http = Counter("fastserve_http_requests", "HTTP requests by path and status code", ["path", "status"],
-                            registry=r)
+        r = self.registry
         self.inputs_total = Counter("fastserve_embedding_inputs", "Inputs embedded", registry=r)
         self.tokens_total = Counter("fastserve_prompt_tokens", "Tokens embedded", registry=r)
         self.latency = Histogram("fastserve_embeddings_latency_seconds", "Request arrival to response",
                                  registry=r)
         self.runs = Counter("fastserve_embedding_runs", "Embedding runs (each may serve several requests)",
                             registry=r)
-        routes = [Route("/v1/embeddings", self.embeddings, methods=["POST"]),
-                  Route("/v1/completions", self.not_a_language_model, methods=["POST"]),
-                  Route("/v1/chat/completions", self.not_a_language_model, methods=["POST"]),
-                  Route("/v1/models", self.models, methods=["GET"]),
-                  Route("/v1/models/{model:path}", self.model, methods=["GET"]),
-                  Route("/health", self.health, methods=["GET"]),
-                  Route("/metrics", self.prometheus, methods=["GET"])]
-        starlette = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
-        self.app = guard(starlette, self.cfg.api_key, self.http, _PATHS)
+        self._serve_routes([("/v1/embeddings", self.embeddings), ("/v1/completions", self.not_a_language_model),
+                            ("/v1/chat/completions", self.not_a_language_model)])
 
-    def _model_card(self) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fastserve",
-                "max_model_len": self.runner.max_len}
+    def _max_len(self) -> int:
+        return self.runner.max_len
 
-    async def health(self, request: HTTPRequest) -> Response:
-        return json_response(200, {"status": "ok", "model": self.model_name, "kind": "embeddings",
-                                   "dimension": self.dimension})
-
-    async def prometheus(self, request: HTTPRequest) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+    def _health(self) -> dict[str, Any]:
+        return {"dimension": self.dimension}
 
     async def not_a_language_model(self, request: HTTPRequest) -> Response:
         return error_response(APIError(400, f"the model '{self.model_name}' is an encoder: it embeds text and does "
@@ -180,37 +156,24 @@ class EmbeddingServer(Server):
             wrapped = self._wrap(req)
         except APIError as e:
             return error_response(e)
-        if self._batcher is None:
-            self._begin_batching()
-        vectors = await self._batcher.submit(wrapped)
+        vectors = await self._submit(wrapped)
         tokens = sum(len(w) for w in wrapped)
         self.inputs_total.inc(len(wrapped))
         self.tokens_total.inc(tokens)
         self.latency.observe(time.perf_counter() - t0)
         return json_response(200, embeddings_body(self.model_name, vectors, req.encoding_format, tokens))
 
-    # -- serving: the generation server's, with the runner's compile in place of the engine's start
+    # -- the batch worker
 
-    def warm_up(self) -> None:
+    def _warm_up(self) -> None:
         """Compiles every bucket (at the runner's batch size) before the server accepts requests."""
         for bucket in self.runner.buckets:
             self.runner.embed_wrapped([[0] * bucket])
 
-    def _begin_batching(self) -> None:
-        def run(key: None, wrapped: list[list[int]]) -> np.ndarray:
-            self.runs.inc()
-            return self.runner.embed_wrapped(wrapped)
-        self._batcher = Batcher(run, max_items=MAX_INPUTS, name="fastserve-embed")
-
-    def _begin(self) -> None:
-        self.warm_up()
-        self._begin_batching()
-
-    def _end(self) -> None:
-        if self._batcher is not None:
-            self._batcher.close()
+    def _run_batch(self, key: None, wrapped: list[list[int]]) -> np.ndarray:
+        self.runs.inc()
+        return self.runner.embed_wrapped(wrapped)
 
     def _banner(self) -> str:
         return (f"fastserve: serving '{self.model_name}' embeddings at {self.url} (POST /v1/embeddings; dimension "
                 f"{self.dimension}, buckets {self.runner.buckets}); Ctrl-C stops")
-

@@ -20,24 +20,19 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
+from prometheus_client import Counter, Histogram
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
-from starlette.routing import Route
 
 from fastserve.config import ServeConfig
 from fastserve.generation.translation import DecodeSettings, decode_program, encode_sources
 from fastserve.serve import api
 from fastserve.serve.api import APIError
-from fastserve.serve.asgi import error_response, guard, json_response, read_body
-from fastserve.serve.batcher import Batcher
-from fastserve.serve.server import Server
+from fastserve.serve.asgi import error_response, json_response, read_body
+from fastserve.serve.worker_server import WorkerServer
 
 MAX_SOURCES = 256
 MAX_BEAM = 8
-_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
 class Translator:
@@ -90,47 +85,27 @@ def _settings(body: dict[str, Any], sampling: api.Sampling) -> DecodeSettings:
                           top_p=sampling.top_p)
 
 
-class TranslationServer(Server):
+class TranslationServer(WorkerServer):
     """The HTTP server of a seq2seq model (`translator`: a Translator). `start()` / `run()` / `stop()` as the
     generation Server's."""
+    kind = "translation"
+    max_items = MAX_SOURCES
 
     def __init__(self, translator: Translator, cfg: ServeConfig | None = None, model_name: str = "fastserve",
                  shutdown_grace_s: float = 5.0):
-        self.translator, self.cfg, self.model_name = translator, cfg or ServeConfig(), model_name
-        self.created = int(time.time())
-        self.url: str | None = None
-        self.shutdown_grace_s = shutdown_grace_s
-        self._in_flight: set = set()           # the generation server's; nothing is ever in it here
-        self._uvicorn: Any = None
-        self._thread: Any = None
-        self._batcher: Batcher | None = None
-        r = self.registry = CollectorRegistry()
-        self.http = Counter("fastserve_http_requests", "HTTP requests by path and status code", ["path", "status"],
-                            registry=r)
+        super().__init__(cfg, model_name, shutdown_grace_s)
+        self.translator = translator
+        r = self.registry
         self.sources_total = Counter("fastserve_translated_sentences", "Source sentences translated", registry=r)
         self.prompt_tokens = Counter("fastserve_prompt_tokens", "Source tokens", registry=r)
         self.completion_tokens = Counter("fastserve_completion_tokens", "Target tokens", registry=r)
         self.latency = Histogram("fastserve_translation_latency_seconds", "Request arrival to response", registry=r)
         self.runs = Counter("fastserve_translation_runs", "Decoding runs (each may serve several requests)",
                             registry=r)
-        routes = [Route("/v1/completions", self.completions, methods=["POST"]),
-                  Route("/v1/chat/completions", self.no_chat, methods=["POST"]),
-                  Route("/v1/models", self.models, methods=["GET"]),
-                  Route("/v1/models/{model:path}", self.model, methods=["GET"]),
-                  Route("/health", self.health, methods=["GET"]),
-                  Route("/metrics", self.prometheus, methods=["GET"])]
-        starlette = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
-        self.app = guard(starlette, self.cfg.api_key, self.http, _PATHS)
+        self._serve_routes([("/v1/completions", self.completions), ("/v1/chat/completions", self.no_chat)])
 
-    def _model_card(self) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fastserve",
-                "max_model_len": self.translator.max_source_len}
-
-    async def health(self, request: HTTPRequest) -> Response:
-        return json_response(200, {"status": "ok", "model": self.model_name, "kind": "translation"})
-
-    async def prometheus(self, request: HTTPRequest) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+    def _max_len(self) -> int:
+        return self.translator.max_source_len
 
     async def no_chat(self, request: HTTPRequest) -> Response:
         return error_response(APIError(400, f"the model '{self.model_name}' is a translation (encoder–decoder) "
@@ -171,10 +146,8 @@ class TranslationServer(Server):
                                code="context_length_exceeded" if "longer" in str(e) else None) from e
         except APIError as e:
             return error_response(e)
-        if self._batcher is None:
-            self._begin_batching()
         seed = parsed.sampling.seed if settings.temperature > 0 else 0   # greedy and beam requests share runs
-        rows = await self._batcher.submit(list(parsed.prompts), key=(settings, seed))
+        rows = await self._submit(list(parsed.prompts), key=(settings, seed))
         choices, completion = [], 0
         for row, ended in rows:
             cut = len(row) > max_tokens or not ended     # cut by max_tokens, or by the model's target length
@@ -188,22 +161,15 @@ class TranslationServer(Server):
         return json_response(200, api.completion_body(api.new_id(False), self.model_name, api.now(), False, choices,
                                                       sum(source_lengths), completion))
 
-    # -- serving: the generation server's, with the translator's compile in place of the engine's start
+    # -- the batch worker
 
-    def _begin_batching(self) -> None:
-        def run(key: Any, texts: list[str]) -> list[tuple[list[int], bool]]:
-            self.runs.inc()
-            settings, seed = key
-            return self.translator.run(settings, texts, seed)
-        self._batcher = Batcher(run, max_items=MAX_SOURCES, name="fastserve-translate")
-
-    def _begin(self) -> None:
+    def _warm_up(self) -> None:
         self.translator.run(DecodeSettings(), ["a"])      # compiles greedy decoding before requests are accepted
-        self._begin_batching()
 
-    def _end(self) -> None:
-        if self._batcher is not None:
-            self._batcher.close()
+    def _run_batch(self, key: Any, texts: list[str]) -> list[tuple[list[int], bool]]:
+        self.runs.inc()
+        settings, seed = key
+        return self.translator.run(settings, texts, seed)
 
     def _banner(self) -> str:
         return (f"fastserve: serving '{self.model_name}' translations at {self.url} (POST /v1/completions; "
