@@ -5,6 +5,7 @@ its own Prometheus registry, /v1/models, /health and /metrics; a subclass adds i
 from __future__ import annotations
 
 import time
+from abc import ABCMeta, abstractmethod
 from typing import Any, Callable, Hashable, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
@@ -20,7 +21,7 @@ from fastserve.serve.batcher import Batcher
 from fastserve.serve.server import Server
 
 
-class WorkerServer(Server):
+class WorkerServer(Server, metaclass=ABCMeta):
     kind = "worker"          # what /health reports
 
     def __init__(self, cfg: ServeConfig | None, model_name: str, shutdown_grace_s: float):
@@ -47,8 +48,9 @@ class WorkerServer(Server):
         paths = (*(path for path, _ in posts), "/v1/models", "/health", "/metrics")
         self.app = guard(starlette, self.cfg.api_key, self.http, paths)
 
+    @abstractmethod
     def _max_len(self) -> int:
-        raise NotImplementedError
+        """The longest input, in tokens, that /v1/models advertises."""
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fastserve",
@@ -68,8 +70,9 @@ class WorkerServer(Server):
     def _warm_up(self) -> None:
         """Compiles what the first request would (before the server accepts any)."""
 
+    @abstractmethod
     def _run_batch(self, key: Hashable, items: list) -> Sequence:
-        raise NotImplementedError
+        """The results of one batch run: `items` of requests that share `key`, one result per item."""
 
     def _start_batcher(self, max_items: int) -> None:
         self._batcher = Batcher(self._run_batch, max_items=max_items, name=f"fastserve-{self.kind}")
