@@ -27,6 +27,7 @@ from fastserve.core.checkpoint import CheckpointError
 def main(argv: Sequence[str] | None = None) -> int:
     from fastserve.fusion import FusionError, load_member
     from fastserve.fusion import soup as soups
+    from fastserve.fusion.members import REPORT_FILE
 
     p = argparse.ArgumentParser(prog="python -m fastserve.fuse", description=__doc__.split("\n\n")[0])
     how = p.add_mutually_exclusive_group(required=True)
@@ -64,12 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in report.get("members", []):
         print(f"{row['model']:50} held-out {_fmt(row.get('heldout'))}")
     print(f"{report['method']} soup of {len(report['used'])} → {args.out}: held-out {_fmt(report.get('soup'))}")
-    print(f"report: {os.path.join(args.out, soups.REPORT_FILE)}")
+    print(f"report: {os.path.join(args.out, REPORT_FILE)}")
     return 0
 
 
 def _ensemble(members, args) -> int:
-    from fastserve.fusion.ensemble import REPORT_FILE, ensemble_member, write_ensemble
+    from fastserve.fusion.ensemble import ensemble_member, write_ensemble
+    from fastserve.fusion.members import REPORT_FILE
     from fastserve.fusion.soup import HeldOut
 
     report = {"method": "ensemble", "combine": "log(mean softmax)", "used": [m.label for m in members],

@@ -9,14 +9,11 @@ for causal LMs the KV-cached prefill / decode / generate and the serving engine 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
-from fastserve.fusion.members import FusionError, Member, check_compatible
+from fastserve.fusion.members import FusionError, Member, check_compatible, write_fused_workdir
 from fastserve.fusion.model import EnsembleConfig, combine_logits
 
-REPORT_FILE = "fusion_report.json"
 
 
 def ensemble_config(members: list[Member]) -> EnsembleConfig:
@@ -46,28 +43,11 @@ def ensemble_member(members: list[Member]) -> Member:
 
 
 def write_ensemble(members: list[Member], out_dir: str, report: dict[str, Any]) -> Any:
-    """Writes the ensemble of `members` into `out_dir` as a work dir (plus fusion_report.json); returns its config."""
-    from fastserve.transforms.report import write_workdir
-
-    if os.path.abspath(out_dir) in {os.path.abspath(m.workdir) for m in members}:
-        raise FusionError(f"--out {out_dir} is one of the ensembled work dirs: write the ensemble to a new one")
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
-    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-        raise FusionError(f"--out {out_dir} already holds checkpoints: choose a new directory")
+    """Writes the ensemble of `members` into `out_dir` as a work dir (plus fusion_report.json); returns its config.
+    The output is the log of the members' mean probabilities."""
     ens = ensemble_member(members)
-    provenance = {"source": {"fused": [m.label for m in members], "method": "ensemble"}, "transforms": []}
-    new_cfg = write_workdir(members[0].cfg, out_dir, ens.loaded.model_cfg, ens.params, ens.loaded.tokenizer,
-                            ens.loaded.mesh, provenance)
-    config_path = os.path.join(out_dir, "config.yaml")
-    with open(config_path) as f:
-        body = f.read().split("\n", 1)[1]  # write_workdir's header names compress; this one says what was done
-    with open(config_path, "w") as f:
-        f.write(f"# written by fastserve.fuse (ensemble of {len(members)}: {', '.join(m.label for m in members)}; "
-                f"log of the members' mean probabilities; see {REPORT_FILE})\n{body}")
-    with open(os.path.join(out_dir, REPORT_FILE), "w") as f:
-        json.dump({**report, "out": os.path.abspath(out_dir)}, f, indent=1)
-        f.write("\n")
-    return new_cfg
+    return write_fused_workdir(members, out_dir, ens.loaded.model_cfg, ens.params, report, "ensemble",
+                               [m.label for m in members])
 
 
 __all__ = ["combine_logits", "ensemble_config", "ensemble_member", "write_ensemble"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -164,3 +165,33 @@ def check_compatible(members: list[Member], same_weights: bool) -> None:
         diff = param_difference(first.params, m.params)
         if diff:
             raise FusionError(f"{first.workdir} and {m.workdir} cannot be averaged: {diff}")
+
+
+REPORT_FILE = "fusion_report.json"
+
+
+def write_fused_workdir(members: list[Member], out_dir: str, model_cfg: Any, variables: Any, report: dict[str, Any],
+                        method: str, fused: list[str]) -> Config:
+    """Writes `out_dir` as a work dir holding `variables` of `model_cfg` (the first member's config, tokenizer and
+    mesh; provenance and the config header name `method` and the `fused` members) plus fusion_report.json; returns
+    the new config. Refuses an `out_dir` that is one of the members or already holds checkpoints."""
+    from fastserve.transforms.report import write_workdir
+
+    if os.path.abspath(out_dir) in {os.path.abspath(m.workdir) for m in members}:
+        raise FusionError(f"--out {out_dir} is one of the fused work dirs: write the result to a new one")
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        raise FusionError(f"--out {out_dir} already holds checkpoints: choose a new directory")
+    first = members[0]
+    provenance = {"source": {"fused": list(fused), "method": method}, "transforms": []}
+    new_cfg = write_workdir(first.cfg, out_dir, model_cfg, variables, first.loaded.tokenizer, first.loaded.mesh,
+                            provenance)
+    config_path = os.path.join(out_dir, "config.yaml")
+    with open(config_path) as f:
+        body = f.read().split("\n", 1)[1]  # write_workdir's header names compress; this one says what was done
+    with open(config_path, "w") as f:
+        f.write(f"# written by fastserve.fuse ({method} of {len(fused)}: {', '.join(fused)}; see {REPORT_FILE})\n{body}")
+    with open(os.path.join(out_dir, REPORT_FILE), "w") as f:
+        json.dump({**report, "out": os.path.abspath(out_dir)}, f, indent=1)
+        f.write("\n")
+    return new_cfg

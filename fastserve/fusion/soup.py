@@ -12,17 +12,15 @@ state: fastserve.transforms.report.write_workdir), so evaluate / compress / expo
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from fastserve.config import Config
-from fastserve.fusion.members import FusionError, Member, check_compatible, checkpoint_steps, load_step
+from fastserve.fusion.members import (FusionError, Member, check_compatible, checkpoint_steps, load_step,
+                                      write_fused_workdir)
 
-REPORT_FILE = "fusion_report.json"
 
 
 def average(trees: Sequence[Any], weights: Sequence[float] | None = None) -> Any:
@@ -134,25 +132,5 @@ def ema_of_checkpoints(member: Member, decay: float, heldout: HeldOut | None = N
 def write_soup(members: list[Member], variables: Any, out_dir: str, report: dict[str, Any]) -> Config:
     """Writes `out_dir` as a work dir holding `variables` (config and tokenizer of the first member) and
     fusion_report.json; returns the new config."""
-    from fastserve.transforms.report import write_workdir
-
-    sources = {os.path.abspath(m.workdir) for m in members}
-    if os.path.abspath(out_dir) in sources:
-        raise FusionError(f"--out {out_dir} is one of the fused work dirs: write the result to a new one")
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
-    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-        raise FusionError(f"--out {out_dir} already holds checkpoints: choose a new directory")
-    first = members[0]
-    provenance = {"source": {"fused": report["used"], "method": report["method"]}, "transforms": []}
-    new_cfg = write_workdir(first.cfg, out_dir, first.loaded.model_cfg, variables, first.loaded.tokenizer,
-                            first.loaded.mesh, provenance)
-    config_path = os.path.join(out_dir, "config.yaml")
-    with open(config_path) as f:
-        body = f.read().split("\n", 1)[1]  # write_workdir's header names compress; this one says what was done
-    with open(config_path, "w") as f:
-        f.write(f"# written by fastserve.fuse ({report['method']} soup of {len(report['used'])}: "
-                f"{', '.join(report['used'])}; see {REPORT_FILE})\n{body}")
-    with open(os.path.join(out_dir, REPORT_FILE), "w") as f:
-        json.dump({**report, "out": os.path.abspath(out_dir)}, f, indent=1)
-        f.write("\n")
-    return new_cfg
+    return write_fused_workdir(members, out_dir, members[0].loaded.model_cfg, variables, report,
+                               f"{report['method']} soup", report["used"])
