@@ -245,18 +245,24 @@ class ServeConfig:
     port: int = 8000
     api_key: str = ""              # empty: no authentication
     max_body_bytes: int = 1_000_000
+    prefix_cache: bool = False     # reuse the KV of prompt prefixes cached from earlier requests (a shared system
+                                   # prompt, a chat history): only the rest of a prompt is prefilled
+    prefix_cache_block: int = 16   # tokens per cached block (a block's key covers every token before it)
+    prefix_cache_bytes: int = 0    # device memory of cached blocks, least recently used evicted beyond it; 0: as
+                                   # much as the slots' KV cache (slots x max_cache_len positions)
     mesh: dict[str, int] = field(default_factory=dict)  # the serving mesh, e.g. {tensor: 2}: replaces those axes
                                    # of the `mesh:` section when serving (empty: serve on the `mesh:` section as it is)
 
     def checks(self):
-        yield from positive(self, "slots", "max_queue", "max_new_tokens_limit", "max_body_bytes")
+        yield from positive(self, "slots", "max_queue", "max_new_tokens_limit", "max_body_bytes", "prefix_cache_block")
         for axis, size in self.mesh.items():
             if axis not in ("data", "fsdp", "tensor"):
                 yield "mesh", f"unknown mesh axis {axis!r}: choose from data, fsdp, tensor"
             elif not isinstance(size, int) or isinstance(size, bool) or size == 0 or size < -1:
                 yield "mesh", f"mesh.{axis} must be a positive size or -1 (all remaining devices), got {size!r}"
         yield from at_least(self, 0, "max_cache_len", "mlfq_levels", "mlfq_base_quantum_s", "starvation_s",
-                             "starvation_quanta", "batch_timeout_s", "host_kv_slots")
+                             "starvation_quanta", "batch_timeout_s", "host_kv_slots",
+                             "prefix_cache_bytes")
         yield from positive_list(self, "buckets")
         yield from one_of(self, "scheduler", SCHEDULERS, "scheduler")
         if self.iteration_cost not in ("measured", "profiled"):

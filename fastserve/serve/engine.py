@@ -1,12 +1,11 @@
 """The serving engine: fixed decode slots over a preallocated KV cache, driven one iteration at a time by a scheduler.
 
 Shapes stay static (ARCHITECTURE.md, "Serving keeps shapes static"):
-  * a prompt is prefilled alone, right-padded to the smallest fitting bucket (every bucket compiled at start-up),
-    into a fresh cache of the bucket's length; its rows are then written into a free slot by a jitted insert whose
-    slot index is a traced argument (one compile for all slots; the pool's cache is donated). A prompt longer
-    than the largest bucket is prefilled in chunks: its first largest-bucket tokens as above, the rest by the
-    extend program (largest-bucket-sized chunks written into the slot), the first token sampled from the last
-    chunk's logits; any prompt that leaves room for one token in the cache is served;
+  * a prompt's KV is written into a free slot by fastserve/serve/prefill.py: prefilled alone, right-padded to the
+    smallest fitting bucket (every bucket compiled at start-up), its rows inserted by a jitted insert whose slot
+    index is a traced argument (one compile for all slots; the pool's cache is donated); past the largest bucket,
+    the rest by the extend program in chunks. With serve.prefix_cache, the longest cached prefix of the prompt is
+    copied from the prefix store (fastserve/serve/prefix_cache.py) instead, and only the rest is extended;
   * one jitted decode step runs every slot (slots not scheduled this iteration are masked: their position is set
     past the cache, so their KV write is dropped and their token ignored), with per-slot temperature / top_k /
     top_p and per-slot randomness: the key of a request's i-th token is fold_in(key(seed), i), whatever slot or
@@ -35,8 +34,11 @@ import numpy as np
 
 from fastserve.config import ServeConfig
 from fastserve.serve.kv import KVPool
+from fastserve.serve.prefill import SlotFiller
+from fastserve.serve.prefix_cache import PrefixCache
 from fastserve.serve.programs import ModelPrograms, warm_and_profile
 from fastserve.serve.request import _END, QueueFull, Request, summarize
+from fastserve.serve.runner import Runner
 from fastserve.serve.scheduler import MLFQScheduler, Scheduler, levels_covering, make_scheduler
 from fastserve.serve.validation import check_config, check_request
 
@@ -45,7 +47,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Engine", "Request", "QueueFull", "summarize"]   # Request & co. live in fastserve/serve/request.py
 
 
-class Engine:
+class Engine(Runner):
     """Continuous-batching engine over `cfg.slots` decode slots, scheduled by fcfs / static / mlfq / gittins.
 
     graphdef, params: the model (`nnx.split`, params a pure dict placed on `mesh`); model_cfg: its ModelConfig.
@@ -70,6 +72,9 @@ class Engine:
         self.programs = programs or ModelPrograms(graphdef, params, self.max_len)
         self.programs.check(self.max_len, self.buckets, self.slots)
         self.pool = KVPool(self.programs.cache_spec, self.slots, self.max_len, self.buckets, mesh, self.programs.device)
+        self.prefix = PrefixCache(self.pool, cfg.prefix_cache_block, cfg.prefix_cache_bytes) \
+            if cfg.prefix_cache else None
+        self.filler = SlotFiller(self.programs, self.pool, self.buckets, self.pad_id, self.prefix)
 
         # scheduling state
         self._lock = threading.Lock()            # guards the inbox and _live (submit() runs on other threads)
@@ -90,7 +95,7 @@ class Engine:
         self._stop_event = threading.Event()
         self._wake = threading.Event()
 
-        self.profile = self._warm_and_profile()
+        self.profile = self.filler.profile = self._warm_and_profile()
         q0 = cfg.mlfq_base_quantum_s or self.profile["decode_s"]
         # the longest job the engine accepts, at the profiled speed: the largest bucket's prefill, then decode steps
         longest = self.profile["prefill_s"][self.buckets[-1]] + \
@@ -122,10 +127,14 @@ class Engine:
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def _warm_and_profile(self, repeats: int = 3) -> dict[str, Any]:
-        """Compiles every bucket's prefill, the decode step, the recompute extend and the pool's moves; times them."""
+        """Compiles every bucket's prefill, the decode step, the recompute extend and the pool's moves (and with a
+        prefix cache its moves and every bucket's extend); times them."""
         with self._ctx():
-            return warm_and_profile(self.programs, self.pool, self.buckets, self.pad_id, self._slot_arrays([]),
-                                    self.clock, repeats)
+            profile = warm_and_profile(self.programs, self.pool, self.buckets, self.pad_id, self._slot_arrays([]),
+                                       self.clock, repeats, extend_widths=self.buckets if self.prefix else ())
+            if self.prefix is not None:
+                profile["prefix_load_s"] = self.prefix.warm(self.clock, repeats)
+            return profile
 
     # ----------------------------------------------------------------------------------------- requests
 
@@ -162,20 +171,13 @@ class Engine:
             for req in reqs:
                 req.arrival = now
                 req.bucket = next((b for b in self.buckets if b >= len(req.tokens)), self.buckets[-1])
-                req.prefill_time = self._prefill_time(len(req.tokens))
+                req.prefill_time = self.filler.estimate(len(req.tokens))
                 req._stop = frozenset(int(t) for t in req.stop_ids) if req.stop_ids is not None else self.stop_ids
                 req._submitted = req._live = True
                 self._live += 1
                 self._inbox.append(req)
         self._wake.set()
         return reqs
-
-    def _prefill_time(self, n: int) -> float:
-        """The profiled time to prefill n prompt tokens (a bucket's prefill, plus extends past the largest)."""
-        big = self.buckets[-1]
-        if n <= big:
-            return self.profile["prefill_s"][next(b for b in self.buckets if b >= n)]
-        return self.profile["prefill_s"][big] + -(-(n - big) // big) * self.profile["extend_s"]
 
     def cancel(self, req: Request) -> None:
         """Stops a request at the next iteration (finish_reason "cancelled"); thread-safe. It stops counting
@@ -205,6 +207,8 @@ class Engine:
         with self._lock:
             arrivals, self._inbox = self._inbox, []
         for req in arrivals:
+            if self.prefix is not None and (cached := self.filler.reusable(req.tokens)):
+                req.prefill_time = self.filler.estimate(len(req.tokens), cached)     # what MLFQ's skip-join sees
             self._jobs.add(req)
             self.scheduler.add(req, req.arrival)
         for req in [j for j in self._jobs if j._cancel]:
@@ -290,45 +294,18 @@ class Engine:
         return ints, floats
 
     def _prefill_into(self, job: Request, slot: int) -> int:
-        """Prefills the prompt (bucket-padded) and inserts its rows into `slot`; returns the first token. A prompt
-        longer than the largest bucket: that bucket's prefill of its head, then extends of largest-bucket-sized
-        chunks, the first token sampled from the last chunk's logits at the prompt's last token."""
-        n, big = len(job.tokens), self.buckets[-1]
-        head = job.tokens[:big]
-        tokens = np.full((1, job.bucket), self.pad_id, np.int32)
-        tokens[0, :len(head)] = head
+        """Writes the prompt's KV into `slot` (a cached prefix copied, the rest prefilled); returns the first token."""
         ints = np.array([[job.seed % 2 ** 31], [0], [job.top_k]], np.int32)
         floats = np.array([[job.temperature], [job.top_p]], np.float32)
-        tok, rows = self.programs.prefill(tokens, np.array([len(head)], np.int32), ints, floats)
-        self.pool.insert(rows, slot)
-        for start in range(big, n, big):
-            part = job.tokens[start:start + big]
-            chunk = np.full((1, big), self.pad_id, np.int32)
-            chunk[0, :len(part)] = part
-            tok, self.pool.cache = self.programs.extend(self.pool.cache, np.int32(slot), chunk, np.int32(start),
-                                                        np.int32(len(part) - 1), ints, floats)
-            self.counters["prefill_extends"] += 1
+        tok, extends = self.filler.fill(job.tokens, slot, ints, floats, save=True)
+        self.counters["prefill_extends"] += extends
         self.counters["prefills"] += 1
-        return int(jax.device_get(tok)[0])
+        return tok
 
     def _recompute(self, job: Request, slot: int) -> None:
-        """Rebuilds the KV of prompt + generated[:-1] in `slot`: a bucket prefill, then extends past the largest."""
-        seq = job.tokens + job.output[:-1]
-        big = self.buckets[-1]
-        head = seq[:big]
-        bucket = next(b for b in self.buckets if b >= len(head))
-        tokens = np.full((1, bucket), self.pad_id, np.int32)
-        tokens[0, :len(head)] = head
-        ints, floats = np.zeros((3, 1), np.int32), np.array([[0.0], [1.0]], np.float32)
-        _, rows = self.programs.prefill(tokens, np.array([len(head)], np.int32), ints, floats)
-        self.pool.insert(rows, slot)
-        for start in range(big, len(seq), big):
-            chunk = np.full((1, big), self.pad_id, np.int32)
-            part = seq[start:start + big]
-            chunk[0, :len(part)] = part
-            _, self.pool.cache = self.programs.extend(self.pool.cache, np.int32(slot), chunk, np.int32(start),
-                                                      np.int32(0), ints, floats)
-            self.counters["recompute_extends"] += 1
+        """Rebuilds the KV of prompt + generated[:-1] in `slot` (from a cached prefix where there is one)."""
+        _, extends = self.filler.fill(job.tokens + job.output[:-1], slot, None, None, save=False)
+        self.counters["recompute_extends"] += extends
 
     def _evict(self, job: Request) -> int:
         """Frees `job`'s slot: its KV goes to host memory while `host_kv_slots` allows, else is dropped."""
@@ -368,6 +345,9 @@ class Engine:
     def _finish(self, job: Request, reason: str, t: float, error: str | None = None) -> None:
         with self._lock:
             self._release(job)
+        if self.prefix is not None and job._slot is not None and reason in ("stop", "length") and len(job.output) > 1:
+            # its generated tokens' KV too: a chat's next turn starts with this one's prompt and answer
+            self.prefix.save(job.tokens + job.output[:-1], job._slot)
         job.finish_reason, job.finish_time, job.error = reason, t, error
         self.scheduler.remove(job)
         self._jobs.discard(job)
@@ -384,68 +364,6 @@ class Engine:
             except Exception:
                 log.exception("on_finish callback of %s failed", job.id)
 
-    # --------------------------------------------------------------------------------------- conveniences
-
-    @property
-    def pending(self) -> int:
-        """Requests submitted and not finished (a cancelled one until the loop has retired it)."""
-        with self._lock:
-            return len(self._inbox) + len(self._jobs)
-
-    @property
-    def live(self) -> int:
-        """Requests submitted, not finished and not cancelled: what serve.max_queue bounds."""
-        with self._lock:
-            return self._live
-
-    def run_until_done(self, timeout: float | None = None) -> None:
-        """Steps synchronously until every submitted request has finished."""
-        deadline = None if timeout is None else self.clock() + timeout
-        while self.pending:
-            if deadline is not None and self.clock() > deadline:
-                raise TimeoutError(f"{self.pending} requests unfinished after {timeout} s")
-            if not self.step():
-                time.sleep(0.001)
-
-    def generate(self, requests: Sequence[Request], timeout: float | None = None) -> list[Request]:
-        """Submits `requests` and returns them finished (steps here, or waits for the background runner)."""
-        for r in requests:
-            self.submit(r)
-        if self._thread is not None and self._thread.is_alive():
-            for r in requests:
-                if not r.wait(timeout):
-                    raise TimeoutError(f"request {r.id} unfinished after {timeout} s")
-        else:
-            self.run_until_done(timeout)
-        return list(requests)
-
-    def start(self) -> None:
-        """Runs the loop on a background thread (for a server); `stop()` ends it."""
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._stop_event.clear()
-        self._thread = threading.Thread(target=self._run, name="fastserve-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float | None = 10.0) -> None:
-        self._stop_event.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop_event.is_set():
-            try:
-                worked = self.step()
-            except Exception as e:  # fail what was in flight, keep serving
-                log.exception("engine step failed")
-                self._fail_all(f"{type(e).__name__}: {e}")
-                worked = False
-            if not worked:
-                self._wake.wait(0.002 if self.pending else 0.1)
-                self._wake.clear()
-
     def _fail_all(self, error: str) -> None:
         with self._step_lock:
             with self._lock:
@@ -457,6 +375,8 @@ class Engine:
             self._slot_job = [None] * self.slots
             self._host_jobs.clear()
             self.pool.reset()
+            if self.prefix is not None:
+                self.prefix.reset()
 
     def stats(self) -> dict[str, Any]:
         """Counters, the start-up profile, and the scheduler's queues."""
@@ -464,6 +384,8 @@ class Engine:
         out.update(scheduler=self.scheduler.name, slots=self.slots, max_cache_len=self.max_len, buckets=self.buckets,
                    running=sum(j is not None for j in self._slot_job), waiting=self.pending,
                    host_kv_in_use=len(self._host_jobs), profile=self.profile)
+        if self.prefix is not None:   # hit_tokens / queried_tokens: prompt tokens copied from the store / looked up
+            out["prefix_cache"] = self.prefix.stats()
         if isinstance(self.scheduler, MLFQScheduler):
             out["mlfq"] = dict(quanta=[self.scheduler.quantum(i) for i in range(self.scheduler.levels)],
                                queue_lengths=[len(q) for q in self.scheduler.queues()],

@@ -1,5 +1,5 @@
 """Prometheus metrics of the HTTP server: engine state read at scrape time (queue length, slots used, host KV,
-tokens, preemptions, offloaded bytes, ...) and per-request histograms (TTFT, TPOT, E2E) observed on finish."""
+tokens, preemptions, offloaded bytes, prefix-cache hits, ...) and per-request histograms (TTFT, TPOT, E2E) observed on finish."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -42,6 +42,14 @@ class _EngineCollector:
                 ("fastserve_prefills", "Prompt prefills", "prefills"),
                 ("fastserve_engine_steps", "Engine iterations that ran", "steps")):
             yield CounterMetricFamily(name, doc, value=c[key])
+        if e.prefix is not None:
+            p = e.prefix
+            yield CounterMetricFamily("fastserve_prefix_cache_hit_tokens",
+                                      "Prompt tokens whose KV was copied from the prefix cache", value=p.hit_tokens)
+            yield CounterMetricFamily("fastserve_prefix_cache_queried_tokens",
+                                      "Prompt tokens looked up in the prefix cache", value=p.queried_tokens)
+            yield GaugeMetricFamily("fastserve_prefix_cache_blocks", "Blocks held by the prefix cache",
+                                    value=len(p.index))
 
 
 class Metrics:

@@ -10,7 +10,7 @@ fastserve/serve/backends.py (the functions of a `fastserve.export` directory).""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -105,38 +105,38 @@ class ModelPrograms:
 
 
 def warm_and_profile(programs: Any, pool: Any, buckets: list[int], pad_id: int,
-                     decode_inputs: tuple[np.ndarray, np.ndarray], clock: Callable[[], float], repeats: int = 3
-                     ) -> dict[str, Any]:
+                     decode_inputs: tuple[np.ndarray, np.ndarray], clock: Callable[[], float], repeats: int = 3,
+                     extend_widths: Sequence[int] = ()) -> dict[str, Any]:
     """Compiles every bucket's prefill, the decode step (on `decode_inputs`: no slot active), the extend (of the
-    largest bucket's length) and the KV pool's moves; returns the median times {"prefill_s": {bucket: s},
-    "decode_s": s, "extend_s": s}."""
-    prefill_s = {}
+    largest bucket's length, and of each of `extend_widths`: the prefix cache's chunks) and the KV pool's moves;
+    returns the median times {"prefill_s": {bucket: s}, "decode_s": s, "extend_s": s, "extend_bucket_s": {w: s}}."""
+    def median_time(run: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(repeats + 1):       # the first run compiles
+            t0 = clock()
+            jax.device_get(run())
+            times.append(clock() - t0)
+        return float(np.median(times[1:]))
+
     pool.warm()
     ints1, floats1 = np.zeros((3, 1), np.int32), np.array([[0.0], [1.0]], np.float32)
-    for b in buckets:
-        tokens = np.full((1, b), pad_id, np.int32)
-        times = []
-        for _ in range(repeats + 1):
-            t0 = clock()
-            tok, rows = programs.prefill(tokens, np.array([b], np.int32), ints1, floats1)
-            pool.insert(rows, 0)
-            jax.device_get(tok)
-            times.append(clock() - t0)
-        prefill_s[b] = float(np.median(times[1:]))
-    ints, floats = decode_inputs
-    times = []
-    for _ in range(repeats + 1):
-        t0 = clock()
-        toks, pool.cache = programs.decode(pool.cache, ints, floats)
-        jax.device_get(toks)
-        times.append(clock() - t0)
-    decode_s = float(np.median(times[1:]))
-    big = buckets[-1]
-    times = []
-    for _ in range(repeats + 1):
-        t0 = clock()
-        tok, pool.cache = programs.extend(pool.cache, np.int32(0), np.full((1, big), pad_id, np.int32), np.int32(0),
-                                          np.int32(0), ints1, floats1)
-        jax.device_get(tok)
-        times.append(clock() - t0)
-    return {"prefill_s": prefill_s, "decode_s": decode_s, "extend_s": float(np.median(times[1:]))}
+
+    def prefill(b: int) -> Any:
+        tok, rows = programs.prefill(np.full((1, b), pad_id, np.int32), np.array([b], np.int32), ints1, floats1)
+        pool.insert(rows, 0)
+        return tok
+
+    def decode() -> Any:
+        toks, pool.cache = programs.decode(pool.cache, *decode_inputs)
+        return toks
+
+    def extend(width: int) -> Any:
+        tok, pool.cache = programs.extend(pool.cache, np.int32(0), np.full((1, width), pad_id, np.int32),
+                                          np.int32(0), np.int32(0), ints1, floats1)
+        return tok
+
+    prefill_s = {b: median_time(lambda: prefill(b)) for b in buckets}
+    decode_s = median_time(decode)
+    extend_s = median_time(lambda: extend(buckets[-1]))
+    extend_bucket_s = {w: median_time(lambda: extend(w)) for w in extend_widths}
+    return {"prefill_s": prefill_s, "decode_s": decode_s, "extend_s": extend_s, "extend_bucket_s": extend_bucket_s}

@@ -1,0 +1,90 @@
+"""Writing a token sequence's KV into a slot: a new request's prompt, or an evicted job's prompt + generated tokens
+when its rows were dropped (recompute).
+
+Without a cached prefix: the sequence's head (up to the largest bucket) is prefilled alone, right-padded to the
+smallest fitting bucket, and its rows are inserted into the slot; the rest goes through the extend program in
+largest-bucket-sized chunks; the first token is sampled from the logits of the sequence's last token.
+
+With serve.prefix_cache: the longest cached prefix (whole blocks, never the last token) is copied into the slot
+from the prefix store and only the rest is computed by extends from that offset, each chunk the smallest bucket
+that holds it (every bucket's extend is compiled at start-up then). The prefix is used only when the start-up
+profile says copy + extends beat the plain prefill (a short prompt's bucket prefill can be cheaper than an extend
+attending over the whole slot). After a prompt is written, its full blocks go into the store.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from fastserve.serve.prefix_cache import PrefixCache
+
+
+class SlotFiller:
+    """Fills slots of `pool` through a backend's prefill / extend; `prefix` (or None) is the prefix cache."""
+
+    def __init__(self, programs: Any, pool: Any, buckets: list[int], pad_id: int, prefix: PrefixCache | None):
+        self.programs, self.pool, self.buckets, self.pad_id, self.prefix = programs, pool, buckets, pad_id, prefix
+        self.profile: dict[str, Any] = {}     # set from the engine's start-up profile
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def _chunks(self, start: int, n: int, fitted: bool) -> list[tuple[int, int]]:
+        """(start, width) of the extends writing positions start..n: largest-bucket-sized, the last one the smallest
+        bucket holding its tokens when `fitted`."""
+        big, out = self.buckets[-1], []
+        while start < n:
+            part = min(big, n - start)
+            out.append((start, self._bucket(part) if fitted else big))
+            start += part
+        return out
+
+    def estimate(self, n: int, cached: int = 0) -> float:
+        """Profiled seconds to write n tokens' KV of which the first `cached` come from the prefix store."""
+        p = self.profile
+        if cached:
+            return p["prefix_load_s"] + sum(p["extend_bucket_s"][w] for _, w in self._chunks(cached, n, True))
+        big = self.buckets[-1]
+        return p["prefill_s"][self._bucket(min(n, big))] + len(self._chunks(big, n, False)) * p["extend_s"]
+
+    def reusable(self, tokens: Sequence[int]) -> int:
+        """Cached prefix tokens a fill of `tokens` would copy (0 when a plain prefill is profiled cheaper)."""
+        if self.prefix is None:
+            return 0
+        cached = self.prefix.lookup(tokens)
+        return cached if cached and self.estimate(len(tokens), cached) < self.estimate(len(tokens)) else 0
+
+    def fill(self, seq: Sequence[int], slot: int, ints: np.ndarray, floats: np.ndarray, save: bool
+             ) -> tuple[int | None, int]:
+        """Writes the KV of `seq` into `slot` → (the token sampled from the last token's logits with ints [3, 1] /
+        floats [2, 1], as prefill_fn samples, or None when `ints` is None; extends run). `save`: put its full
+        blocks into the prefix store."""
+        n, big = len(seq), self.buckets[-1]
+        cached = self.reusable(seq)
+        if self.prefix is not None:
+            self.prefix.queried_tokens += n
+        sample = ints is not None
+        if not sample:
+            ints, floats = np.zeros((3, 1), np.int32), np.array([[0.0], [1.0]], np.float32)
+        if cached:
+            start = self.prefix.load(seq, slot)
+            self.prefix.hit_tokens += start
+        else:
+            head = seq[:big]
+            tokens = np.full((1, self._bucket(len(head))), self.pad_id, np.int32)
+            tokens[0, :len(head)] = head
+            tok, rows = self.programs.prefill(tokens, np.array([len(head)], np.int32), ints, floats)
+            self.pool.insert(rows, slot)
+            start = len(head)
+        chunks = self._chunks(start, n, fitted=bool(cached))
+        for begin, width in chunks:
+            part = seq[begin:begin + width]
+            chunk = np.full((1, width), self.pad_id, np.int32)
+            chunk[0, :len(part)] = part
+            tok, self.pool.cache = self.programs.extend(self.pool.cache, np.int32(slot), chunk, np.int32(begin),
+                                                        np.int32(len(part) - 1), ints, floats)
+        if save and self.prefix is not None:
+            self.prefix.save(seq, slot)
+        return (int(jax.device_get(tok)[0]) if sample else None), len(chunks)

@@ -1,0 +1,78 @@
+"""The engine's drivers: stepping it synchronously until its requests are done, or on a background thread for a
+server (`start()` / `stop()`). A mixin of `Engine` (fastserve/serve/engine.py), which owns the state they use."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Sequence
+
+from fastserve.serve.request import Request
+
+log = logging.getLogger("fastserve.serve.engine")
+
+
+class Runner:
+    """Drives an engine's `step()`; the engine provides step, submit, clock, _fail_all and the state _lock, _inbox,
+    _jobs, _live, _thread, _stop_event, _wake."""
+
+    @property
+    def pending(self) -> int:
+        """Requests submitted and not finished (a cancelled one until the loop has retired it)."""
+        with self._lock:
+            return len(self._inbox) + len(self._jobs)
+
+    @property
+    def live(self) -> int:
+        """Requests submitted, not finished and not cancelled: what serve.max_queue bounds."""
+        with self._lock:
+            return self._live
+
+    def run_until_done(self, timeout: float | None = None) -> None:
+        """Steps synchronously until every submitted request has finished."""
+        deadline = None if timeout is None else self.clock() + timeout
+        while self.pending:
+            if deadline is not None and self.clock() > deadline:
+                raise TimeoutError(f"{self.pending} requests unfinished after {timeout} s")
+            if not self.step():
+                time.sleep(0.001)
+
+    def generate(self, requests: Sequence[Request], timeout: float | None = None) -> list[Request]:
+        """Submits `requests` and returns them finished (steps here, or waits for the background runner)."""
+        for r in requests:
+            self.submit(r)
+        if self._thread is not None and self._thread.is_alive():
+            for r in requests:
+                if not r.wait(timeout):
+                    raise TimeoutError(f"request {r.id} unfinished after {timeout} s")
+        else:
+            self.run_until_done(timeout)
+        return list(requests)
+
+    def start(self) -> None:
+        """Runs the loop on a background thread (for a server); `stop()` ends it."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop_event.clear()
+        self._thread = threading.Thread(target=self._run, name="fastserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Ends the background loop (waits up to `timeout` seconds for its current step)."""
+        self._stop_event.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                worked = self.step()
+            except Exception as e:  # fail what was in flight, keep serving
+                log.exception("engine step failed")
+                self._fail_all(f"{type(e).__name__}: {e}")
+                worked = False
+            if not worked:
+                self._wake.wait(0.002 if self.pending else 0.1)
+                self._wake.clear()
