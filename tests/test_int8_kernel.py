@@ -1,9 +1,11 @@
 """The int8 CPU kernel (fastserve.kernels): equal to dequantize-then-dot on odd shapes for every instruction-set
 variant this CPU runs, per channel and per group; an int8 model's export runs the same kernel when loaded in a
-fresh process; without the kernel (no compiler, or FASTSERVE_INT8_KERNEL=0) int8 layers fall back to XLA."""
+fresh process; without the kernel (no compiler, or FASTSERVE_INT8_KERNEL=0) int8 layers fall back to XLA; the tied
+embedding / LM head quantizes (per vocabulary row) and its logits run through the kernel at decode."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import subprocess
@@ -179,7 +181,7 @@ def test_int8_export_loads_with_the_kernel_in_a_fresh_process(lib, tmp_path):
 
     tok = train_tokenizer(load_texts("pydoc")[:4], 360, str(tmp_path / "tok.model"))
     compressed = {"layers.0.mlp.up": {"kind": "int8"}, "layers.0.attn.q": {"kind": "int8", "group": 8},
-                  "layers.1.mlp.down": {"kind": "int8", "group": 32}}
+                  "layers.1.mlp.down": {"kind": "int8", "group": 32}, "embed": {"kind": "int8"}}  # + the tied head
     cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=72,
                       max_seq_len=32, init_std=0.3, compressed=compressed)
     mesh = make_mesh(MeshConfig(), jax.devices()[:1])
@@ -226,3 +228,60 @@ def test_quantize_transform_per_group_and_bad_group():
     assert down["bytes_after"] == 72 * 32 + 4 * 3 * 32 and down["rel_error"] < 0.01
     with pytest.raises(TransformError, match="quantize.group"):
         quantize(cfg, params, group=0)
+
+
+def _tied_model():
+    cfg = ModelConfig(vocab_size=67, d_model=40, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=72, max_seq_len=16,
+                      init_std=0.3)
+    _, params, _ = init_params(cfg, make_mesh(MeshConfig(), jax.devices()[:1]), seed=0)
+    return cfg, jax.device_get(params)
+
+
+def test_quantize_takes_the_tied_head_unless_told_not_to(lib):
+    from fastserve.core.state import abstract_model
+    from fastserve.transforms import TransformError, quantize
+
+    cfg, params = _tied_model()
+    new_cfg, new_params, report = quantize(cfg, params, include="layers.*.mlp.*")   # the head whatever include says
+    assert new_cfg.compressed["embed"] == {"kind": "int8"}
+    table = np.asarray(params["embed"]["embedding"])                                 # (vocab 67, dim 40)
+    q, scale = new_params["embed"]["kernel"], new_params["embed"]["scale"]
+    assert q.dtype == jnp.int8 and q.shape == (40, 67) and scale.shape == (67,)     # one scale per vocabulary row
+    np.testing.assert_allclose(scale, np.abs(table).max(axis=1) / 127, rtol=1e-6)
+    head = next(r for r in report if r["layer"] == "embed")
+    assert head["bytes_after"] == 67 * 40 + 4 * 67 and head["rel_error"] < 0.01
+    _, _, logical = abstract_model(new_cfg)
+    assert logical["embed"] == {"kernel": ("embed", "vocab"), "scale": ("vocab",)}
+
+    graphdef = abstract_model(new_cfg)[0]
+    model = nnx.merge(graphdef, new_params)
+    tokens = jnp.asarray([[3, 66, 0, 12]])
+    deq = np.asarray(q, np.float64).T * np.asarray(scale, np.float64)[:, None]      # (vocab, dim), independently
+    np.testing.assert_allclose(np.asarray(model.embed(tokens))[0], deq[[3, 66, 0, 12]], rtol=1e-6, atol=1e-7)
+    x = np.random.default_rng(0).standard_normal((1, 1, 40)).astype(np.float32)     # a decode row: the kernel
+    assert "fastserve_int8_matmul" in jax.jit(model.embed.attend).lower(x).as_text()
+    np.testing.assert_allclose(np.asarray(jax.jit(model.embed.attend)(x))[0, 0], x[0, 0] @ deq.T, rtol=1e-4,
+                               atol=1e-4)
+
+    # greedy decode from a KV cache agrees with the full forward pass of the same int8 model
+    logits, cache = infer.prefill(model, tokens, jnp.asarray([4]), model.init_cache(1, 8))
+    full = model(jnp.concatenate([tokens, jnp.argmax(logits, -1)[:, None].astype(jnp.int32)], axis=1))[0]
+    step, _ = infer.decode(model, jnp.argmax(logits, -1).astype(jnp.int32), jnp.asarray([4]), cache)
+    np.testing.assert_allclose(np.asarray(step)[0], np.asarray(full)[0, 4], rtol=1e-4, atol=1e-4)
+
+    assert "embed" not in quantize(cfg, params, head=False)[0].compressed
+    assert "embed" not in quantize(cfg, params, exclude="embed")[0].compressed
+    with pytest.raises(TransformError, match="quantize.head"):
+        quantize(cfg, params, head="no")
+    with pytest.raises(ValueError, match="embedding table takes only"):
+        abstract_model(dataclasses.replace(cfg, compressed={"embed": {"kind": "int8", "group": 8}}))
+
+
+def test_untied_head_is_quantized_with_the_body_or_kept_in_float():
+    from fastserve.transforms import quantize
+
+    cfg = dataclasses.replace(_tied_model()[0], tie_embeddings=False)
+    _, params, _ = init_params(cfg, make_mesh(MeshConfig(), jax.devices()[:1]), seed=0)
+    kinds = quantize(cfg, jax.device_get(params), include="layers.*")[0].compressed
+    assert kinds["lm_head"] == {"kind": "int8"} and "embed" not in kinds     # the table is only gathered from
+    assert "lm_head" not in quantize(cfg, jax.device_get(params), head=False)[0].compressed

@@ -13,6 +13,10 @@ generates and exports unchanged. The parameter transforms that produce such para
   at every step, slower than float32), XLA's fused dequantize-then-dot on TPU / GPU. INFERENCE ONLY: the int8 kernel is an
   `nnx.Param` (so it checkpoints and exports like any weight) but it has no gradient — `jax.grad` refuses
   integer inputs, so building a train step on a model with int8 layers fails at trace time.
+- `QuantizedEmbed`: an int8 token embedding table that is also the tied output projection ({"kind": "int8"} at the
+  table's path, e.g. "embed"). Stored transposed, kernel (embed, vocab) + scale (vocab,): one scale per vocabulary
+  row of the table is one scale per output channel of the logits matvec, which then runs through `int8_matmul`
+  like any QuantizedLinear; a lookup reads the token's int8 column × its scale. Inference only, as above.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fastserve.kernels.int8 import int8_matmul
-from fastserve.models.layers import Linear
+from fastserve.models.layers import Embed, Linear
 
 KINDS = ("lowrank", "int8")
 
@@ -74,6 +78,28 @@ class QuantizedLinear(nnx.Module):
         return y
 
 
+class QuantizedEmbed(nnx.Module):
+    """int8 embedding table (vocab, dim) held transposed as kernel (dim, vocab) with float32 scale (vocab,):
+    lookup = kernel[:, token] × scale[token]; `attend` (the tied LM head) = int8_matmul(x, kernel, scale).
+    Inference only."""
+
+    def __init__(self, vocab: int, dim: int, *, table: jax.Array | None = None, dtype: Any = jnp.float32):
+        if table is None:
+            table = jnp.zeros((vocab, dim), jnp.float32)
+        q, scale = quantize_int8(jnp.asarray(table, jnp.float32).T)
+        self.kernel = nnx.Param(q, out_sharding=("embed", "vocab"))
+        self.scale = nnx.Param(scale, out_sharding=("vocab",))
+        self.dtype = dtype
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        columns = jnp.moveaxis(jnp.take(self.kernel[...], tokens, axis=1), 0, -1)     # tokens.shape + (dim,)
+        scale = jnp.take(self.scale[...], tokens, axis=0)[..., None]
+        return (columns.astype(jnp.float32) * scale).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return int8_matmul(x, self.kernel[...], self.scale[...]).astype(self.dtype)
+
+
 def quantize_int8(w: jax.Array, group: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Symmetric int8: q = round(w / scale) in [-127, 127] with scale = max |w| / 127 over each output column
     (scale (out,)), or with `group` over each block of `group` rows of a column (scale (ceil(in / group), out); the
@@ -112,6 +138,12 @@ def linear_layers(model: nnx.Module) -> dict[str, str]:
         if kind is not None:
             out[".".join(str(p) for p in path)] = kind
     return out
+
+
+def embedding_tables(model: nnx.Module) -> dict[str, str]:
+    """Dotted path → "dense" | "int8" for every token embedding table (Embed or QuantizedEmbed) in the model."""
+    kinds = {Embed: "dense", QuantizedEmbed: "int8"}
+    return {".".join(str(p) for p in path): kinds[type(m)] for path, m in nnx.iter_modules(model) if type(m) in kinds}
 
 
 def validate_entry(path: str, entry: Any, where: str = "model.compressed") -> dict:
@@ -166,9 +198,12 @@ def apply_structure(model: nnx.Module, structure: dict[str, dict], rngs: nnx.Rng
     if not structure:
         return model
     rngs = rngs if rngs is not None else nnx.Rngs(0)
-    layers = linear_layers(model)
+    layers, tables = linear_layers(model), embedding_tables(model)
     for path, entry in structure.items():
         validate_entry(path, entry)
+        if path in tables:
+            _quantize_table(model, path, entry, tables)
+            continue
         parent, last, layer = _resolve(model, path, layers)
         m, n, axes, pdt = _kernel_info(layer)
         kernel = layer.kernel.get_value()
@@ -189,3 +224,21 @@ def apply_structure(model: nnx.Module, structure: dict[str, dict], rngs: nnx.Rng
             setattr(parent, last, new)
         layers[path] = entry["kind"]
     return model
+
+
+def _quantize_table(model: nnx.Module, path: str, entry: dict, tables: dict[str, str]) -> None:
+    """Swaps the Embed at `path` for a QuantizedEmbed (per-row scales only: a row is one output channel of the
+    tied head)."""
+    if entry["kind"] != "int8" or entry.get("group") is not None:
+        raise ValueError(f"model.compressed[{path!r}]: an embedding table takes only {{kind: int8}} (per-row scales), "
+                         f"got {entry!r}")
+    if tables[path] != "dense":
+        raise ValueError(f"model.compressed[{path!r}]: the table is already {tables[path]}")
+    parts = path.split(".")
+    parent: Any = model
+    for part in parts[:-1]:
+        parent = parent[int(part)] if isinstance(parent, nnx.List) else getattr(parent, part)
+    table = getattr(parent, parts[-1])
+    value = table.embedding.get_value()
+    setattr(parent, parts[-1], QuantizedEmbed(value.shape[0], value.shape[1], table=value, dtype=table.dtype))
+    tables[path] = "int8"
