@@ -2,6 +2,7 @@
 reproduces the layer, an identity second moment reduces it to plain SVD, the reported truncation loss is the
 output error measured on the calibration inputs, and the budget holds."""
 import json
+import math
 
 import jax.numpy as jnp
 import numpy as np
@@ -115,6 +116,27 @@ def test_params_ratio_allocates_ranks_within_one_budget(base, calibrate):
         assert r["rank"] == int(0.6 * m * n / (m + n)) and r["params_after"] <= 0.6 * m * n
     with pytest.raises(TransformError, match="allocation: only applies to a params_ratio"):
         lowrank(CFG, params, include=pattern, rank=3, allocation="loss")
+
+
+def test_loss_allocation_keeps_a_floor_of_the_uniform_rank(base, calibrate):
+    from fastserve.transforms.lowrank import allocate_ranks, uniform_rank
+
+    # one layer whose energy sits in its first singular value: without a floor the greedy starves it to rank 1
+    spectra = {"a": np.r_[100.0, np.full(31, 0.1)], "b": np.linspace(1.0, 0.5, 32)}
+    shapes = {"a": (32, 48), "b": (32, 48)}
+    uniform = uniform_rank(32, 48, 0.5)
+    assert allocate_ranks(spectra, shapes, 0.5, floor=0.0)["a"] == 1
+    floored = allocate_ranks(spectra, shapes, 0.5, floor=0.75)
+    assert floored["a"] == math.ceil(0.75 * uniform) and floored["b"] > uniform
+    assert sum(r * 80 for r in floored.values()) <= 0.5 * 2 * 32 * 48
+    _, params = base[0], base[2]
+    rows = lowrank(CFG, params, include="layers.*.mlp.*", params_ratio=0.6, method="whitened", allocation="loss",
+                   allocation_floor=1.0, calibrate=calibrate)[2]
+    assert all(r["rank"] >= uniform_rank(*r["shape"], 0.6) for r in rows)   # floor 1: at least uniform everywhere
+    with pytest.raises(TransformError, match="allocation_floor: expected a number in"):
+        lowrank(CFG, params, include="layers.*", params_ratio=0.6, allocation="loss", allocation_floor=2)
+    with pytest.raises(TransformError, match="allocation_floor: only applies to allocation: loss"):
+        lowrank(CFG, params, include="layers.*", params_ratio=0.6, allocation_floor=0.5)
 
 
 def test_whitened_without_calibration_fails_clearly(base):

@@ -13,11 +13,13 @@ Rank rules (exactly one per rule): `rank` (fixed; capped at min(m, n)), `rank_ra
 `energy` (the smallest r whose singular values keep that fraction of Σσ²), or `params_ratio` (one budget for all
 the layers the rule selects: their factors hold at most that fraction of their dense parameters). How a
 `params_ratio` budget is shared (`allocation`): `uniform` (default) gives every layer the same fraction of its own
-parameters; `loss` allocates greedily by truncation loss — each kept singular value buys the largest share of its
-own layer's Σσ² per parameter it costs. Measured on SmolLM2-135M (experiments/results/bench_lowrank_real.md), the
-loss-driven allocation was *worse* than uniform (held-out perplexity 74.7 vs 49.4 at 0.8): a layer's own output
-error does not say what its error costs the model, so `uniform` is the default. The singular values are split
-evenly into the two factors.
+parameters; `loss` first gives every layer `allocation_floor` (default 0.5) of its uniform rank, then shares out
+the rest greedily by truncation loss — each further singular value buys the largest share of its own layer's Σσ²
+(its relative output error) per parameter it costs. Without the floor (`allocation_floor: 0`) the greedy left some
+SmolLM2 layers at rank 1 and did worse than uniform (perplexity 2.32× dense vs 1.51× at 0.8, in
+experiments/results/bench_lowrank_real.md, with the floored rows measured beside it): a layer's relative error says
+little about what its error costs the model once its rank is tiny. The singular values are split evenly into the
+two factors.
 
 A layer stays dense when r·(m + n) ≥ m·n (the factors would not store fewer parameters) unless the rule says
 `force: true`; the report says so. The factorized model is a config change (`model.compressed[path] =
@@ -37,7 +39,8 @@ from fastserve.transforms.common import (TransformError, check_options, check_pa
                                          rel_error, replace_node, select, to_host)
 
 RANK_RULES = ("rank", "rank_ratio", "energy", "params_ratio")
-RULE_KEYS = ("include", "exclude", *RANK_RULES, "force", "method", "allocation")
+RULE_KEYS = ("include", "exclude", *RANK_RULES, "force", "method", "allocation", "allocation_floor")
+DEFAULT_FLOOR = 0.5  # allocation: loss — the fraction of its uniform rank every layer keeps
 METHODS = ("svd", "whitened")
 ALLOCATIONS = ("uniform", "loss")
 CALIBRATION_KEYS = ("sequences",)
@@ -70,6 +73,13 @@ def _check_rule(rule: dict, where: str) -> dict:
                              f"got {rule['allocation']!r}")
     if rule.get("allocation") is not None and rule.get("params_ratio") is None:
         raise TransformError(f"{where}.allocation: only applies to a params_ratio budget")
+    if rule.get("allocation_floor") is not None:
+        floor = rule["allocation_floor"]
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 <= floor <= 1.0:
+            raise TransformError(f"{where}.allocation_floor: expected a number in [0, 1] (the fraction of its uniform "
+                                 f"rank every layer keeps), got {floor!r}")
+        if rule.get("allocation") != "loss":
+            raise TransformError(f"{where}.allocation_floor: only applies to allocation: loss")
     if rule.get("method", "svd") not in METHODS:
         raise TransformError(f"{where}.method: expected one of {', '.join(METHODS)}, got {rule['method']!r}")
     if not isinstance(rule.get("force", False), bool):
@@ -125,20 +135,26 @@ class _Spectrum:
         return float(np.sum(self.s[rank:].astype(np.float64) ** 2))
 
 
-def allocate_ranks(spectra: dict[str, np.ndarray], shapes: dict[str, tuple[int, int]], params_ratio: float) -> dict[str, int]:
-    """Ranks for layers sharing one budget: Σ_l r_l·(m_l + n_l) ≤ params_ratio · Σ_l m_l·n_l. Greedy: every layer
-    keeps one singular value; then singular values are kept in order of (σ² / the layer's Σσ²) / (m + n) — the
-    share of its own layer's energy each buys per parameter — while they fit. A layer whose factors would not be
-    smaller than its dense kernel is capped below that point."""
+def uniform_rank(m: int, n: int, params_ratio: float) -> int:
+    """The rank whose factors hold `params_ratio` of an m×n kernel's parameters: r·(m + n) ≤ ratio·m·n."""
+    return max(1, int(params_ratio * m * n / (m + n)))
+
+
+def allocate_ranks(spectra: dict[str, np.ndarray], shapes: dict[str, tuple[int, int]], params_ratio: float,
+                   floor: float = DEFAULT_FLOOR) -> dict[str, int]:
+    """Ranks for layers sharing one budget: Σ_l r_l·(m_l + n_l) ≤ params_ratio · Σ_l m_l·n_l. Every layer first
+    keeps ceil(floor · its uniform rank) singular values (at least one); then singular values are kept in order of
+    (σ² / the layer's Σσ²) / (m + n) — the share of its own layer's energy each buys per parameter — while they
+    fit. A layer whose factors would not be smaller than its dense kernel is capped below that point."""
     budget = params_ratio * sum(m * n for m, n in shapes.values())
-    ranks = {p: 1 for p in spectra}
-    spent = sum(m + n for m, n in shapes.values())
+    ranks = {p: max(1, math.ceil(floor * uniform_rank(*shapes[p], params_ratio))) for p in spectra}
+    spent = sum(ranks[p] * (m + n) for p, (m, n) in shapes.items())
     candidates = []
     for p, s in spectra.items():
         m, n = shapes[p]
         energy = float(np.sum(np.asarray(s, np.float64) ** 2)) or 1.0
         cap = min(len(s), max(1, (m * n - 1) // (m + n)))  # r·(m+n) < m·n
-        candidates += [(float(s[i]) ** 2 / energy / (m + n), p, i) for i in range(1, cap)]
+        candidates += [(float(s[i]) ** 2 / energy / (m + n), p, i) for i in range(ranks[p], cap)]
     for _, p, i in sorted(candidates, key=lambda c: -c[0]):
         cost = sum(shapes[p])
         if i == ranks[p] and spent + cost <= budget:  # values fall within a layer: its ranks grow in order
@@ -150,17 +166,19 @@ def allocate_ranks(spectra: dict[str, np.ndarray], shapes: dict[str, tuple[int, 
 def lowrank(model_cfg: Any, params: dict, *, include: Any = None, exclude: Any = None, rank: int | None = None,
             rank_ratio: float | None = None, energy: float | None = None, params_ratio: float | None = None,
             force: bool = False, method: str | None = None, allocation: str | None = None,
-            rules: list[dict] | None = None,
+            allocation_floor: float | None = None, rules: list[dict] | None = None,
             calibration: dict | None = None, calibrate: Any = None) -> tuple[Any, dict, list[dict]]:
     """Factorizes the dense Linear kernels selected by path patterns. Pure: returns (new cfg, new params, report).
 
     Either one rule as keyword arguments (`include`, `exclude`, one of `rank` / `rank_ratio` / `energy` /
-    `params_ratio`, `force`, `method`, `allocation`) or `rules=[{...}, ...]`, the first matching rule deciding each layer.
+    `params_ratio`, `force`, `method`, `allocation`, `allocation_floor`) or `rules=[{...}, ...]`, the first
+    matching rule deciding each layer.
     `method: whitened` needs `calibrate(paths, calibration) -> {path: (XᵀX, tokens)}` (fastserve.compress gives it;
     `calibration` holds its options, e.g. {sequences: 32}).
     """
     single = dict(include=include, exclude=exclude, rank=rank, rank_ratio=rank_ratio, energy=energy,
-                  params_ratio=params_ratio, force=force, method=method, allocation=allocation)
+                  params_ratio=params_ratio, force=force, method=method, allocation=allocation,
+                  allocation_floor=allocation_floor)
     if rules is not None:
         if any(v not in (None, False) for v in single.values()):
             raise TransformError("lowrank: give either `rules` or one rule's keys (include, rank, ...), not both")
@@ -248,7 +266,8 @@ def _ranks(todo: list[str], rules: list[dict], chosen: dict[str, int], spectra: 
         shapes = {p: (spectra[p].U.shape[0], spectra[p].Vt.shape[1]) for p in paths}
         ratio = float(rules[i]["params_ratio"])
         if rules[i].get("allocation", "uniform") == "loss":
-            ranks.update(allocate_ranks({p: spectra[p].s for p in paths}, shapes, ratio))
-        else:  # the same fraction of every layer's own parameters: r·(m + n) ≤ ratio·m·n
-            ranks.update({p: max(1, int(ratio * m * n / (m + n))) for p, (m, n) in shapes.items()})
+            floor = float(rules[i].get("allocation_floor", DEFAULT_FLOOR))
+            ranks.update(allocate_ranks({p: spectra[p].s for p in paths}, shapes, ratio, floor))
+        else:  # the same fraction of every layer's own parameters
+            ranks.update({p: uniform_rank(m, n, ratio) for p, (m, n) in shapes.items()})
     return ranks
