@@ -1,0 +1,207 @@
+"""Prefix-caching benchmark: a chat workload where every request starts with the same 300-token system prompt,
+served with serve.prefix_cache off and on in one run, interleaved (issue 16's goal: TTFT p50 >= 3x lower and
+requests/s at the p99 SLO >= 1.5x higher with the cache).
+
+    python experiments/bench_prefix.py           # ~8 min on 2 shared cores; writes results/bench_prefix.{json,md}
+    python experiments/bench_prefix.py --quick   # ~1 min: fewer rates and requests; writes nothing
+
+The model has the quickstart's shape (configs/quickstart.yaml: d_model 256, 4 layers, 8/4 heads, vocab 4000) with
+random weights (as experiments/bench_serving.py), max_seq_len 448; stop ids are empty, so every request generates
+exactly its max_tokens. Engine: 8 slots, fcfs (so that only the prefill differs between the arms), buckets
+32..384 (a whole prompt fits one bucket prefill when the cache is off), prefix blocks of 16 tokens, the default
+store budget. Workload (seeded): a fixed 300-token system prompt, then a distinct user turn of 8-48 random tokens;
+outputs 16-64 tokens (uniform); Poisson arrivals. Both arms see the same trace at a rate; the arms' order alternates
+from rate to rate; the first 10 % of each run's requests are warm-up and excluded (the cached arm's store carries
+over between runs, as a server's would).
+
+Figures: TTFT / TPOT / E2E percentiles and throughput per rate and arm; the capacity of each arm (throughput on a
+backlog of the same mix, every slot busy); requests/s at the p99 SLO = the highest swept rate whose p99 TTFT <= 1 s
+(an engine that cannot keep up queues, and its TTFT grows past any bound); the ratios on / off. The last line printed is
+one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from provenance import provenance
+from serving_workload import Item, summarize
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SLOTS, BUCKETS, MAX_LEN, BLOCK = 8, [32, 64, 128, 256, 384], 448, 16
+SYSTEM, USER, OUTPUT = 300, (8, 48), (16, 64)
+SLO_P99_TTFT_S = 1.0
+
+
+def build_model(max_len: int):
+    import jax
+
+    from fastserve import parallel
+    from fastserve.config import load_config
+    from fastserve.core.state import init_params
+    cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"),
+                      ["model.vocab_size=4000", f"model.max_seq_len={max_len}", "mesh.data=1"])
+    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
+    graphdef, params, _ = init_params(cfg.model, mesh, seed=0)
+    return graphdef, params, cfg.model, mesh
+
+
+def chat_workload(n: int, rate: float, seed: int) -> list[Item]:
+    """The shared system prompt (the same for every seed), a distinct user turn, Poisson arrivals at `rate`."""
+    system = np.random.default_rng(12345).integers(4, 4000, SYSTEM).tolist()
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0 / rate, n)
+    times = np.cumsum(gaps) - gaps[0]
+    return [Item(float(t), system + rng.integers(4, 4000, int(rng.integers(USER[0], USER[1] + 1))).tolist(),
+                 int(rng.integers(OUTPUT[0], OUTPUT[1] + 1))) for t in times]
+
+
+def run(engine, items: list[Item], warmup: int) -> dict[str, Any]:
+    """Submits each request at its arrival time, steps the engine synchronously; vLLM's summary of the measured."""
+    from fastserve.serve.engine import Request
+    reqs = [Request(it.prompt, max_new_tokens=it.out, temperature=0.0, stop_ids=[]) for it in items]
+    before = engine.prefix.stats() if engine.prefix is not None else None
+    clock = engine.clock
+    t0 = clock()
+    i = 0
+    while i < len(items) or engine.pending:
+        now = clock() - t0
+        while i < len(items) and items[i].t <= now:
+            engine.submit(reqs[i])
+            reqs[i].arrival = t0 + items[i].t
+            i += 1
+        if not engine.step():
+            wait = (items[i].t - (clock() - t0)) if i < len(items) else 0.0
+            time.sleep(min(max(wait, 0.0), 0.002))
+    measured = reqs[warmup:]
+    assert all(r.finish_reason == "length" and len(r.output) == r.max_new_tokens for r in measured)
+    recs = [{"ttft": r.ttft, "tpot": r.tpot, "e2e": r.jct, "tokens": len(r.output)} for r in measured]
+    out = summarize(recs, max(r.finish_time for r in measured) - min(r.arrival for r in measured))
+    if before is not None:
+        after = engine.prefix.stats()
+        hit, queried = (after[k] - before[k] for k in ("hit_tokens", "queried_tokens"))
+        out["prefix_hit_rate"] = round(hit / max(queried, 1), 4)
+    return out
+
+
+def capacity(engine, n: int, seed: int) -> float:
+    """Requests/s completed while a backlog of n requests keeps every slot busy (up to the last first token)."""
+    from fastserve.serve.engine import Request
+    reqs = [Request(it.prompt, max_new_tokens=it.out, temperature=0.0, stop_ids=[])
+            for it in chat_workload(n, 1e9, seed)]
+    engine.generate(reqs)
+    t0, t_full = min(r.arrival for r in reqs), max(r.first_token_time for r in reqs)
+    return sum(r.finish_time <= t_full for r in reqs) / (t_full - t0)
+
+
+def sustainable(points: list[dict[str, Any]]) -> float:
+    """The highest swept rate meeting the p99 TTFT SLO (0: none)."""
+    ok = [p["rate"] for p in points if p["ttft_p99_s"] <= SLO_P99_TTFT_S]
+    return max(ok, default=0.0)
+
+
+def prefix_part(quick: bool, seed: int) -> dict[str, Any]:
+    from fastserve.config import ServeConfig
+    from fastserve.serve.engine import Engine
+    graphdef, params, model_cfg, mesh = build_model(MAX_LEN)
+    engines = {}
+    for arm, on in (("off", False), ("on", True)):
+        cfg = ServeConfig(slots=SLOTS, buckets=BUCKETS, max_cache_len=MAX_LEN, scheduler="fcfs", max_queue=100_000,
+                          max_new_tokens_limit=OUTPUT[1], prefix_cache=on, prefix_cache_block=BLOCK, port=0)
+        t0 = time.perf_counter()
+        engines[arm] = Engine(graphdef, params, model_cfg, cfg, mesh=mesh, stop_ids=[])
+        print(f"engine {arm}: started in {time.perf_counter() - t0:.1f} s; profile {engines[arm].profile}",
+              file=sys.stderr, flush=True)
+    caps = {arm: capacity(engines[arm], 40 if quick else 80, seed + 999) for arm in ("off", "on")}
+    fractions = [0.5, 1.2] if quick else [0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5]
+    rates = [round(f * caps["off"], 2) for f in fractions]
+    print(f"capacity (backlog) req/s: {caps}; rates {rates}", file=sys.stderr, flush=True)
+    n = 40 if quick else 80
+    warmup = max(4, n // 10)
+    results: dict[str, list] = {"off": [], "on": []}
+    for k, rate in enumerate(rates):
+        items = chat_workload(n + warmup, rate, seed + k)
+        for arm in (("off", "on") if k % 2 == 0 else ("on", "off")):
+            res = {"rate": rate, **run(engines[arm], items, warmup)}
+            results[arm].append(res)
+            print(f"{arm:3s} rate {rate:6.2f}: {json.dumps(res)}", file=sys.stderr, flush=True)
+    ttft_ratio = [round(a["ttft_median_s"] / b["ttft_median_s"], 2) for a, b in zip(results["off"], results["on"])]
+    slo = {arm: sustainable(results[arm]) for arm in results}
+    return {"capacity_req_s": {k: round(v, 2) for k, v in caps.items()},
+            "capacity_ratio_on_over_off": round(caps["on"] / caps["off"], 2), "fractions_of_off_capacity": fractions,
+            "rates": rates, "results": results, "ttft_p50_off_over_on_by_rate": ttft_ratio,
+            "req_s_at_p99_slo": slo,
+            "req_s_at_p99_slo_ratio": round(slo["on"] / slo["off"], 2) if slo["off"] else None,
+            "profile_off": engines["off"].profile, "profile_on": engines["on"].profile,
+            "prefix_cache": engines["on"].stats()["prefix_cache"], "measured_per_run": n, "warmup_excluded": warmup}
+
+
+def write_markdown(out: dict[str, Any], path: str) -> None:
+    p = out["prefix"]
+    g = out["headline"]
+    lines = [f"# bench_prefix: prefix caching on a shared 300-token system prompt ({out['date']}, commit "
+             f"`{out['commit'][:7]}`{' dirty' if out['dirty'] else ''})", "",
+             f"Command: `{out['command']}`; {out['machine']}; load average {out['load_avg_start']} at the start, "
+             f"{out['load_avg_end']} at the end; wall {out['wall_s']} s.", "",
+             f"Workload: {out['workload']}.", "",
+             "| figure | value | goal |", "|---|---|---|",
+             f"| TTFT p50 off / on (lowest rate) | {g['TTFT p50 off / on (lowest rate)']} | ≥ 3 |",
+             f"| req/s at the p99 SLO (TTFT ≤ {SLO_P99_TTFT_S} s) on / off | {g['req/s at p99 SLO on / off']} | ≥ 1.5 |",
+             f"| capacity (backlog) on / off | {p['capacity_ratio_on_over_off']} | |", "",
+             f"Capacity (backlog, req/s): {p['capacity_req_s']}; req/s at the p99 SLO: {p['req_s_at_p99_slo']}. "
+             f"Prefix store: {p['prefix_cache']}.", "",
+             "| rate | arm | TTFT p50 | TTFT p99 | TPOT p50 | E2E p99 | req/s | hit rate |", "|---|---|---|---|---|---|---|---|"]
+    for off, on in zip(p["results"]["off"], p["results"]["on"]):
+        for arm, r in (("off", off), ("on", on)):
+            lines.append(f"| {r['rate']} | {arm} | {r['ttft_median_s']:.4f} | {r['ttft_p99_s']:.4f} | "
+                         f"{r.get('tpot_median_s', 0):.4f} | {r['e2e_p99_s']:.3f} | {r['throughput_req_s']} | "
+                         f"{r.get('prefix_hit_rate', '')} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    t_start, load_start = time.time(), os.getloadavg()[0]
+    prefix = prefix_part(args.quick, args.seed)
+    lowest = prefix["ttft_p50_off_over_on_by_rate"][0]
+    out = {"bench": "prefix", "quick": args.quick, "seed": args.seed,
+           "model": "quickstart shape, random weights, vocab 4000, stop ids empty",
+           "engine": {"slots": SLOTS, "buckets": BUCKETS, "max_cache_len": MAX_LEN, "scheduler": "fcfs",
+                      "prefix_cache_block": BLOCK},
+           "workload": f"{SYSTEM}-token shared system prompt + {USER[0]}-{USER[1]} distinct tokens, outputs "
+                       f"{OUTPUT[0]}-{OUTPUT[1]} tokens, Poisson arrivals",
+           "slo": {"p99_ttft_s": SLO_P99_TTFT_S},
+           "prefix": prefix,
+           "headline": {"TTFT p50 off / on (lowest rate)": lowest,
+                        "req/s at p99 SLO on / off": prefix["req_s_at_p99_slo_ratio"],
+                        "goals met (3x, 1.5x)": bool(lowest >= 3 and (prefix["req_s_at_p99_slo_ratio"] or 0) >= 1.5)},
+           "command": "python experiments/bench_prefix.py" + (" --quick" if args.quick else ""),
+           "wall_s": round(time.time() - t_start, 1), "load_avg_start": round(load_start, 2),
+           "load_avg_end": round(os.getloadavg()[0], 2), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+           "date": time.strftime("%Y-%m-%d"), **provenance()}
+    if not args.quick:
+        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+        with open(os.path.join(HERE, "results", "bench_prefix.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        write_markdown(out, os.path.join(HERE, "results", "bench_prefix.md"))
+    print(json.dumps({"bench": "prefix", "quick": args.quick, "headline": out["headline"],
+                      "capacity_req_s": prefix["capacity_req_s"], "req_s_at_p99_slo": prefix["req_s_at_p99_slo"],
+                      "ttft_p50_off_over_on_by_rate": prefix["ttft_p50_off_over_on_by_rate"], "wall_s": out["wall_s"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
