@@ -21,7 +21,8 @@ from flax import nnx
 from fastserve.config import MeshConfig, ModelConfig
 from fastserve.core.state import init_params
 from fastserve.generation import decoding as infer
-from fastserve.kernels import build, dequantize, int8_matmul, int8_matmul_kernel, int8_matmul_xla
+from fastserve.kernels import (build, dequantize, int8_matmul, int8_matmul_kernel, int8_matmul_nt,
+                               int8_matmul_nt_kernel, int8_matmul_xla)
 from fastserve.models.compressed import QuantizedLinear, quantize_int8
 from fastserve.parallel import make_mesh
 
@@ -88,6 +89,40 @@ def test_every_tile_variant_equals_dequantize_then_dot(lib, isa):
             ref = _reference(x, q, scale, group)
             np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * np.abs(ref).max(),
                                        err_msg=f"{isa} rows={rows} K={k} N={n} group={group}")
+
+
+@pytest.mark.parametrize("isa", _variants())
+def test_every_row_variant_equals_the_transposed_reference(lib, isa):
+    """The tied-head form: x @ (W [N, K] × scale [N])ᵀ, K with and without a vector-width remainder."""
+    if not _cpu_has(isa):
+        pytest.skip(f"this CPU cannot run the {isa} variant")
+    rows_fn = getattr(lib.handle, f"fastserve_int8_rows_{isa}")
+    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    for rows, k, n in SHAPES + [(1, 64, 9), (5, 48, 131)]:
+        x, q, scale = _case(rows, k, n, None)
+        w = np.ascontiguousarray(q.T)                                               # [N, K]
+        y = np.full((rows, n), np.nan, np.float32)
+        split = n // 3 + 1                                                          # off the 4-row blocks
+        for n0, n1 in ((0, split), (split, n)):
+            rows_fn(ptr(x), ptr(w), ptr(scale), ptr(y), ctypes.c_int64(rows), ctypes.c_int64(k), ctypes.c_int64(n),
+                    ctypes.c_int64(n0), ctypes.c_int64(n1))
+        ref = _reference(x, q, scale, None)
+        np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * np.abs(ref).max(),
+                                   err_msg=f"{isa} rows={rows} K={k} N={n}")
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+def test_transposed_custom_call_equals_the_reference(lib, threads):
+    for rows, k, n in [(1, 37, 29), (7, 300, 203), (3, 577, 3000)]:                # the last uses the pool
+        x, q, scale = _case(rows, k, n, None, seed=2)
+        w = np.ascontiguousarray(q.T)
+        y = jax.jit(lambda x, w, s: int8_matmul_nt_kernel(x, w, s, threads))(x, w, scale)
+        ref = _reference(x, q, scale, None)
+        np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=2e-5 * np.abs(ref).max(),
+                                   err_msg=f"rows={rows} K={k} N={n}")
+        assert "fastserve_int8_matmul_nt" in jax.jit(int8_matmul_nt).lower(x, w, scale).as_text()
+    big = np.zeros((256, 37), np.float32)                                           # prefill-sized: XLA
+    assert "fastserve_int8_matmul_nt" not in jax.jit(int8_matmul_nt).lower(big, w[:, :37], scale).as_text()
 
 
 @pytest.mark.parametrize("threads", [0, 1])
@@ -245,21 +280,21 @@ def test_quantize_takes_the_tied_head_unless_told_not_to(lib):
     new_cfg, new_params, report = quantize(cfg, params, include="layers.*.mlp.*")   # the head whatever include says
     assert new_cfg.compressed["embed"] == {"kind": "int8"}
     table = np.asarray(params["embed"]["embedding"])                                 # (vocab 67, dim 40)
-    q, scale = new_params["embed"]["kernel"], new_params["embed"]["scale"]
-    assert q.dtype == jnp.int8 and q.shape == (40, 67) and scale.shape == (67,)     # one scale per vocabulary row
+    q, scale = new_params["embed"]["embedding"], new_params["embed"]["scale"]
+    assert q.dtype == jnp.int8 and q.shape == (67, 40) and scale.shape == (67,)     # one scale per vocabulary row
     np.testing.assert_allclose(scale, np.abs(table).max(axis=1) / 127, rtol=1e-6)
     head = next(r for r in report if r["layer"] == "embed")
     assert head["bytes_after"] == 67 * 40 + 4 * 67 and head["rel_error"] < 0.01
     _, _, logical = abstract_model(new_cfg)
-    assert logical["embed"] == {"kernel": ("embed", "vocab"), "scale": ("vocab",)}
+    assert logical["embed"] == {"embedding": ("vocab", "embed"), "scale": ("vocab",)}
 
     graphdef = abstract_model(new_cfg)[0]
     model = nnx.merge(graphdef, new_params)
     tokens = jnp.asarray([[3, 66, 0, 12]])
-    deq = np.asarray(q, np.float64).T * np.asarray(scale, np.float64)[:, None]      # (vocab, dim), independently
+    deq = np.asarray(q, np.float64) * np.asarray(scale, np.float64)[:, None]        # (vocab, dim), independently
     np.testing.assert_allclose(np.asarray(model.embed(tokens))[0], deq[[3, 66, 0, 12]], rtol=1e-6, atol=1e-7)
     x = np.random.default_rng(0).standard_normal((1, 1, 40)).astype(np.float32)     # a decode row: the kernel
-    assert "fastserve_int8_matmul" in jax.jit(model.embed.attend).lower(x).as_text()
+    assert "fastserve_int8_matmul_nt" in jax.jit(model.embed.attend).lower(x).as_text()
     np.testing.assert_allclose(np.asarray(jax.jit(model.embed.attend)(x))[0, 0], x[0, 0] @ deq.T, rtol=1e-4,
                                atol=1e-4)
 

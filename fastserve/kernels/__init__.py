@@ -3,12 +3,15 @@
 - `int8_matmul`: x @ dequantize(int8 weights, per-channel or per-group scales), used by weight-only int8 layers
   (fastserve.models.compressed.QuantizedLinear). XLA:CPU materializes the dequantized kernel at every step, so
   int8 decoded slower than float32; the kernel streams the int8 codes once.
+- `int8_matmul_nt`: x @ (int8 W [N, K] × per-row scales)ᵀ, the tied LM head of an int8 embedding table
+  (fastserve.models.compressed.QuantizedEmbed).
 
 The library builds on first use (fastserve.kernels.build: why, where, and the fallback when no compiler is
 present). `python -m fastserve.kernels build` builds it ahead of time and prints where it is.
 """
 from fastserve.kernels.build import KernelBuildError, load, status
-from fastserve.kernels.int8 import dequantize, int8_matmul, int8_matmul_kernel, int8_matmul_xla
+from fastserve.kernels.int8 import (dequantize, int8_matmul, int8_matmul_kernel, int8_matmul_nt, int8_matmul_nt_kernel,
+                                     int8_matmul_xla)
 
-__all__ = ["KernelBuildError", "dequantize", "int8_matmul", "int8_matmul_kernel", "int8_matmul_xla", "load",
-           "status"]
+__all__ = ["KernelBuildError", "dequantize", "int8_matmul", "int8_matmul_kernel", "int8_matmul_nt",
+           "int8_matmul_nt_kernel", "int8_matmul_xla", "load", "status"]

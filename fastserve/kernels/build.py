@@ -33,6 +33,8 @@ log = logging.getLogger("fastserve.kernels")
 CSRC = Path(__file__).with_name("csrc")
 LIBRARY = "libfastserve_kernels.so"
 INT8_TARGET = "fastserve_int8_matmul"
+INT8_NT_TARGET = "fastserve_int8_matmul_nt"   # x @ (int8 W [N, K] × scale [N])ᵀ: a tied LM head
+TARGETS = (INT8_TARGET, INT8_NT_TARGET)
 COMMON_FLAGS = ["-O3", "-fPIC", "-std=c++17", "-Wno-psabi", "-fno-math-errno"]
 # (name, floats per vector, vectors per tile for 1 / 2 / 4 rows, flags): the tile widths keep each variant's
 # accumulators in its registers (32 zmm, 16 ymm, 16 xmm)
@@ -47,7 +49,7 @@ class KernelBuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class KernelLibrary:
-    """The loaded shared library, registered with XLA as the `INT8_TARGET` custom call on CPU."""
+    """The loaded shared library, registered with XLA as the `TARGETS` custom calls on CPU."""
     path: Path
     isa: str
     handle: ctypes.CDLL
@@ -121,7 +123,8 @@ def load() -> KernelLibrary | None:
         log.warning("fastserve int8 CPU kernel unavailable, int8 layers fall back to XLA's dequantize-then-dot "
                     "(correct, slower): %s", e)
         return None
-    jax.ffi.register_ffi_target(INT8_TARGET, jax.ffi.pycapsule(handle.fastserve_int8_matmul), platform="cpu")
+    for target in TARGETS:
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, target)), platform="cpu")
     handle.fastserve_int8_isa.restype = ctypes.c_char_p
     return KernelLibrary(path, handle.fastserve_int8_isa().decode(), handle)
 
@@ -137,7 +140,7 @@ def status() -> dict:
 def export_checks() -> list:
     """The `disabled_checks` jax.export needs for a function that may call the kernel: the custom call is
     fastserve's own, so jax cannot vouch for its stability; `require_for_exports` re-registers it when loading."""
-    return [jax.export.DisabledSafetyCheck.custom_call(INT8_TARGET)]
+    return [jax.export.DisabledSafetyCheck.custom_call(target) for target in TARGETS]
 
 
 def require_for_exports(exported: dict, platform_name: str, where: str) -> None:
@@ -145,7 +148,8 @@ def require_for_exports(exported: dict, platform_name: str, where: str) -> None:
     KernelBuildError naming what the artifact needs when it cannot be built here."""
     if platform_name != "cpu":
         return
-    needs = [name for name, exp in exported.items() if INT8_TARGET.encode() in exp.mlir_module_serialized]
+    needs = [name for name, exp in exported.items()
+             if any(target.encode() in exp.mlir_module_serialized for target in TARGETS)]
     if needs and load() is None:
         why = "FASTSERVE_INT8_KERNEL=0" if disabled() else (_failure[-1] if _failure else "unknown")
         raise KernelBuildError(

@@ -67,3 +67,26 @@ def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, group: int | None 
         return int8_matmul_xla(x, q, scale, group)
     return jax.lax.platform_dependent(x, q, scale, cpu=lambda *a: int8_matmul_kernel(*a, group=group),
                                       default=lambda *a: int8_matmul_xla(*a, group=group))
+
+
+def int8_matmul_nt(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """float32 x (..., K) @ (q (N, K) × scale (N,) per row)ᵀ → (..., N): a tied int8 embedding table (vocab, dim)
+    used as the LM head, each output one contiguous row of q (the (K, N) kernel would stride N bytes per row of
+    K — 48 KiB apart for SmolLM2's vocabulary, a TLB miss per row). The C++ kernel on CPU for at most
+    KERNEL_MAX_ROWS rows, XLA's dequantize-then-dot otherwise."""
+    rows = _rows(x)
+
+    def xla(x, q, scale):
+        return jnp.dot(x.astype(jnp.float32), (q.astype(jnp.float32) * scale.astype(jnp.float32)[:, None]).T)
+
+    if (rows is not None and rows > KERNEL_MAX_ROWS) or build.load() is None:
+        return xla(x, q, scale)
+    return jax.lax.platform_dependent(x, q, scale, cpu=int8_matmul_nt_kernel, default=xla)
+
+
+def int8_matmul_nt_kernel(x: jax.Array, q: jax.Array, scale: jax.Array, threads: int = 0) -> jax.Array:
+    """The C++ kernel of `int8_matmul_nt` as a custom call (CPU only; the library must be loaded)."""
+    n = q.shape[0]
+    call = jax.ffi.ffi_call(build.INT8_NT_TARGET, jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32),
+                            vmap_method="sequential")
+    return call(x.astype(jnp.float32), q, scale.astype(jnp.float32), threads=int(threads))

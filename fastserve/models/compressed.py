@@ -14,9 +14,9 @@ generates and exports unchanged. The parameter transforms that produce such para
   `nnx.Param` (so it checkpoints and exports like any weight) but it has no gradient — `jax.grad` refuses
   integer inputs, so building a train step on a model with int8 layers fails at trace time.
 - `QuantizedEmbed`: an int8 token embedding table that is also the tied output projection ({"kind": "int8"} at the
-  table's path, e.g. "embed"). Stored transposed, kernel (embed, vocab) + scale (vocab,): one scale per vocabulary
-  row of the table is one scale per output channel of the logits matvec, which then runs through `int8_matmul`
-  like any QuantizedLinear; a lookup reads the token's int8 column × its scale. Inference only, as above.
+  table's path, e.g. "embed"): the int8 table (vocab, embed) + scale (vocab,), one per row of the table = one per
+  output channel of the logits matvec, which runs through `int8_matmul_nt` (the C++ kernel on CPU, reading each
+  logit's row contiguously); a lookup reads the token's int8 row × its scale. Inference only, as above.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fastserve.kernels.int8 import int8_matmul
+from fastserve.kernels.int8 import int8_matmul, int8_matmul_nt
 from fastserve.models.layers import Embed, Linear
 
 KINDS = ("lowrank", "int8")
@@ -79,25 +79,24 @@ class QuantizedLinear(nnx.Module):
 
 
 class QuantizedEmbed(nnx.Module):
-    """int8 embedding table (vocab, dim) held transposed as kernel (dim, vocab) with float32 scale (vocab,):
-    lookup = kernel[:, token] × scale[token]; `attend` (the tied LM head) = int8_matmul(x, kernel, scale).
+    """int8 embedding table (vocab, dim) with float32 scale (vocab,), one per row: lookup = table[token] ×
+    scale[token]; `attend` (the tied LM head) = int8_matmul_nt(x, table, scale), each logit one contiguous row.
     Inference only."""
 
     def __init__(self, vocab: int, dim: int, *, table: jax.Array | None = None, dtype: Any = jnp.float32):
         if table is None:
             table = jnp.zeros((vocab, dim), jnp.float32)
-        q, scale = quantize_int8(jnp.asarray(table, jnp.float32).T)
-        self.kernel = nnx.Param(q, out_sharding=("embed", "vocab"))
+        q, scale = quantize_int8(jnp.asarray(table, jnp.float32).T)   # per column of the (dim, vocab) head
+        self.embedding = nnx.Param(q.T, out_sharding=("vocab", "embed"))
         self.scale = nnx.Param(scale, out_sharding=("vocab",))
         self.dtype = dtype
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        columns = jnp.moveaxis(jnp.take(self.kernel[...], tokens, axis=1), 0, -1)     # tokens.shape + (dim,)
-        scale = jnp.take(self.scale[...], tokens, axis=0)[..., None]
-        return (columns.astype(jnp.float32) * scale).astype(self.dtype)
+        rows = jnp.take(self.embedding[...], tokens, axis=0).astype(jnp.float32)
+        return (rows * jnp.take(self.scale[...], tokens, axis=0)[..., None]).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return int8_matmul(x, self.kernel[...], self.scale[...]).astype(self.dtype)
+        return int8_matmul_nt(x, self.embedding[...], self.scale[...]).astype(self.dtype)
 
 
 def quantize_int8(w: jax.Array, group: int | None = None) -> tuple[jax.Array, jax.Array]:

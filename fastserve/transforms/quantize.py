@@ -93,8 +93,8 @@ def _head_path(model_cfg: Any, abstract: dict, layers: dict[str, str], exclude: 
 
 
 def _quantize_table(params: dict, path: str) -> tuple[dict, dict]:
-    """The tied table (vocab, dim) → int8 kernel (dim, vocab) + scale (vocab,) (fastserve.models.compressed.
-    QuantizedEmbed); (new params, report row)."""
+    """The tied table (vocab, dim) → int8 table (vocab, dim) + scale (vocab,), one per row (fastserve.models.
+    compressed.QuantizedEmbed); (new params, report row)."""
     table = to_host(get_node(params, path)["embedding"])
     itemsize = np.dtype(get_node(params, path)["embedding"].dtype).itemsize
     q, scale = quantize_int8(table.T)
@@ -103,4 +103,4 @@ def _quantize_table(params: dict, path: str) -> tuple[dict, dict]:
     row = {"layer": path, "action": "quantized int8 (tied embedding + LM head)", "shape": [vocab, dim], "bits": 8,
            "group": None, "bytes_before": vocab * dim * itemsize, "bytes_after": vocab * dim + 4 * vocab,
            "rel_error": rel_error(table, deq), "max_abs_error": float(np.max(np.abs(table - deq)))}
-    return replace_node(params, path, {"kernel": q, "scale": scale}), row
+    return replace_node(params, path, {"embedding": np.asarray(q).T, "scale": scale}), row

@@ -1,4 +1,6 @@
-// y[M, n0:n1] = x[M, K] · (W[K, n0:n1] int8 × scale[G, n0:n1]), W row-major [K, N], G = ceil(K / group).
+// y[M, n0:n1] = x[M, K] · (W[K, n0:n1] int8 × scale[G, n0:n1]), W row-major [K, N], G = ceil(K / group);
+// and the transposed form y[M, n0:n1] = x[M, K] · (W[n0:n1, K] int8 × scale[n0:n1])ᵀ (W row-major [N, K]: a tied
+// embedding table used as the LM head, each output one contiguous row of W).
 //
 // One source, compiled once per instruction set (FS_ISA = avx512 / avx2 / generic, with the matching -m flags;
 // int8_ffi.cc picks one at run time). It uses GCC/Clang vector extensions rather than intrinsics, so the same
@@ -108,7 +110,41 @@ void rows(const float* x, const int8_t* w, const float* s, float* y, int64_t K, 
   if (n < n1) tail_columns(x, w, s, y, MB, K, N, group, n, n1);
 }
 
+inline float hsum(vf v) {
+  float total = 0.f;
+  for (int i = 0; i < kLanes; ++i) total += v[i];
+  return total;
+}
+
+// Outputs [n, n + NB) of rows [0, M): NB rows of W (read once, kept in L1 across the M rows of x) dotted with x.
+template <int NB>
+void dot_rows(const float* x, const int8_t* w, const float* s, float* y, int64_t M, int64_t K, int64_t N,
+              int64_t n) {
+  const int64_t kv = K - K % kLanes;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    vf acc[NB];
+    for (int j = 0; j < NB; ++j) acc[j] = vf{};
+    for (int64_t k = 0; k < kv; k += kLanes) {
+      const vf xv = load_f(xr + k);
+      for (int j = 0; j < NB; ++j) acc[j] += xv * load_w(w + (n + j) * K + k);
+    }
+    for (int j = 0; j < NB; ++j) {
+      float total = hsum(acc[j]);
+      for (int64_t k = kv; k < K; ++k) total += xr[k] * static_cast<float>(w[(n + j) * K + k]);
+      y[m * N + n + j] = total * s[n + j];
+    }
+  }
+}
+
 }  // namespace
+
+extern "C" void FS_CAT(fastserve_int8_rows_, FS_ISA)(const float* x, const int8_t* w, const float* s, float* y,
+                                                     int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) dot_rows<4>(x, w, s, y, M, K, N, n);
+  for (; n < n1; ++n) dot_rows<1>(x, w, s, y, M, K, N, n);
+}
 
 extern "C" void FS_ENTRY(const float* x, const int8_t* w, const float* s, float* y, int64_t M, int64_t K, int64_t N,
                          int64_t group, int64_t n0, int64_t n1) {
