@@ -39,6 +39,7 @@ ROOT = os.path.dirname(HERE)
 SLOTS, BUCKETS, MAX_LEN, BLOCK = 8, [32, 64, 128, 256, 384], 448, 16
 SYSTEM, USER, OUTPUT = 300, (8, 48), (16, 64)
 SLO_P99_TTFT_S = 1.0
+LONG_PROMPT, LONG_SHARE, LONG_BUCKETS, CHUNK, LOAD = 2000, 0.1, [32, 64, 128, 256], 64, 0.5
 
 
 def build_model(max_len: int):
@@ -121,18 +122,25 @@ def prefix_part(quick: bool, seed: int) -> dict[str, Any]:
         print(f"engine {arm}: started in {time.perf_counter() - t0:.1f} s; profile {engines[arm].profile}",
               file=sys.stderr, flush=True)
     caps = {arm: capacity(engines[arm], 40 if quick else 80, seed + 999) for arm in ("off", "on")}
-    fractions = [0.5, 1.2] if quick else [0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5]
+    fractions = [0.5, 1.2] if quick else [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5]
     rates = [round(f * caps["off"], 2) for f in fractions]
     print(f"capacity (backlog) req/s: {caps}; rates {rates}", file=sys.stderr, flush=True)
-    n = 40 if quick else 80
+    n = 40 if quick else 60
     warmup = max(4, n // 10)
     results: dict[str, list] = {"off": [], "on": []}
+    failed: set[str] = set()        # an arm past the SLO at a rate is not run at higher ones (it only queues more)
     for k, rate in enumerate(rates):
         items = chat_workload(n + warmup, rate, seed + k)
         for arm in (("off", "on") if k % 2 == 0 else ("on", "off")):
+            if arm in failed:
+                continue
             res = {"rate": rate, **run(engines[arm], items, warmup)}
             results[arm].append(res)
             print(f"{arm:3s} rate {rate:6.2f}: {json.dumps(res)}", file=sys.stderr, flush=True)
+            if res["ttft_p99_s"] > SLO_P99_TTFT_S:
+                failed.add(arm)
+        if len(failed) == 2:
+            break
     ttft_ratio = [round(a["ttft_median_s"] / b["ttft_median_s"], 2) for a, b in zip(results["off"], results["on"])]
     slo = {arm: sustainable(results[arm]) for arm in results}
     return {"capacity_req_s": {k: round(v, 2) for k, v in caps.items()},
@@ -142,6 +150,74 @@ def prefix_part(quick: bool, seed: int) -> dict[str, Any]:
             "req_s_at_p99_slo_ratio": round(slo["on"] / slo["off"], 2) if slo["off"] else None,
             "profile_off": engines["off"].profile, "profile_on": engines["on"].profile,
             "prefix_cache": engines["on"].stats()["prefix_cache"], "measured_per_run": n, "warmup_excluded": warmup}
+
+
+def long_workload(n: int, rate: float, seed: int) -> list[Item]:
+    """10 % of requests carry a LONG_PROMPT-token prompt, the rest 8-48 tokens; outputs 16-64; Poisson arrivals."""
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0 / rate, n)
+    times = np.cumsum(gaps) - gaps[0]
+    long = set(rng.choice(n, max(1, round(LONG_SHARE * n)), replace=False).tolist())
+    return [Item(float(t), rng.integers(4, 4000, LONG_PROMPT if i in long else
+                                        int(rng.integers(USER[0], USER[1] + 1))).tolist(),
+                 int(rng.integers(OUTPUT[0], OUTPUT[1] + 1))) for i, t in enumerate(times)]
+
+
+def stalls(engine, items: list[Item], warmup: int) -> dict[str, Any]:
+    """`run`'s summary plus the streams' token gaps: per-request TPOT (the mean gap) p99 / median, and over every
+    gap between two output tokens of any stream."""
+    from fastserve.serve.engine import Request
+    reqs = [Request(it.prompt, max_new_tokens=it.out, temperature=0.0, stop_ids=[]) for it in items]
+    clock, t0, i = engine.clock, engine.clock(), 0
+    while i < len(items) or engine.pending:
+        while i < len(items) and items[i].t <= clock() - t0:
+            engine.submit(reqs[i])
+            reqs[i].arrival = t0 + items[i].t
+            i += 1
+        if not engine.step():
+            time.sleep(min(max((items[i].t - (clock() - t0)) if i < len(items) else 0.0, 0.0), 0.002))
+    measured = reqs[warmup:]
+    tpot = np.array([r.tpot for r in measured if r.tpot is not None])
+    gaps = np.concatenate([np.diff(r.token_times) for r in measured])
+    ttft_long = [r.ttft for r in measured if len(r.tokens) == LONG_PROMPT]
+    return {"requests": len(measured), "long_prompts": len(ttft_long),
+            "tpot_median_s": round(float(np.median(tpot)), 5), "tpot_p99_s": round(float(np.percentile(tpot, 99)), 5),
+            "tpot_p99_over_median": round(float(np.percentile(tpot, 99) / np.median(tpot)), 2),
+            "gap_median_s": round(float(np.median(gaps)), 5), "gap_p99_s": round(float(np.percentile(gaps, 99)), 5),
+            "gap_max_s": round(float(gaps.max()), 4),
+            "gap_p99_over_median": round(float(np.percentile(gaps, 99) / np.median(gaps)), 2),
+            "ttft_long_median_s": round(float(np.median(ttft_long)), 4) if ttft_long else None,
+            "e2e_mean_s": round(float(np.mean([r.jct for r in measured])), 4)}
+
+
+def chunk_part(quick: bool, seed: int) -> dict[str, Any]:
+    """Running streams' TPOT with 10 % of requests carrying 2,000-token prompts: whole prompts in one iteration
+    (serve.prefill_chunk 0, as before) vs chunked prefill, interleaved."""
+    from fastserve.config import ServeConfig
+    from fastserve.serve.engine import Engine
+    max_len = LONG_PROMPT + OUTPUT[1] + 48
+    graphdef, params, model_cfg, mesh = build_model(max_len)
+    engines = {}
+    for arm, chunk in (("whole", 0), (f"chunk{CHUNK}", CHUNK)):
+        cfg = ServeConfig(slots=SLOTS, buckets=LONG_BUCKETS, max_cache_len=max_len, scheduler="fcfs",
+                          max_queue=100_000, max_new_tokens_limit=OUTPUT[1], prefill_chunk=chunk, port=0)
+        engines[arm] = Engine(graphdef, params, model_cfg, cfg, mesh=mesh, stop_ids=[])
+    prof = engines["whole"].profile
+    # the rate: a fraction of the profile's bound (slots always full): mean work per request = its share of long
+    # prefills + its decode steps shared by the slots
+    long_s = prof["prefill_s"][LONG_BUCKETS[-1]] + (LONG_PROMPT // LONG_BUCKETS[-1] - 1) * prof["extend_s"]
+    per_request = LONG_SHARE * long_s + (1 - LONG_SHARE) * prof["prefill_s"][LONG_BUCKETS[0]] + \
+        np.mean(OUTPUT) * prof["decode_s"] / SLOTS
+    rate = round(LOAD / per_request, 2)
+    n = 30 if quick else 100
+    warmup = max(3, n // 10)
+    items = long_workload(n + warmup, rate, seed + 77)
+    out: dict[str, Any] = {"rate": rate, "load_of_profile_bound": LOAD, "max_cache_len": max_len,
+                           "buckets": LONG_BUCKETS, "profile_decode_s": prof["decode_s"], "long_prefill_s": long_s}
+    for k, arm in enumerate(engines if seed % 2 == 0 else reversed(list(engines))):
+        out[arm] = stalls(engines[arm], items, warmup)
+        print(f"{arm}: {json.dumps(out[arm])}", file=sys.stderr, flush=True)
+    return out
 
 
 def write_markdown(out: dict[str, Any], path: str) -> None:
@@ -159,8 +235,11 @@ def write_markdown(out: dict[str, Any], path: str) -> None:
              f"Capacity (backlog, req/s): {p['capacity_req_s']}; req/s at the p99 SLO: {p['req_s_at_p99_slo']}. "
              f"Prefix store: {p['prefix_cache']}.", "",
              "| rate | arm | TTFT p50 | TTFT p99 | TPOT p50 | E2E p99 | req/s | hit rate |", "|---|---|---|---|---|---|---|---|"]
-    for off, on in zip(p["results"]["off"], p["results"]["on"]):
-        for arm, r in (("off", off), ("on", on)):
+    for k in range(max(len(v) for v in p["results"].values())):
+        for arm in ("off", "on"):
+            if k >= len(p["results"][arm]):
+                continue
+            r = p["results"][arm][k]
             lines.append(f"| {r['rate']} | {arm} | {r['ttft_median_s']:.4f} | {r['ttft_p99_s']:.4f} | "
                          f"{r.get('tpot_median_s', 0):.4f} | {r['e2e_p99_s']:.3f} | {r['throughput_req_s']} | "
                          f"{r.get('prefix_hit_rate', '')} |")
@@ -172,10 +251,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--part", choices=["both", "prefix", "chunk"], default="both",
+                    help="prefix: the prefix cache only; chunk: the chunked-prefill measurement only (writes nothing)")
     args = ap.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    t_start, load_start = time.time(), os.getloadavg()[0]
-    prefix = prefix_part(args.quick, args.seed)
+    t_start, load_start, prov = time.time(), os.getloadavg()[0], provenance()   # the code measured: at the start
+    prefix = prefix_part(args.quick, args.seed) if args.part in ("both", "prefix") else None
+    chunk = chunk_part(args.quick, args.seed) if args.part in ("both", "chunk") else None
+    if prefix is None:
+        print(json.dumps({"bench": "prefix", "quick": args.quick, "chunk": chunk}))
+        return 0
     lowest = prefix["ttft_p50_off_over_on_by_rate"][0]
     out = {"bench": "prefix", "quick": args.quick, "seed": args.seed,
            "model": "quickstart shape, random weights, vocab 4000, stop ids empty",
@@ -184,15 +269,15 @@ def main() -> int:
            "workload": f"{SYSTEM}-token shared system prompt + {USER[0]}-{USER[1]} distinct tokens, outputs "
                        f"{OUTPUT[0]}-{OUTPUT[1]} tokens, Poisson arrivals",
            "slo": {"p99_ttft_s": SLO_P99_TTFT_S},
-           "prefix": prefix,
+           "prefix": prefix, "chunked_prefill": chunk,
            "headline": {"TTFT p50 off / on (lowest rate)": lowest,
                         "req/s at p99 SLO on / off": prefix["req_s_at_p99_slo_ratio"],
                         "goals met (3x, 1.5x)": bool(lowest >= 3 and (prefix["req_s_at_p99_slo_ratio"] or 0) >= 1.5)},
            "command": "python experiments/bench_prefix.py" + (" --quick" if args.quick else ""),
            "wall_s": round(time.time() - t_start, 1), "load_avg_start": round(load_start, 2),
            "load_avg_end": round(os.getloadavg()[0], 2), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-           "date": time.strftime("%Y-%m-%d"), **provenance()}
-    if not args.quick:
+           "date": time.strftime("%Y-%m-%d"), **prov}
+    if not args.quick and args.part == "both":
         os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
         with open(os.path.join(HERE, "results", "bench_prefix.json"), "w") as f:
             json.dump(out, f, indent=1)

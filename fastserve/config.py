@@ -245,6 +245,8 @@ class ServeConfig:
     port: int = 8000
     api_key: str = ""              # empty: no authentication
     max_body_bytes: int = 1_000_000
+    prefill_chunk: int = 0         # prompt tokens prefilled per iteration, interleaved with the running streams'
+                                   # decode steps (chunked prefill; one of buckets); 0: a whole prompt in one iteration
     prefix_cache: bool = False     # reuse the KV of prompt prefixes cached from earlier requests (a shared system
                                    # prompt, a chat history): only the rest of a prompt is prefilled
     prefix_cache_block: int = 16   # tokens per cached block (a block's key covers every token before it)
@@ -262,7 +264,7 @@ class ServeConfig:
                 yield "mesh", f"mesh.{axis} must be a positive size or -1 (all remaining devices), got {size!r}"
         yield from at_least(self, 0, "max_cache_len", "mlfq_levels", "mlfq_base_quantum_s", "starvation_s",
                              "starvation_quanta", "batch_timeout_s", "host_kv_slots",
-                             "prefix_cache_bytes")
+                             "prefix_cache_bytes", "prefill_chunk")
         yield from positive_list(self, "buckets")
         yield from one_of(self, "scheduler", SCHEDULERS, "scheduler")
         if self.iteration_cost not in ("measured", "profiled"):

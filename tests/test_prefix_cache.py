@@ -72,8 +72,8 @@ def test_the_prefix_is_used_only_where_the_profile_says_it_is_cheaper():
                "prefix_load_s": 0.1}
     filler = SlotFiller(None, None, [8, 16], 0, Prefix(32))
     filler.profile = profile
-    # 40 tokens: plain = prefill 16 + 2 extends of 16 = 6.0; from 32 cached: load + one extend of 8 = 1.6
-    assert filler.estimate(40) == 6.0 and filler.estimate(40, 32) == pytest.approx(1.6)
+    # 40 tokens: plain = prefill 16 + extends of 16 and 8 = 5.5; from 32 cached: load + one extend of 8 = 1.6
+    assert filler.estimate(40) == 5.5 and filler.estimate(40, 32) == pytest.approx(1.6)
     assert filler.reusable(list(range(40))) == 32
     filler.prefix = Prefix(8)                       # 12 tokens, 8 cached: prefill 16 (2.0) vs load + extend 8 (1.6)
     assert filler.reusable(list(range(12))) == 8
@@ -208,3 +208,36 @@ def test_an_exported_backend_serves_with_the_prefix_cache(model, want, tmp_path)
     compiles = len(_COMPILES)
     assert outputs(eng, chat()) == want
     assert len(_COMPILES) == compiles and eng.stats()["prefix_cache"]["hit_tokens"] >= 4 * 32
+
+
+# ------------------------------------------------------------------------------------------------ chunked prefill
+
+def test_a_chunked_prefill_interleaves_with_running_streams(model, want):
+    """serve.prefill_chunk=8: while a stream runs, a 45-token prompt takes 6 iterations (a bucket prefill of 8, then
+    extends of 8), and the stream gets a token in every one of them (alone, the prompt takes one iteration); greedy tokens stay equal, with the prefix cache too and
+    under MLFQ preemption (a job evicted mid-prefill starts it again)."""
+    eng = engine(model, False, prefill_chunk=8)
+    compiles = len(_COMPILES)
+    short = eng.submit(Request(chat()[0].tokens[:5], max_new_tokens=20))
+    eng.step()
+    long = eng.submit(Request(chat()[1].tokens, max_new_tokens=8))
+    steps = 0
+    while not long.output:
+        had = len(short.output)
+        eng.step()
+        steps += 1
+        assert len(short.output) == had + 1           # no iteration stalls the running stream
+    assert steps == 6 and eng.stats()["prefill_extends"] == 5
+    eng.run_until_done(timeout=60)
+    assert long.output == want[1] and len(_COMPILES) == compiles     # every chunk width compiled at start-up
+    alone = eng.submit(Request(chat()[1].tokens, max_new_tokens=8))
+    eng.step()                                        # no stream to keep going: the whole prompt in one iteration
+    assert alone.output == want[1][:1]
+    eng.run_until_done(timeout=60)
+    assert outputs(engine(model, False, prefill_chunk=8), chat(), sequential=False) == want
+    assert outputs(engine(model, True, prefill_chunk=16), chat()) == want
+    mlfq = engine(model, True, prefill_chunk=8, scheduler="mlfq", mlfq_levels=6, mlfq_base_quantum_s=0.0,
+                  host_kv_slots=1, starvation_s=0.0, iteration_cost="profiled")
+    assert outputs(mlfq, chat(), sequential=False) == want and mlfq.stats()["preemptions"] > 0
+    with pytest.raises(ValueError, match=r"serve.prefill_chunk=12 must be one of serve.buckets=\[8, 16\]"):
+        engine(model, False, prefill_chunk=12)

@@ -6,6 +6,8 @@ Shapes stay static (ARCHITECTURE.md, "Serving keeps shapes static"):
     index is a traced argument (one compile for all slots; the pool's cache is donated); past the largest bucket,
     the rest by the extend program in chunks. With serve.prefix_cache, the longest cached prefix of the prompt is
     copied from the prefix store (fastserve/serve/prefix_cache.py) instead, and only the rest is extended;
+  * with serve.prefill_chunk, a long prompt is written one chunk per iteration, each iteration also running the
+    decode step of the other slots (chunked prefill: a long prompt does not stall running streams);
   * one jitted decode step runs every slot (slots not scheduled this iteration are masked: their position is set
     past the cache, so their KV write is dropped and their token ignored), with per-slot temperature / top_k /
     top_p and per-slot randomness: the key of a request's i-th token is fold_in(key(seed), i), whatever slot or
@@ -74,7 +76,7 @@ class Engine(Runner):
         self.pool = KVPool(self.programs.cache_spec, self.slots, self.max_len, self.buckets, mesh, self.programs.device)
         self.prefix = PrefixCache(self.pool, cfg.prefix_cache_block, cfg.prefix_cache_bytes) \
             if cfg.prefix_cache else None
-        self.filler = SlotFiller(self.programs, self.pool, self.buckets, self.pad_id, self.prefix)
+        self.filler = SlotFiller(self.programs, self.pool, self.buckets, self.pad_id, self.prefix, cfg.prefill_chunk)
 
         # scheduling state
         self._lock = threading.Lock()            # guards the inbox and _live (submit() runs on other threads)
@@ -131,7 +133,7 @@ class Engine(Runner):
         prefix cache its moves and every bucket's extend); times them."""
         with self._ctx():
             profile = warm_and_profile(self.programs, self.pool, self.buckets, self.pad_id, self._slot_arrays([]),
-                                       self.clock, repeats, extend_widths=self.buckets if self.prefix else ())
+                                       self.clock, repeats, extend_widths=self.buckets if self.filler.fitted else ())
             if self.prefix is not None:
                 profile["prefix_load_s"] = self.prefix.warm(self.clock, repeats)
             return profile
@@ -239,6 +241,7 @@ class Engine(Runner):
             self.timings["offload"] += self.clock() - t0
         # place: prefill new jobs, bring back offloaded ones, recompute dropped ones
         prefilled = []
+        streaming = any(j.output for j in selected)     # streams decode this iteration: chunk long prefills
         for job in need:
             slot = free.pop(0)
             t0 = self.clock()
@@ -253,17 +256,17 @@ class Engine(Runner):
                 job._recompute = False
                 self.timings["recompute"] += self.clock() - t0
             else:
-                tok = self._prefill_into(job, slot)
-                t = self.clock()
-                self.timings["prefill"] += t - t0
-                cost[job] += t - t0 if self.iteration_cost == "measured" else job.prefill_time
-                prefilled.append(job)
                 self._slot_job[slot], job._slot = job, slot
-                self._emit(job, tok, t)
+                self._prefill(job, cost, streaming)
+                prefilled.append(job)
                 continue
             if self.iteration_cost == "measured":       # a resumed job is charged for bringing its KV back
                 cost[job] += self.clock() - t0
             self._slot_job[slot], job._slot = job, slot
+        for job in selected:        # chunked prefills in progress (serve.prefill_chunk): one more chunk each
+            if job._filled and job not in prefilled:
+                self._prefill(job, cost, streaming)
+                prefilled.append(job)
         # one decode step over every slot; the scheduled, unfinished jobs that were not just prefilled are active
         decoding = [j for j in selected if j not in prefilled and j.finish_reason is None]
         if decoding:
@@ -293,23 +296,39 @@ class Engine(Runner):
             floats[:, s] = (job.temperature, job.top_p)
         return ints, floats
 
-    def _prefill_into(self, job: Request, slot: int) -> int:
-        """Writes the prompt's KV into `slot` (a cached prefix copied, the rest prefilled); returns the first token."""
+    def _prefill(self, job: Request, cost: dict[Request, float], chunked: bool) -> None:
+        """Writes the prompt's KV into the job's slot (a cached prefix copied, the rest prefilled) and emits the
+        first token; `chunked` (streams are decoding) with serve.prefill_chunk: one chunk per call (the job keeps
+        its slot and `_filled` position)."""
+        t0 = self.clock()
         ints = np.array([[job.seed % 2 ** 31], [0], [job.top_k]], np.int32)
         floats = np.array([[job.temperature], [job.top_p]], np.float32)
-        tok, extends = self.filler.fill(job.tokens, slot, ints, floats, save=True)
+        before = job._filled
+        tok, extends, job._filled = self.filler.fill(job.tokens, job._slot, ints, floats, save=True, start=before,
+                                                     chunked=chunked)
         self.counters["prefill_extends"] += extends
-        self.counters["prefills"] += 1
-        return tok
+        t = self.clock()
+        self.timings["prefill"] += t - t0
+        share = (job._filled - before) / len(job.tokens)
+        cost[job] += t - t0 if self.iteration_cost == "measured" else job.prefill_time * share
+        if tok is not None:
+            job._filled = 0
+            self.counters["prefills"] += 1
+            self._emit(job, tok, t)
 
     def _recompute(self, job: Request, slot: int) -> None:
         """Rebuilds the KV of prompt + generated[:-1] in `slot` (from a cached prefix where there is one)."""
-        _, extends = self.filler.fill(job.tokens + job.output[:-1], slot, None, None, save=False)
+        _, extends, _ = self.filler.fill(job.tokens + job.output[:-1], slot, None, None, save=False)
         self.counters["recompute_extends"] += extends
 
     def _evict(self, job: Request) -> int:
-        """Frees `job`'s slot: its KV goes to host memory while `host_kv_slots` allows, else is dropped."""
+        """Frees `job`'s slot: its KV goes to host memory while `host_kv_slots` allows, else is dropped (a chunked
+        prefill in progress: dropped, and started again when the job is placed again)."""
         slot = job._slot
+        if job._filled:
+            job._filled = 0
+            self._slot_job[slot], job._slot = None, None
+            return slot
         positions = len(job.tokens) + len(job.output) - 1           # cached: the prompt and all but the last token
         if len(self._host_jobs) < self.cfg.host_kv_slots:
             job._host = self.pool.offload(slot, positions)
@@ -363,20 +382,6 @@ class Engine(Runner):
                 job.on_finish(job)
             except Exception:
                 log.exception("on_finish callback of %s failed", job.id)
-
-    def _fail_all(self, error: str) -> None:
-        with self._step_lock:
-            with self._lock:
-                arrivals, self._inbox = self._inbox, []
-            now = self.clock()
-            for job in list(self._jobs) + arrivals:
-                self._finish(job, "error", now, error)
-            self._last_running = []
-            self._slot_job = [None] * self.slots
-            self._host_jobs.clear()
-            self.pool.reset()
-            if self.prefix is not None:
-                self.prefix.reset()
 
     def stats(self) -> dict[str, Any]:
         """Counters, the start-up profile, and the scheduler's queues."""

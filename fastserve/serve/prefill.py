@@ -22,22 +22,28 @@ from fastserve.serve.prefix_cache import PrefixCache
 
 
 class SlotFiller:
-    """Fills slots of `pool` through a backend's prefill / extend; `prefix` (or None) is the prefix cache."""
+    """Fills slots of `pool` through a backend's prefill / extend; `prefix` (or None) is the prefix cache; `chunk`
+    (serve.prefill_chunk, a bucket; 0: off) bounds the prompt tokens one `fill` call writes."""
 
-    def __init__(self, programs: Any, pool: Any, buckets: list[int], pad_id: int, prefix: PrefixCache | None):
+    def __init__(self, programs: Any, pool: Any, buckets: list[int], pad_id: int, prefix: PrefixCache | None,
+                 chunk: int = 0):
+        if chunk and chunk not in buckets:
+            raise ValueError(f"serve.prefill_chunk={chunk} must be one of serve.buckets={buckets} (0: off)")
         self.programs, self.pool, self.buckets, self.pad_id, self.prefix = programs, pool, buckets, pad_id, prefix
+        self.chunk = chunk
+        self.fitted = prefix is not None or bool(chunk)    # every bucket's extend is compiled: chunks fit the tokens
         self.profile: dict[str, Any] = {}     # set from the engine's start-up profile
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
     def _chunks(self, start: int, n: int, fitted: bool) -> list[tuple[int, int]]:
-        """(start, width) of the extends writing positions start..n: largest-bucket-sized, the last one the smallest
-        bucket holding its tokens when `fitted`."""
-        big, out = self.buckets[-1], []
+        """(start, width) of the extends writing positions start..n: at most the largest bucket (or serve.
+        prefill_chunk) each, the last one the smallest bucket holding its tokens when `fitted`."""
+        size, out = self.chunk or self.buckets[-1], []
         while start < n:
-            part = min(big, n - start)
-            out.append((start, self._bucket(part) if fitted else big))
+            part = min(size, n - start)
+            out.append((start, self._bucket(part) if fitted else size))
             start += part
         return out
 
@@ -46,8 +52,9 @@ class SlotFiller:
         p = self.profile
         if cached:
             return p["prefix_load_s"] + sum(p["extend_bucket_s"][w] for _, w in self._chunks(cached, n, True))
-        big = self.buckets[-1]
-        return p["prefill_s"][self._bucket(min(n, big))] + len(self._chunks(big, n, False)) * p["extend_s"]
+        head = min(n, self.chunk or self.buckets[-1])
+        return p["prefill_s"][self._bucket(head)] + sum(p["extend_bucket_s"][w] if self.fitted else p["extend_s"]
+                                                        for _, w in self._chunks(head, n, self.fitted))
 
     def reusable(self, tokens: Sequence[int]) -> int:
         """Cached prefix tokens a fill of `tokens` would copy (0 when a plain prefill is profiled cheaper)."""
@@ -56,35 +63,41 @@ class SlotFiller:
         cached = self.prefix.lookup(tokens)
         return cached if cached and self.estimate(len(tokens), cached) < self.estimate(len(tokens)) else 0
 
-    def fill(self, seq: Sequence[int], slot: int, ints: np.ndarray, floats: np.ndarray, save: bool
-             ) -> tuple[int | None, int]:
-        """Writes the KV of `seq` into `slot` → (the token sampled from the last token's logits with ints [3, 1] /
-        floats [2, 1], as prefill_fn samples, or None when `ints` is None; extends run). `save`: put its full
-        blocks into the prefix store."""
-        n, big = len(seq), self.buckets[-1]
-        cached = self.reusable(seq)
-        if self.prefix is not None:
-            self.prefix.queried_tokens += n
+    def fill(self, seq: Sequence[int], slot: int, ints: np.ndarray | None, floats: np.ndarray | None, save: bool,
+             start: int = 0, chunked: bool = False) -> tuple[int | None, int, int]:
+        """Writes the KV of `seq` from position `start` into `slot` → (the token sampled from the last token's
+        logits with ints [3, 1] / floats [2, 1] as prefill_fn samples, or None when `ints` is None or the sequence
+        is not complete; extends run; positions written so far). `chunked`: one chunk of serve.prefill_chunk
+        tokens at most (the caller goes on from the returned position in a later call). `save`: once complete,
+        put its full blocks into the prefix store."""
+        n = len(seq)
         sample = ints is not None
         if not sample:
             ints, floats = np.zeros((3, 1), np.int32), np.array([[0.0], [1.0]], np.float32)
-        if cached:
-            start = self.prefix.load(seq, slot)
-            self.prefix.hit_tokens += start
-        else:
-            head = seq[:big]
-            tokens = np.full((1, self._bucket(len(head))), self.pad_id, np.int32)
-            tokens[0, :len(head)] = head
-            tok, rows = self.programs.prefill(tokens, np.array([len(head)], np.int32), ints, floats)
-            self.pool.insert(rows, slot)
-            start = len(head)
-        chunks = self._chunks(start, n, fitted=bool(cached))
+        tok, budget = None, (self.chunk if chunked and self.chunk else n)
+        if start == 0:
+            if self.prefix is not None:
+                self.prefix.queried_tokens += n
+            if self.reusable(seq):
+                start = self.prefix.load(seq, slot)
+                self.prefix.hit_tokens += start
+            else:
+                head = seq[:min(self.chunk or self.buckets[-1], n)]
+                tokens = np.full((1, self._bucket(len(head))), self.pad_id, np.int32)
+                tokens[0, :len(head)] = head
+                tok, rows = self.programs.prefill(tokens, np.array([len(head)], np.int32), ints, floats)
+                self.pool.insert(rows, slot)
+                start, budget = len(head), budget - len(head)
+        end = min(n, start + max(budget, 0))
+        chunks = self._chunks(start, end, self.fitted)
         for begin, width in chunks:
-            part = seq[begin:begin + width]
+            part = seq[begin:min(begin + width, end)]
             chunk = np.full((1, width), self.pad_id, np.int32)
             chunk[0, :len(part)] = part
             tok, self.pool.cache = self.programs.extend(self.pool.cache, np.int32(slot), chunk, np.int32(begin),
                                                         np.int32(len(part) - 1), ints, floats)
+        if end < n:
+            return None, len(chunks), end
         if save and self.prefix is not None:
             self.prefix.save(seq, slot)
-        return (int(jax.device_get(tok)[0]) if sample else None), len(chunks)
+        return (int(jax.device_get(tok)[0]) if sample else None), len(chunks), n

@@ -60,6 +60,7 @@ class Request:
         self._slot: int | None = None
         self._host: HostKV | None = None          # its KV rows in host memory while evicted
         self._recompute = False
+        self._filled = 0                          # prompt positions written by a chunked prefill in progress
         self._cancel = False
         self._submitted = False
         self._live = False                        # counts against the engine's serve.max_queue

@@ -13,8 +13,8 @@ log = logging.getLogger("fastserve.serve.engine")
 
 
 class Runner:
-    """Drives an engine's `step()`; the engine provides step, submit, clock, _fail_all and the state _lock, _inbox,
-    _jobs, _live, _thread, _stop_event, _wake."""
+    """Drives an engine's `step()`; the engine provides step, submit, clock, _finish, and the state _step_lock,
+    _lock, _inbox, _jobs, _live, _last_running, _slot_job, _host_jobs, pool, prefix, _thread, _stop_event, _wake."""
 
     @property
     def pending(self) -> int:
@@ -76,3 +76,18 @@ class Runner:
             if not worked:
                 self._wake.wait(0.002 if self.pending else 0.1)
                 self._wake.clear()
+
+    def _fail_all(self, error: str) -> None:
+        """Finishes every request in flight with `error` and starts the KV state afresh (after a failed step)."""
+        with self._step_lock:
+            with self._lock:
+                arrivals, self._inbox = self._inbox, []
+            now = self.clock()
+            for job in list(self._jobs) + arrivals:
+                self._finish(job, "error", now, error)
+            self._last_running = []
+            self._slot_job = [None] * self.slots
+            self._host_jobs.clear()
+            self.pool.reset()
+            if self.prefix is not None:
+                self.prefix.reset()
