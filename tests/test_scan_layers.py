@@ -11,7 +11,7 @@ from fastserve import parallel
 from fastserve.config import load_config
 from fastserve.core.init_from import _flat
 from fastserve.core.optim import make_optimizer
-from fastserve.core.state import create_train_state
+from fastserve.core.state import abstract_model, create_train_state
 from fastserve.core.steps import make_train_step, split_micro_batches
 from fastserve.models.decoder import DecoderConfig
 from fastserve.models.layer_stack import stack_flat, stack_layers, unstack_flat, unstack_layers
@@ -156,7 +156,7 @@ def _train(dtype: str, steps: int):
     cfg = load_config(None, [*CKPT, f"model.dtype={dtype}", "optimizer.learning_rate=1e-2", "optimizer.warmup_steps=0",
                              "optimizer.schedule=constant"])
     mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
-    tx, schedule = make_optimizer(cfg.optimizer, steps)
+    tx, schedule = make_optimizer(cfg.optimizer, steps, cfg.model)
     graphdef, state, shardings = create_train_state(cfg.model, tx, mesh, seed=0)
     step = make_train_step(graphdef, make_task("lm"), tx, schedule, shardings, mesh)
     rng = np.random.default_rng(0)
@@ -191,3 +191,34 @@ def test_remat_accepts_the_old_boolean(value, policy):
     assert remat_policy_name(value) == policy
     problems = dict(DecoderConfig(**{**SHAPE, "remat": "some"}).checks())
     assert "remat" in problems and "dots_saveable" in problems["remat"]
+
+
+def test_export_params_takes_a_scanned_models_stacked_weights(tmp_path):
+    """A user exporting a scanned model's own weights (stacked) gets the per-layer export tools write: per-layer names
+    and config, and a decode that computes what the model does."""
+    from fastserve.artifacts.loader import load_exported
+    from fastserve.artifacts.writer import ExportOptions, export_params
+    from fastserve.data.tokenizer import train_tokenizer
+    tok = train_tokenizer(["the word of the lord came unto jonah and the earth was without form and void, love "
+                           "one another as i have loved you"] * 50, 300, str(tmp_path / "tok.model"))
+    cfg = DecoderConfig(**{**SHAPE, "vocab_size": tok.vocab_size}, scan_layers=True)
+    graphdef, abstract, _ = abstract_model(cfg)   # random weights without tracing an init (a compile costs seconds)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape)).astype(x.dtype), abstract)
+    assert "mlp" in params["layers"]                                      # stacked, as training holds them
+    manifest = export_params(cfg, params, tok, str(tmp_path / "out"), ExportOptions(
+        platforms=("cpu",), functions=("decode",), max_cache_len=16, buckets=(8,)))
+    names = manifest["params"]["names"]
+    assert manifest["model"]["scan_layers"] is False and manifest["cache"]["layers"] == 3
+    assert "layers.2.mlp.up.kernel" in names and not any(n.startswith("layers.mlp") for n in names)
+
+    exported = load_exported(str(tmp_path / "out"), "cpu")
+    tokens, positions = np.array([5, 9], np.int32), np.zeros(2, np.int32)
+    logits, _ = exported.decode(tokens, positions, exported.init_cache(2))
+
+    @jax.jit
+    def decode(params, tokens, positions):   # the scanned model itself, in process
+        model = nnx.merge(graphdef, params)
+        return model(tokens[:, None], positions[:, None], model.init_cache(2, 16))[0][:, 0]
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(decode(params, tokens, positions)), rtol=1e-5,
+                               atol=1e-5)

@@ -46,6 +46,7 @@ from fastserve.artifacts.options import ExportError, ExportOptions
 from fastserve.models import build_model
 from fastserve.models import capabilities as caps
 from fastserve.models.capabilities import capability
+from fastserve.models.layer_stack import as_per_layer
 from fastserve.artifacts.loader import EXPORTED_SUFFIX, FORMAT_VERSION, WEIGHTS_FILE
 # the files every export writes (fusion/ensemble.py writes its own export with them too)
 from fastserve.artifacts.files import (check_params as _check_params, finish as _finish, param_names,
@@ -72,12 +73,17 @@ def export_params(model_cfg: Any, params: Any, tokenizer: Tokenizer | None, out_
     """Exports the model described by `model_cfg` with `params` (its variables: a pure nested dict) into `out_dir`,
     with the serving functions its capability allows (fastserve.models.capabilities).
 
+    A scanned decoder's weights may come in either layout (stacked `layers.mlp.up.kernel` [L, d, f] as training
+    holds them, or per-layer): the export is always of the per-layer model (one KV cache entry per layer), so stacked
+    weights are unstacked and the manifest's config has `scan_layers: false`.
+
     Returns the manifest (also written to `out_dir/manifest.json`, last, so a half-written export has none).
     """
-    kind, _, model = model_capability(model_cfg)
-    opts = options.resolve(model_cfg, kind)
     if isinstance(params, nnx.State):
         params = nnx.to_pure_dict(params)
+    model_cfg, params = as_per_layer(model_cfg, params)
+    kind, _, model = model_capability(model_cfg)
+    opts = options.resolve(model_cfg, kind)
     if kind == "forward":
         return export_forward(model_cfg, params, tokenizer, out_dir, opts, source=source)
     if kind == "seq2seq":

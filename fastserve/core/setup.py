@@ -35,7 +35,7 @@ def prepare_state(cfg: Config, restore: bool = True) -> TrainSetup:
     """Mesh, optimizer and a fresh sharded state; then the newest readable checkpoint of the work dir, if any, or
     else the weights of `train.init_from` wherever they fit (fastserve.core.init_from)."""
     mesh = parallel.make_mesh(cfg.mesh)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.model)   # per layer on scanned blocks
     graphdef, state, shardings = create_train_state(cfg.model, tx, mesh, cfg.train.seed)
     ckpt = Checkpointer(os.path.join(cfg.train.workdir, "checkpoints"), cfg.checkpoint.max_to_keep,
                         cfg.checkpoint.async_save)

@@ -9,6 +9,8 @@ per-layer one. These functions convert either way:
 - `stack_layers` / `unstack_layers`: any pytree of nested dicts, lists and tuples (a train state with its optimizer
   moments, a params dict); every dict under the key `layers` is converted, so Adam's `mu` / `nu` follow the params.
 - `stack_flat` / `unstack_flat`: flat {dotted path: array} dicts (train.init_from matches weights that way).
+- `layer_axes` / `layer_slice`: which leaves are stacked, as vmap axes: the optimizer runs per layer on them
+  (fastserve/core/optim.py), so a scanned run trains exactly like a per-layer one.
 """
 from __future__ import annotations
 
@@ -68,34 +70,45 @@ def _slice_abstract(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
 
 
-def _convert(tree: Any, to_stacked: bool) -> Any:
+def _map_layers(tree: Any, at_layers: Any, elsewhere: Any = lambda leaf: leaf) -> Any:
+    """`tree` rebuilt with every non-empty dict under the key `layers` replaced by `at_layers(that dict)` and every
+    other leaf by `elsewhere(leaf)`. Dicts, lists, tuples and namedtuples (optax states) are walked, so a train state
+    with its optimizer moments is converted as a whole. This walk is the one rule of where the layers are."""
     if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            if k == "layers" and isinstance(v, dict) and v:
-                if to_stacked and _int_keys(v):
-                    v = _stack(v)
-                elif not to_stacked and not _int_keys(v):
-                    v = _unstack(v)
-                out[k] = v
-            else:
-                out[k] = _convert(v, to_stacked)
-        return out
+        return {k: at_layers(v) if k == "layers" and isinstance(v, dict) and v else _map_layers(v, at_layers, elsewhere)
+                for k, v in tree.items()}
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):      # optax states are namedtuples
-        return type(tree)(*(_convert(v, to_stacked) for v in tree))
+        return type(tree)(*(_map_layers(v, at_layers, elsewhere) for v in tree))
     if isinstance(tree, (list, tuple)):
-        return type(tree)(_convert(v, to_stacked) for v in tree)
-    return tree
+        return type(tree)(_map_layers(v, at_layers, elsewhere) for v in tree)
+    return elsewhere(tree)
 
 
 def stack_layers(tree: Any) -> Any:
     """Per-layer `layers: {0: block, 1: block, …}` → stacked `layers: block` (leaves gain a leading [L] axis)."""
-    return _convert(tree, True)
+    return _map_layers(tree, lambda layers: _stack(layers) if _int_keys(layers) else layers)
 
 
 def unstack_layers(tree: Any) -> Any:
     """Stacked `layers: block` (leaves [L, …]) → per-layer `layers: {0: block, …}`."""
-    return _convert(tree, False)
+    return _map_layers(tree, lambda layers: layers if _int_keys(layers) else _unstack(layers))
+
+
+def layer_axes(tree: Any) -> Any:
+    """`tree` with 0 at every leaf of a stacked `layers` subtree (its leading axis is the layer) and None elsewhere:
+    the `in_axes` / `out_axes` that `jax.vmap` takes to run a per-layer function on each layer's slice. Only meaningful
+    for a tree of a scanned decoder (other models may name a dict of their own `layers`: model_cfg.scanned decides)."""
+    return _map_layers(tree, lambda layers: None if _int_keys(layers) else jax.tree.map(lambda _: 0, layers),
+                       elsewhere=lambda _: None)
+
+
+def layer_slice(tree: Any) -> Any:
+    """`tree` as ShapeDtypeStructs the way one layer sees it: leaves of a stacked `layers` subtree lose their leading
+    axis, the rest keep their shape (what a function vmapped with `layer_axes` is traced with)."""
+    def abstract(x, drop):
+        return jax.ShapeDtypeStruct(jnp.shape(x)[drop:], x.dtype)
+    return _map_layers(tree, lambda layers: jax.tree.map(lambda x: abstract(x, 0 if _int_keys(layers) else 1), layers),
+                       elsewhere=lambda x: None if x is None else abstract(x, 0))
 
 
 _PER_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -151,8 +164,9 @@ def other_layout(model_cfg: Any) -> Any:
 
 
 def as_per_layer(model_cfg: Any, params: Any) -> tuple[Any, Any]:
-    """(config, params) of the per-layer model: a scanned decoder's weights unstacked (parameter transforms, which
-    address single layers by path — `layers.3.mlp.up` — take them so); anything else unchanged."""
-    if getattr(model_cfg, "scanned", False):
-        return per_layer_config(model_cfg), unstack_layers(params)
-    return model_cfg, params
+    """(config, params) of the per-layer model, whichever layout `params` has: stacked blocks are unstacked and
+    `scan_layers` turned off (parameter transforms address single layers by path — `layers.3.mlp.up` — and exports
+    lay out one KV cache per layer); a model without a choice of layout is returned unchanged."""
+    if other_layout(model_cfg) is None:
+        return model_cfg, params
+    return per_layer_config(model_cfg), unstack_layers(params)
