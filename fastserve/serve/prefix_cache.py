@@ -28,6 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastserve import parallel
+from fastserve.serve.kv import _cache_axes
+
 
 def chain_keys(tokens: Sequence[int], block: int, n_blocks: int) -> list[bytes]:
     """The hash-chain keys of the first `n_blocks` full blocks of `tokens` (fewer if it has fewer)."""
@@ -112,6 +115,15 @@ def save_blocks(store: Any, cache: Any, slot: Any, src: Any, dst: Any) -> Any:
     return jax.tree.map(one, store, cache)
 
 
+def _store_shardings(pool: Any, spec: Any) -> Any:
+    """The store placed like the pool's cache, except its block axis, which is not split (on a mesh a load gathers
+    any blocks into any slot; the KV heads still split over `tensor` as the cache's do)."""
+    if pool.mesh is None:
+        return pool._shardings(spec)
+    return jax.tree.map(lambda x: parallel.named_sharding(pool.mesh, (None,) + _cache_axes(len(x.shape))[1:],
+                                                          x.shape), spec)
+
+
 _load_jit = jax.jit(load_blocks, donate_argnums=0)
 _save_jit = jax.jit(save_blocks, donate_argnums=0)
 
@@ -136,7 +148,7 @@ class PrefixCache:
         self.nbytes = int(capacity) * block_bytes
         spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct((int(capacity), block, *x.shape[2:]), x.dtype), pool.spec)
         self._zeros = jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), spec),
-                              out_shardings=pool._shardings(spec))
+                              out_shardings=_store_shardings(pool, spec))
         self.store = self._zeros()
         self.hit_tokens = self.queried_tokens = self.inserted_blocks = 0
 
