@@ -21,6 +21,7 @@ token blocks and copied into a new request's slot so that only the rest of its p
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
@@ -124,6 +125,7 @@ def _store_shardings(pool: Any, spec: Any) -> Any:
                                                           x.shape), spec)
 
 
+log = logging.getLogger(__name__)
 _load_jit = jax.jit(load_blocks, donate_argnums=0)
 _save_jit = jax.jit(save_blocks, donate_argnums=0)
 
@@ -151,6 +153,8 @@ class PrefixCache:
                               out_shardings=_store_shardings(pool, spec))
         self.store = self._zeros()
         self.hit_tokens = self.queried_tokens = self.inserted_blocks = 0
+        log.info("prefix cache: %d blocks of %d tokens (%.1f MiB of device memory)", capacity, block,
+                 self.nbytes / 2 ** 20)
 
     def reset(self) -> None:
         """Forgets every block (after a failed step may have consumed the donated store); counters go on."""
