@@ -10,6 +10,9 @@ from the prefix store and only the rest is computed by extends from that offset,
 that holds it (every bucket's extend is compiled at start-up then). The prefix is used only when the start-up
 profile says copy + extends beat the plain prefill (a short prompt's bucket prefill can be cheaper than an extend
 attending over the whole slot). After a prompt is written, its full blocks go into the store.
+
+With serve.prefill_chunk (chunked prefill), a call may write one chunk of that many tokens only: the engine calls
+again from the returned position in its next iteration, between decode steps of the running streams.
 """
 from __future__ import annotations
 
@@ -37,10 +40,10 @@ class SlotFiller:
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def _chunks(self, start: int, n: int, fitted: bool) -> list[tuple[int, int]]:
-        """(start, width) of the extends writing positions start..n: at most the largest bucket (or serve.
-        prefill_chunk) each, the last one the smallest bucket holding its tokens when `fitted`."""
-        size, out = self.chunk or self.buckets[-1], []
+    def _chunks(self, start: int, n: int, fitted: bool, size: int = 0) -> list[tuple[int, int]]:
+        """(start, width) of the extends writing positions start..n: `size` tokens at most each (0: the largest
+        bucket), the last one the smallest bucket holding its tokens when `fitted`."""
+        size, out = size or self.buckets[-1], []
         while start < n:
             part = min(size, n - start)
             out.append((start, self._bucket(part) if fitted else size))
@@ -52,7 +55,7 @@ class SlotFiller:
         p = self.profile
         if cached:
             return p["prefix_load_s"] + sum(p["extend_bucket_s"][w] for _, w in self._chunks(cached, n, True))
-        head = min(n, self.chunk or self.buckets[-1])
+        head = min(n, self.buckets[-1])
         return p["prefill_s"][self._bucket(head)] + sum(p["extend_bucket_s"][w] if self.fitted else p["extend_s"]
                                                         for _, w in self._chunks(head, n, self.fitted))
 
@@ -74,7 +77,8 @@ class SlotFiller:
         sample = ints is not None
         if not sample:
             ints, floats = np.zeros((3, 1), np.int32), np.array([[0.0], [1.0]], np.float32)
-        tok, budget = None, (self.chunk if chunked and self.chunk else n)
+        size = self.chunk if chunked and self.chunk else self.buckets[-1]      # tokens per piece
+        tok, budget = None, (size if chunked and self.chunk else n)
         if start == 0:
             if self.prefix is not None:
                 self.prefix.queried_tokens += n
@@ -82,14 +86,14 @@ class SlotFiller:
                 start = self.prefix.load(seq, slot)
                 self.prefix.hit_tokens += start
             else:
-                head = seq[:min(self.chunk or self.buckets[-1], n)]
+                head = seq[:min(size, n)]
                 tokens = np.full((1, self._bucket(len(head))), self.pad_id, np.int32)
                 tokens[0, :len(head)] = head
                 tok, rows = self.programs.prefill(tokens, np.array([len(head)], np.int32), ints, floats)
                 self.pool.insert(rows, slot)
                 start, budget = len(head), budget - len(head)
         end = min(n, start + max(budget, 0))
-        chunks = self._chunks(start, end, self.fitted)
+        chunks = self._chunks(start, end, self.fitted, size)
         for begin, width in chunks:
             part = seq[begin:min(begin + width, end)]
             chunk = np.full((1, width), self.pad_id, np.int32)
