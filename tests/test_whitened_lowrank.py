@@ -162,3 +162,25 @@ def test_compress_calibrates_on_the_training_split(tmp_path):
     rows = [r for r in report["layers"] if r["action"] == "factorized"]
     assert rows and all(r["calibration_tokens"] > 0 and r["truncation_loss"] >= 0 for r in rows)
     assert report["ratio"]["parameters"] < 1.0
+
+
+def test_distillation_accepts_an_imported_teacher_with_its_bpe_tokenizer(tmp_path):
+    """A factorized SmolLM2 distils from its dense original: both work dirs carry the byte-level BPE
+    (tokenizer.bpe.json) that compress writes for imported models, not a sentencepiece tokenizer.model."""
+    from fastserve.tasks.distill import DistillConfig
+    from fastserve.workdir import BPE_TOKENIZER_FILE
+
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    for d in (teacher, student):
+        d.mkdir()
+        (d / BPE_TOKENIZER_FILE).write_text('{"model": "bpe", "vocab": {"a": 0}}')
+    task = DistillConfig(teacher=str(teacher)).build()
+    cfg = load_config(None, [f"tokenizer.path={student / BPE_TOKENIZER_FILE}"])
+    assert task.configure(cfg) is cfg
+    unset = task.configure(load_config(None, []))                   # no tokenizer given: the teacher's
+    assert unset.tokenizer.path == str(teacher / BPE_TOKENIZER_FILE)
+    (student / BPE_TOKENIZER_FILE).write_text('{"model": "bpe", "vocab": {"b": 0}}')
+    with pytest.raises(ValueError, match="its tokenizer differs"):
+        task.configure(cfg)
+    with pytest.raises(ValueError, match="no tokenizer.model or tokenizer.bpe.json"):
+        DistillConfig(teacher=str(tmp_path)).build().configure(cfg)

@@ -61,11 +61,17 @@ class Distillation(LanguageModeling):
         return teacher.params, jax.tree.map(lambda x: x.sharding, teacher.params)
 
     def configure(self, cfg):
-        """The student reads the teacher's tokenizer (the same vocabulary is what makes the KL meaningful)."""
-        teacher_tok = os.path.join(self.cfg.teacher, "tokenizer.model")
-        if not os.path.isfile(teacher_tok):
-            raise ValueError(f"train.task.teacher {self.cfg.teacher}: no tokenizer.model there (a fastserve work dir "
-                             f"trained on text is needed)")
+        """The student reads the teacher's tokenizer (the same vocabulary is what makes the KL meaningful): its
+        sentencepiece model, or an imported model's byte-level BPE (tokenizer.bpe.json, e.g. SmolLM2 written by
+        `compress`)."""
+        from fastserve.workdir import BPE_TOKENIZER_FILE
+
+        names = ("tokenizer.model", BPE_TOKENIZER_FILE)
+        teacher_tok = next((os.path.join(self.cfg.teacher, n) for n in names
+                            if os.path.isfile(os.path.join(self.cfg.teacher, n))), "")
+        if not teacher_tok:
+            raise ValueError(f"train.task.teacher {self.cfg.teacher}: no tokenizer.model or {BPE_TOKENIZER_FILE} "
+                             f"there (a fastserve work dir trained on text, or written by compress, is needed)")
         if not cfg.tokenizer.path:
             return dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=teacher_tok))
         with open(teacher_tok, "rb") as a, open(cfg.tokenizer.path, "rb") as b:
