@@ -4,7 +4,7 @@ requests/s at the p99 SLO >= 1.5x higher with the cache); and a second part, chu
 time per output token when 10 % of requests carry 2,000-token prompts, whole prompts per iteration vs
 serve.prefill_chunk (issue 16's goal: p99 TPOT <= 2x its median).
 
-    python experiments/bench_prefix.py           # ~10 min on 2 shared cores; writes results/bench_prefix.{json,md}
+    python experiments/bench_prefix.py           # ~11 min on 2 shared cores; writes results/bench_prefix.{json,md}
     python experiments/bench_prefix.py --quick   # ~3 min: fewer rates and requests; writes nothing
     python experiments/bench_prefix.py --part chunk   # only the chunked-prefill part; writes nothing
 
@@ -24,7 +24,7 @@ backlog of the same mix, every slot busy); requests/s at the p99 SLO = the highe
 Chunked-prefill part: the same model at max_seq_len 2112, buckets 32..256, fcfs; 10 % of requests carry a
 2,000-token prompt (8 bucket-sized pieces when whole), the rest 8-48 tokens, outputs 16-64, Poisson arrivals at half
 the profile's bound; the same trace through serve.prefill_chunk 0 (the whole prompt in the iteration it is admitted)
-and 64 (one 64-token chunk per iteration while streams decode). Figures: per-request TPOT (the mean gap between a
+and 32 or 64 (one chunk of that many tokens per iteration while streams decode). Figures: per-request TPOT (the mean gap between a
 stream's tokens) p99 / median, the same over every gap between two tokens of any stream, the longest gap, and the
 long prompts' TTFT. The last line printed is one JSON object.
 """
@@ -48,7 +48,8 @@ ROOT = os.path.dirname(HERE)
 SLOTS, BUCKETS, MAX_LEN, BLOCK = 8, [32, 64, 128, 256, 384], 448, 16
 SYSTEM, USER, OUTPUT = 300, (8, 48), (16, 64)
 SLO_P99_TTFT_S = 1.0
-LONG_PROMPT, LONG_SHARE, LONG_BUCKETS, CHUNK, LOAD = 2000, 0.1, [32, 64, 128, 256], 64, 0.5
+LONG_PROMPT, LONG_SHARE, LONG_BUCKETS, CHUNKS, LOAD = 2000, 0.1, [32, 64, 128, 256], (32, 64), 0.5
+ARMS = [("whole", 0)] + [(f"chunk{c}", c) for c in CHUNKS]
 
 
 def build_model(max_len: int):
@@ -201,13 +202,13 @@ def stalls(engine, items: list[Item], warmup: int) -> dict[str, Any]:
 
 def chunk_part(quick: bool, seed: int) -> dict[str, Any]:
     """Running streams' TPOT with 10 % of requests carrying 2,000-token prompts: whole prompts in one iteration
-    (serve.prefill_chunk 0, as before) vs chunked prefill, interleaved."""
+    (serve.prefill_chunk 0, as before) vs chunked prefill (each chunk size), one after another on one trace."""
     from fastserve.config import ServeConfig
     from fastserve.serve.engine import Engine
     max_len = LONG_PROMPT + OUTPUT[1] + 48
     graphdef, params, model_cfg, mesh = build_model(max_len)
     engines = {}
-    for arm, chunk in (("whole", 0), (f"chunk{CHUNK}", CHUNK)):
+    for arm, chunk in ARMS:
         cfg = ServeConfig(slots=SLOTS, buckets=LONG_BUCKETS, max_cache_len=max_len, scheduler="fcfs",
                           max_queue=100_000, max_new_tokens_limit=OUTPUT[1], prefill_chunk=chunk, port=0)
         engines[arm] = Engine(graphdef, params, model_cfg, cfg, mesh=mesh, stop_ids=[])
@@ -223,7 +224,7 @@ def chunk_part(quick: bool, seed: int) -> dict[str, Any]:
     items = long_workload(n + warmup, rate, seed + 77)
     out: dict[str, Any] = {"rate": rate, "load_of_profile_bound": LOAD, "max_cache_len": max_len,
                            "buckets": LONG_BUCKETS, "profile_decode_s": prof["decode_s"], "long_prefill_s": long_s}
-    for k, arm in enumerate(engines if seed % 2 == 0 else reversed(list(engines))):
+    for arm in (list(engines) if seed % 2 == 0 else list(reversed(engines))):
         out[arm] = stalls(engines[arm], items, warmup)
         print(f"{arm}: {json.dumps(out[arm])}", file=sys.stderr, flush=True)
     return out
@@ -260,7 +261,7 @@ def write_markdown(out: dict[str, Any], path: str) -> None:
                   f"a whole long prefill {c['long_prefill_s']:.3f} s (profile).", "",
                   "| prefill | TPOT p50 | TPOT p99 | p99 / p50 (goal ≤ 2) | gap p50 | gap p99 | gap p99 / p50 | "
                   "longest gap | long-prompt TTFT p50 | mean E2E |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for arm in ("whole", f"chunk{CHUNK}"):
+        for arm, _ in ARMS:
             r = c[arm]
             lines.append(f"| {arm} | {r['tpot_median_s']:.4f} | {r['tpot_p99_s']:.4f} | {r['tpot_p99_over_median']} | "
                          f"{r['gap_median_s']:.4f} | {r['gap_p99_s']:.4f} | {r['gap_p99_over_median']} | "
@@ -296,7 +297,7 @@ def main() -> int:
                         "req/s at p99 SLO on / off": prefix["req_s_at_p99_slo_ratio"],
                         "goals met (3x, 1.5x)": bool(lowest >= 3 and (prefix["req_s_at_p99_slo_ratio"] or 0) >= 1.5),
                         **({f"TPOT p99 / p50, {arm} prefill": chunk[arm]["tpot_p99_over_median"]
-                            for arm in ("whole", f"chunk{CHUNK}")} if chunk else {})},
+                            for arm, _ in ARMS} if chunk else {})},
            "command": "python experiments/bench_prefix.py" + (" --quick" if args.quick else ""),
            "wall_s": round(time.time() - t_start, 1), "load_avg_start": round(load_start, 2),
            "load_avg_end": round(os.getloadavg()[0], 2), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
