@@ -2,6 +2,7 @@
 greedy tokens equal the engine's without it (shared prefixes, eviction under a small budget, preemption with KV
 offload and recompute, an exported backend), with no compile after start-up and hit / queried tokens counted."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -154,6 +155,9 @@ def test_greedy_tokens_equal_the_engine_without_the_cache(model, want, budget_bl
     else:
         assert st["evictions"] == 0 and st["blocks"] == st["inserted_blocks"]
     assert eng.stats()["prefills"] == len(want)
+    # the copied rows are what the outputs rest on: zeroed blocks change the tokens of a request that hits them
+    eng.prefix.store = jax.tree.map(jnp.zeros_like, eng.prefix.store)
+    assert outputs(eng, chat()[1:2]) != want[1:2]
 
 
 def test_under_preemption_with_offload_and_recompute(model, want):
