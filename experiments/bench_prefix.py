@@ -24,9 +24,9 @@ backlog of the same mix, every slot busy); requests/s at the p99 SLO = the highe
 Chunked-prefill part: the same model at max_seq_len 2112, buckets 32..256, fcfs; 10 % of requests carry a
 2,000-token prompt (8 bucket-sized pieces when whole), the rest 8-48 tokens, outputs 16-64, Poisson arrivals at half
 the profile's bound; the same trace through serve.prefill_chunk 0 (the whole prompt in the iteration it is admitted)
-and 32 or 64 (one chunk of that many tokens per iteration while streams decode). Figures: per-request TPOT (the mean gap between a
-stream's tokens) p99 / median, the same over every gap between two tokens of any stream, the longest gap, and the
-long prompts' TTFT. The last line printed is one JSON object.
+and 32 or 64 (one chunk of that many tokens per iteration while streams decode). Figures: per-request TPOT (the mean
+gap between a stream's tokens) p99 / median, the same over every gap between two tokens of any stream, the longest
+gap, and the long prompts' TTFT. The last line printed is one JSON object.
 """
 from __future__ import annotations
 
@@ -240,11 +240,13 @@ def write_markdown(out: dict[str, Any], path: str) -> None:
              f"Workload: {out['workload']}.", "",
              "| figure | value | goal |", "|---|---|---|",
              f"| TTFT p50 off / on (lowest rate) | {g['TTFT p50 off / on (lowest rate)']} | ≥ 3 |",
-             f"| req/s at the p99 SLO (TTFT ≤ {SLO_P99_TTFT_S} s) on / off | {g['req/s at p99 SLO on / off']} | ≥ 1.5 |",
+             f"| req/s at the p99 SLO (TTFT ≤ {SLO_P99_TTFT_S} s) on / off | {g['req/s at p99 SLO on / off']} "
+             "| ≥ 1.5 |",
              f"| capacity (backlog) on / off | {p['capacity_ratio_on_over_off']} | |", "",
              f"Capacity (backlog, req/s): {p['capacity_req_s']}; req/s at the p99 SLO: {p['req_s_at_p99_slo']}. "
              f"Prefix store: {p['prefix_cache']}.", "",
-             "| rate | arm | TTFT p50 | TTFT p99 | TPOT p50 | E2E p99 | req/s | hit rate |", "|---|---|---|---|---|---|---|---|"]
+             "| rate | arm | TTFT p50 | TTFT p99 | TPOT p50 | E2E p99 | req/s | hit rate |",
+             "|---|---|---|---|---|---|---|---|"]
     for k in range(max(len(v) for v in p["results"].values())):
         for arm in ("off", "on"):
             if k >= len(p["results"][arm]):

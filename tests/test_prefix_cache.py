@@ -95,8 +95,8 @@ def test_config_checks():
 @pytest.fixture(scope="module")
 def model():
     cfg = load_config(None, ["model.vocab_size=97", "model.d_model=48", "model.n_layers=2", "model.n_heads=4",
-                             "model.n_kv_heads=2", "model.d_ff=96", "model.init_std=0.3", f"model.max_seq_len={MAX_LEN}",
-                             f"data.seq_len={MAX_LEN}", "mesh.data=1"])
+                             "model.n_kv_heads=2", "model.d_ff=96", "model.init_std=0.3",
+                             f"model.max_seq_len={MAX_LEN}", f"data.seq_len={MAX_LEN}", "mesh.data=1"])
     mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
     graphdef, params, _ = init_params(cfg.model, mesh, seed=3)
     return graphdef, params, cfg.model, mesh
@@ -218,8 +218,9 @@ def test_an_exported_backend_serves_with_the_prefix_cache(model, want, tmp_path)
 
 def test_a_chunked_prefill_interleaves_with_running_streams(model, want):
     """serve.prefill_chunk=8: while a stream runs, a 45-token prompt takes 6 iterations (a bucket prefill of 8, then
-    extends of 8), and the stream gets a token in every one of them (alone, the prompt takes one iteration); greedy tokens stay equal, with the prefix cache too and
-    under MLFQ preemption (a job evicted mid-prefill starts it again)."""
+    extends of 8), and the stream gets a token in every one of them (alone, the prompt takes one iteration); greedy
+    tokens stay equal, with the prefix cache too and under MLFQ preemption (a job evicted mid-prefill starts it
+    again)."""
     eng = engine(model, False, prefill_chunk=8)
     compiles = len(_COMPILES)
     short = eng.submit(Request(chat()[0].tokens[:5], max_new_tokens=20))

@@ -1,5 +1,6 @@
 """Prometheus metrics of the HTTP server: engine state read at scrape time (queue length, slots used, host KV,
-tokens, preemptions, offloaded bytes, prefix-cache hits, ...) and per-request histograms (TTFT, TPOT, E2E) observed on finish."""
+tokens, preemptions, offloaded bytes, prefix-cache hits, ...) and per-request histograms (TTFT, TPOT, E2E) observed
+on finish."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
