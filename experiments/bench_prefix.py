@@ -75,8 +75,9 @@ def chat_workload(n: int, rate: float, seed: int) -> list[Item]:
                  int(rng.integers(OUTPUT[0], OUTPUT[1] + 1))) for t in times]
 
 
-def run(engine, items: list[Item], warmup: int) -> dict[str, Any]:
-    """Submits each request at its arrival time, steps the engine synchronously; vLLM's summary of the measured."""
+def run(engine, items: list[Item], warmup: int, outputs: list | None = None) -> dict[str, Any]:
+    """Submits each request at its arrival time, steps the engine synchronously; vLLM's summary of the measured.
+    `outputs`: every request's greedy tokens are appended to it."""
     from fastserve.serve.engine import Request
     reqs = [Request(it.prompt, max_new_tokens=it.out, temperature=0.0, stop_ids=[]) for it in items]
     before = engine.prefix.stats() if engine.prefix is not None else None
@@ -94,6 +95,8 @@ def run(engine, items: list[Item], warmup: int) -> dict[str, Any]:
             time.sleep(min(max(wait, 0.0), 0.002))
     measured = reqs[warmup:]
     assert all(r.finish_reason == "length" and len(r.output) == r.max_new_tokens for r in measured)
+    if outputs is not None:
+        outputs.extend(r.output for r in reqs)
     recs = [{"ttft": r.ttft, "tpot": r.tpot, "e2e": r.jct, "tokens": len(r.output)} for r in measured]
     out = summarize(recs, max(r.finish_time for r in measured) - min(r.arrival for r in measured))
     if before is not None:
@@ -139,16 +142,22 @@ def prefix_part(quick: bool, seed: int) -> dict[str, Any]:
     warmup = max(4, n // 10)
     results: dict[str, list] = {"off": [], "on": []}
     failed: set[str] = set()        # an arm past the SLO at a rate is not run at higher ones (it only queues more)
+    same = compared = 0             # requests whose greedy tokens both arms produced, and how many were equal
     for k, rate in enumerate(rates):
         items = chat_workload(n + warmup, rate, seed + k)
+        tokens: dict[str, list] = {}
         for arm in (("off", "on") if k % 2 == 0 else ("on", "off")):
             if arm in failed:
                 continue
-            res = {"rate": rate, **run(engines[arm], items, warmup)}
+            tokens[arm] = []
+            res = {"rate": rate, **run(engines[arm], items, warmup, tokens[arm])}
             results[arm].append(res)
             print(f"{arm:3s} rate {rate:6.2f}: {json.dumps(res)}", file=sys.stderr, flush=True)
             if res["ttft_p99_s"] > SLO_P99_TTFT_S:
                 failed.add(arm)
+        if len(tokens) == 2:
+            compared += len(items)
+            same += sum(a == b for a, b in zip(tokens["off"], tokens["on"]))
         if len(failed) == 2:
             break
     ttft_ratio = [round(a["ttft_median_s"] / b["ttft_median_s"], 2) for a, b in zip(results["off"], results["on"])]
@@ -156,7 +165,7 @@ def prefix_part(quick: bool, seed: int) -> dict[str, Any]:
     return {"capacity_req_s": {k: round(v, 2) for k, v in caps.items()},
             "capacity_ratio_on_over_off": round(caps["on"] / caps["off"], 2), "fractions_of_off_capacity": fractions,
             "rates": rates, "results": results, "ttft_p50_off_over_on_by_rate": ttft_ratio,
-            "req_s_at_p99_slo": slo,
+            "req_s_at_p99_slo": slo, "greedy_outputs_equal_on_off": f"{same} of {compared} requests",
             "req_s_at_p99_slo_ratio": round(slo["on"] / slo["off"], 2) if slo["off"] else None,
             "profile_off": engines["off"].profile, "profile_on": engines["on"].profile,
             "prefix_cache": engines["on"].stats()["prefix_cache"], "measured_per_run": n, "warmup_excluded": warmup}
@@ -243,7 +252,8 @@ def write_markdown(out: dict[str, Any], path: str) -> None:
              f"| req/s at the p99 SLO (TTFT ≤ {SLO_P99_TTFT_S} s) on / off | {g['req/s at p99 SLO on / off']} "
              "| ≥ 1.5 |",
              f"| capacity (backlog) on / off | {p['capacity_ratio_on_over_off']} | |", "",
-             f"Capacity (backlog, req/s): {p['capacity_req_s']}; req/s at the p99 SLO: {p['req_s_at_p99_slo']}. "
+             f"Capacity (backlog, req/s): {p['capacity_req_s']}; req/s at the p99 SLO: {p['req_s_at_p99_slo']}; "
+             f"greedy tokens equal with the cache on and off: {p.get('greedy_outputs_equal_on_off', 'not checked')}. "
              f"Prefix store: {p['prefix_cache']}.", "",
              "| rate | arm | TTFT p50 | TTFT p99 | TPOT p50 | E2E p99 | req/s | hit rate |",
              "|---|---|---|---|---|---|---|---|"]
