@@ -321,7 +321,8 @@ def main() -> int:
         write_markdown(out, os.path.join(HERE, "results", "bench_prefix.md"))
     print(json.dumps({"bench": "prefix", "quick": args.quick, "headline": out["headline"],
                       "capacity_req_s": prefix["capacity_req_s"], "req_s_at_p99_slo": prefix["req_s_at_p99_slo"],
-                      "ttft_p50_off_over_on_by_rate": prefix["ttft_p50_off_over_on_by_rate"], "wall_s": out["wall_s"]}))
+                      "ttft_p50_off_over_on_by_rate": prefix["ttft_p50_off_over_on_by_rate"],
+                      "greedy_outputs_equal_on_off": prefix["greedy_outputs_equal_on_off"], "wall_s": out["wall_s"]}))
     return 0
 
 
