@@ -4,6 +4,8 @@ SmolLM2-135M-Instruct, before and after a short recovery fine-tune.
     python experiments/bench_lowrank_real.py           # ratios 0.9 / 0.8 / 0.5 + recovery; ~1 h on a loaded 2-core CPU
     python experiments/bench_lowrank_real.py --quick   # ratio 0.8 only, one held-out batch, no decode, no recovery
     python experiments/bench_lowrank_real.py --int8 [--quick]  # int8 decode vs float32 / llama.cpp (int8_decode.py)
+    python experiments/bench_lowrank_real.py --distill   # recovery by distillation from the dense model (~25 min)
+    python experiments/bench_lowrank_real.py --calibration  # 512 calibration rows, floored loss allocation (~10 min)
 
 Each setting goes through `fastserve.transforms` exactly as `python -m fastserve.compress` applies it:
 `lowrank: {include: layers.*.mlp.*, params_ratio: R, method: svd | whitened, calibration: {sequences: CALIB}}` —
@@ -72,12 +74,23 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--int8", action="store_true", help="the int8 decode table instead (experiments/int8_decode.py)")
+    ap.add_argument("--distill", action="store_true",
+                    help="add the distillation-recovery curve (whitened 0.8 student, dense teacher) to the result")
+    ap.add_argument("--record-only", action="store_true",
+                    help="with --distill: record the curve of the last (possibly stopped) distillation run")
+    ap.add_argument("--calibration", action="store_true",
+                    help="add rows at 0.8 with more calibration sequences and the floored loss allocation")
     ap.add_argument("--control-only", action="store_true",
                     help="only add the dense control row (the dense model trained the same recovery steps) to the "
                          "recorded result")
     args = ap.parse_args()
     if args.control_only:
         return add_control()
+    if args.distill or args.calibration:
+        import lowrank_studies
+        if args.distill:
+            return lowrank_studies.add_distillation(record_only=args.record_only)
+        return lowrank_studies.add_calibration_rows()
     if args.int8:
         return int8_table(args.quick)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -269,6 +282,20 @@ def write_markdown(out: dict, path: str) -> None:
               f"same steps on the same text (the fair comparison: the recovery also adapts to the corpus)"
               if g.get("recovered_over_control") else " (no dense control measured yet)") +
               f": {'met' if g['recovered_met'] else 'not met'}.", ""]
+    d = out.get("distillation")
+    if d:
+        lines += [f"Recovery by distillation (the fair design: KL to the original dense model's distributions only, "
+                  f"alpha {d['alpha']}, temperature {d['temperature']}, on the training split; {d['tokens_per_step']} "
+                  f"tokens per step, AdamW lr {d['learning_rate']}; {d['train_wall_s']} s of training and evaluation), "
+                  f"held-out perplexity against "
+                  f"the original dense model:", "", "| step | perplexity | × dense | teacher agreement |",
+                  "|---|---|---|---|"]
+        lines += [f"| {c['step']} | {c['perplexity']:.2f} | {c['perplexity_ratio']:.3f} | "
+                  f"{c['teacher_agreement'] if c['teacher_agreement'] is None else round(c['teacher_agreement'], 3)} |"
+                  for c in d["curve"]]
+        lines += ["", f"Goal ≤ {g['recovered_perplexity_ratio_max']}×: " +
+                  (f"reached at step {d['steps_to_goal']}." if d["steps_to_goal"] else
+                   f"not reached in {d['steps']} steps."), ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 

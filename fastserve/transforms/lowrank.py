@@ -16,10 +16,11 @@ the layers the rule selects: their factors hold at most that fraction of their d
 parameters; `loss` first gives every layer `allocation_floor` (default 0.5) of its uniform rank, then shares out
 the rest greedily by truncation loss — each further singular value buys the largest share of its own layer's Σσ²
 (its relative output error) per parameter it costs. Without the floor (`allocation_floor: 0`) the greedy left some
-SmolLM2 layers at rank 1 and did worse than uniform (perplexity 2.32× dense vs 1.51× at 0.8, in
-experiments/results/bench_lowrank_real.md, with the floored rows measured beside it): a layer's relative error says
-little about what its error costs the model once its rank is tiny. The singular values are split evenly into the
-two factors.
+SmolLM2 layers at rank 1 and did worse than uniform (perplexity 2.32× dense vs 1.51× at 0.8,
+experiments/results/bench_lowrank_real.md): a layer's relative error says little about what its error costs the
+model once its rank is tiny, so the floor bounds how far the allocation may move from uniform (whether a floored
+allocation beats uniform is measured by `bench_lowrank_real.py --calibration`). The singular values are split
+evenly into the two factors.
 
 A layer stays dense when r·(m + n) ≥ m·n (the factors would not store fewer parameters) unless the rule says
 `force: true`; the report says so. The factorized model is a config change (`model.compressed[path] =
