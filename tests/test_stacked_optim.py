@@ -105,3 +105,11 @@ def test_training_steps_a_scanned_adafactor_run_per_layer_and_resumes_it_per_lay
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state["opt_state"]),
                  jax.device_get(unstack_layers(opt_state)))
     _close(jax.device_get(resumed.state["opt_state"]), ref_state)
+
+
+def test_a_transform_that_mixes_leaves_fails_instead_of_mixing_layers():
+    from fastserve.core.optim import per_layer
+    params = {"embed": np.ones((4, 3), np.float32), "layers": {"mlp": {"kernel": np.ones((2, 3, 3), np.float32)}}}
+    tx = per_layer(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1)))   # a norm over every leaf
+    with pytest.raises(ValueError, match="out_axes"):
+        tx.update(params, tx.init(params), params)
