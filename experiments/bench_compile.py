@@ -52,7 +52,7 @@ def train_step(overrides: list[str]):
     from fastserve.tasks import make_task
     cfg = load_config(None, [*MODEL, *overrides])
     mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
-    tx, schedule = make_optimizer(cfg.optimizer, 1000)
+    tx, schedule = make_optimizer(cfg.optimizer, 1000, cfg.model)
     graphdef, state, shardings = create_train_state(cfg.model, tx, mesh, seed=0)
     step = make_train_step(graphdef, make_task("lm"), tx, schedule, shardings, mesh)
     tokens = np.random.default_rng(0).integers(0, VOCAB, (BATCH, SEQ + 1)).astype(np.int32)

@@ -86,7 +86,7 @@ class JaxBench:
         self.attention = resolve(attention, self.cfg.dtype, seq)
         self.device = jax.devices()[0]
         mesh = parallel.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=[self.device])
-        tx, schedule = make_optimizer(OptimizerConfig(), total_steps=TOTAL_STEPS)
+        tx, schedule = make_optimizer(OptimizerConfig(), TOTAL_STEPS, self.cfg)   # per layer on scanned blocks
         graphdef, self.state, shardings = create_train_state(self.cfg, tx, mesh, seed)
         self.n_params = count_params(self.state["params"])
         self.flops_per_token = count_flops_per_token(self.cfg, seq)

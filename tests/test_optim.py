@@ -2,7 +2,9 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fastserve import parallel
@@ -53,3 +55,25 @@ def test_unknown_optimizer_is_named():
         load_config(None, ["optimizer.name=adamx"])
     with pytest.raises(ValueError, match="unknown optimizer.name 'adamx'.*adamw"):  # built from code
         make_optimizer(dataclasses.replace(load_config(None).optimizer, name="adamx"), 10)
+
+
+def test_adafactor_is_optax_adafactor_with_weight_decay_scaled_by_the_learning_rate():
+    cfg = dataclasses.replace(load_config(None).optimizer, name="adafactor", learning_rate=1e-3, warmup_steps=0,
+                              schedule="constant", clip_norm=0.0)
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(256, 192)), jnp.float32), "b": jnp.ones((192,), jnp.float32)}
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    ours, _ = make_optimizer(dataclasses.replace(cfg, weight_decay=0.0), 10)
+    reference = optax.adafactor(1e-3)
+    state_a, state_b = ours.init(params), reference.init(params)
+    for _ in range(3):
+        upd_a, state_a = ours.update(grads, state_a, params)
+        upd_b, state_b = reference.update(grads, state_b, params)
+        for a, b in zip(jax.tree.leaves(upd_a), jax.tree.leaves(upd_b)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    # decay: with a zero gradient a matrix moves by -lr × weight_decay × param (AdamW's convention), a vector not at all
+    decayed, _ = make_optimizer(dataclasses.replace(cfg, weight_decay=0.1), 10)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    upd, _ = decayed.update(zero, decayed.init(params), params)
+    np.testing.assert_allclose(upd["w"], -1e-3 * 0.1 * params["w"], rtol=1e-6)
+    np.testing.assert_array_equal(upd["b"], 0.0)

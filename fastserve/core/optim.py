@@ -51,8 +51,7 @@ def make_optimizer(cfg: Any, total_steps: int, model_cfg: Any = None
     elif cfg.name == "lion":
         opt = optax.lion(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
     elif cfg.name == "adafactor":
-        opt = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay or None,
-                              weight_decay_mask=decay_mask if cfg.weight_decay else None)
+        opt = adafactor(schedule, cfg.weight_decay, decay_mask)
     else:
         raise ValueError(f"unknown optimizer.name '{cfg.name}' (choose from {', '.join(OPTIMIZERS)})")
     if getattr(model_cfg, "scanned", False):
@@ -60,6 +59,20 @@ def make_optimizer(cfg: Any, total_steps: int, model_cfg: Any = None
     if cfg.clip_norm > 0:
         opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
     return opt, schedule
+
+
+def adafactor(schedule: optax.Schedule, weight_decay: float, decay_mask: Any) -> optax.GradientTransformation:
+    """optax.adafactor's chain with its defaults (factored second moments, update clipping at block RMS 1, relative
+    step size = parameter RMS), except that weight decay is scaled by the learning rate, as in AdamW: optax adds
+    `weight_decay_rate × param` after the learning-rate scaling, so `optimizer.weight_decay: 0.1` would shrink every
+    matrix by 10 % a step."""
+    return optax.chain(
+        optax.scale_by_factored_rms(),
+        optax.clip_by_block_rms(1.0),
+        optax.scale_by_param_block_rms(),
+        optax.add_decayed_weights(weight_decay, mask=decay_mask) if weight_decay else optax.identity(),
+        optax.scale_by_learning_rate(schedule),
+    )
 
 
 def per_layer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
