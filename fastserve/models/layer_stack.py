@@ -169,4 +169,6 @@ def as_per_layer(model_cfg: Any, params: Any) -> tuple[Any, Any]:
     lay out one KV cache per layer); a model without a choice of layout is returned unchanged."""
     if other_layout(model_cfg) is None:
         return model_cfg, params
-    return per_layer_config(model_cfg), unstack_layers(params)
+    layers = params.get("layers") if isinstance(params, dict) else None
+    stacked = isinstance(layers, dict) and bool(layers) and not _int_keys(layers)
+    return per_layer_config(model_cfg), unstack_layers(params) if stacked else params   # per-layer: the same object
