@@ -142,6 +142,9 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
         old = out.get(k)
+        if isinstance(v, dict) and _PROMOTED in v:   # `train.task=distill train.task.teacher=…`: a name given anew
+            out[k] = v                                # starts that value afresh, as `train.task=distill` alone does
+            continue
         if isinstance(v, dict) and isinstance(old, str):
             old = {_PROMOTED: old}
         out[k] = merge(old, v) if isinstance(v, dict) and isinstance(old, dict) else v

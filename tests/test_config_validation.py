@@ -74,3 +74,13 @@ def test_good_configs_pass_their_checks():
     cfg = load_config(None, ["model.d_model=96", "model.n_heads=6", "model.n_kv_heads=1", "model.d_ff=250",
                              "train.task=distill", "train.task.teacher=runs/t", "train.task.alpha=0.3"])
     assert cfg.train.task.alpha == 0.3 and cfg.train.task.name == "distill" and cfg.model.n_kv_heads == 1
+
+
+def test_naming_a_task_over_a_config_that_has_one_starts_it_afresh(tmp_path):
+    # a work dir's config spells its task out as a mapping; `train.task=distill` with more keys must switch it
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  task:\n    name: lm\n  steps: 5\n")
+    cfg = load_config(str(path), ["train.task=distill", "train.task.teacher=runs/t"])
+    assert cfg.train.task.name == "distill" and cfg.train.task.teacher == "runs/t" and cfg.train.steps == 5
+    cfg = load_config(str(path), ["train.task.name=distill", "train.task.teacher=runs/t"])   # the other spelling
+    assert cfg.train.task.name == "distill"
