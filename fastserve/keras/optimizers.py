@@ -2,12 +2,19 @@
 Keras's defaults (constant learning rate, no clipping, eps 1e-7, Adam's b2 0.999). adam, adamw, sgd, lion and
 adafactor are fastserve's own optimizers (`fastserve.core.optim`, an `optimizer:` config section, so a saved model
 trains on with `python -m fastserve.train`); rmsprop, adagrad, adamax and nadam are optax's. Any optax
-`GradientTransformation` is accepted by `compile` as is."""
+`GradientTransformation` is accepted by `compile` as is.
+
+Adam takes Keras's update, not optax's: Keras adds epsilon to √v before the bias correction (the Adam paper's
+"epsilon hat"), so early steps of parameters with tiny gradients are damped (step 1: by ε/√(1−β₂) ≈ 3e-6 rather than
+1e-7). optax's form moved up to ~0.7 of a full step apart from Keras's on bench_vision's CNN after one step and
+trained its first epochs measurably faster; the state is optax's, so a saved model trains on under `optimizer: adam`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from fastserve.checks import near
@@ -53,6 +60,11 @@ class Optimizer:
                                clip_norm=0.0)
 
     def build(self, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+        if self.name == "adam":   # optax.adam's chain and state, with Keras's epsilon
+            from fastserve.core.optim import make_schedule
+            o, schedule = self.options, make_schedule(self.optimizer_config(), total_steps)
+            return optax.chain(scale_by_keras_adam(o["beta_1"], o["beta_2"], o["epsilon"]),
+                               optax.scale_by_learning_rate(schedule)), schedule
         if self.name in CORE:
             from fastserve.core.optim import make_optimizer
             return make_optimizer(self.optimizer_config(), total_steps)
@@ -66,6 +78,26 @@ class Optimizer:
         else:
             tx = optax.nadam(lr, b1=o["beta_1"], b2=o["beta_2"], eps=o["epsilon"])
         return tx, optax.constant_schedule(lr)
+
+
+def scale_by_keras_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """Keras's Adam direction: √(1−β₂ᵗ)/(1−β₁ᵗ) · m / (√v + ε) (optax's: m̂ / (√v̂ + ε)), in optax's
+    ScaleByAdamState."""
+
+    def init(params):
+        zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros())
+
+    def update(updates, state, params=None):
+        mu = jax.tree.map(lambda g, m: b1 * m + (1 - b1) * g, updates, state.mu)
+        nu = jax.tree.map(lambda g, v: b2 * v + (1 - b2) * jnp.square(g), updates, state.nu)
+        count = optax.safe_int32_increment(state.count)
+        t = count.astype(jnp.float32)
+        correction = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        direction = jax.tree.map(lambda m, v: (correction * m / (jnp.sqrt(v) + eps)).astype(m.dtype), mu, nu)
+        return direction, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init, update)
 
 
 def Adam(learning_rate: float = 1e-3, **kw) -> Optimizer:
