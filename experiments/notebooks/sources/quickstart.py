@@ -41,7 +41,7 @@ if SIZE == "small":   # a 0.1M-parameter model, 20 steps, a 400-piece tokenizer:
     STEPS = ["train.steps=20", "train.eval_every=10", "log.every=5", "checkpoint.every=20",
              "train.task.samples=0", "log.tensorboard=false"]
     RECOVER_STEPS, NEW_TOKENS, EXPORT = 10, 16, ["export.buckets=[32]", "export.max_new_tokens=16"]
-else:                 # the recipe as its header states it: 3.9M parameters, 300 steps, held-out perplexity ~124
+else:                 # the recipe as its header states it: 3.9M parameters, 300 steps, held-out perplexity ~120
     SHAPE, DATA, STEPS = [], [], []
     RECOVER_STEPS, NEW_TOKENS, EXPORT = 100, 40, []
 PLATFORM = {"gpu": "cuda"}.get(BACKEND, BACKEND)   # export for the platform this runtime has
@@ -108,7 +108,7 @@ for prompt, text in zip(PROMPTS, fastserve.infer(os.path.join(RUN, "config.yaml"
 # `fastserve.compress` applies the `transforms` of `configs/compress_quickstart.yaml` — a truncated SVD of every
 # attention and MLP kernel at 0.21 of its rank — and writes a new run folder with a before / after report. The
 # factorized model is an ordinary run: a short fine-tune (`fastserve.train` on its `config.yaml`) recovers most of
-# the perplexity the truncation cost (full size, this code: 124 → 149 → 128; see the README's tour).
+# the perplexity the truncation cost (full size, this code: 120 → 147 → 126; see the README's tour).
 
 # %%
 LOWRANK = os.path.join(WORK, "quickstart_lowrank")
