@@ -106,7 +106,13 @@ def engine(model, prefix, **kw):
     graphdef, params, model_cfg, mesh = model
     cfg = ServeConfig(slots=2, buckets=[8, 16], max_cache_len=MAX_LEN, prefix_cache=prefix, prefix_cache_block=BLOCK,
                       **kw)
-    return Engine(graphdef, params, model_cfg, cfg, mesh=mesh, stop_ids=[])
+    eng = Engine(graphdef, params, model_cfg, cfg, mesh=mesh, stop_ids=[])
+    if prefix:   # a cost profile proportional to tokens computed: whether a hit is used must not hang on timing noise
+        profile = eng.filler.profile   # (measured at start-up; on a loaded machine it can rank a copy dearer)
+        profile["prefix_load_s"] = 1e-5
+        profile["prefill_s"] = {b: 1e-4 * b for b in profile["prefill_s"]}
+        profile["extend_bucket_s"] = {w: 1e-4 * w for w in profile["extend_bucket_s"]}
+    return eng
 
 
 def chat(seed=0):
