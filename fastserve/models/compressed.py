@@ -170,13 +170,15 @@ def validate_entry(path: str, entry: Any, where: str = "model.compressed") -> di
     return entry
 
 
-def _resolve(model: nnx.Module, path: str, dense: dict[str, str]) -> tuple[Any, str | int, Linear]:
+def _resolve(model: nnx.Module, path: str, dense: dict[str, str], what: str = "Linear layer"
+             ) -> tuple[Any, str | int, Any]:
+    """(parent, attribute or index, module) of the still-dense module at dotted `path` (`dense`: path → kind)."""
     if path not in dense:
         near = difflib.get_close_matches(path, list(dense), n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""
-        raise ValueError(f"model.compressed[{path!r}]: not a Linear layer of this model{hint}")
+        raise ValueError(f"model.compressed[{path!r}]: not a {what} of this model{hint}")
     if dense[path] != "dense":
-        raise ValueError(f"model.compressed[{path!r}]: the layer is already {dense[path]}")
+        raise ValueError(f"model.compressed[{path!r}]: the {what} is already {dense[path]}")
     parent: Any = model
     parts = path.split(".")
     for part in parts[:-1]:
@@ -231,13 +233,11 @@ def _quantize_table(model: nnx.Module, path: str, entry: dict, tables: dict[str,
     if entry["kind"] != "int8" or entry.get("group") is not None:
         raise ValueError(f"model.compressed[{path!r}]: an embedding table takes only {{kind: int8}} (per-row scales), "
                          f"got {entry!r}")
-    if tables[path] != "dense":
-        raise ValueError(f"model.compressed[{path!r}]: the table is already {tables[path]}")
-    parts = path.split(".")
-    parent: Any = model
-    for part in parts[:-1]:
-        parent = parent[int(part)] if isinstance(parent, nnx.List) else getattr(parent, part)
-    table = getattr(parent, parts[-1])
+    parent, last, table = _resolve(model, path, tables, "token embedding table")
     value = table.embedding.get_value()
-    setattr(parent, parts[-1], QuantizedEmbed(value.shape[0], value.shape[1], table=value, dtype=table.dtype))
+    quantized = QuantizedEmbed(value.shape[0], value.shape[1], table=value, dtype=table.dtype)
+    if isinstance(last, int):
+        parent[last] = quantized
+    else:
+        setattr(parent, last, quantized)
     tables[path] = "int8"
