@@ -1,16 +1,18 @@
 """Vision on Fashion-MNIST: fastserve's Keras-like face against Keras 3 on its JAX backend, and the ResNet's speed.
 
     python experiments/bench_vision.py            # full: MLP 10 epochs on 55,000 images, CNN 3 epochs on 10,000,
-                                                  # each for seeds 0, 1, 2 (~30-60 min on the shared 2-core CPU)
+                                                  # each for seeds 0-4 (~25 min on an idle 2-core CPU)
     python experiments/bench_vision.py --quick    # ~2 minutes: MLP 6,000 images, CNN 2,000, 2 epochs, seed 0
 
 Two models, each built twice — `fs.models.Sequential` and `keras.Sequential`, the same layers, Keras's default
 initializers in both (Glorot-uniform kernels, zero biases, BN γ=1 β=0), Adam (Keras's defaults), the same batch
 size, epochs and data (the first N of the 55,000 training images, pixels / 255, one-hot labels; the 10,000 test
 images):
-  - mlp: the issue's seed snippet, 784 → 128 relu → 64 relu → 10 softmax, batch 32;
+  - mlp: the issue's seed snippet, 784 → 128 relu → 64 relu → 10, batch 32;
   - cnn: configs/fashion_mnist_cnn.yaml's layers (conv 32 - BN - relu - pool - conv 64 - BN - relu - pool - flatten -
-    dropout - dense 128 - dropout - softmax; BN momentum 0.9 for the short run), batch 128.
+    dropout - dense 128 - dropout - dense 10; BN momentum 0.9 for the short run), batch 128.
+Both end in `Dense(10)` with the softmax inside the loss (`CategoricalCrossentropy(from_logits=True)`), the form in
+which the two frameworks compute the same loss (see "Same work" below); `--softmax` races the snippet's literal form.
 The two frameworks train interleaved, one epoch each in turn (`fit(epochs=1)` repeatedly), so machine load hits both
 alike. Reported per framework: training examples/s from wall time and from CPU time (this process's, summed over
 threads: robust to other processes on a shared machine), over the epochs after the first (which compiles), the step
@@ -31,7 +33,7 @@ weights and test logits must agree up to float rounding (measured: epoch losses 
 0.84090 / 0.84089, weights within 0.8 % relative, test logits within 0.0036). With the softmax layer they do not
 (2.2547 / 2.3705 for the first epoch, from the second step on): Keras's JAX backend clips probabilities to
 [1e-7, 1 − 1e-7], so confidently wrong examples give it no gradient, where fastserve's keras_loss takes the exact
-log-softmax — the one remaining difference between the two runs of `race`.
+log-softmax — why the races use the logits form.
 
 Prints one JSON object on the last line; writes experiments/results/bench_vision.json and .md.
 """
@@ -62,30 +64,34 @@ def load(n_train: int):
     return img(x), onehot(y), img(xt), onehot(yt)
 
 
-def layers_of(kind: str, lib) -> list:
-    """The same layer list in fastserve.layers or keras.layers (`lib`)."""
+def layers_of(kind: str, lib, logits: bool = True) -> list:
+    """The same layer list in fastserve.layers or keras.layers (`lib`); with `logits` the last Dense has no softmax
+    (the loss takes it, `from_logits=True`), so both frameworks compute the same loss (see the module docstring)."""
+    head = lib.Dense(10) if logits else lib.Dense(10, activation="softmax")
     if kind == "mlp":
-        return [lib.Flatten(), lib.Dense(128, activation="relu"), lib.Dense(64, activation="relu"),
-                lib.Dense(10, activation="softmax")]
+        return [lib.Flatten(), lib.Dense(128, activation="relu"), lib.Dense(64, activation="relu"), head]
     # BN momentum 0.9 (the recipe keeps Keras's 0.99): a few hundred steps leave 0.99's running statistics
     # far from the data's (measured: test accuracy 0.28 / 0.57 for fastserve / Keras after 237 steps)
     return [lib.Conv2D(32, 3, padding="same", use_bias=False), lib.BatchNormalization(momentum=0.9),
             lib.Activation("relu"), lib.MaxPool2D(2), lib.Conv2D(64, 3, padding="same", use_bias=False),
             lib.BatchNormalization(momentum=0.9),
             lib.Activation("relu"), lib.MaxPool2D(2), lib.Flatten(), lib.Dropout(0.3),
-            lib.Dense(128, activation="relu"), lib.Dropout(0.3), lib.Dense(10, activation="softmax")]
+            lib.Dense(128, activation="relu"), lib.Dropout(0.3), head]
 
 
-def build(kind: str, framework: str, seed: int):
+def build(kind: str, framework: str, seed: int, logits: bool = True):
     if framework == "fastserve":
         import fastserve as fs
-        model = fs.models.Sequential([fs.layers.Input(shape=(28, 28, 1)), *layers_of(kind, fs.layers)], seed=seed)
-        model.compile(optimizer=fs.keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", metrics=["accuracy"])
+        model = fs.models.Sequential([fs.layers.Input(shape=(28, 28, 1)), *layers_of(kind, fs.layers, logits)],
+                                     seed=seed)
+        loss = fs.keras.losses.CategoricalCrossentropy(from_logits=logits)
+        model.compile(optimizer=fs.keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
         return model
     import keras
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((28, 28, 1)), *layers_of(kind, keras.layers)])
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", metrics=["accuracy"])
+    model = keras.Sequential([keras.Input((28, 28, 1)), *layers_of(kind, keras.layers, logits)])
+    loss = keras.losses.CategoricalCrossentropy(from_logits=logits)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
     return model
 
 
@@ -121,10 +127,10 @@ def same_work(kind: str, data, batch: int, epochs: int) -> dict:
             "max_weight_diff_relative": max(diffs), "max_logit_diff": float(np.abs(pf - pk).max())}
 
 
-def race(kind: str, data, batch: int, epochs: int, seed: int = 0) -> dict:
+def race(kind: str, data, batch: int, epochs: int, seed: int = 0, logits: bool = True) -> dict:
     """Both frameworks, one epoch each in turn; per framework: per-epoch wall / CPU seconds, test accuracy."""
     x, y, xt, yt = data
-    models = {fw: build(kind, fw, seed) for fw in ("fastserve", "keras")}
+    models = {fw: build(kind, fw, seed, logits) for fw in ("fastserve", "keras")}
     times = {fw: {"wall": [], "cpu": [], "loss": []} for fw in models}
     for epoch in range(epochs):
         for fw, model in models.items():
@@ -150,10 +156,10 @@ def race(kind: str, data, batch: int, epochs: int, seed: int = 0) -> dict:
     return out
 
 
-def race_seeds(kind: str, data, batch: int, epochs: int, seeds: tuple[int, ...]) -> dict:
+def race_seeds(kind: str, data, batch: int, epochs: int, seeds: tuple[int, ...], logits: bool = True) -> dict:
     """`race` once per seed (the initial weights, dropout and shuffling differ); examples/s pooled over every
     steady epoch of every seed, test accuracy as the mean over seeds (and each seed's value)."""
-    runs = [race(kind, data, batch, epochs, seed) for seed in seeds]
+    runs = [race(kind, data, batch, epochs, seed, logits) for seed in seeds]
     out = {k: runs[0][k] for k in ("examples", "batch_size", "epochs", "steps_per_epoch")}
     out["seeds"] = list(seeds)
     steady = slice(1, None) if epochs > 1 else slice(0, None)
@@ -249,7 +255,8 @@ def check_recipe(name: str, workdir: str | None) -> dict:
 def markdown(result: dict) -> str:
     lines = ["# bench_vision: fastserve vs Keras 3 (JAX backend) on Fashion-MNIST", "",
              f"commit {result['provenance']['commit'][:10]} (dirty: {result['provenance']['dirty']}), "
-             f"quick: {result['quick']}, load average at start {result['load_average']}", "",
+             f"quick: {result['quick']}, load average at start {result['load_average']}, "
+             f"loss: {result.get('loss_form', 'softmax layer + categorical_crossentropy')}", "",
              "| model | framework | examples/s (wall) | examples/s (CPU) | step ms | test accuracy |",
              "|---|---|---|---|---|---|"]
     notes = []
@@ -278,6 +285,9 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="fewer images, 2 epochs each (~2 minutes)")
     p.add_argument("--recipe", choices=sorted(RECIPES), help="check a recipe's header claim instead")
     p.add_argument("--workdir", help="with --recipe: a finished run of it to score (default: train it now)")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per model in the full run (default 5)")
+    p.add_argument("--softmax", action="store_true", help="race the seed snippet's form (softmax layer + "
+                   "categorical_crossentropy) instead of the logits form; Keras then clips probabilities")
     p.add_argument("--same-work", action="store_true", help="check that both CNNs take the same steps from the same "
                    "weights (no dropout, no shuffling; 1,000 images, 2 epochs) and print the JSON")
     args = p.parse_args()
@@ -297,11 +307,13 @@ def main() -> int:
     data = load(6000 if args.quick else 55000)
     cnn_examples = 2000 if args.quick else 10000
     result = {"benchmark": "bench_vision", "quick": args.quick, "provenance": provenance(),
-              "load_average": round(load_avg, 2), "cpu_count": os.cpu_count()}
-    seeds = (0,) if args.quick else (0, 1, 2)
-    result["mlp"] = race_seeds("mlp", data, 32, 2 if args.quick else 10, seeds)
+              "load_average": round(load_avg, 2), "cpu_count": os.cpu_count(),
+              "loss_form": "softmax layer + categorical_crossentropy" if args.softmax
+              else "Dense(10) + CategoricalCrossentropy(from_logits=True)"}
+    seeds = (0,) if args.quick else tuple(range(args.seeds))
+    result["mlp"] = race_seeds("mlp", data, 32, 2 if args.quick else 10, seeds, not args.softmax)
     result["cnn"] = race_seeds("cnn", (data[0][:cnn_examples], data[1][:cnn_examples], *data[2:]), 128,
-                               2 if args.quick else 3, seeds)
+                               2 if args.quick else 3, seeds, not args.softmax)
     result["resnet"] = resnet_speed(3 if args.quick else 10)
     os.makedirs(RESULTS, exist_ok=True)
     name = "bench_vision_quick" if args.quick else "bench_vision"
