@@ -279,3 +279,28 @@ def test_full_batches_skip_the_example_mask_and_padded_batches_keep_it():
     padded["inputs"][5:] = 0.0
     kept, ignored = run(KerasLoss(cfg), padded)[1], run(FullBatchKerasLoss(cfg), padded)[1]
     assert not np.allclose(jax.tree.leaves(kept)[0], jax.tree.leaves(ignored)[0])   # the mask changes the stats
+
+
+@pytest.mark.parametrize("shape", [(2, 28, 28, 3), (2, 7, 7, 3), (3, 6, 9, 2)])
+def test_pooling_equals_nnx_in_value_and_gradient(shape):
+    """pool2d's reshape form for windows that tile the input (and its fallback) against nnx's reduce_window."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fastserve.models.layers import pool2d
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+    for window, strides, padding in [((2, 2), (2, 2), "VALID"), ((2, 2), (2, 2), "SAME"), ((3, 3), (3, 3), "VALID"),
+                                     ((3, 3), (2, 2), "SAME"), ((2, 3), (2, 3), "SAME")]:
+        for kind in ("max", "avg"):
+            def ref(v):
+                if kind == "max":
+                    return nnx.max_pool(v, window, strides=strides, padding=padding)
+                return nnx.avg_pool(v, window, strides=strides, padding=padding, count_include_pad=False)
+
+            ours = lambda v: pool2d(v, window, strides, padding, kind)  # noqa: E731
+            assert ours(x).shape == ref(x).shape
+            np.testing.assert_allclose(ours(x), ref(x), rtol=1e-6)
+            grads = [jax.grad(lambda v: jnp.sum(jnp.sin(f(v))))(x) for f in (ours, ref)]
+            np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)

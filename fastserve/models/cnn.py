@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fastserve.models.layers import Linear, constrain, dtype_of
+from fastserve.models.layers import Linear, constrain, dtype_of, pool2d
 
 # Logical axes (fastserve.parallel.LOGICAL_RULES). A conv kernel is [kh, kw, in, out]: the spatial taps are tiny and
 # never split; input channels are `conv_in` (→ fsdp: FSDP shards every weight's model dimension, as `embed` does);
@@ -193,7 +193,7 @@ class CNN(nnx.Module):
         x = jax.nn.relu(self.stem_norm(self.stem(x)))
         for i, stage in enumerate(self.stages):
             if i > 0:
-                x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+                x = pool2d(x, (2, 2), (2, 2))
             for block in stage:
                 x = constrain(block(x), ACTIVATION_AXES)
         features = jnp.mean(x, axis=(1, 2))                                   # global average pool → [B, C]

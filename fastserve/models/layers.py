@@ -33,6 +33,29 @@ def constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, x.shape, mesh))
 
 
+def pool2d(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], padding: str = "VALID",
+           kind: str = "max") -> jax.Array:
+    """Max or average pooling over H, W of x [B, H, W, C] with nnx's semantics (the average leaves padding out).
+
+    Windows that tile the input (window == strides, and VALID padding or sizes the window divides) are a reshape
+    and a reduction: with its backward pass that runs about 2× faster on XLA:CPU than reduce_window and its
+    select-and-scatter (measured on bench_vision's CNN layers: 45 vs 77 ms forward + backward for a 14×14×64
+    batch of 128). At ties a max's gradient is shared among them rather than given to the first (both valid
+    subgradients; after a ReLU the tied zeros get none either way)."""
+    (kh, kw), (sh, sw) = window, strides
+    h, w = x.shape[-3], x.shape[-2]
+    padding = padding.upper() if isinstance(padding, str) else padding
+    tiles = (kh, kw) == (sh, sw) and (padding == "VALID" or (padding == "SAME" and h % kh == 0 and w % kw == 0))
+    if not tiles:
+        if kind == "max":
+            return nnx.max_pool(x, window, strides=strides, padding=padding)
+        return nnx.avg_pool(x, window, strides=strides, padding=padding, count_include_pad=False)
+    ho, wo = h // kh, w // kw
+    x = x[..., :ho * kh, :wo * kw, :]
+    t = x.reshape(*x.shape[:-3], ho, kh, wo, kw, x.shape[-1])
+    return t.max(axis=(-4, -2)) if kind == "max" else t.mean(axis=(-4, -2))
+
+
 @jax.custom_vjp
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., in] @ w [in, out], with a backward pass laid out for XLA:CPU.

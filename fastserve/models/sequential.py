@@ -35,7 +35,7 @@ from fastserve.layers.core import _Pool2D
 from fastserve.layers.recurrent import _Recurrent
 from fastserve.models import recurrent
 from fastserve.models.cnn import KERNEL_AXES, NORM_AXES
-from fastserve.models.layers import dtype_of, matmul
+from fastserve.models.layers import dtype_of, matmul, pool2d
 
 DENSE_AXES = ("dense_in", "dense_out")
 
@@ -157,9 +157,7 @@ class PoolLayer(nnx.Module):
         self.padding, self.max = spec.padding.upper(), isinstance(spec, L.MaxPool2D)
 
     def __call__(self, x, **_):
-        if self.max:
-            return nnx.max_pool(x, self.window, strides=self.strides, padding=self.padding)
-        return nnx.avg_pool(x, self.window, strides=self.strides, padding=self.padding, count_include_pad=False)
+        return pool2d(x, self.window, self.strides, self.padding, "max" if self.max else "avg")
 
 
 class BatchNormLayer(nnx.Module):
