@@ -113,3 +113,42 @@ def test_train_score_and_translate_a_tiny_model(sword, tmp_path):
         assert reply["choices"][0]["text"] == lines[0], reply
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("group", [0, 4])
+def test_pair_batches_cut_to_buckets_lose_no_token_and_resume(group):
+    import numpy as np
+
+    from fastserve.data.bible_pairs import PairBatches, pad_examples
+
+    r = np.random.default_rng(0)
+    src = [list(r.integers(4, 99, r.integers(1, 40))) for _ in range(100)]
+    tgt = [list(r.integers(4, 99, r.integers(1, 40))) for _ in range(100)]
+    ex = pad_examples(src, tgt, 48, 48)
+    batches = PairBatches(ex, 10, seed=3, shuffle=True, process_index=0, process_count=1, bucket_count=3,
+                          group_by_length=group)
+    seen, shapes = [], set()
+    for _ in range(batches.batches_per_epoch):
+        b = next(batches)
+        s, t = b["src"].shape[1], b["tgt_in"].shape[1]
+        shapes.add((s, t))
+        assert s in (16, 32, 48) and t in (16, 32, 48)
+        for row in range(10):                          # each row is a whole pair: its EOS made the cut
+            n = int(b["src_mask"][row].sum())
+            seen.append(tuple(b["src"][row, :n]))
+            assert int(b["tgt_weights"][row].sum()) == int((b["tgt_out"][row] > 0).sum()) and b["tgt_out"][row][
+                int(b["tgt_weights"][row].sum()) - 1] == 3
+    assert sorted(seen) == sorted(tuple(ex["src"][i, :int(ex["src_mask"][i].sum())]) for i in range(100))
+    assert len(shapes) > 1                              # the cut varies: some batches are shorter than the maximum
+    state = batches.get_state()
+    nxt = next(batches)
+    again = PairBatches(ex, 10, seed=3, shuffle=True, process_index=0, process_count=1, bucket_count=3,
+                        group_by_length=group)
+    again.set_state(state)
+    resumed = next(again)
+    assert all(np.array_equal(v, resumed[k]) for k, v in nxt.items())
+    halves = [PairBatches(ex, 10, 3, True, i, 2, 3, group) for i in range(2)]
+    for h in halves:
+        h.set_state(state)
+    parts = [next(h) for h in halves]
+    assert all(np.array_equal(np.concatenate([p[k] for p in parts]), v) for k, v in nxt.items())

@@ -18,8 +18,11 @@ Lengths: a side is at most `max_source_len` / `max_target_len` tokens, EOS inclu
 dropped (`too_long: drop`) or cut (`truncate`); held-out sources are always cut (every held-out verse is scored)
 and the references keep their whole text.
 
-Every example is padded to those lengths (the layout of fastserve.tasks.seq2seq): src, src_mask, tgt_in (BOS +
-target), tgt_out (target + EOS), tgt_weights; held-out batches also carry `weights` [B]. `Dataset.eval_texts`
+Batches (the layout of fastserve.tasks.seq2seq): src, src_mask, tgt_in (BOS + target), tgt_out (target + EOS),
+tgt_weights; held-out batches also carry `weights` [B] and are padded to the maximum lengths. Training batches are
+cut per batch to the smallest of `length_buckets` lengths per side that holds their longest pair (0: always the
+maximum), and `group_by_length: K` sorts each window of K shuffled batches by length first (as Hugging Face's
+`group_by_length`), so a batch pads little: the verses average 32 target tokens of the recipe's 56. `Dataset.eval_texts`
 holds the held-out reference translations (plain text), in the order of the held-out examples.
 """
 from __future__ import annotations
@@ -59,6 +62,8 @@ class BiblePairsConfig:
     max_target_len: int = 64
     too_long: str = "drop"          # training pairs longer than that: drop | truncate
     max_eval_pairs: int = 0         # 0: every held-out verse; else the first N (a quicker eval during training)
+    length_buckets: int = 0         # training batches padded to one of this many lengths per side; 0: the maximum
+    group_by_length: int = 0        # > 0: batches of similar lengths, sorted within windows of this many batches
     batch_size: int = 32            # global batch (pairs per optimizer step, all hosts together)
     shuffle: bool = True
 
@@ -67,6 +72,9 @@ class BiblePairsConfig:
         for name in ("max_source_len", "max_target_len"):
             if getattr(self, name) < 2:
                 yield name, f"must be at least 2 (a token and EOS), got {getattr(self, name)}"
+        for name in ("length_buckets", "group_by_length"):
+            if getattr(self, name) < 0:
+                yield name, f"must be >= 0 (0: off), got {getattr(self, name)}"
         if self.max_eval_pairs < 0:
             yield "max_eval_pairs", f"must be >= 0 (0: all), got {self.max_eval_pairs}"
         for name, allowed in (("eval_split", ("validation", "test")), ("vocabulary", ("joint", "separate")),
@@ -98,8 +106,8 @@ class BiblePairsConfig:
         held_out = encode_pairs(tok, held, self.max_source_len, self.max_target_len, "truncate")
         n_train = len(train["src"])
         pi, pc = jax.process_index(), jax.process_count()
-        batches = ExampleBatches(train, self.batch_size, cfg.train.seed, self.shuffle, pi, pc, what="training pairs",
-                                 hint="lower data.batch_size")
+        batches = PairBatches(train, self.batch_size, cfg.train.seed, self.shuffle, pi, pc, self.length_buckets,
+                              self.group_by_length)
         eval_batches = heldout_batches(held_out, self.batch_size, pi, pc) if held else []
         if cfg.train.eval_batches > 0:
             eval_batches = eval_batches[:cfg.train.eval_batches]
@@ -119,6 +127,52 @@ class BiblePairsConfig:
         """A typical real target length (tokens + EOS) for FLOPs per token: the training pairs the recipe keeps
         (joint 4k vocabulary, 56 tokens at most) average 32.4 target tokens with EOS (measured); capped here."""
         return float(min(32, self.max_target_len - 1))
+
+
+class PairBatches:
+    """Endless, deterministic, resumable training batches of padded pairs (`ExampleBatches`' order, or
+    `LengthGroupedOrder`'s with `group_by_length`), each cut to the smallest bucket per side that holds its longest
+    source and target; every process picks the buckets from the global batch, so all hosts' slices agree."""
+
+    def __init__(self, examples: dict[str, np.ndarray], global_batch: int, seed: int, shuffle: bool,
+                 process_index: int, process_count: int, bucket_count: int, group_by_length: int):
+        from fastserve.data.dataset import check_process
+        from fastserve.data.encoder_text import LengthGroupedOrder, length_buckets
+
+        self._src_len = examples["src_mask"].sum(axis=1)
+        self._tgt_len = (examples["tgt_weights"] > 0).sum(axis=1)
+        max_src, max_tgt = examples["src"].shape[1], examples["tgt_in"].shape[1]
+        self._src_buckets = length_buckets(max_src, bucket_count) if bucket_count else [max_src]
+        self._tgt_buckets = length_buckets(max_tgt, bucket_count) if bucket_count else [max_tgt]
+        kw = dict(shuffle=shuffle, process_index=0, process_count=1, what="training pairs",
+                  hint="lower data.batch_size")
+        index = {"index": np.arange(len(self._src_len))}
+        self._order = (LengthGroupedOrder(self._src_len + self._tgt_len, global_batch, seed, group_by_length, **kw)
+                       if group_by_length > 0 and shuffle else ExampleBatches(index, global_batch, seed, **kw))
+        self._local = check_process(global_batch, process_index, process_count)
+        self._examples, self._process_index = examples, process_index
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self._order.batches_per_epoch
+
+    def __iter__(self) -> "PairBatches":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        from fastserve.data.encoder_text import bucket_for
+
+        global_idx = next(self._order)["index"]
+        s = bucket_for(int(self._src_len[global_idx].max()), self._src_buckets)
+        t = bucket_for(int(self._tgt_len[global_idx].max()), self._tgt_buckets)
+        mine = global_idx[self._process_index * self._local:(self._process_index + 1) * self._local]
+        return {k: v[mine, :(s if k.startswith("src") else t)] for k, v in self._examples.items()}
+
+    def get_state(self) -> dict[str, int]:
+        return self._order.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._order.set_state(state)
 
 
 def spanish_case(text: str) -> str:

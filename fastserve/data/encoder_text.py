@@ -166,7 +166,7 @@ def _check_aligned(encoded: EncodedTexts, labels: Any) -> None:
                              f"{len(encoded.ids[bad[0]])} tokens (wrap them with wrap_token_labels)")
 
 
-class _LengthGroupedOrder(ExampleBatches):
+class LengthGroupedOrder(ExampleBatches):
     """ExampleBatches whose epoch permutation puts examples of similar length into the same batch: each window of
     `window` batches of the shuffled order is sorted by length (longest first), cut into batches, and the epoch's
     batches are shuffled, all from (seed, epoch), so the order stays a pure function of the position."""
@@ -202,7 +202,7 @@ class TextBatches:
         _check_aligned(encoded, labels)
         self._local = check_process(global_batch, process_index, process_count)
         kw = dict(shuffle=shuffle, what="texts", hint="use a smaller data.batch_size")
-        self._order = (_LengthGroupedOrder(encoded.lengths, global_batch, seed, group_by_length, **kw)
+        self._order = (LengthGroupedOrder(encoded.lengths, global_batch, seed, group_by_length, **kw)
                        if group_by_length > 0 and shuffle else
                        ExampleBatches({"index": np.arange(len(encoded))}, global_batch, seed, **kw))
         longest = int(encoded.lengths.max())

@@ -168,7 +168,7 @@ def write_workdir(cfg: Config, out_dir: str, model_cfg: Any, params: Any, tokeni
                              "rng": jax.random.key_data(jax.random.key(seed + 1))}
     int8 = [p for p, e in model_cfg.compressed.items() if e.get("kind") == "int8"]
     if not int8:  # the layout create_train_state gives a fresh run, so `fastserve.train` resumes it at step 0
-        tx, _ = make_optimizer(new_cfg.optimizer, new_cfg.train.steps)
+        tx, _ = make_optimizer(new_cfg.optimizer, new_cfg.train.steps, new_cfg.model)   # the layout train resumes
         p_shard = jax.tree.map(lambda x: x.sharding, params)
         with jax.set_mesh(mesh):
             state["opt_state"] = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, p_shard, mesh))(params)
