@@ -102,11 +102,15 @@ class Seq2SeqTask(Task):
 
     def flops_per_unit(self, cfg):
         """FLOPs per real target token, at the padded lengths the model computes (the model's maxima), with the
-        data's mean target length when it states one; else per padded target position."""
+        data's mean target length when it states one; else per padded target position. With length buckets
+        (`data.length_buckets`) the padding varies by batch, so only the real tokens' work counts (an example at
+        the data's mean lengths): MFU then measures useful FLOPs and can only understate."""
         per_example = getattr(cfg.model, "flops_per_example", None)
         if per_example is None or not cfg.model.max_target_len:
             return None
         tokens = getattr(cfg.data, "mean_target_tokens", lambda: cfg.model.max_target_len)()
+        if getattr(cfg.data, "length_buckets", 0) and hasattr(cfg.data, "mean_source_tokens"):
+            return per_example(cfg.data.mean_source_tokens(), tokens) / max(tokens, 1e-9)
         return per_example() / max(tokens, 1e-9)
 
     def heldout_extra(self, graphdef, variables, data, mesh, cfg):
