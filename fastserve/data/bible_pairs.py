@@ -20,8 +20,8 @@ and the references keep their whole text.
 
 Batches (the layout of fastserve.tasks.seq2seq): src, src_mask, tgt_in (BOS + target), tgt_out (target + EOS),
 tgt_weights; held-out batches also carry `weights` [B] and are padded to the maximum lengths. Training batches are
-cut per batch to the smallest of `length_buckets` lengths per side that holds their longest pair (0: always the
-maximum), and `group_by_length: K` sorts each window of K shuffled batches by length first (as Hugging Face's
+cut per batch to the smallest of `length_buckets` lengths that holds their longest source and target (0: always
+the maxima), and `group_by_length: K` sorts each window of K shuffled batches by length first (as Hugging Face's
 `group_by_length`), so a batch pads little: the verses average 32 target tokens of the recipe's 56. `Dataset.eval_texts`
 holds the held-out reference translations (plain text), in the order of the held-out examples.
 """
@@ -62,7 +62,7 @@ class BiblePairsConfig:
     max_target_len: int = 64
     too_long: str = "drop"          # training pairs longer than that: drop | truncate
     max_eval_pairs: int = 0         # 0: every held-out verse; else the first N (a quicker eval during training)
-    length_buckets: int = 0         # training batches padded to one of this many lengths per side; 0: the maximum
+    length_buckets: int = 0         # training batches padded to one of this many lengths (both sides); 0: the maxima
     group_by_length: int = 0        # > 0: batches of similar lengths, sorted within windows of this many batches
     batch_size: int = 32            # global batch (pairs per optimizer step, all hosts together)
     shuffle: bool = True
@@ -128,11 +128,16 @@ class BiblePairsConfig:
         (joint 4k vocabulary, 56 tokens at most) average 32.4 target tokens with EOS (measured); capped here."""
         return float(min(32, self.max_target_len - 1))
 
+    def mean_source_tokens(self) -> float:
+        """The same for the source side: 32.5 English tokens with EOS on average (measured)."""
+        return float(min(32, self.max_source_len - 1))
+
 
 class PairBatches:
     """Endless, deterministic, resumable training batches of padded pairs (`ExampleBatches`' order, or
-    `LengthGroupedOrder`'s with `group_by_length`), each cut to the smallest bucket per side that holds its longest
-    source and target; every process picks the buckets from the global batch, so all hosts' slices agree."""
+    `LengthGroupedOrder`'s with `group_by_length`), each cut to the smallest bucket that holds its longest source
+    and target (each side at most its maximum); every process picks the bucket from the global batch, so all
+    hosts' slices agree."""
 
     def __init__(self, examples: dict[str, np.ndarray], global_batch: int, seed: int, shuffle: bool,
                  process_index: int, process_count: int, bucket_count: int, group_by_length: int):
@@ -141,9 +146,9 @@ class PairBatches:
 
         self._src_len = examples["src_mask"].sum(axis=1)
         self._tgt_len = (examples["tgt_weights"] > 0).sum(axis=1)
-        max_src, max_tgt = examples["src"].shape[1], examples["tgt_in"].shape[1]
-        self._src_buckets = length_buckets(max_src, bucket_count) if bucket_count else [max_src]
-        self._tgt_buckets = length_buckets(max_tgt, bucket_count) if bucket_count else [max_tgt]
+        self._max = examples["src"].shape[1], examples["tgt_in"].shape[1]
+        # one bucket for both sides (their lengths go together): `bucket_count` batch shapes, so as many compiles
+        self._buckets = length_buckets(max(self._max), bucket_count) if bucket_count else [max(self._max)]
         kw = dict(shuffle=shuffle, process_index=0, process_count=1, what="training pairs",
                   hint="lower data.batch_size")
         index = {"index": np.arange(len(self._src_len))}
@@ -163,8 +168,8 @@ class PairBatches:
         from fastserve.data.encoder_text import bucket_for
 
         global_idx = next(self._order)["index"]
-        s = bucket_for(int(self._src_len[global_idx].max()), self._src_buckets)
-        t = bucket_for(int(self._tgt_len[global_idx].max()), self._tgt_buckets)
+        n = bucket_for(int(max(self._src_len[global_idx].max(), self._tgt_len[global_idx].max())), self._buckets)
+        s, t = min(n, self._max[0]), min(n, self._max[1])
         mine = global_idx[self._process_index * self._local:(self._process_index + 1) * self._local]
         return {k: v[mine, :(s if k.startswith("src") else t)] for k, v in self._examples.items()}
 
