@@ -13,5 +13,7 @@ def provenance() -> dict:
             return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # recorded results are not code: a tree whose only changes are earlier runs' results measures the commit
+    status = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+              if not line[3:].startswith("experiments/results/")]
     return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(status)}
