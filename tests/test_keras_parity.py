@@ -61,3 +61,32 @@ def test_adam_takes_keras_steps_for_tiny_gradients_too():
         params = optax.apply_updates(params, updates)
         np.testing.assert_allclose(np.asarray(params), np.asarray(w.value), rtol=1e-5, atol=1e-10)
     assert abs(float(params[1])) < 0.5e-3         # the damped step optax's own adam would not take
+
+
+@pytest.mark.parametrize("name,options", [("adam", {}), ("adamw", {}), ("sgd", {"momentum": 0.9}), ("rmsprop", {}),
+                                          ("rmsprop", {"momentum": 0.9}), ("adagrad", {}), ("adamax", {}),
+                                          ("nadam", {}), ("lion", {})])
+def test_every_named_optimizer_takes_keras_steps(name, options):
+    """Six steps on a kernel and a bias, gradients from 1e-7 to 10: the total update equals Keras's own optimizer's
+    (AdamW decays the bias too, as Keras's does; Nadam follows Keras's momentum schedule)."""
+    import jax.numpy as jnp
+    import optax
+    r = np.random.default_rng(0)
+    scales = np.array([1e-7, 1e-5, 1e-3, 1e-1, 1, 3, 10, 0.3], np.float32)
+    start = {"kernel": r.standard_normal((2, 8)).astype(np.float32), "bias": r.standard_normal(8).astype(np.float32)}
+    grads = [{k: (r.standard_normal(v.shape) * scales).astype(np.float32) for k, v in start.items()} for _ in range(6)]
+    keras_cls = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop", "adagrad": "Adagrad",
+                 "adamax": "Adamax", "nadam": "Nadam", "lion": "Lion"}[name]
+    opt = getattr(keras.optimizers, keras_cls)(learning_rate=1e-2, **options)
+    ws = {k: keras.Variable(v.copy()) for k, v in start.items()}
+    opt.build(list(ws.values()))
+    tx, _ = fs.keras.optimizers.Optimizer(name, {"learning_rate": 1e-2, **options}).build(total_steps=10)
+    params = {k: jnp.asarray(v) for k, v in start.items()}
+    state = tx.init(params)
+    for g in grads:
+        opt.apply([keras.ops.convert_to_tensor(g[k]) for k in ws], list(ws.values()))
+        updates, state = tx.update({k: jnp.asarray(v) for k, v in g.items()}, state, params)
+        params = optax.apply_updates(params, updates)
+    for k in start:
+        ours, theirs = np.asarray(params[k]) - start[k], np.asarray(ws[k].value) - start[k]
+        np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-3 * np.abs(theirs).max(axis=0).min())
