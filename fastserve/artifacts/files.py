@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import safetensors
 
-from fastserve.artifacts.loader import EXPORTED_SUFFIX, MANIFEST_FILE, SAFETENSORS_DTYPES, WEIGHTS_FILE, sha256_file
+from fastserve.artifacts.manifest import EXPORTED_SUFFIX, MANIFEST_FILE, SAFETENSORS_DTYPES, WEIGHTS_FILE, sha256_file
 from fastserve.artifacts.options import ExportError
 
 

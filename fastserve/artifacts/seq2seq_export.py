@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fastserve.artifacts.loader import FORMAT_VERSION, WEIGHTS_FILE
+from fastserve.artifacts.manifest import FORMAT_VERSION, WEIGHTS_FILE
 from fastserve.artifacts.options import ExportError, ExportOptions
 
 log = logging.getLogger("fastserve.export")

@@ -47,7 +47,7 @@ from fastserve.models import build_model
 from fastserve.models import capabilities as caps
 from fastserve.models.capabilities import capability
 from fastserve.models.layer_stack import as_per_layer
-from fastserve.artifacts.loader import EXPORTED_SUFFIX, FORMAT_VERSION, WEIGHTS_FILE
+from fastserve.artifacts.manifest import EXPORTED_SUFFIX, FORMAT_VERSION, WEIGHTS_FILE
 # the files every export writes (fusion/ensemble.py writes its own export with them too)
 from fastserve.artifacts.files import (check_params as _check_params, finish as _finish, param_names,
                                       params_entry as _params_entry, prepare_dir as _prepare_dir, save_weights,
