@@ -12,8 +12,9 @@ model's max_source_len, references whole:
 - the uncached greedy reference (`Seq2Seq.generate`, the decoder re-run over the whole prefix each step) against
   the cached greedy decoder on the first 64 verses (two batches): the speed-up of the KV cache and the
   cross-attention memory, and whether the two give the same output;
-- the exported functions (fastserve.export: translate / beam per source bucket, batch 32) run by `load_exported`
-  without the model code: same tokens as in-process, and their speed relative to it;
+- the exported functions (fastserve.export: translate / beam per source bucket, batch 32 and batch 1) run by
+  `load_exported` without the model code: same tokens as in-process, and their speed relative to it at each batch;
+- training speed from the run's own log: target tokens/s, pairs/s, MFU against the matmul peak measured at start-up;
 - a few translations beside their references.
 Prints one JSON object on its last line; full mode writes experiments/results/bench_translate.json (+ .md).
 """
@@ -107,7 +108,7 @@ def main() -> int:
                                  "cached_sentences_per_s_batch32": round(n_first / min(times["greedy_cached"]), 2),
                                  "same_output_as_cached": uncached_hyps == cached_hyps}
     result["kv_cache_speedup"] = round(min(times["greedy_uncached"]) / min(times["greedy_cached"]), 2)
-    result["exported"] = exported_vs_in_process(loaded, workdir, data.eval, hyps, tok, times, len(refs))
+    result["exported"] = exported_vs_in_process(loaded, workdir, data.eval, singles, hyps, tok, times, len(refs))
     result["beam4_minus_greedy_bleu"] = round(result["beam4"]["bleu"] - result["greedy"]["bleu"], 2)
     result["samples"] = [{"source": sources[i], "reference": refs[i], "greedy": hyps["greedy"][i],
                           "beam4": hyps["beam4"][i]} for i in range(0, len(refs), max(1, len(refs) // 5))][:5]
@@ -129,31 +130,35 @@ def main() -> int:
     return 0 if result["met"] or args.quick else 1
 
 
-def exported_vs_in_process(loaded, workdir, batches, hyps, tok, times, n):
-    """Exports the model (batch 32, the model's source length), loads it back and decodes the same batches:
-    whether the translations are the same, and sentences/s exported / in-process (best of two runs)."""
+def exported_vs_in_process(loaded, workdir, batches, singles, hyps, tok, times, n):
+    """Exports the model (batch 32 and batch 1, the model's source length), loads it back and decodes the same
+    batches: whether the translations are the same, and sentences/s exported / in-process (best of two runs) at
+    batch 32 (the whole test set) and at batch 1 (the first 16 verses)."""
     from fastserve.artifacts.loader import load_exported
     from fastserve.artifacts.options import ExportOptions
     from fastserve.artifacts.writer import export_params
 
     out = tempfile.mkdtemp(prefix="fastserve-translate-export-")
     _, export_s = timed(export_params, loaded.model_cfg, loaded.params, loaded.tokenizer, out,
-                        ExportOptions(platforms=("cpu",), buckets=(), batch_sizes=(32,),
+                        ExportOptions(platforms=("cpu",), buckets=(), batch_sizes=(1, 32),
                                       functions=("translate", "beam")), source={"path": workdir})
     t = load_exported(out)
     row = {"export_s": round(export_s, 1)}
     for name, beam in (("greedy", False), ("beam4", True)):
-        def run():
+        def run(bs):
             texts = []
-            for b in batches:
+            for b in bs:
                 toks = t.translate_tokens(b["src"], b["src_mask"], beam=beam, length_penalty=1.0)
                 texts.extend(tok.decode(r) for r, w in zip(toks, b["weights"]) if w > 0)
             return texts
-        run()                                                        # compile
-        got, t1 = timed(run)
-        _, t2 = timed(run)
+        run(batches), run(singles)                                   # compile
+        (got, t1), (_, t2) = timed(run, batches), timed(run, batches)
+        _, s1 = timed(run, singles)
+        _, s2 = timed(run, singles)
         row[name] = {"same_as_in_process": got == hyps[name], "sentences_per_s_batch32": round(n / min(t1, t2), 2),
-                     "exported_over_in_process_speed": round(min(times[name]) / min(t1, t2), 3)}
+                     "exported_over_in_process_speed": round(min(times[name]) / min(t1, t2), 3),
+                     "sentences_per_s_batch1": round(len(singles) / min(s1, s2), 2),
+                     "exported_over_in_process_speed_batch1": round(min(times[f"{name}_batch1"]) / min(s1, s2), 3)}
     return row
 
 
@@ -210,9 +215,10 @@ def markdown(r: dict) -> str:
               f"is {r['kv_cache_speedup']}× faster; same output: {u['same_output_as_cached']}.", ""]
     for name in ("greedy", "beam4"):
         e = r["exported"][name]
-        lines.append(f"Exported {name} (load_exported, no model code): {e['sentences_per_s_batch32']} sentences/s, "
-                     f"{e['exported_over_in_process_speed']}× in-process speed; same translations: "
-                     f"{e['same_as_in_process']}.")
+        lines.append(f"Exported {name} (load_exported, no model code): {e['sentences_per_s_batch32']} sentences/s at "
+                     f"batch 32, {e['exported_over_in_process_speed']}× in-process speed; at batch 1 "
+                     f"{e.get('sentences_per_s_batch1')} sentences/s, {e.get('exported_over_in_process_speed_batch1')}×; "
+                     f"same translations: {e['same_as_in_process']}.")
     t = r.get("training") or {}
     if t:
         lines += ["", f"Training (the run's log, medians after the first interval): {t['target_tokens_per_s_median']} "
