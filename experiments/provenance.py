@@ -14,6 +14,7 @@ def provenance() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
     # recorded results are not code: a tree whose only changes are earlier runs' results measures the commit
+    # (porcelain lines are "XY path"; git() strips the first line's leading blank, hence [2:].lstrip())
     status = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
-              if not line[3:].startswith("experiments/results/")]
+              if not line[2:].lstrip().startswith("experiments/results/")]
     return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(status)}
