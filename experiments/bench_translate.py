@@ -13,7 +13,8 @@ model's max_source_len, references whole:
   the cached greedy decoder on the first 64 verses (two batches): the speed-up of the KV cache and the
   cross-attention memory, and whether the two give the same output;
 - the exported functions (fastserve.export: translate / beam per source bucket, batch 32 and batch 1) run by
-  `load_exported` without the model code: same tokens as in-process, and their speed relative to it at each batch;
+  `load_exported` without the model code: same tokens as in-process, and their speed relative to it at each batch
+  (the two timed in turn, three rounds);
 - training speed from the run's own log: target tokens/s, pairs/s, MFU against the matmul peak measured at start-up;
 - a few translations beside their references.
 Prints one JSON object on its last line; full mode writes experiments/results/bench_translate.json (+ .md).
@@ -35,9 +36,9 @@ import fastserve
 from provenance import provenance  # experiments/: the script's own directory is on sys.path
 
 RECIPE = "configs/translate_en_es.yaml"
-# what the recipe's header claims on the test books (measured 2.81 / 3.30 at step 600): full mode checks the scores
-# reach these floors (a retrained model may land a little lower)
-CLAIM = {"greedy_bleu": 2.5, "beam4_bleu": 3.0}
+# what the recipe's header claims on the test books (measured 23.38 / 25.78 at step 5000): full mode checks the
+# scores reach these floors (a retrained model may land a little lower)
+CLAIM = {"greedy_bleu": 22.0, "beam4_bleu": 24.0}
 QUICK = ["model.d_model=64", "model.n_heads=2", "model.d_ff=128", "model.n_encoder_layers=1",
          "model.n_decoder_layers=1", "tokenizer.vocab_size=1000", "train.steps=40", "train.eval_every=40",
          "checkpoint.every=40", "data.max_eval_pairs=16", "train.task.bleu=false"]
@@ -108,7 +109,8 @@ def main() -> int:
                                  "cached_sentences_per_s_batch32": round(n_first / min(times["greedy_cached"]), 2),
                                  "same_output_as_cached": uncached_hyps == cached_hyps}
     result["kv_cache_speedup"] = round(min(times["greedy_uncached"]) / min(times["greedy_cached"]), 2)
-    result["exported"] = exported_vs_in_process(loaded, workdir, data.eval, singles, hyps, tok, times, len(refs))
+    result["exported"] = exported_vs_in_process(loaded, workdir, data.eval, singles, hyps, tok, decode, one_by_one,
+                                                len(refs))
     result["beam4_minus_greedy_bleu"] = round(result["beam4"]["bleu"] - result["greedy"]["bleu"], 2)
     result["samples"] = [{"source": sources[i], "reference": refs[i], "greedy": hyps["greedy"][i],
                           "beam4": hyps["beam4"][i]} for i in range(0, len(refs), max(1, len(refs) // 5))][:5]
@@ -130,10 +132,10 @@ def main() -> int:
     return 0 if result["met"] or args.quick else 1
 
 
-def exported_vs_in_process(loaded, workdir, batches, singles, hyps, tok, times, n):
+def exported_vs_in_process(loaded, workdir, batches, singles, hyps, tok, decode, one_by_one, n):
     """Exports the model (batch 32 and batch 1, the model's source length), loads it back and decodes the same
-    batches: whether the translations are the same, and sentences/s exported / in-process (best of two runs) at
-    batch 32 (the whole test set) and at batch 1 (the first 16 verses)."""
+    batches: whether the translations are the same, and sentences/s exported / in-process at batch 32 (the whole
+    test set) and at batch 1 (the first 16 verses), the two timed in turn, three rounds, the best of each."""
     from fastserve.artifacts.loader import load_exported
     from fastserve.artifacts.options import ExportOptions
     from fastserve.artifacts.writer import export_params
@@ -151,14 +153,17 @@ def exported_vs_in_process(loaded, workdir, batches, singles, hyps, tok, times, 
                 toks = t.translate_tokens(b["src"], b["src_mask"], beam=beam, length_penalty=1.0)
                 texts.extend(tok.decode(r) for r, w in zip(toks, b["weights"]) if w > 0)
             return texts
-        run(batches), run(singles)                                   # compile
-        (got, t1), (_, t2) = timed(run, batches), timed(run, batches)
-        _, s1 = timed(run, singles)
-        _, s2 = timed(run, singles)
-        row[name] = {"same_as_in_process": got == hyps[name], "sentences_per_s_batch32": round(n / min(t1, t2), 2),
-                     "exported_over_in_process_speed": round(min(times[name]) / min(t1, t2), 3),
-                     "sentences_per_s_batch1": round(len(singles) / min(s1, s2), 2),
-                     "exported_over_in_process_speed_batch1": round(min(times[f"{name}_batch1"]) / min(s1, s2), 3)}
+        got = run(batches)                                           # compiles (and the tokens to compare)
+        run(singles)
+        best = {k: float("inf") for k in ("exp32", "in32", "exp1", "in1")}
+        for _ in range(3):                                           # interleaved: load hits both alike
+            for key, fn in (("exp32", lambda: run(batches)), ("in32", decode[name]),
+                            ("exp1", lambda: run(singles)), ("in1", one_by_one[name])):
+                best[key] = min(best[key], timed(fn)[1])
+        row[name] = {"same_as_in_process": got == hyps[name], "sentences_per_s_batch32": round(n / best["exp32"], 2),
+                     "exported_over_in_process_speed": round(best["in32"] / best["exp32"], 3),
+                     "sentences_per_s_batch1": round(len(singles) / best["exp1"], 2),
+                     "exported_over_in_process_speed_batch1": round(best["in1"] / best["exp1"], 3)}
     return row
 
 
