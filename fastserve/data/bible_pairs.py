@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from fastserve.checks import positive
-from fastserve.data.dataset import Dataset, ExampleBatches
+from fastserve.data.dataset import Dataset, ExampleBatches, check_process
+from fastserve.data.encoder_text import LengthGroupedOrder, bucket_for, length_buckets
 from fastserve.data.synthetic_pairs import heldout_batches
 from fastserve.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
@@ -141,9 +142,6 @@ class PairBatches:
 
     def __init__(self, examples: dict[str, np.ndarray], global_batch: int, seed: int, shuffle: bool,
                  process_index: int, process_count: int, bucket_count: int, group_by_length: int):
-        from fastserve.data.dataset import check_process
-        from fastserve.data.encoder_text import LengthGroupedOrder, length_buckets
-
         self._src_len = examples["src_mask"].sum(axis=1)
         self._tgt_len = (examples["tgt_weights"] > 0).sum(axis=1)
         self._max = examples["src"].shape[1], examples["tgt_in"].shape[1]
@@ -165,8 +163,6 @@ class PairBatches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        from fastserve.data.encoder_text import bucket_for
-
         global_idx = next(self._order)["index"]
         n = bucket_for(int(max(self._src_len[global_idx].max(), self._tgt_len[global_idx].max())), self._buckets)
         s, t = min(n, self._max[0]), min(n, self._max[1])
