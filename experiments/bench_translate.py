@@ -177,10 +177,11 @@ def training_figures(workdir: str, batch_size: int) -> dict:
         return {}
     pairs_per_s = [(b["step"] - a["step"]) * batch_size / (b["time"] - a["time"]) for a, b in zip(rows[1:], rows[2:])
                    if b["time"] > a["time"] and b["step"] > a["step"]]
+    mfu = [r["mfu"] for r in rows[1:] if r.get("mfu") is not None]   # absent when no peak was measured
     return {"steps": rows[-1]["step"], "target_tokens_per_s_median": round(float(np.median(
                 [r["tokens_per_s"] for r in rows[1:]])), 1),
             "pairs_per_s_median": round(float(np.median(pairs_per_s)), 2) if pairs_per_s else None,
-            "mfu_median": round(float(np.median([r["mfu"] for r in rows[1:] if r.get("mfu") is not None] or [0])), 4),
+            "mfu_median": round(float(np.median(mfu)), 4) if mfu else None,
             "wall_s_first_to_last_log": round(rows[-1]["time"] - rows[0]["time"], 1)}
 
 
@@ -227,7 +228,8 @@ def markdown(r: dict) -> str:
     t = r.get("training") or {}
     if t:
         lines += ["", f"Training (the run's log, medians after the first interval): {t['target_tokens_per_s_median']} "
-                  f"target tokens/s, {t['pairs_per_s_median']} pairs/s, MFU {100 * t['mfu_median']:.1f} % of the "
+                  f"target tokens/s, {t['pairs_per_s_median']} pairs/s, MFU "
+                  + (f"{100 * t['mfu_median']:.1f} %" if t["mfu_median"] is not None else "not logged") + " of the "
                   f"float32 matmul peak measured at start-up; {t['steps']} steps in {t['wall_s_first_to_last_log']} s "
                   "of wall time between the first and last log lines."]
     g = r.get("goals") or {}
