@@ -8,8 +8,10 @@ sentences, interleaved in one run.
 Both sides do the same work per round: tokenize (WordPiece; [CLS] … [SEP], cut at 256 tokens), sort by length,
 batches of 32 padded to their longest (transformers) or to the smallest bucket of 32/64/128/256 that fits
 (fastserve: one compiled program per bucket), encode, mean-pool over the mask, L2-normalize. Each side's compile /
-warm-up runs once before the timed rounds. Reports sentences/s per side (median round), their ratio, and the cosine
-between the two sides' embeddings (minimum over the sentences). Sentences: verses of the KJV (Debian
+warm-up runs once before the timed rounds. A third side runs the same batches through the model's `forward` export
+(`jax.export`, one function per length bucket, loaded without the model code): it shows what an export costs
+against the in-process runner. Reports sentences/s per side (median round), the ratios, and the cosine between
+the sides' embeddings (minimum over the sentences). Sentences: verses of the KJV (Debian
 sword-text-kjv: real text of varied length, offline). The last line is one JSON object; a full run writes
 experiments/results/bench_embed.json.
 """
@@ -20,6 +22,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -72,6 +75,33 @@ class TorchSide:
         return out
 
 
+class ExportedSide:
+    """The `forward` export of the same model (bucketed lengths, batch BATCH), fed the runner's tokenization in
+    sorted batches padded to their longest row: the export picks the bucket."""
+
+    def __init__(self, runner: EncoderRunner, loaded, directory: str):
+        from fastserve.artifacts.loader import load_exported
+        from fastserve.artifacts.options import ExportOptions
+        from fastserve.artifacts.writer import export_params
+        export_params(loaded.model_cfg, jax.device_get(loaded.params), loaded.tokenizer, directory,
+                      ExportOptions(platforms=("cpu",), buckets=BUCKETS, batch_sizes=(BATCH,)))
+        self.runner, self.exported = runner, load_exported(directory)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        ids = self.runner.wrap_all(texts)
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        out = np.zeros((len(texts), self.runner.cfg.d_model), np.float32)
+        for start in range(0, len(texts), BATCH):
+            rows = order[start:start + BATCH]
+            width = max(len(ids[i]) for i in rows)
+            tokens = np.zeros((len(rows), width), np.int32)
+            mask = np.zeros((len(rows), width), bool)
+            for j, i in enumerate(rows):
+                tokens[j, :len(ids[i])], mask[j, :len(ids[i])] = ids[i], True
+            out[rows] = self.exported.forward(tokens, mask=mask)
+        return out
+
+
 def timed(fn, texts: list[str]) -> tuple[float, np.ndarray]:
     t0 = time.perf_counter()
     result = fn(texts)
@@ -89,22 +119,26 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = load_config(CONFIG)
-    ours = EncoderRunner(load_model(cfg), BATCH, BUCKETS, MAX_LEN)
+    loaded = load_model(cfg)
+    ours = EncoderRunner(loaded, BATCH, BUCKETS, MAX_LEN)
     theirs = TorchSide(resolve_path(cfg.source.path))
+    with tempfile.TemporaryDirectory() as tmp:       # the export's weights are read at load: the files may go
+        t0 = time.perf_counter()
+        exported = ExportedSide(ours, loaded, os.path.join(tmp, "minilm"))
+        t_export = time.perf_counter() - t0
+    sides = {"fastserve": ours.embed, "exported": exported.embed, "torch": theirs.embed}
     t_compile, _ = timed(ours.embed, texts)          # compiles every bucket the texts need
+    t_export_first, _ = timed(exported.embed, texts)
     t_warm, _ = timed(theirs.embed, texts[:BATCH])
-    times: dict[str, list[float]] = {"fastserve": [], "torch": []}
-    for r in range(rounds):                          # interleaved: both sides see the same machine load
-        for side, fn in (("fastserve", ours.embed), ("torch", theirs.embed)) if r % 2 == 0 else \
-                (("torch", theirs.embed), ("fastserve", ours.embed)):
-            seconds, result = timed(fn, texts)
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    results: dict[str, np.ndarray] = {}
+    for r in range(rounds):                          # interleaved, order rotated: every side sees the same load
+        names = list(sides)[r % 3:] + list(sides)[:r % 3]
+        for side in names:
+            seconds, results[side] = timed(sides[side], texts)
             times[side].append(seconds)
-            if side == "fastserve":
-                a = result
-            else:
-                b = result
         print(f"round {r}: " + ", ".join(f"{k} {n / v[-1]:.1f} sentences/s" for k, v in times.items()), flush=True)
-    cosine = np.sum(a * b, axis=-1)
+    cosine = np.sum(results["fastserve"] * results["torch"], axis=-1)
     rate = {k: n / statistics.median(v) for k, v in times.items()}
     tokens = [len(ours.wrap(t)) for t in texts]
     import torch
@@ -113,11 +147,16 @@ def main() -> int:
            "batch": BATCH, "max_len": MAX_LEN, "rounds": rounds,
            "fastserve_sentences_per_s": round(rate["fastserve"], 1), "torch_sentences_per_s": round(rate["torch"], 1),
            "ratio_fastserve_over_torch": round(rate["fastserve"] / rate["torch"], 3),
+           "exported_sentences_per_s": round(rate["exported"], 1),
+           "ratio_exported_over_in_process": round(rate["exported"] / rate["fastserve"], 3),
+           "export_s": round(t_export, 1), "exported_first_pass_s": round(t_export_first, 2),
+           "exported_max_abs_diff": float(np.max(np.abs(results["exported"] - results["fastserve"]))),
            "cosine_min": float(np.min(cosine)), "fastserve_first_pass_s": round(t_compile, 2),
            "torch_warmup_s": round(t_warm, 2), "torch_threads": torch.get_num_threads(), "jax": jax.__version__,
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), **provenance()}
     out["machine"] = f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.0f} at the end"
     out["headline"] = {"fastserve / torch sentences/s": out["ratio_fastserve_over_torch"],
+                       "exported / in-process sentences/s": out["ratio_exported_over_in_process"],
                        "1 - cosine to transformers (max)": float(f"{1 - out['cosine_min']:.2g}")}
     if not args.quick:
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_embed.json"), "w") as f:

@@ -206,7 +206,7 @@ class EmbedConfig:
 class ExportConfig:
     out: str = "exports/default"
     platforms: list[str] = field(default_factory=lambda: ["cpu", "cuda", "tpu"])
-    buckets: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # prompt lengths; capped by max_cache_len
+    buckets: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # prompt / encoder input lengths (capped)
     batch_sizes: list[int] = field(default_factory=list)           # []: a symbolic batch (prefill / decode)
     generate_batch_sizes: list[int] = field(default_factory=list)  # []: a symbolic batch (generate)
     max_cache_len: int = 0         # 0: model.max_seq_len

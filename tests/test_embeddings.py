@@ -78,8 +78,9 @@ _CHILD = WITHOUT_MODEL_CODE + textwrap.dedent("""
 
     export_dir, texts, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     m = load_exported(export_dir)
-    tok, t = m.tokenizer, int(m.inputs["inputs"]["shape"][1])
+    tok = m.tokenizer
     ids = [[tok.cls_id, *tok.encode(x), tok.sep_id] for x in texts]
+    t = max(map(len, ids))   # any length up to the longest bucket: the export picks the bucket
     tokens = np.full((len(ids), t), tok.pad_id, np.int32)
     mask = np.zeros((len(ids), t), bool)
     for i, row in enumerate(ids):

@@ -138,26 +138,33 @@ def export_params(model_cfg: Any, params: Any, tokenizer: Tokenizer | None, out_
 def export_forward(model_cfg: Any, params: Any, tokenizer: Tokenizer | None, out_dir: str, opts: ExportOptions, *,
                    source: dict[str, Any] | None = None) -> dict[str, Any]:
     """A `forward_{b}` function per batch variant: (params..., the model's inputs) → its outputs, in eval mode.
-    The inputs are what `model_cfg.forward_inputs(batch)` names (e.g. tokens + mask, or images)."""
+    The inputs are what `model_cfg.forward_inputs(batch)` names (e.g. tokens + mask, or images). A model of token
+    sequences (`forward_lengths`: encoders) gets one `forward_{T}_{b}` per length bucket, so a short input runs at
+    a short length instead of max_seq_len; the manifest lists the `buckets` and which outputs are per token."""
     graphdef, abstract, _ = abstract_model(model_cfg)
     _check_params(params, abstract)
     leaves, treedef = jax.tree.flatten(params)
     leaf_specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
     manifest_path = _prepare_dir(out_dir)
+    lengths = model_cfg.forward_lengths(opts.buckets) if hasattr(model_cfg, "forward_lengths") else [None]
     functions, inputs = {}, {}
     for b, suffix in batch_variants(opts.batch_sizes):
-        specs = model_cfg.forward_inputs(b)
-        input_names = list(specs)
+        for t in lengths:
+            specs = model_cfg.forward_inputs(b) if t is None else model_cfg.forward_inputs(b, t)
+            input_names = list(specs)
 
-        def forward(leaves, *args, input_names=input_names):
-            model = nnx.merge(graphdef, jax.tree.unflatten(treedef, list(leaves)))
-            named = dict(zip(input_names[1:], args[1:]))
-            return model(args[0], **named)
+            def forward(leaves, *args, input_names=input_names):
+                model = nnx.merge(graphdef, jax.tree.unflatten(treedef, list(leaves)))
+                named = dict(zip(input_names[1:], args[1:]))
+                return model(args[0], **named)
 
-        name = f"forward{suffix}"
-        functions[name] = _write_function(out_dir, forward, (leaf_specs, *specs.values()), opts.platforms, name,
-                                          "forward", None, b, len(leaves), input_names, ["outputs"], None)
-        inputs = {k: {"shape": [str(d) for d in v.shape], "dtype": str(np.dtype(v.dtype))} for k, v in specs.items()}
+            name = f"forward{suffix}" if t is None else f"forward_{t}{suffix}"
+            functions[name] = _write_function(out_dir, forward, (leaf_specs, *specs.values()), opts.platforms, name,
+                                              "forward", t, b, len(leaves), input_names, ["outputs"], None)
+            inputs = {k: {"shape": [str(d) for d in v.shape], "dtype": str(np.dtype(v.dtype))}
+                      for k, v in specs.items()}
+            if t is not None:   # the sequence axis is the bucket's: any length up to the longest bucket
+                inputs = {k: {**v, "shape": [v["shape"][0], "t", *v["shape"][2:]]} for k, v in inputs.items()}
     save_weights(os.path.join(out_dir, WEIGHTS_FILE), param_names(params), leaves)
     files = [WEIGHTS_FILE]
     manifest = {"capability": "forward", "format_version": FORMAT_VERSION,
@@ -165,6 +172,9 @@ def export_forward(model_cfg: Any, params: Any, tokenizer: Tokenizer | None, out
                 "platforms": list(opts.platforms), "model": dataclasses.asdict(model_cfg), "inputs": inputs,
                 "batch": {"forward": list(opts.batch_sizes) or "symbolic"}, "params": _params_entry(params, leaves),
                 "functions": functions, "source": source or {}}
+    if lengths != [None]:
+        manifest["buckets"] = lengths
+        manifest["per_token_outputs"] = list(model_cfg.per_token_outputs)
     if tokenizer is not None:
         tok_file = _write_tokenizer(out_dir, tokenizer)
         manifest["tokenizer"] = _tokenizer_entry(tokenizer, tok_file)

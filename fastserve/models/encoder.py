@@ -30,7 +30,7 @@ sublayer and a `final_norm` follows the last layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -97,14 +97,27 @@ class EncoderConfig:
         """The tanh pooler on [CLS] exists for classify with cls pooling and for next-sentence prediction."""
         return (self.head == "classify" and self.pooling == "cls") or (self.head == "mlm" and self.nsp)
 
-    def forward_inputs(self, batch) -> dict[str, jax.ShapeDtypeStruct]:
-        """What a `forward` export takes: tokens and their padding mask, padded to max_seq_len (and the token types
-        of a sentence pair, for next-sentence prediction)."""
-        shape = (batch, self.max_seq_len)
+    def forward_inputs(self, batch, length: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+        """What a `forward` export takes: tokens and their padding mask, padded to `length` (default max_seq_len),
+        and the token types of a sentence pair, for next-sentence prediction."""
+        shape = (batch, length or self.max_seq_len)
         inputs = {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32), "mask": jax.ShapeDtypeStruct(shape, jnp.bool_)}
         if self.head == "mlm" and self.nsp:
             inputs["token_types"] = jax.ShapeDtypeStruct(shape, jnp.int32)
         return inputs
+
+    def forward_lengths(self, buckets: Sequence[int]) -> list[int]:
+        """Sequence lengths a `forward` export is written at: the export's buckets below max_seq_len and max_seq_len
+        itself, so every input fits one and a short one runs at a short length."""
+        return sorted({int(b) for b in buckets if b < self.max_seq_len} | {self.max_seq_len})
+
+    @property
+    def per_token_outputs(self) -> tuple[bool, ...]:
+        """Which of the model's outputs have a sequence axis (axis 1): tag and masked-LM logits do; pooled
+        embeddings, class logits and next-sentence logits do not."""
+        if self.head == "mlm":
+            return (True, False) if self.nsp else (True,)
+        return (self.head == "tag",)
 
     def flops_per_example(self, seq_len: int) -> float:
         """Training FLOPs per example of `seq_len` tokens (forward + backward = 3× forward), head included."""
