@@ -16,14 +16,38 @@ from serving_workload import BUCKETS, MAX_LEN, SLOTS, Item, serve_config, summar
 SIM_PROFILE = {"decode_s": 0.010, "prefill_s": {32: 0.007, 64: 0.010}, "move_s": 0.00075}
 
 
+def oracle_srpt():
+    """Shortest remaining output first, preemptive, knowing every job's output length (which no server does): the
+    reference any scheduler's mean JCT is held against (SRPT minimizes mean response time on one server; on a batch
+    of slots it is a near-bound, not an exact one)."""
+    from fastserve.serve.scheduler import Scheduler
+
+    class OracleSRPT(Scheduler):
+        name = ORACLE
+
+        def priority(self, job: Any) -> tuple:
+            return (job.out - job.done, *self._fcfs_key(job))
+
+        def select(self, now: float, slots: int) -> list[Any]:
+            return sorted(self._order, key=self.priority)[:max(slots, 0)]
+    return OracleSRPT()
+
+
+ORACLE = "srpt-oracle"
+
+
 def simulate(variant: str, items: list[Item], warmup: int, prof: dict[str, Any] = SIM_PROFILE) -> dict[str, Any]:
     from fastserve.serve.scheduler import levels_covering, make_scheduler
-    cfg = serve_config(variant)
-    q0 = cfg.mlfq_base_quantum_s or prof["decode_s"]
-    longest = prof["prefill_s"][BUCKETS[-1]] + min(cfg.max_new_tokens_limit, MAX_LEN) * prof["decode_s"]
-    sched = make_scheduler(cfg.scheduler, levels=cfg.mlfq_levels or levels_covering(q0, longest),
-                           base_quantum_s=q0, starvation_s=cfg.starvation_s,
-                           starvation_quanta=cfg.starvation_quanta, batch_timeout_s=cfg.batch_timeout_s)
+    if variant == ORACLE:
+        sched = oracle_srpt()
+    else:
+        cfg = serve_config(variant)
+        q0 = cfg.mlfq_base_quantum_s or prof["decode_s"]
+        longest = prof["prefill_s"][BUCKETS[-1]] + min(cfg.max_new_tokens_limit, MAX_LEN) * prof["decode_s"]
+        sched = make_scheduler(cfg.scheduler, levels=cfg.mlfq_levels or levels_covering(q0, longest),
+                               base_quantum_s=q0, starvation_s=cfg.starvation_s,
+                               starvation_quanta=cfg.starvation_quanta, batch_timeout_s=cfg.batch_timeout_s,
+                               size_quantile=cfg.mlfq_size_quantile)
 
     class Job:
         def __init__(self, it: Item):
@@ -88,7 +112,10 @@ def simulate(variant: str, items: list[Item], warmup: int, prof: dict[str, Any] 
 
 
 def simulate_sweep(schedulers: list[str], fractions: list[float], n: int, seeds: int) -> dict[str, Any]:
-    """Mean JCT (all / short / long) per scheduler and fraction of the simulated fcfs capacity, averaged over seeds."""
+    """Mean JCT (all / short / long) per scheduler and fraction of the simulated fcfs capacity, averaged over seeds,
+    and per seed (`e2e_mean_by_seed`); with fcfs in the list, each other scheduler's fcfs / it mean-JCT ratio per
+    seed (`over_fcfs_by_seed`: the scheduler goal is judged per seed). `srpt-oracle` (knows every output length)
+    shows how much any scheduler could gain on the same traces."""
     backlog = workload(150, 1e9, 999)
     for it in backlog:
         it.t = 0.0
@@ -100,7 +127,14 @@ def simulate_sweep(schedulers: list[str], fractions: list[float], n: int, seeds:
             table[f"{s} @ {f}"] = {k: round(float(np.mean([r[k] for r in runs])), 3) for k in
                                    ("e2e_mean_s", "e2e_mean_short_s", "e2e_mean_long_s", "e2e_p99_s",
                                     "throughput_req_s", "preemptions", "restores")}
+            table[f"{s} @ {f}"]["e2e_mean_by_seed"] = [round(r["e2e_mean_s"], 3) for r in runs]
             if runs[0]["promotions"] is not None:
                 table[f"{s} @ {f}"]["promotions"] = float(np.mean([r["promotions"] for r in runs]))
             print(f"sim {s:30s} {f:5.2f}: {json.dumps(table[f'{s} @ {f}'])}", file=sys.stderr, flush=True)
+        fcfs = table.get(f"fcfs @ {f}")
+        for s in schedulers:
+            if fcfs and s != "fcfs":
+                row = table[f"{s} @ {f}"]
+                row["over_fcfs_by_seed"] = [round(a / b, 2) for a, b in zip(fcfs["e2e_mean_by_seed"],
+                                                                            row["e2e_mean_by_seed"])]
     return table

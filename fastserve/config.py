@@ -231,6 +231,8 @@ class ServeConfig:
     mlfq_levels: int = 0           # priority levels K; level i has the quantum q0 * 2**i. 0: enough levels that
                                    # the longest job (max_new_tokens_limit steps) never sinks to the last one
     mlfq_base_quantum_s: float = 0.0  # q0 in seconds; 0: the profiled decode step time (gittins: its index's grid)
+    mlfq_size_quantile: float = 0.8  # learned K: the last level (FCFS) starts where this quantile of finished
+                                   # jobs' service ended, so long jobs run oldest-first, not round-robin (0: off)
     starvation_s: float = 10.0     # a job that has waited this long is promoted to the top level (0: never)
     starvation_quanta: float = 0.0  # mlfq: also promote a job that has waited this many quanta of its level (0: off;
                                    # off by default: measured, K = 2 thrashes into round-robin, K = 8 never fires)
@@ -262,11 +264,13 @@ class ServeConfig:
                 yield "mesh", f"unknown mesh axis {axis!r}: choose from data, fsdp, tensor"
             elif not isinstance(size, int) or isinstance(size, bool) or size == 0 or size < -1:
                 yield "mesh", f"mesh.{axis} must be a positive size or -1 (all remaining devices), got {size!r}"
-        yield from at_least(self, 0, "max_cache_len", "mlfq_levels", "mlfq_base_quantum_s", "starvation_s",
-                             "starvation_quanta", "batch_timeout_s", "host_kv_slots",
+        yield from at_least(self, 0, "max_cache_len", "mlfq_levels", "mlfq_base_quantum_s", "mlfq_size_quantile",
+                             "starvation_s", "starvation_quanta", "batch_timeout_s", "host_kv_slots",
                              "prefix_cache_bytes", "prefill_chunk")
         yield from positive_list(self, "buckets")
         yield from one_of(self, "scheduler", SCHEDULERS, "scheduler")
+        if self.mlfq_size_quantile >= 1:
+            yield "mlfq_size_quantile", f"must be below 1 (a quantile; 0: off), got {self.mlfq_size_quantile}"
         if self.iteration_cost not in ("measured", "profiled"):
             yield "iteration_cost", f"expected measured or profiled, got {self.iteration_cost!r}"
         if not 0 <= self.port < 65536:

@@ -216,6 +216,49 @@ def test_covering_levels_keep_short_jobs_ahead_of_long_ones():
     assert few > fcfs > 5 * covering and covering < 2.5 * 12
 
 
+def test_learned_levels_run_the_known_long_jobs_oldest_first():
+    """With size_quantile, the last (FCFS) level starts where that quantile of the finished jobs' service ended:
+    short jobs still finish in the upper levels, while the long ones, instead of sharing the slots round-robin
+    through ever deeper levels (each finishing late), run oldest-first: mean JCT falls, the shorts' does not rise."""
+    def run(sched):
+        longs = [(J(f"L{i}", i), i, 100) for i in range(4)]
+        shorts = [(J(f"s{i}", 5 + 10 * i), 5 + 10 * i, 12) for i in range(20)]
+        done = simulate(sched, longs + shorts, slots=2)
+        jct = {j: done[j] - j.arrival for j, _, _ in longs + shorts}
+        return jct, [done[j] for j, _, _ in longs], sum(jct[j] for j, _, _ in shorts) / len(shorts)
+    covering = MLFQScheduler(levels=levels_covering(1.0, 100), base_quantum_s=1.0)
+    learned = MLFQScheduler(levels=levels_covering(1.0, 100), base_quantum_s=1.0, size_quantile=0.8, min_history=5)
+    jct_c, longs_c, short_c = run(covering)
+    jct_l, longs_l, short_l = run(learned)
+    assert learned.levels == levels_covering(1.0, 12, margin=1.0) == 5 < covering.levels
+    assert sum(jct_l.values()) < 0.95 * sum(jct_c.values()) and short_l <= short_c
+    assert longs_l == sorted(longs_l) and longs_l[1] - longs_l[0] >= 40       # one after another
+    assert longs_c[0] - longs_l[0] >= 50       # round-robin holds even the oldest long job back until late
+
+
+def test_learned_levels_ignore_cancelled_jobs_and_move_deeper_jobs_to_the_new_last_level():
+    s = MLFQScheduler(levels=8, base_quantum_s=1.0, size_quantile=0.5, min_history=2)
+    deep = J("deep")
+    s.add(deep)
+    for _ in range(40):                                       # 40 units of service: level 5 (1 + 2 + 4 + 8 + 16 < 40)
+        s.on_iteration(deep, 1.0)
+    assert s.level(deep) == 5
+    cancelled = J("c")
+    cancelled.finish_reason = "cancelled"
+    s.add(cancelled)
+    s.on_iteration(cancelled, 1.0)
+    s.remove(cancelled)
+    assert list(s.sizes) == [] and s.levels == 8
+    for name in ("a", "b"):
+        j = J(name)
+        s.add(j)
+        s.on_iteration(j, 3.0)
+        s.remove(j)
+    assert list(s.sizes) == [3.0, 3.0] and s.levels == 3 and s.level(deep) == 2    # 1 + 2 >= 3: K = 3
+    with pytest.raises(ValueError, match="mlfq_size_quantile"):
+        MLFQScheduler(levels=2, base_quantum_s=1.0, size_quantile=1.0)
+
+
 # ------------------------------------------------------------------------------------------------ FCFS
 
 def test_fcfs_runs_in_arrival_order_and_refills_a_free_slot_at_once():

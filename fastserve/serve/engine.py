@@ -106,7 +106,8 @@ class Engine(Runner):
         if scheduler is None:   # (an empty Scheduler is falsy: it has a length)
             scheduler = make_scheduler(cfg.scheduler, levels=self.mlfq_levels, base_quantum_s=q0,
                                        starvation_s=cfg.starvation_s, starvation_quanta=cfg.starvation_quanta,
-                                       batch_timeout_s=cfg.batch_timeout_s)
+                                       batch_timeout_s=cfg.batch_timeout_s,
+                                       size_quantile=cfg.mlfq_size_quantile)
         self.scheduler = scheduler
 
     @classmethod
