@@ -189,6 +189,19 @@ def measure_capacity(engine, n: int, seed: int) -> float:
     return done / (t_full - t0)
 
 
+def record_sim(table: dict[str, Any], argv: str) -> None:
+    """experiments/results/bench_serving_sim.json: the table, and as headline each scheduler's per-seed fcfs / it
+    mean-JCT ratios at the highest simulated load."""
+    top = max(float(k.split(" @ ")[1]) for k in table if " @ " in k)
+    headline = {f"fcfs / {k.split(' @ ')[0]} mean JCT per seed at {top}x capacity": v["over_fcfs_by_seed"]
+                for k, v in table.items() if k.endswith(f" @ {top}") and "over_fcfs_by_seed" in v}
+    out = {"bench": "serving_sim", "table": table, "headline": headline,
+           "command": f"python experiments/bench_serving.py {argv}", "machine": "virtual clock (serving_sim.py "
+           "SIM_PROFILE); no JAX, deterministic", "date": time.strftime("%Y-%m-%d"), **provenance()}
+    with open(os.path.join(HERE, "results", "bench_serving_sim.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
 def saturated(res: dict[str, Any], rate: float) -> bool:
     """Throughput well under the offered rate and the p99 E2E past the SLO."""
     return res["throughput_req_s"] < 0.8 * rate and res["e2e_p99_s"] > P99_SLO_S
@@ -204,6 +217,7 @@ def main() -> int:
     ap.add_argument("--fractions", default="", help="rates as fractions of the measured capacity, comma-separated")
     ap.add_argument("--requests", type=int, default=0, help="measured requests per run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--record", action="store_true", help="sim: write experiments/results/bench_serving_sim.json")
     ap.add_argument("--render", default="", help="only re-render the .md and .png of this recorded JSON")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -214,9 +228,12 @@ def main() -> int:
         return worker(args.worker, args.schedulers.split(","))
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.mode == "sim":
-        print(json.dumps(simulate_sweep(args.schedulers.split(",") if args.schedulers else ["mlfq", "fcfs"],
-                                        [float(f) for f in (args.fractions or "0.85,0.95,1.05,1.2").split(",")],
-                                        args.requests or 400, args.seeds)))
+        table = simulate_sweep(args.schedulers.split(",") if args.schedulers else ["mlfq", "fcfs"],
+                               [float(f) for f in (args.fractions or "0.85,0.95,1.05,1.2").split(",")],
+                               args.requests or 400, args.seeds)
+        if args.record:   # the sim is deterministic: a recorded table is reproduced exactly by its command
+            record_sim(table, " ".join(sys.argv[1:]))
+        print(json.dumps(table))
         return 0
     from fastserve.serve.engine import Engine
 
