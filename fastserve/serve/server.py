@@ -14,7 +14,7 @@ POST bodies must be declared `Content-Type: application/json` (415 otherwise: a 
 request, sent without a CORS preflight, cannot make a local server generate). SIGTERM / SIGINT shut down
 gracefully: requests in flight are answered, the engine stops, the process exits 0. Protocol rules (validation,
 bodies) live in fastserve/serve/api.py, the ASGI plumbing (responses, API key, body limit) in asgi.py, the metrics
-in metrics.py, the entry points in cli.py.
+in metrics.py, the socket / uvicorn / signal lifecycle in http_service.py, the entry points in cli.py.
 
     python -m fastserve.serve --config configs/serve_quickstart.yaml [key=value ...]
     fastserve.deploy("configs/serve_quickstart.yaml", block=False)  → handle with .url and .stop()
@@ -22,10 +22,6 @@ in metrics.py, the entry points in cli.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
-import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -43,6 +39,7 @@ from fastserve.serve import api
 from fastserve.serve.api import APIError
 from fastserve.serve.asgi import SSEResponse, disconnected, error_response, guard, json_response, read_body
 from fastserve.serve.engine import Engine, QueueFull, Request
+from fastserve.serve.http_service import HTTPService
 from fastserve.serve.metrics import Metrics
 
 _PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
@@ -59,7 +56,7 @@ class _Choice:
     tokens: int = 0                 # completion tokens counted for usage
 
 
-class Server:
+class Server(HTTPService):
     """The OpenAI-compatible app over `engine` (which this server starts and stops) and `loaded`'s tokenizer.
 
     `start()` serves on a background thread (returns self: `.url`, `.stop()`); `run()` serves in the foreground
@@ -304,59 +301,6 @@ class Server:
             gone.cancel()
             self._cancel(choices)
 
-    # ------------------------------------------------------------------------------------------- serving
-
-    def _bind(self, host: str | None, port: int | None) -> socket.socket:
-        host = self.cfg.host if host is None else host
-        port = self.cfg.port if port is None else port
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as e:
-            sock.close()
-            raise OSError(f"cannot listen on {host}:{port} ({e.strerror}); set serve.port (0: any free port)") from e
-        shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-        self.url = f"http://[{shown}]:{sock.getsockname()[1]}" if ":" in shown else \
-            f"http://{shown}:{sock.getsockname()[1]}"
-        return sock
-
-    def _make_uvicorn(self) -> Any:
-        import uvicorn
-
-        outer = self
-
-        class _Uvicorn(uvicorn.Server):
-            async def shutdown(self, sockets: Any = None) -> None:
-                """As uvicorn's (which waits timeout_graceful_shutdown for open requests, then kills their tasks
-                unanswered), cancelling the requests still generating after shutdown_grace_s so that they are
-                answered before that."""
-                timer = asyncio.get_running_loop().call_later(outer.shutdown_grace_s, outer._cancel_in_flight)
-                try:
-                    await super().shutdown(sockets)
-                finally:
-                    timer.cancel()
-
-            @contextlib.contextmanager
-            def capture_signals(self) -> Any:
-                """As uvicorn's, less re-raising the signal once shut down: uvicorn does, which kills the process
-                on SIGTERM (status 143) before `run` stops the engine; here `run` returns and the process exits 0."""
-                if threading.current_thread() is not threading.main_thread():
-                    yield
-                    return
-                original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-                try:
-                    yield
-                finally:
-                    for sig, handler in original.items():
-                        signal.signal(sig, handler)
-
-        config = uvicorn.Config(self.app, lifespan="off", log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=self.shutdown_grace_s + 5)
-        self._uvicorn = _Uvicorn(config)
-        return self._uvicorn
-
     # what runs behind the HTTP server: the engine here; a subclass serving another kind of model overrides these
     def _begin(self) -> None:
         self.engine.start()
@@ -368,50 +312,3 @@ class Server:
         return (f"fastserve: serving '{self.model_name}' at {self.url} (OpenAI API under /v1; scheduler "
                 f"{self.engine.scheduler.name}, {self.engine.slots} slots, buckets {self.engine.buckets}); "
                 "Ctrl-C stops")
-
-    def start(self, host: str | None = None, port: int | None = None, timeout: float = 30.0) -> "Server":
-        """Starts the engine and serves on a background thread; returns once the port accepts connections."""
-        sock = self._bind(host, port)
-        self._begin()
-        server = self._make_uvicorn()
-        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="fastserve-http",
-                                        daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the HTTP server did not start on {self.url}")
-            time.sleep(0.01)
-        return self
-
-    def run(self, host: str | None = None, port: int | None = None) -> None:
-        """Serves in the foreground until SIGINT / SIGTERM (see the class: requests in flight are answered), then
-        stops the engine and returns."""
-        sock = self._bind(host, port)
-        self._begin()
-        print(self._banner(), file=sys.stderr, flush=True)
-        try:
-            self._make_uvicorn().run(sockets=[sock])
-        except KeyboardInterrupt:   # a second Ctrl-C while shutting down
-            pass
-        finally:
-            self._end()
-            print("fastserve: stopped", file=sys.stderr, flush=True)
-
-    def stop(self, engine: bool = True) -> None:
-        """Stops the HTTP server (open requests get shutdown_grace_s, then are cancelled and answered) and, unless
-        engine=False, the engine."""
-        if self._uvicorn is not None:
-            self._uvicorn.should_exit = True
-        if self._thread is not None:
-            self._thread.join(self.shutdown_grace_s + 15)
-            self._thread = None
-        if engine:
-            self._end()
-
-    def __enter__(self) -> "Server":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
