@@ -157,6 +157,8 @@ def int8_table(quick: bool) -> int:
            "load_avg_end": round(os.getloadavg()[0], 2), "wall_s": round(time.perf_counter() - t_start)}
     out["headline"] = {f"{r['setting']}: batch-1 decode × dense": round(r["decode_b1_over_dense"], 2)
                        for r in out["rows"]}
+    if out["goal"].get("int8_over_llama_q8_0_b1") is not None:   # None: llama-cpp-python not installed
+        out["headline"]["int8 / llama.cpp Q8_0 batch-1 decode"] = round(out["goal"]["int8_over_llama_q8_0_b1"], 2)
     name = "bench_lowrank_real_int8" + ("_quick" if quick else "")
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:

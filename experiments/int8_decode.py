@@ -127,8 +127,8 @@ def llama_cpp_rows(cfg: Any, prompt_ids: list[int], rounds: int, tokens: int) ->
     try:
         import llama_cpp
     except ImportError:
-        return {"skipped": "llama-cpp-python is not installed (no wheel in the package index; building it from "
-                           "source did not finish within the 10-minute time box on this loaded 2-core machine)"}
+        return {"skipped": "llama-cpp-python is not installed: `pip install llama-cpp-python` builds it from its "
+                           "sdist (CPU only; ~50 minutes on 2 loaded cores here); the peer rows need it"}
     from fastserve.data.packages import cache_dir, resolve_path
 
     q4_1 = resolve_path(cfg.source.path)
