@@ -9,6 +9,8 @@ What lands in DIR (read back by `fastserve.artifacts.loader.load_exported`, whic
     decode.jax_exported         (params..., tokens [B] i32, positions [B] i32, cache) → (logits [B, V] f32, cache)
     generate_{T}.jax_exported   (params..., tokens [B, T], lengths [B], seed u32, temperature [B] f32, top_k [B] i32,
                                  top_p [B] f32, max_new [B] i32, stop_tokens [S] i32) → (tokens [B, N] i32, counts [B])
+    forward[_{T}]               encoders, classifiers, CNNs: (params..., the model's inputs) → its outputs; an
+                                encoder's once per length T (the buckets below max_seq_len, and max_seq_len)
     weights.safetensors         every parameter leaf, named by its tree path (`layers.0.attn.q.kernel`)
     tokenizer.model             the sentencepiece model
     manifest.json               shapes/dtypes of every argument and result, platforms, buckets, model config,
