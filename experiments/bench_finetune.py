@@ -37,7 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINILM = "configs/sentiment_minilm.yaml"
 RECIPES = {"scratch": "configs/sentiment_scratch.yaml", "bilstm": "configs/sentiment_bilstm.yaml"}
 # the test accuracy each recipe's header claims, at least (a recipe run that reaches less is reported as not met)
-RECIPE_CLAIMS = {"bilstm": 0.78}
+RECIPE_CLAIMS = {"bilstm": 0.78, "scratch": 0.77}
 
 
 class FastserveClassifier:
