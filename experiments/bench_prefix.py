@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from provenance import provenance
-from serving_workload import Item, summarize
+from serving_workload import Item, replay, summarize_requests
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -76,29 +76,13 @@ def chat_workload(n: int, rate: float, seed: int) -> list[Item]:
 
 
 def run(engine, items: list[Item], warmup: int, outputs: list | None = None) -> dict[str, Any]:
-    """Submits each request at its arrival time, steps the engine synchronously; vLLM's summary of the measured.
+    """Replays `items` on the engine (serving_workload.replay); vLLM's summary of the measured.
     `outputs`: every request's greedy tokens are appended to it."""
-    from fastserve.serve.engine import Request
-    reqs = [Request(it.prompt, max_new_tokens=it.out, temperature=0.0, stop_ids=[]) for it in items]
     before = engine.prefix.stats() if engine.prefix is not None else None
-    clock = engine.clock
-    t0 = clock()
-    i = 0
-    while i < len(items) or engine.pending:
-        now = clock() - t0
-        while i < len(items) and items[i].t <= now:
-            engine.submit(reqs[i])
-            reqs[i].arrival = t0 + items[i].t
-            i += 1
-        if not engine.step():
-            wait = (items[i].t - (clock() - t0)) if i < len(items) else 0.0
-            time.sleep(min(max(wait, 0.0), 0.002))
-    measured = reqs[warmup:]
-    assert all(r.finish_reason == "length" and len(r.output) == r.max_new_tokens for r in measured)
+    reqs, _ = replay(engine, items, warmup)
     if outputs is not None:
         outputs.extend(r.output for r in reqs)
-    recs = [{"ttft": r.ttft, "tpot": r.tpot, "e2e": r.jct, "tokens": len(r.output)} for r in measured]
-    out = summarize(recs, max(r.finish_time for r in measured) - min(r.arrival for r in measured))
+    out = summarize_requests(reqs[warmup:])
     if before is not None:
         after = engine.prefix.stats()
         hit, queried = (after[k] - before[k] for k in ("hit_tokens", "queried_tokens"))

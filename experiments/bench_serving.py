@@ -39,7 +39,7 @@ from serving_sim import simulate_sweep
 from provenance import provenance
 from serving_workload import (BUCKETS, HIGH_LOAD, LONG, LONG_FRACTION, MAX_LEN, P99_SLO_S, PROMPT_RANGE,
                               REFERENCE_ONLY_AT_HIGH_LOAD, SHORT, SLO_TPOT_S, SLO_TTFT_S, SLOTS, Item, mean_output,
-                              serve_config, summarize, workload)
+                              replay, serve_config, summarize, summarize_requests, workload)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -64,33 +64,16 @@ def build_model():
 # ------------------------------------------------------------------------------------------------ in-process
 
 def run_inprocess(engine, items: list[Item], warmup: int) -> dict[str, Any]:
-    from fastserve.serve.engine import Request
     before, before_t = dict(engine.counters), dict(engine.timings)
     promotions = getattr(engine.scheduler, "promotions", None)
-    reqs = [Request(it.prompt, max_new_tokens=it.out, temperature=0.0, stop_ids=[]) for it in items]
-    clock = engine.clock
-    t0 = clock()
-    i = 0
-    while i < len(items) or engine.pending:
-        now = clock() - t0
-        while i < len(items) and items[i].t <= now:
-            engine.submit(reqs[i])
-            reqs[i].arrival = t0 + items[i].t      # admitted at the next step: the scheduler sees the true arrival
-            i += 1
-        if not engine.step():
-            wait = (items[i].t - (clock() - t0)) if i < len(items) else 0.0
-            time.sleep(min(max(wait, 0.0), 0.002))
-    measured = reqs[warmup:]
-    assert all(r.finish_reason == "length" and len(r.output) == r.max_new_tokens for r in measured)
-    recs = [{"ttft": r.ttft, "tpot": r.tpot, "e2e": r.jct, "tokens": len(r.output)} for r in measured]
-    duration = max(r.finish_time for r in measured) - min(r.arrival for r in measured)
-    out = summarize(recs, duration)
+    reqs, wall = replay(engine, items, warmup)
+    out = summarize_requests(reqs[warmup:])
     d = {k: engine.counters[k] - before[k] for k in engine.counters}
     out.update({k: d[k] for k in ("preemptions", "offloads", "restores", "recomputes", "prefills", "decode_steps")})
     # where the run's wall time went (whole run, warm-up included), and the decode batch's mean occupancy
     out["busy_slots_mean"] = round(d["decode_slot_steps"] / max(d["decode_steps"], 1), 2)
     out["time_s"] = {k: round(engine.timings[k] - before_t[k], 2) for k in engine.timings}
-    out["time_s"]["wall"] = round(clock() - t0, 2)
+    out["time_s"]["wall"] = round(wall, 2)
     if promotions is not None:
         out["promotions"] = engine.scheduler.promotions - promotions
     return out

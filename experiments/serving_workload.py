@@ -3,6 +3,7 @@ heavy-tailed trace, and vLLM's summary of per-request timings (TTFT / TPOT / E2E
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import numpy as np
@@ -78,3 +79,32 @@ def summarize(recs: list[dict[str, float]], duration: float) -> dict[str, Any]:
     if long:
         out["e2e_mean_long_s"] = round(float(np.mean(long)), 5)
     return out
+
+
+def replay(engine, items: list[Item], warmup: int) -> tuple[list[Any], float]:
+    """Submits each item to `engine` at its arrival time and steps the engine synchronously until every request
+    has finished: (the requests, the run's wall seconds). A request's arrival is its scheduled time (it is admitted
+    at the next step: the scheduler sees the true arrival). Every measured request (after `warmup`) must have run
+    to its max_tokens: stop ids are empty, so each generates exactly its output length."""
+    from fastserve.serve.engine import Request
+    reqs = [Request(it.prompt, max_new_tokens=it.out, temperature=0.0, stop_ids=[]) for it in items]
+    clock = engine.clock
+    t0 = clock()
+    i = 0
+    while i < len(items) or engine.pending:
+        now = clock() - t0
+        while i < len(items) and items[i].t <= now:
+            engine.submit(reqs[i])
+            reqs[i].arrival = t0 + items[i].t
+            i += 1
+        if not engine.step():
+            wait = (items[i].t - (clock() - t0)) if i < len(items) else 0.0
+            time.sleep(min(max(wait, 0.0), 0.002))
+    assert all(r.finish_reason == "length" and len(r.output) == r.max_new_tokens for r in reqs[warmup:])
+    return reqs, clock() - t0
+
+
+def summarize_requests(measured: list[Any]) -> dict[str, Any]:
+    """`summarize` of finished engine requests: TTFT / TPOT / E2E from each, over the span they covered."""
+    recs = [{"ttft": r.ttft, "tpot": r.tpot, "e2e": r.jct, "tokens": len(r.output)} for r in measured]
+    return summarize(recs, max(r.finish_time for r in measured) - min(r.arrival for r in measured))
