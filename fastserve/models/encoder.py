@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fastserve.models.layers import Embed, Linear, attention, constrain, dtype_of
+from fastserve.models.layers import Embed, Linear, attention, constrain, dtype_of, gelu
 
 POOLINGS = ("cls", "mean")
 HEADS = ("classify", "tag", "mlm", "embed")
@@ -231,7 +231,7 @@ class MLP(nnx.Module):
         self.down = Linear(cfg.d_ff, cfg.d_model, ("mlp", "embed"), use_bias=True, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(jax.nn.gelu(self.up(x), approximate=False))  # BERT's exact (erf) GELU
+        return self.down(gelu(self.up(x)))  # BERT's exact (erf) GELU
 
 
 class Layer(nnx.Module):
@@ -266,7 +266,7 @@ class MLMHead(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), dtype_of(cfg.param_dtype)), out_sharding=("vocab",))
 
     def __call__(self, hidden: jax.Array, word: Embed) -> jax.Array:
-        h = self.norm(jax.nn.gelu(self.dense(hidden), approximate=False))
+        h = self.norm(gelu(self.dense(hidden)))
         return word.attend(h).astype(jnp.float32) + self.bias[...].astype(jnp.float32)
 
 

@@ -56,6 +56,14 @@ def pool2d(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], padd
     return t.max(axis=(-4, -2)) if kind == "max" else t.mean(axis=(-4, -2))
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """The exact (erf) GELU, x·Φ(x) = ½x(1 + erf(x/√2)), as BERT and PyTorch compute it. jax.nn.gelu(approximate=
+    False) goes through erfc, which XLA expands into two polynomial branches evaluated for every element: on CPU
+    that was 2.5× slower (forward 2.7 vs 1.1 ms on [2048, 1536]; 7 % of a MiniLM fine-tuning step). Both are within
+    6e-7 of a float64 reference there."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
+
+
 @jax.custom_vjp
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., in] @ w [in, out], with a backward pass laid out for XLA:CPU.
