@@ -22,8 +22,9 @@ engine's eviction of preempted jobs' KV (the largest key is evicted, i.e. offloa
           (processor sharing: the worst order for their mean). So K is then learned (serve.mlfq_size_quantile,
           default 0.8): the last level starts where that quantile of the recently finished jobs had completed —
           jobs known to be long run oldest-first there, short ones still finish above them. On the serving
-          benchmark's workload (simulated, 5 seeds) this took mean JCT from 1.06-1.30x to 1.51-2.35x below fcfs at
-          capacity and nearly halved p99; an oracle that knows every output length reaches 1.67-3.21x.
+          benchmark's workload (simulated, 5 seeds of 400 requests: experiments/results/bench_serving_sim.json) this
+          took fcfs / mlfq mean JCT from 1.08-1.24x to 1.16-1.44x at capacity (1.14-1.76x to 1.56-2.33x at 1.2x,
+          p99 12.5 -> 7.3 s); an oracle that knows every output length reaches 1.21-1.55x (1.71-3.06x).
           `starvation_quanta` K also promotes a job that waited K x its level's quantum (off by default).
   gittins the Gittins index over the service times of recently finished jobs (learned online): LAS where the sizes
           have a decreasing hazard, closest-to-done first where they have an increasing one (e.g. among long jobs)
