@@ -16,6 +16,9 @@ from serving_workload import BUCKETS, MAX_LEN, SLOTS, Item, serve_config, summar
 SIM_PROFILE = {"decode_s": 0.010, "prefill_s": {32: 0.007, 64: 0.010}, "move_s": 0.00075}
 
 
+ORACLE = "srpt-oracle"
+
+
 def oracle_srpt():
     """Shortest remaining output first, preemptive, knowing every job's output length (which no server does): the
     reference any scheduler's mean JCT is held against (SRPT minimizes mean response time on one server; on a batch
@@ -31,9 +34,6 @@ def oracle_srpt():
         def select(self, now: float, slots: int) -> list[Any]:
             return sorted(self._order, key=self.priority)[:max(slots, 0)]
     return OracleSRPT()
-
-
-ORACLE = "srpt-oracle"
 
 
 def simulate(variant: str, items: list[Item], warmup: int, prof: dict[str, Any] = SIM_PROFILE) -> dict[str, Any]:
