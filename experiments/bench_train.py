@@ -10,10 +10,10 @@ exactly as `fastserve.train` does, with `model.attention: auto`; the PyTorch sid
 torch is not a fastserve dependency) is an independent implementation of the same shapes with the same init scaling,
 following fastserve's learning rate step by step, so both train the same thing and the final losses compare.
 
-Rows: the headline seq 256 × batch 8 (fastserve auto, the other fastserve attention, PyTorch eager, torch.compile),
-then seq 1024 × 2 and 2048 × 1 (same tokens per step): fastserve with `xla` and `blocked` attention against
-PyTorch's fused causal SDPA — the blocked kernel skips the masked half of the scores, so its lead should grow
-with length.
+Rows: the headline seq 256 × batch 8 (fastserve auto — on CPU the fused C++ attention kernel —, the other fastserve
+attentions, PyTorch eager, torch.compile), then seq 1024 × 2 and 2048 × 1 (same tokens per step): fastserve with
+`xla`, `blocked` and `fused` attention against PyTorch's fused causal SDPA — blocked and fused skip the masked half
+of the scores, so their lead over xla should grow with length.
 
 MFU = tokens/s × FLOPs/token ÷ the float32 2048² matmul peak that each framework reaches in the same run.
 FLOPs/token is `count_flops_per_token` (6N + 12·L·H·hd·T), N = the matmul weights only: per layer the q/k/v/o and
@@ -83,7 +83,8 @@ class JaxBench:
 
         self.jax = jax
         self.cfg = ModelConfig(**{**MODEL, "max_seq_len": max(seq, MODEL["max_seq_len"]), "attention": attention})
-        self.attention = resolve(attention, self.cfg.dtype, seq)
+        heads = (self.cfg.n_heads, self.cfg.n_kv_heads or self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads)
+        self.attention = resolve(attention, self.cfg.dtype, seq, heads=heads)
         self.device = jax.devices()[0]
         mesh = parallel.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=[self.device])
         tx, schedule = make_optimizer(OptimizerConfig(), TOTAL_STEPS, self.cfg)   # per layer on scanned blocks
@@ -216,12 +217,12 @@ def main(argv=None) -> dict:
 
     # the headline row: fastserve (model.attention: auto) against eager PyTorch, and the other variants beside it
     jb = JaxBench()
-    other = "xla" if jb.attention != "xla" else "blocked"
+    others = [a for a in ("xla", "blocked") if a != jb.attention]
     contenders = {f"fastserve ({jb.attention})": jb}
     print(f"model: {jb.n_params:,} parameters, {jb.flops_per_token / 1e6:.2f} MFLOP/token, {tok} tokens/step; "
           f"attention auto -> {jb.attention}; JAX compile {jb.compile_s:.1f} s", flush=True)
     if not args.quick:
-        contenders[f"fastserve ({other})"] = JaxBench(attention=other)
+        contenders.update({f"fastserve ({a})": JaxBench(attention=a) for a in others})
     if not torch_skip:
         contenders["PyTorch eager"] = tb = build_torch_bench()
         if tb.n_params != jb.n_params:
@@ -242,7 +243,7 @@ def main(argv=None) -> dict:
     rows = [main_row]
     if not args.no_long and not args.quick:
         for seq, batch in LONG_ROWS:
-            row = {f"fastserve ({a})": JaxBench(seq=seq, batch=batch, attention=a) for a in ("xla", "blocked")}
+            row = {f"fastserve ({a})": JaxBench(seq=seq, batch=batch, attention=a) for a in ("xla", "blocked", "fused")}
             if not torch_skip:
                 row["PyTorch eager"] = build_torch_bench(seq=seq, batch=batch)
             print(f"seq {seq} × batch {batch}:", flush=True)
@@ -254,8 +255,9 @@ def main(argv=None) -> dict:
         c = r["contenders"]
         tps = {n: v["tokens_per_s"] for n, v in c.items()}
         r["ratios"] = {f"{a} / {b}": round(tps[a] / tps[b], 3) for a, b in (
-            ("fastserve (blocked)", "fastserve (xla)"), ("fastserve (blocked)", "PyTorch eager"),
-            ("fastserve (xla)", "PyTorch eager")) if a in tps and b in tps}
+            ("fastserve (fused)", "PyTorch eager"), ("fastserve (fused)", "fastserve (xla)"),
+            ("fastserve (fused)", "fastserve (blocked)"), ("fastserve (blocked)", "fastserve (xla)"),
+            ("fastserve (blocked)", "PyTorch eager"), ("fastserve (xla)", "PyTorch eager")) if a in tps and b in tps}
 
     fast, eager = main_row["contenders"][f"fastserve ({jb.attention})"], main_row["contenders"].get("PyTorch eager")
     compiled = main_row["contenders"].get("torch.compile")

@@ -5,6 +5,9 @@
   int8 decoded slower than float32; the kernel streams the int8 codes once.
 - `int8_matmul_nt`: x @ (int8 W [N, K] × per-row scales)ᵀ, the tied LM head of an int8 embedding table
   (fastserve.models.compressed.QuantizedEmbed).
+- `attention` (fastserve.kernels.attention): softmax attention fused per (batch, KV head), forward and backward,
+  each query over its own window of keys — bidirectional over padded keys for encoders, causal within packed
+  documents for decoder training (`model.attention: auto | fused` on CPU).
 
 The library builds on first use (fastserve.kernels.build: why, where, and the fallback when no compiler is
 present). `python -m fastserve.kernels build` builds it ahead of time and prints where it is.

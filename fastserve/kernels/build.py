@@ -6,7 +6,8 @@ environment, and an editable install (`pip install -e .`, CI) would go stale whe
 library is keyed by a hash of the sources, the jax version and the compiler, built once (~20 s, three instruction
 set variants in parallel) and reused by every later process; `python -m fastserve.kernels build` does it ahead of
 time (e.g. in a container image). Without a C++ compiler, or with FASTSERVE_INT8_KERNEL=0, `load()` returns None,
-logs why once, and int8 layers use the pure-XLA dequantize-then-dot path (correct, slower on CPU).
+logs why once, and int8 layers use the pure-XLA dequantize-then-dot path and encoders XLA's attention (correct,
+slower on CPU).
 
 Environment: CXX (compiler; default g++ / c++ / clang++ on PATH), FASTSERVE_KERNEL_CACHE (default
 ~/.cache/fastserve/kernels), FASTSERVE_INT8_KERNEL=0 (never use the kernel), FASTSERVE_INT8_ISA=avx2|generic
@@ -34,8 +35,13 @@ CSRC = Path(__file__).with_name("csrc")
 LIBRARY = "libfastserve_kernels.so"
 INT8_TARGET = "fastserve_int8_matmul"
 INT8_NT_TARGET = "fastserve_int8_matmul_nt"   # x @ (int8 W [N, K] × scale [N])ᵀ: a tied LM head
-TARGETS = (INT8_TARGET, INT8_NT_TARGET)
-COMMON_FLAGS = ["-O3", "-fPIC", "-std=c++17", "-Wno-psabi", "-fno-math-errno"]
+ATTENTION_FWD_TARGET = "fastserve_attention_fwd"   # bidirectional attention over padded keys (encoders)
+ATTENTION_BWD_TARGET = "fastserve_attention_bwd"
+TARGETS = (INT8_TARGET, INT8_NT_TARGET, ATTENTION_FWD_TARGET, ATTENTION_BWD_TARGET)
+# sources: the FFI handlers (compiled once) and the inner loops (compiled once per instruction-set variant)
+FFI_UNITS = ("int8_ffi", "attention_ffi")
+ISA_UNITS = ("int8_tile", "attention_item")
+COMMON_FLAGS = ["-O3", "-fPIC", "-std=c++17", "-Wno-psabi", "-fno-math-errno", "-fopenmp-simd"]
 # (name, floats per vector, vectors per tile for 1 / 2 / 4 rows, flags): the tile widths keep each variant's
 # accumulators in its registers (32 zmm, 16 ymm, 16 xmm)
 X86_VARIANTS = [("avx512", 16, (8, 8, 4), ["-mavx512f", "-mavx512bw", "-mfma"]),
@@ -88,17 +94,20 @@ def build(cxx: str | None = None) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        jobs = [[cxx, *COMMON_FLAGS, "-I", jax.ffi.include_dir(), "-c", str(CSRC / "int8_ffi.cc"),
-                 "-o", f"{tmp}/ffi.o"]]
+        jobs = [[cxx, *COMMON_FLAGS, "-I", jax.ffi.include_dir(), "-c", str(CSRC / f"{unit}.cc"), "-o",
+                 f"{tmp}/{unit}.o"] for unit in FFI_UNITS]
         for name, lanes, (nv1, nv2, nv4), flags in _variants():
-            jobs.append([cxx, *COMMON_FLAGS, *flags, f"-DFS_ISA={name}", f"-DFS_LANES={lanes}", f"-DFS_NV1={nv1}",
-                         f"-DFS_NV2={nv2}", f"-DFS_NV4={nv4}", "-c", str(CSRC / "int8_tile.cc"), "-o", f"{tmp}/tile_{name}.o"])
+            for unit in ISA_UNITS:
+                jobs.append([cxx, *COMMON_FLAGS, *flags, f"-DFS_ISA={name}", f"-DFS_LANES={lanes}", f"-DFS_NV1={nv1}",
+                             f"-DFS_NV2={nv2}", f"-DFS_NV4={nv4}", "-c", str(CSRC / f"{unit}.cc"),
+                             "-o", f"{tmp}/{unit}_{name}.o"])
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in jobs]
         for cmd, p in zip(jobs, procs):
             output = p.communicate()[0]
             if p.returncode:
                 raise KernelBuildError(f"`{' '.join(cmd)}` failed:\n{output[-2000:]}")
-        objects = [f"{tmp}/ffi.o"] + [f"{tmp}/tile_{v[0]}.o" for v in _variants()]
+        objects = ([f"{tmp}/{unit}.o" for unit in FFI_UNITS] +
+                   [f"{tmp}/{unit}_{v[0]}.o" for v in _variants() for unit in ISA_UNITS])
         link = subprocess.run([cxx, "-shared", "-o", f"{tmp}/{LIBRARY}", *objects], capture_output=True, text=True)
         if link.returncode:
             raise KernelBuildError(f"linking {LIBRARY} failed:\n{link.stderr[-2000:]}")
@@ -113,14 +122,14 @@ _failure: list[str] = []  # why the last `load()` found no kernel
 def load() -> KernelLibrary | None:
     """The built, loaded and registered kernel library, or None (logged once) where it cannot be had."""
     if disabled():
-        log.info("FASTSERVE_INT8_KERNEL=0: int8 layers use the XLA dequantize-then-dot path")
+        log.info("FASTSERVE_INT8_KERNEL=0: int8 layers use the XLA dequantize-then-dot path, encoders XLA's attention")
         return None
     try:
         path = build()
         handle = ctypes.CDLL(str(path))
     except (KernelBuildError, OSError) as e:
         _failure.append(str(e))
-        log.warning("fastserve int8 CPU kernel unavailable, int8 layers fall back to XLA's dequantize-then-dot "
+        log.warning("fastserve CPU kernels unavailable, int8 layers fall back to XLA's dequantize-then-dot "
                     "(correct, slower): %s", e)
         return None
     for target in TARGETS:
@@ -153,6 +162,6 @@ def require_for_exports(exported: dict, platform_name: str, where: str) -> None:
     if needs and load() is None:
         why = "FASTSERVE_INT8_KERNEL=0" if disabled() else (_failure[-1] if _failure else "unknown")
         raise KernelBuildError(
-            f"{where}: {', '.join(sorted(needs))} call fastserve's int8 CPU kernel (custom call '{INT8_TARGET}'), "
+            f"{where}: {', '.join(sorted(needs))} call fastserve's CPU kernels (custom calls '{INT8_TARGET}' & co.), "
             f"which is not available in this process ({why}). Install a C++ compiler (g++, or set CXX), "
             "or re-export with FASTSERVE_INT8_KERNEL=0 for an artifact that runs XLA's dequantize-then-dot instead")

@@ -1,7 +1,11 @@
-"""Attention implementations per backend, chosen in one place: `model.attention: auto | xla | blocked | cudnn | splash`.
+"""Attention implementations per backend, chosen in one place:
+`model.attention: auto | xla | fused | blocked | cudnn | splash`.
 
 - `xla`: `layers.attention`, the plain masked-softmax reference (every case: causal or not, cross, padded, packed,
   KV-cached decoding).
+- `fused` (CPU): fastserve's C++ kernel (fastserve/kernels/attention.py): each (batch, KV head) pair in the core's
+  cache, every query attending to its own causal window only, flash-style backward. float32, head dim 16 / 32 / 64 /
+  128, one device; where it cannot run, asking for it by name is an error naming why.
 - `blocked` (any backend, made for XLA:CPU): causal self-attention in query blocks, each query block attending only
   to the keys at or before its last row, so the fully masked blocks above the diagonal are never computed and no
   T×T mask exists. The backward is a flash-style custom VJP that recomputes each block's probabilities from the
@@ -13,8 +17,8 @@
   bfloat16 / float16 inputs only.
 - `splash` (TPU): the Pallas splash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`); off a
   TPU it runs in Pallas interpret mode (correct but slow: for tests).
-- `auto`: splash on TPU, cudnn on GPU for 16-bit inputs (xla for float32), and on CPU blocked from
-  `CPU_BLOCKED_MIN_LENGTH` tokens on (below it the reference was measured as fast or faster).
+- `auto`: splash on TPU, cudnn on GPU for 16-bit inputs (xla for float32); on CPU fused where it runs, else
+  blocked from `CPU_BLOCKED_MIN_LENGTH` tokens on (below it the reference was measured as fast or faster).
 
 The fused kernels cover causal self-attention (training and prefill without a cache), which is where the time
 goes; everything else (bidirectional, cross-attention, decoding against a KV cache) takes the `xla` path.
@@ -32,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn", "splash")
+IMPLEMENTATIONS = ("auto", "xla", "fused", "blocked", "cudnn", "splash")
 # Train step of the 23M decoder of experiments/bench_train.py on the 2-core CPU, same run, medians (2026-12-02):
 # at T=256 blocked (128-row blocks) 22.1 s/step vs xla 23.6 (64-row blocks: 23.6); at T=128 blocked (64-row
 # blocks) 34.5 vs xla 32.1 — slower. (Absolute times on a host loaded ~8×; the ratios are what was compared.)
@@ -47,8 +51,10 @@ def check_attention(cfg: Any) -> Iterator[tuple[str, str]]:
         yield "attention", f"unknown attention implementation '{value}' (choose from {', '.join(IMPLEMENTATIONS)})"
 
 
-def resolve(implementation: str, dtype: Any, length: int, backend: str | None = None) -> str:
-    """The implementation `auto` stands for on this backend, for inputs of `dtype` and sequence `length`."""
+def resolve(implementation: str, dtype: Any, length: int, backend: str | None = None,
+            heads: tuple[int, int, int] | None = None) -> str:
+    """The implementation `auto` stands for on this backend, for inputs of `dtype` and sequence `length`;
+    `heads` = (query heads, KV heads, head dim) where known (the fused CPU kernel has bodies for some head dims)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention: unknown implementation '{implementation}' "
                          f"(choose from {', '.join(IMPLEMENTATIONS)})")
@@ -59,7 +65,17 @@ def resolve(implementation: str, dtype: Any, length: int, backend: str | None = 
         return "splash"
     if backend == "gpu":
         return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+    if heads is not None and fused_unsupported(dtype, heads) is None:
+        return "fused"
     return "blocked" if length >= CPU_BLOCKED_MIN_LENGTH else "xla"
+
+
+def fused_unsupported(dtype: Any, heads: tuple[int, int, int]) -> str | None:
+    """Why the fused CPU kernel cannot run attention of `dtype` with (query heads, KV heads, head dim) here."""
+    from fastserve.kernels.attention import unsupported
+
+    n_heads, n_kv_heads, head_dim = heads
+    return unsupported(dtype, head_dim, n_heads, n_kv_heads)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array | None = None,
@@ -72,7 +88,10 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Ar
     """
     from fastserve.models.layers import attention as reference
 
-    impl = resolve(implementation, q.dtype, q.shape[1])
+    heads = (q.shape[2], k.shape[2], q.shape[3])
+    impl = resolve(implementation, q.dtype, q.shape[1], heads=heads)
+    if impl == "fused":
+        return fused_attention(q, k, v, positions, segments, k_valid)
     if impl == "xla":
         b, t = q.shape[:2]
         if positions is None:
@@ -83,6 +102,32 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Ar
     if impl == "cudnn":
         return cudnn_attention(q, k, v, segments, k_valid)
     return splash_attention(q, k, v, segments, k_valid, interpret=jax.default_backend() != "tpu")
+
+
+# -------------------------------------------------------------------------------------------- fused (CPU)
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array | None = None,
+                    segments: jax.Array | None = None, k_valid: jax.Array | None = None) -> jax.Array:
+    """Causal self-attention by the fused C++ kernel on CPU, the reference on any other platform (one traced
+    function holds both, so an export for several platforms keeps each); raises ValueError naming why where the
+    kernel cannot take these inputs."""
+    from fastserve.kernels.attention import causal_attention_kernel
+    from fastserve.models.layers import attention as reference
+
+    why = fused_unsupported(jnp.result_type(q, k), (q.shape[2], k.shape[2], q.shape[3]))
+    if why:
+        raise ValueError(f"model.attention: fused: {why}; use auto, xla or blocked")
+    b, t = q.shape[:2]
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+    def xla(q, k, v, positions, segments, k_valid):
+        return reference(q, k, v, positions, positions, k_valid=k_valid, q_segments=segments, k_segments=segments)
+
+    def kernel(q, k, v, positions, segments, k_valid):
+        return causal_attention_kernel(q, k, v, segments, k_valid)
+
+    return jax.lax.platform_dependent(q, k, v, positions, segments, k_valid, cpu=kernel, default=xla)
 
 
 # ------------------------------------------------------------------------------------------ blocked (CPU)

@@ -39,7 +39,7 @@ class DecoderConfig:
     scan_layers: bool = True       # the blocks as one stacked block under lax.scan: compile time flat in depth.
                                    # Weights then carry a leading `layers` axis; tools convert (models/layer_stack.py).
                                    # A model with `compressed` layers is always per-layer.
-    attention: str = "auto"        # auto | xla | blocked | cudnn | splash (fastserve/models/attention_kernels.py)
+    attention: str = "auto"        # auto | xla | fused | blocked | cudnn | splash (fastserve/models/attention_kernels.py)
     init_std: float = 0.02
     # Compressed layers (written by fastserve.transforms): dotted path → {kind: lowrank, rank: R} | {kind: int8}.
     # int8 layers are inference-only (no gradient through an int8 kernel).

@@ -1,0 +1,203 @@
+// XLA FFI handlers on CPU for softmax attention with per-query key windows (encoders: every key, minus padding;
+// decoders: causal within each packed document), grouped-query heads included:
+// `fastserve_attention_fwd`: o [B, T, H, D], lse [B, H, T] from q [B, T, H, D], k, v [B, S, K, D] (H a multiple of
+//   K), valid [B, S], lo, hi [B, T] (query t sees key s when lo <= s < hi and valid);
+// `fastserve_attention_bwd`: dq, dk, dv from the same inputs, o, lse and the output's cotangent.
+//
+// Each (batch, KV head) pair is one work item (attention_item.cc), fused end to end: scores, softmax and the value
+// mix never leave the core's cache, where XLA runs them as separate batched matmuls and a softmax over [B·H, T, S]
+// in memory. Items are shared between the calling thread and XLA's intra-op pool.
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+extern "C" {
+// (q, k, v, valid, lo, hi, o, lse, T, S, G, D, q_stride, k_stride, scale, scratch)
+typedef bool (*FwdFn)(const float*, const float*, const float*, const int32_t*, const int32_t*, const int32_t*, float*,
+                      float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, float*);
+// (q, k, v, valid, lo, hi, o, lse, dout, dq, dk, dv, T, S, G, D, q_stride, k_stride, scale, scratch)
+typedef bool (*BwdFn)(const float*, const float*, const float*, const int32_t*, const int32_t*, const int32_t*,
+                      const float*, const float*, const float*, float*, float*, float*, int64_t, int64_t, int64_t,
+                      int64_t, int64_t, int64_t, float, float*);
+#define FS_DECLARE(isa)                                                                                          \
+  bool fastserve_attention_fwd_##isa(const float*, const float*, const float*, const int32_t*, const int32_t*, \
+                                     const int32_t*, float*, float*, int64_t, int64_t, int64_t, int64_t,        \
+                                     int64_t, int64_t, float, float*);                                          \
+  bool fastserve_attention_bwd_##isa(const float*, const float*, const float*, const int32_t*, const int32_t*, \
+                                     const int32_t*, const float*, const float*, const float*, float*, float*,  \
+                                     float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, float*);
+FS_DECLARE(generic)
+#if defined(__x86_64__)
+FS_DECLARE(avx512)
+FS_DECLARE(avx2)
+#endif
+}
+
+namespace {
+
+struct AttentionIsa {
+  FwdFn fwd;
+  BwdFn bwd;
+};
+
+// The widest variant this CPU runs (FASTSERVE_INT8_ISA narrows it, as for the int8 kernels).
+AttentionIsa pick() {
+  const char* want = std::getenv("FASTSERVE_INT8_ISA");
+  const bool any = !want || !*want;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if ((any || !std::strcmp(want, "avx512")) && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw"))
+    return {fastserve_attention_fwd_avx512, fastserve_attention_bwd_avx512};
+  if ((any || !std::strcmp(want, "avx512") || !std::strcmp(want, "avx2")) && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma"))
+    return {fastserve_attention_fwd_avx2, fastserve_attention_bwd_avx2};
+#endif
+  return {fastserve_attention_fwd_generic, fastserve_attention_bwd_generic};
+}
+
+const AttentionIsa& chosen() {
+  static const AttentionIsa isa = pick();
+  return isa;
+}
+
+struct Progress {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// item(i, scratch) for i in [0, n): claimed one at a time by the caller and up to the pool's size in helpers, each
+// with its own scratch of `floats`. A helper that starts after the last item was claimed returns at once, so the
+// caller never waits on a task that has not started.
+template <typename Item>
+void for_each_item(ffi::ThreadPool& pool, int64_t n, int64_t floats, const Item& item) {
+  auto work = [n, floats, &item](Progress& pr) {
+    std::vector<float> scratch;
+    for (int64_t i; (i = pr.next.fetch_add(1)) < n;) {
+      if (scratch.empty()) scratch.resize(floats);
+      item(i, scratch.data());
+      pr.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  int64_t helpers = pool.num_threads();
+  if (helpers > n - 1) helpers = n - 1;
+  auto pr = std::make_shared<Progress>();
+  // helpers hold the item by pointer: the caller waits below until every claimed item is done
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([pr, work] { work(*pr); });
+  work(*pr);
+  while (pr->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+struct Shape {
+  int64_t B, T, S, H, K, D;
+};
+
+// scratch floats per work item (attention_item.cc lays them out)
+int64_t fwd_scratch(const Shape& s) { return s.S * (2 * s.D + 4) + 32 * s.D + 64; }
+int64_t bwd_scratch(const Shape& s) { return s.S * (5 * s.D + 5) + 64 * s.D + 64; }
+
+ffi::Error invalid(const char* what) { return ffi::Error::InvalidArgument(std::string("fastserve_attention: ") + what); }
+
+ffi::ErrorOr<Shape> shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+                             const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::S32>& valid,
+                             const ffi::Buffer<ffi::S32>& lo, const ffi::Buffer<ffi::S32>& hi) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = valid.dimensions();
+  const auto ld = lo.dimensions(), hd = hi.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 2 || ld.size() != 2 || hd.size() != 2)
+    return ffi::Unexpected(invalid("expected q [B,T,H,D], k, v [B,S,K,D], valid [B,S], lo, hi [B,T]"));
+  const Shape s{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3]};
+  for (int i = 0; i < 4; ++i)
+    if (kd[i] != vd[i]) return ffi::Unexpected(invalid("k and v shapes differ"));
+  if (kd[0] != s.B || kd[3] != s.D || s.K < 1 || s.H % s.K || md[0] != s.B || md[1] != s.S || ld[0] != s.B ||
+      ld[1] != s.T || hd[0] != s.B || hd[1] != s.T)
+    return ffi::Unexpected(invalid("q, k, valid, lo, hi shapes do not agree"));
+  if (s.D != 16 && s.D != 32 && s.D != 64 && s.D != 128)  // the bodies attention_item.cc compiles
+    return ffi::Unexpected(invalid("head dim must be 16, 32, 64 or 128"));
+  return s;
+}
+
+ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> valid, ffi::Buffer<ffi::S32> lo,
+                        ffi::Buffer<ffi::S32> hi, ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse,
+                        float scale) {
+  auto sh = shape_of(q, k, v, valid, lo, hi);
+  if (sh.has_error()) return sh.error();
+  const Shape s = sh.value();
+  const int64_t G = s.H / s.K;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const int32_t *mp = valid.typed_data(), *lop = lo.typed_data(), *hip = hi.typed_data();
+  float *op = o->typed_data(), *lp = lse->typed_data();
+  const FwdFn fwd = chosen().fwd;
+  for_each_item(pool, s.B * s.K, fwd_scratch(s), [=](int64_t i, float* scratch) {
+    const int64_t b = i / s.K, kh = i % s.K;
+    const int64_t qo = (b * s.T * s.H + kh * G) * s.D, ko = (b * s.S * s.K + kh) * s.D;
+    fwd(qp + qo, kp + ko, vp + ko, mp + b * s.S, lop + b * s.T, hip + b * s.T, op + qo,
+        lp + (b * s.H + kh * G) * s.T, s.T, s.S, G, s.D, s.H * s.D, s.K * s.D, scale, scratch);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> valid, ffi::Buffer<ffi::S32> lo,
+                        ffi::Buffer<ffi::S32> hi, ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
+                        ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                        ffi::ResultBuffer<ffi::F32> dv, float scale) {
+  auto sh = shape_of(q, k, v, valid, lo, hi);
+  if (sh.has_error()) return sh.error();
+  const Shape s = sh.value();
+  const int64_t G = s.H / s.K;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const float *op = o.typed_data(), *lp = lse.typed_data(), *gp = dout.typed_data();
+  const int32_t *mp = valid.typed_data(), *lop = lo.typed_data(), *hip = hi.typed_data();
+  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+  const BwdFn bwd = chosen().bwd;
+  for_each_item(pool, s.B * s.K, bwd_scratch(s), [=](int64_t i, float* scratch) {
+    const int64_t b = i / s.K, kh = i % s.K;
+    const int64_t qo = (b * s.T * s.H + kh * G) * s.D, ko = (b * s.S * s.K + kh) * s.D;
+    bwd(qp + qo, kp + ko, vp + ko, mp + b * s.S, lop + b * s.T, hip + b * s.T, op + qo,
+        lp + (b * s.H + kh * G) * s.T, gp + qo, dqp + qo, dkp + ko, dvp + ko, s.T, s.S, G, s.D, s.H * s.D,
+        s.K * s.D, scale, scratch);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fastserve_attention_fwd, AttentionFwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q [B, T, H, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k [B, S, K, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v [B, S, K, D]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // valid [B, S]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // lo [B, T]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // hi [B, T]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // o [B, T, H, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // lse [B, H, T]
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fastserve_attention_bwd, AttentionBwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // valid
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // lo
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // hi
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // o
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dout [B, T, H, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dv
+                                  .Attr<float>("scale"));
