@@ -189,7 +189,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     dump = tempfile.mkdtemp(prefix="fastserve_hlo_")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*lambda.*")
+                               f" --xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*(lambda|train_step).*")
     import jax
     sys.path.insert(0, HERE)
     from bench_train import JaxBench
@@ -199,7 +199,7 @@ def main(argv=None) -> dict:
     trace_dir = tempfile.mkdtemp(prefix="fastserve_trace_")
     with jax.profiler.trace(trace_dir):
         wall = jb.run(args.steps)
-    hlo = sorted(glob.glob(os.path.join(dump, "*lambda*cpu_after_optimizations.txt")), key=os.path.getsize)[-1]
+    hlo = sorted(glob.glob(os.path.join(dump, "*train_step*cpu_after_optimizations.txt")), key=os.path.getsize)[-1]
     info = parse_hlo(hlo)
     xplane = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
     pd = jax.profiler.ProfileData.from_file(xplane)

@@ -66,7 +66,7 @@ def _variants():
 def _cpu_has(isa: str) -> bool:
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     return {"generic": True, "avx2": " avx2" in flags and " fma" in flags,
-            "avx512": " avx512f" in flags and " avx512bw" in flags}[isa]
+            "avx512": " avx512f" in flags and " avx512bw" in flags and " avx512vl" in flags}[isa]
 
 
 @pytest.mark.parametrize("isa", _variants())

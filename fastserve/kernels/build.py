@@ -44,7 +44,7 @@ ISA_UNITS = ("int8_tile", "attention_item")
 COMMON_FLAGS = ["-O3", "-fPIC", "-std=c++17", "-Wno-psabi", "-fno-math-errno", "-fopenmp-simd"]
 # (name, floats per vector, vectors per tile for 1 / 2 / 4 rows, flags): the tile widths keep each variant's
 # accumulators in its registers (32 zmm, 16 ymm, 16 xmm)
-X86_VARIANTS = [("avx512", 16, (8, 8, 4), ["-mavx512f", "-mavx512bw", "-mfma"]),
+X86_VARIANTS = [("avx512", 16, (8, 8, 4), ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"]),
                 ("avx2", 8, (4, 3, 2), ["-mavx2", "-mfma"])]
 GENERIC_VARIANT = ("generic", 4, (2, 2, 1), [])
 

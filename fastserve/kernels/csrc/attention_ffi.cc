@@ -56,7 +56,7 @@ AttentionIsa pick() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
   if ((any || !std::strcmp(want, "avx512")) && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512bw"))
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
     return {fastserve_attention_fwd_avx512, fastserve_attention_bwd_avx512};
   if ((any || !std::strcmp(want, "avx512") || !std::strcmp(want, "avx2")) && __builtin_cpu_supports("avx2") &&
       __builtin_cpu_supports("fma"))
@@ -101,9 +101,9 @@ struct Shape {
   int64_t B, T, S, H, K, D;
 };
 
-// scratch floats per work item (attention_item.cc lays them out)
-int64_t fwd_scratch(const Shape& s) { return s.S * (2 * s.D + 4) + 32 * s.D + 64; }
-int64_t bwd_scratch(const Shape& s) { return s.S * (5 * s.D + 5) + 64 * s.D + 64; }
+// scratch floats per work item (attention_item.cc lays them out; enough for query tiles of up to 8)
+int64_t fwd_scratch(const Shape& s) { return s.S * (2 * s.D + 12) + 32 * s.D + 256; }
+int64_t bwd_scratch(const Shape& s) { return s.S * (5 * s.D + 20) + 64 * s.D + 384; }
 
 ffi::Error invalid(const char* what) { return ffi::Error::InvalidArgument(std::string("fastserve_attention: ") + what); }
 

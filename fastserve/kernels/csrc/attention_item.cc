@@ -73,65 +73,148 @@ inline float hsum(v8 x) {
   return s;
 }
 
-inline float hmax(v8 x) {
-  float m = x[0];
-  for (int i = 1; i < 8; ++i) m = x[i] > m ? x[i] : m;
-  return m;
+// Queries go through the kernel QT at a time: every key (or value) row loaded from cache serves QT queries, which
+// is what keeps the loops compute-bound rather than load-bound (one query at a time measured no faster than XLA at
+// T = 1024). A tile's queries share the union of their windows; each one's row is masked to its own window.
+constexpr int QT = FS_LANES >= 16 ? 8 : 4;   // AVX-512 (32 vector registers): 8
+
+// One tile's per-query state: rows of scores / probabilities (indexed by compacted key, [A16, E16) in use), each
+// query's window [a, e) (a >= e: sees no key) and the tile's union [A, E) rounded out to [A16, E16).
+struct Tile {
+  int nq;               // real queries in the tile (the rest repeat the last one and are discarded)
+  int64_t a[QT], e[QT];
+  bool seen[QT];        // the query sees some key
+  int64_t A, E, A16, E16;
+};
+
+// The windows of queries t0 .. t0 + nq − 1; false when none of them sees a key.
+inline bool tile_windows(const int32_t* before, const int32_t* lo, const int32_t* hi, int64_t t0, int nq, int64_t S,
+                         Tile& tl) {
+  tl.nq = nq;
+  tl.A = INT64_MAX;
+  tl.E = 0;
+  for (int i = 0; i < QT; ++i) {
+    if (i < nq) window(before, lo, hi, t0 + i, S, tl.a[i], tl.e[i]);
+    tl.seen[i] = i < nq && tl.a[i] < tl.e[i];
+    if (tl.seen[i]) {
+      tl.A = tl.a[i] < tl.A ? tl.a[i] : tl.A;
+      tl.E = tl.e[i] > tl.E ? tl.e[i] : tl.E;
+    }
+  }
+  if (tl.A >= tl.E) return false;
+  tl.A16 = tl.A / 16 * 16;
+  tl.E16 = (tl.E + 15) / 16 * 16;
+  return true;
 }
 
-// row[j] ← exp(row[j] − shift) over [a16, e16) (multiples of 16 around [a, e)); returns Σ_{a<=j<e} (the entries
-// outside [a, e) are set to ~0 first).
-inline float exp_shifted(float* row, int64_t a, int64_t e, int64_t a16, int64_t e16, float shift) {
+// rows[i][j] = scale·x_i · key j for j in [A16, E16) (multiples of 16) and the QT vectors x_i, keys held transposed
+// in kt [D, n16] (n16: the compacted count rounded up to 16, zero-padded): 16 keys × QT queries per pass, eight
+// independent multiply-add chains, each kt load feeding QT of them.
+template <int64_t D>
+inline void scores(const float* const* x, const float* __restrict kt, float* const* rows, int64_t n16, int64_t A16,
+                   int64_t E16, float scale) {
+  float xs[QT][D];
+  for (int i = 0; i < QT; ++i)
+    for (int64_t d = 0; d < D; ++d) xs[i][d] = x[i][d] * scale;
+  for (int64_t j0 = A16; j0 < E16; j0 += 16) {
+    v8 acc[QT][2] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const v8 k0 = load(kt + d * n16 + j0), k1 = load(kt + d * n16 + j0 + 8);
+      for (int i = 0; i < QT; ++i) {
+        acc[i][0] += xs[i][d] * k0;
+        acc[i][1] += xs[i][d] * k1;
+      }
+    }
+    for (int i = 0; i < QT; ++i) {
+      store(rows[i] + j0, acc[i][0]);
+      store(rows[i] + j0 + 8, acc[i][1]);
+    }
+  }
+}
+
+// row[j] ← exp(row[j] − shift) on [a, e), 0 elsewhere in [A16, E16); returns Σ.
+inline float exp_window(float* row, int64_t a, int64_t e, int64_t A16, int64_t E16, float shift) {
+  const int64_t a16 = a / 16 * 16, e16 = (e + 15) / 16 * 16;
   for (int64_t j = a16; j < a; ++j) row[j] = -1e30f;
   for (int64_t j = e; j < e16; ++j) row[j] = -1e30f;
   v8 sum = {};
   for (int64_t j = a16; j < e16; j += 8) {
-    const v8 e = exp8(load(row + j) - shift);
-    store(row + j, e);
-    sum += e;
+    const v8 p = exp8(load(row + j) - shift);
+    store(row + j, p);
+    sum += p;
   }
+  for (int64_t j = A16; j < a; ++j) row[j] = 0.0f;   // exp8 floors at exp(−87), not 0
+  for (int64_t j = e; j < E16; ++j) row[j] = 0.0f;
   return hsum(sum);
 }
 
-// row[j] = scale·q · key j for j in [a16, e16) (multiples of 16), the compacted keys held transposed in kt
-// [D, n16] (n16: their count rounded up to a multiple of 16, padded with zeros): sixteen keys at a time,
-// accumulated over d in registers.
+// The largest entry of row on [a, e).
+inline float row_max(const float* row, int64_t a, int64_t e) {
+  float m = row[a];
+  for (int64_t j = a + 1; j < e; ++j) m = row[j] > m ? row[j] : m;
+  return m;
+}
+
+// out_i[d] = scale_i · Σ_{j in [A, E)} w_i[j] · rows[j][d] (rows [n, D]) for the QT queries, 16 columns at a time:
+// each row chunk loaded once feeds QT accumulators.
 template <int64_t D>
-inline void scores(const float* __restrict q, const float* __restrict kt, float* __restrict row, int64_t n16,
-                   int64_t a16, int64_t e16, float scale) {
-  float qs[D];
-  for (int64_t d = 0; d < D; ++d) qs[d] = q[d] * scale;
-  for (int64_t j0 = a16; j0 < e16; j0 += 16) {
-    v8 a0 = {}, a1 = {}, b0 = {}, b1 = {};   // even and odd d apart: four independent multiply-add chains
-    for (int64_t d = 0; d < D; d += 2) {
-      a0 += qs[d] * load(kt + d * n16 + j0);
-      a1 += qs[d] * load(kt + d * n16 + j0 + 8);
-      b0 += qs[d + 1] * load(kt + (d + 1) * n16 + j0);
-      b1 += qs[d + 1] * load(kt + (d + 1) * n16 + j0 + 8);
+inline void mix(const float* const* w, const float* __restrict rows, int64_t A, int64_t E, float* const* out,
+                const float* scale, int nq) {
+  static_assert(D % 16 == 0, "head dims are multiples of 16");
+  for (int64_t c = 0; c < D; c += 16) {
+    v8 acc[QT][2] = {};
+    for (int64_t j = A; j < E; ++j) {
+      const v8 x0 = load(rows + j * D + c), x1 = load(rows + j * D + c + 8);
+      for (int i = 0; i < QT; ++i) {
+        acc[i][0] += w[i][j] * x0;
+        acc[i][1] += w[i][j] * x1;
+      }
     }
-    store(row + j0, a0 + b0);
-    store(row + j0 + 8, a1 + b1);
+    for (int i = 0; i < nq; ++i) {
+      store(out[i] + c, acc[i][0] * scale[i]);
+      store(out[i] + c + 8, acc[i][1] * scale[i]);
+    }
   }
 }
 
-// rows[j] += w[j] · x for j < n (rows [n, D] contiguous, x [D]).
+// rows[j] += Σ_i w_i[j] · x_i for j in [A, E) (rows [n, D]): each row chunk read and written once per tile.
 template <int64_t D>
-inline void rank1(const float* __restrict w, const float* __restrict x, float* __restrict rows, int64_t n) {
-  v8 xs[D / 8];
-  for (int64_t c = 0; c < D / 8; ++c) xs[c] = load(x + 8 * c);
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t c = 0; c < D / 8; ++c) store(rows + j * D + 8 * c, load(rows + j * D + 8 * c) + w[j] * xs[c]);
+inline void rank_update(const float* const* w, const float* const* x, float* __restrict rows, int64_t A, int64_t E) {
+  for (int64_t c = 0; c < D; c += 16) {
+    v8 xs[QT][2];
+    for (int i = 0; i < QT; ++i) {
+      xs[i][0] = load(x[i] + c);
+      xs[i][1] = load(x[i] + c + 8);
+    }
+    for (int64_t j = A; j < E; ++j) {
+      v8 r0 = load(rows + j * D + c), r1 = load(rows + j * D + c + 8);
+      for (int i = 0; i < QT; ++i) {
+        r0 += w[i][j] * xs[i][0];
+        r1 += w[i][j] * xs[i][1];
+      }
+      store(rows + j * D + c, r0);
+      store(rows + j * D + c + 8, r1);
+    }
+  }
 }
 
-// out[d] = scale · Σ_j w[j] · rows[j][d] (row j at rows + j · row_stride), accumulated in registers.
+// Compacts the valid keys (and values) into kt [D, n16] transposed, and optionally vt [D, n16] and kc / vc [n, D].
 template <int64_t D>
-inline void mix(const float* __restrict w, const float* __restrict rows, int64_t row_stride, float* __restrict out,
-                int64_t n, float scale) {
-  static_assert(D % 8 == 0, "head dims are multiples of 8");
-  v8 acc[D / 8] = {};
+void gather_keys(const float* k, const float* v, const int64_t* idx, int64_t n, int64_t n16, int64_t k_stride,
+                 float* kt, float* vt, float* kc, float* vc) {
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t j = n; j < n16; ++j) {
+      kt[d * n16 + j] = 0.0f;
+      if (vt) vt[d * n16 + j] = 0.0f;
+    }
   for (int64_t j = 0; j < n; ++j)
-    for (int64_t c = 0; c < D / 8; ++c) acc[c] += w[j] * load(rows + j * row_stride + 8 * c);
-  for (int64_t c = 0; c < D / 8; ++c) store(out + 8 * c, acc[c] * scale);
+    for (int64_t d = 0; d < D; ++d) {
+      const float kv = k[idx[j] * k_stride + d], vv = v[idx[j] * k_stride + d];
+      kt[d * n16 + j] = kv;
+      if (vt) vt[d * n16 + j] = vv;
+      if (kc) kc[j * D + d] = kv;
+      if (vc) vc[j * D + d] = vv;
+    }
 }
 
 }  // namespace
@@ -147,46 +230,49 @@ void forward(const float* q, const float* k, const float* v, const int32_t* vali
   const int64_t n = compact(valid, S, idx, before), n16 = (n + 15) / 16 * 16;
   float* kt = scratch + 3 * S + 16;                                    // [D, n16]
   float* vc = kt + D * (S + 16);                                       // [n, D]
-  float* row = vc + D * S;                                             // [n16]
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t j = n; j < n16; ++j) kt[d * n16 + j] = 0.0f;
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t d = 0; d < D; ++d) {
-      kt[d * n16 + j] = k[idx[j] * k_stride + d];
-      vc[j * D + d] = v[idx[j] * k_stride + d];
-    }
-  float mean[D] = {};   // the uniform average over all S keys, for a query that sees none (computed when first needed)
+  float* rows[QT];                                                     // QT × [n16]
+  for (int i = 0; i < QT; ++i) rows[i] = vc + D * S + i * (S + 16);
+  gather_keys<D>(k, v, idx, n, n16, k_stride, kt, nullptr, nullptr, vc);
+  float mean[D] = {};   // the uniform average over all S keys, for a query that sees none (when first needed)
   bool have_mean = false;
+  Tile tl;
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t t = 0; t < T; ++t) {
-      float* ot = o + t * q_stride + g * D;
-      int64_t a, e;
-      window(before, lo, hi, t, S, a, e);
-      if (a >= e) {
+    for (int64_t t0 = 0; t0 < T; t0 += QT) {
+      const int nq = T - t0 < QT ? static_cast<int>(T - t0) : QT;
+      const float* x[QT];
+      float* out[QT];
+      for (int i = 0; i < QT; ++i) {
+        const int64_t t = t0 + (i < nq ? i : nq - 1);
+        x[i] = q + t * q_stride + g * D;
+        out[i] = o + t * q_stride + g * D;
+      }
+      const bool any = tile_windows(before, lo, hi, t0, nq, S, tl);
+      float inv[QT] = {};
+      if (any) {
+        scores<D>(x, kt, rows, n16, tl.A16, tl.E16, scale);
+        for (int i = 0; i < QT; ++i) {
+          if (!tl.seen[i]) {
+            for (int64_t j = tl.A16; j < tl.E16; ++j) rows[i][j] = 0.0f;
+            continue;
+          }
+          const float m = row_max(rows[i], tl.a[i], tl.e[i]);
+          const float sum = exp_window(rows[i], tl.a[i], tl.e[i], tl.A16, tl.E16, m);
+          inv[i] = 1.0f / sum;
+          lse[g * T + t0 + i] = m + std::log(sum);
+        }
+        mix<D>(rows, vc, tl.A, tl.E, out, inv, nq);
+      }
+      for (int i = 0; i < nq; ++i) {
+        if (tl.seen[i] && any) continue;
         if (!have_mean) {
-          for (int64_t d = 0; d < D; ++d) mean[d] = 0.0f;
           for (int64_t s = 0; s < S; ++s)
             for (int64_t d = 0; d < D; ++d) mean[d] += v[s * k_stride + d];
           for (int64_t d = 0; d < D; ++d) mean[d] = S ? mean[d] / static_cast<float>(S) : 0.0f;
           have_mean = true;
         }
-        for (int64_t d = 0; d < D; ++d) ot[d] = mean[d];
-        lse[g * T + t] = 0.0f;
-        continue;
+        for (int64_t d = 0; d < D; ++d) out[i][d] = mean[d];
+        lse[g * T + t0 + i] = 0.0f;
       }
-      const int64_t a16 = a / 16 * 16, e16 = (e + 15) / 16 * 16;
-      scores<D>(q + t * q_stride + g * D, kt, row, n16, a16, e16, scale);
-      for (int64_t j = a16; j < a; ++j) row[j] = -1e30f;
-      for (int64_t j = e; j < e16; ++j) row[j] = -1e30f;
-      v8 mv = load(row + a16);
-      for (int64_t j = a16 + 8; j < e16; j += 8) {
-        const v8 x = load(row + j);
-        mv = x > mv ? x : mv;
-      }
-      const float m = hmax(mv);
-      const float sum = exp_shifted(row, a, e, a16, e16, m);
-      mix<D>(row + a, vc + a * D, D, ot, e - a, 1.0f / sum);
-      lse[g * T + t] = m + std::log(sum);
     }
 }
 
@@ -200,49 +286,58 @@ void backward(const float* q, const float* k, const float* v, const int32_t* val
   float* kt = scratch + 3 * S + 16;  // [D, n16] keys, transposed
   float* vt = kt + D * (S + 16);     // [D, n16] values, transposed
   float* kc = vt + D * (S + 16);     // [n, D] keys
-  float* p = kc + D * S;             // [n16] one query's probabilities
-  float* ds = p + S + 16;            // [n16] and their gradient
-  float* dkc = ds + S + 16;          // [n, D] key gradients (unscaled)
+  float* dkc = kc + D * S;           // [n, D] key gradients (unscaled)
   float* dvc = dkc + D * S;          // [n, D] value gradients
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t j = n; j < n16; ++j) kt[d * n16 + j] = vt[d * n16 + j] = 0.0f;
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t d = 0; d < D; ++d) {
-      const float kv = k[idx[j] * k_stride + d], vv = v[idx[j] * k_stride + d];
-      kt[d * n16 + j] = kv;
-      kc[j * D + d] = kv;
-      vt[d * n16 + j] = vv;
-      dkc[j * D + d] = dvc[j * D + d] = 0.0f;
-    }
-  float unseen[D];   // Σ dout over the queries that see no key: they average all S keys uniformly
-  for (int64_t d = 0; d < D; ++d) unseen[d] = 0.0f;
+  float *p[QT], *ds[QT];             // QT × [n16] probabilities and their gradients
+  for (int i = 0; i < QT; ++i) {
+    p[i] = dvc + D * S + i * (S + 16);
+    ds[i] = p[i] + QT * (S + 16);
+  }
+  gather_keys<D>(k, v, idx, n, n16, k_stride, kt, vt, kc, nullptr);
+  for (int64_t j = 0; j < n * D; ++j) dkc[j] = dvc[j] = 0.0f;
+  float unseen[D] = {};   // Σ dout over the queries that see no key: they average all S keys uniformly
   bool any_unseen = false;
+  Tile tl;
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t t = 0; t < T; ++t) {
-      const float* __restrict qt = q + t * q_stride + g * D;
-      const float* __restrict gt = dout + t * q_stride + g * D;
-      const float* __restrict ot = o + t * q_stride + g * D;
-      float* dqt = dq + t * q_stride + g * D;
-      int64_t a, e;
-      window(before, lo, hi, t, S, a, e);
-      if (a >= e) {
-        for (int64_t d = 0; d < D; ++d) {
-          unseen[d] += gt[d];
-          dqt[d] = 0.0f;
-        }
-        any_unseen = true;
-        continue;
+    for (int64_t t0 = 0; t0 < T; t0 += QT) {
+      const int nq = T - t0 < QT ? static_cast<int>(T - t0) : QT;
+      const float *qt[QT], *gt[QT];
+      float* dqt[QT];
+      float di[QT] = {}, sc[QT];
+      for (int i = 0; i < QT; ++i) {
+        const int64_t t = t0 + (i < nq ? i : nq - 1);
+        qt[i] = q + t * q_stride + g * D;
+        gt[i] = dout + t * q_stride + g * D;
+        dqt[i] = dq + t * q_stride + g * D;
+        sc[i] = scale;
+        for (int64_t d = 0; d < D; ++d) di[i] += gt[i][d] * o[t * q_stride + g * D + d];
       }
-      const int64_t a16 = a / 16 * 16, e16 = (e + 15) / 16 * 16;
-      scores<D>(qt, kt, p, n16, a16, e16, scale);
-      exp_shifted(p, a, e, a16, e16, lse[g * T + t]);
-      float di = 0.0f;
-      for (int64_t d = 0; d < D; ++d) di += gt[d] * ot[d];
-      scores<D>(gt, vt, ds, n16, a16, e16, 1.0f);    // dP = dout · Vᵀ
-      for (int64_t j = a; j < e; ++j) ds[j] = p[j] * (ds[j] - di);
-      mix<D>(ds + a, kc + a * D, D, dqt, e - a, scale);   // dQ = scale · dS · K
-      rank1<D>(p + a, gt, dvc + a * D, e - a);             // dV += Pᵀ · dout
-      rank1<D>(ds + a, qt, dkc + a * D, e - a);            // dK += dSᵀ · Q (scaled below)
+      const bool any = tile_windows(before, lo, hi, t0, nq, S, tl);
+      for (int i = 0; i < nq; ++i)
+        if (!(any && tl.seen[i])) {
+          for (int64_t d = 0; d < D; ++d) {
+            unseen[d] += gt[i][d];
+            dqt[i][d] = 0.0f;
+          }
+          any_unseen = true;
+        }
+      if (!any) continue;
+      scores<D>(qt, kt, p, n16, tl.A16, tl.E16, scale);
+      scores<D>(gt, vt, ds, n16, tl.A16, tl.E16, 1.0f);    // dP = dout · Vᵀ
+      for (int i = 0; i < QT; ++i) {
+        if (!tl.seen[i]) {   // no key seen (or a repeat of the last query): contributes nothing below
+          for (int64_t j = tl.A16; j < tl.E16; ++j) p[i][j] = ds[i][j] = 0.0f;
+          continue;
+        }
+        exp_window(p[i], tl.a[i], tl.e[i], tl.A16, tl.E16, lse[g * T + t0 + i]);
+        for (int64_t j = tl.A; j < tl.E; ++j) ds[i][j] = p[i][j] * (ds[i][j] - di[i]);
+      }
+      mix<D>(ds, kc, tl.A, tl.E, dqt, sc, nq);    // dQ = scale · dS · K (zero rows for queries that see nothing)
+      for (int i = 0; i < nq; ++i)
+        if (!tl.seen[i])
+          for (int64_t d = 0; d < D; ++d) dqt[i][d] = 0.0f;
+      rank_update<D>(p, gt, dvc, tl.A, tl.E);     // dV += Pᵀ · dout
+      rank_update<D>(ds, qt, dkc, tl.A, tl.E);    // dK += dSᵀ · Q (scaled below)
     }
   for (int64_t s = 0; s < S; ++s)
     for (int64_t d = 0; d < D; ++d) {

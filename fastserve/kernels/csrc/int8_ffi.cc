@@ -51,7 +51,7 @@ Isa pick_isa() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
   if ((any || !std::strcmp(want, "avx512")) && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512bw"))
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
     return {fastserve_int8_tile_avx512, fastserve_int8_rows_avx512, "avx512"};
   if ((any || !std::strcmp(want, "avx512") || !std::strcmp(want, "avx2")) && __builtin_cpu_supports("avx2") &&
       __builtin_cpu_supports("fma"))
