@@ -11,7 +11,7 @@ torch is not a fastserve dependency) is an independent implementation of the sam
 following fastserve's learning rate step by step, so both train the same thing and the final losses compare.
 
 Rows: the headline seq 256 × batch 8 (fastserve auto — on CPU the fused C++ attention kernel —, the other fastserve
-attentions, PyTorch eager, torch.compile), then seq 1024 × 2 and 2048 × 1 (same tokens per step): fastserve with
+attentions, the same step with the layers unrolled instead of scanned, PyTorch eager, torch.compile), then seq 1024 × 2 and 2048 × 1 (same tokens per step): fastserve with
 `xla`, `blocked` and `fused` attention against PyTorch's fused causal SDPA — blocked and fused skip the masked half
 of the scores, so their lead over xla should grow with length.
 
@@ -69,7 +69,8 @@ def load() -> list[float]:
 class JaxBench:
     """fastserve's real train step (`create_train_state` + `make_train_step`) on one fixed random batch."""
 
-    def __init__(self, seed: int = 0, seq: int = SEQ, batch: int = BATCH, attention: str = "auto"):
+    def __init__(self, seed: int = 0, seq: int = SEQ, batch: int = BATCH, attention: str = "auto",
+                 scan_layers: bool | None = None):
         import jax
 
         from fastserve import parallel
@@ -82,7 +83,9 @@ class JaxBench:
         from fastserve.tasks import make_task
 
         self.jax = jax
-        self.cfg = ModelConfig(**{**MODEL, "max_seq_len": max(seq, MODEL["max_seq_len"]), "attention": attention})
+        layout = {} if scan_layers is None else {"scan_layers": scan_layers}   # None: the config's default
+        self.cfg = ModelConfig(**{**MODEL, "max_seq_len": max(seq, MODEL["max_seq_len"]), "attention": attention,
+                                  **layout})
         heads = (self.cfg.n_heads, self.cfg.n_kv_heads or self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads)
         self.attention = resolve(attention, self.cfg.dtype, seq, heads=heads)
         self.device = jax.devices()[0]
@@ -223,6 +226,8 @@ def main(argv=None) -> dict:
           f"attention auto -> {jb.attention}; JAX compile {jb.compile_s:.1f} s", flush=True)
     if not args.quick:
         contenders.update({f"fastserve ({a})": JaxBench(attention=a) for a in others})
+        # the blocks one after another instead of one lax.scan (model.scan_layers: false): what the loop costs
+        contenders[f"fastserve ({jb.attention}, per-layer)"] = JaxBench(scan_layers=not jb.cfg.scan_layers)
     if not torch_skip:
         contenders["PyTorch eager"] = tb = build_torch_bench()
         if tb.n_params != jb.n_params:
@@ -255,7 +260,8 @@ def main(argv=None) -> dict:
         c = r["contenders"]
         tps = {n: v["tokens_per_s"] for n, v in c.items()}
         r["ratios"] = {f"{a} / {b}": round(tps[a] / tps[b], 3) for a, b in (
-            ("fastserve (fused)", "PyTorch eager"), ("fastserve (fused)", "fastserve (xla)"),
+            ("fastserve (fused)", "PyTorch eager"), ("fastserve (fused, per-layer)", "PyTorch eager"),
+            ("fastserve (fused)", "fastserve (xla)"),
             ("fastserve (fused)", "fastserve (blocked)"), ("fastserve (blocked)", "fastserve (xla)"),
             ("fastserve (blocked)", "PyTorch eager"), ("fastserve (xla)", "PyTorch eager")) if a in tps and b in tps}
 

@@ -5,7 +5,8 @@
   KV-cached decoding).
 - `fused` (CPU): fastserve's C++ kernel (fastserve/kernels/attention.py): each (batch, KV head) pair in the core's
   cache, every query attending to its own causal window only, flash-style backward. float32, head dim 16 / 32 / 64 /
-  128, one device; where it cannot run, asking for it by name is an error naming why.
+  128, one device; where it cannot run, asking for it by name is an error naming why. Its speed against the others
+  and PyTorch's SDPA, per layer and length: experiments/bench_attention.py.
 - `blocked` (any backend, made for XLA:CPU): causal self-attention in query blocks, each query block attending only
   to the keys at or before its last row, so the fully masked blocks above the diagonal are never computed and no
   T×T mask exists. The backward is a flash-style custom VJP that recomputes each block's probabilities from the

@@ -12,7 +12,7 @@ device count; with `train.grad_accum` > 1, per micro-batch) and updates its runn
 (`nnx.BatchStat`), carried and checkpointed beside the parameters; dropout is on and draws from the `dropout`
 stream of the `rngs` passed to `__call__`. Eval mode (`model.eval()`, what
 `build_model` returns): running statistics and no dropout, so an example's logits do not depend on the rest of its
-batch. The model holds no RNG: `nnx.Dropout` is built without one.
+batch. The model holds no RNG: its `Dropout` (models/dropout.py) is built without one.
 
 A pure definition: no I/O, no sharding decisions (only logical axis names, mapped in fastserve/parallel.py).
 """
@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fastserve.models.dropout import Dropout
 from fastserve.models.layers import Linear, constrain, dtype_of, pool2d
 
 # Logical axes (fastserve.parallel.LOGICAL_RULES). A conv kernel is [kh, kw, in, out]: the spatial taps are tiny and
@@ -183,7 +184,7 @@ class CNN(nnx.Module):
                 c_in = width
             stages.append(nnx.List(blocks))
         self.stages = nnx.List(stages)
-        self.dropout = nnx.Dropout(cfg.dropout)  # no rngs here: the train step passes them to __call__
+        self.dropout = Dropout(cfg.dropout)  # no rngs here: the train step passes them to __call__
         self.head = Linear(c_in, cfg.num_classes, ("conv_out", "classes"), use_bias=True, rngs=rngs,
                            dtype=self.dtype, param_dtype=dtype_of(cfg.param_dtype), init_std=cfg.head_init_std)
 

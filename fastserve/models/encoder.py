@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fastserve.kernels.attention import padded_attention
+from fastserve.models.dropout import Dropout
 from fastserve.models.layers import Embed, Linear, attention, constrain, dtype_of, gelu
 
 POOLINGS = ("cls", "mean")
@@ -187,7 +188,7 @@ class Embeddings(nnx.Module):
         self.position = Table(cfg.max_seq_len, cfg.d_model, "positions", **kw)
         self.token_type = Table(cfg.type_vocab_size, cfg.d_model, "token_types", **kw) if cfg.type_vocab_size else None
         self.norm = _norm(cfg)
-        self.dropout = nnx.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def __call__(self, tokens: jax.Array, token_types: jax.Array | None, rngs: nnx.Rngs | None) -> jax.Array:
         x = self.word(tokens) + self.position(jnp.arange(tokens.shape[1]))[None]
@@ -208,7 +209,7 @@ class SelfAttention(nnx.Module):
         self.v = Linear(d, d, ("embed", "heads"), use_bias=True, **kw)
         self.o = Linear(d, d, ("heads", "embed"), use_bias=True, **kw)
         self.n_heads, self.head_dim = cfg.n_heads, d // cfg.n_heads
-        self.probs_dropout = nnx.Dropout(cfg.attention_dropout)
+        self.probs_dropout = Dropout(cfg.attention_dropout)
         self.implementation = cfg.attention
 
     def __call__(self, x: jax.Array, mask: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
@@ -251,7 +252,7 @@ class Layer(nnx.Module):
         self.attn_norm = _norm(cfg)
         self.mlp = MLP(cfg, rngs=rngs)
         self.mlp_norm = _norm(cfg)
-        self.dropout = nnx.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.pre_ln = cfg.pre_ln
 
     def __call__(self, x: jax.Array, mask: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
@@ -301,7 +302,7 @@ class Encoder(nnx.Module):
         self.final_norm = _norm(cfg) if cfg.pre_ln else None
         self.pooler = Linear(cfg.d_model, cfg.d_model, ("embed", "mlp"), use_bias=True, **kw) \
             if cfg.has_pooler else None
-        self.head_dropout = nnx.Dropout(cfg.dropout)
+        self.head_dropout = Dropout(cfg.dropout)
         self.classifier = Linear(cfg.d_model, cfg.num_classes, ("embed", "classes"), use_bias=True, **kw) \
             if cfg.head in ("classify", "tag") else None
         self.mlm = MLMHead(cfg, rngs=rngs) if cfg.head == "mlm" else None

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fastserve.models.dropout import Dropout
 from fastserve.models.layers import constrain
 
 # Logical axes (fastserve.parallel.LOGICAL_RULES). The input kernel's feature axis is `embed` (→ fsdp): it is used
@@ -209,8 +210,8 @@ class RNN(nnx.Module):
                 raise ValueError(f"{name} must be in [0, 1), got {rate}")
         self.cell = self.cell_type(in_features, units, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                                    **cell_kwargs)
-        self.dropout = nnx.Dropout(dropout, broadcast_dims=(1,))     # one mask per sequence, shared by the steps
-        self.recurrent_dropout = nnx.Dropout(recurrent_dropout)       # drawn as a [B, H] mask, once per call
+        self.dropout = Dropout(dropout, broadcast_dims=(1,))     # one mask per sequence, shared by the steps
+        self.recurrent_dropout = Dropout(recurrent_dropout)       # drawn as a [B, H] mask, once per call
         self.in_features, self.units = in_features, units
         self.return_sequences, self.return_state, self.go_backwards = return_sequences, return_state, go_backwards
         self.unroll, self.dtype, self.param_dtype = unroll, dtype, param_dtype

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fastserve.models.dropout import Dropout
 from fastserve.models.layers import Embed, Linear, RMSNorm, attention, constrain, dtype_of, rope
 
 ACT = ("batch", "seq", "embed")
@@ -144,7 +145,7 @@ class EncoderBlock(nnx.Module):
     def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
         self.attn_norm, self.attn = _norm(cfg), MultiHeadAttention(cfg, cfg.n_encoder_layers, rngs=rngs)
         self.mlp_norm, self.mlp = _norm(cfg), MLP(cfg, cfg.n_encoder_layers, rngs=rngs)
-        self.drop = nnx.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def __call__(self, x, pos, src_mask, rngs):
         h = self.attn_norm(x)
@@ -158,7 +159,7 @@ class DecoderBlock(nnx.Module):
         self.self_norm, self.self_attn = _norm(cfg), MultiHeadAttention(cfg, n, rngs=rngs)
         self.cross_norm, self.cross_attn = _norm(cfg), MultiHeadAttention(cfg, n, rngs=rngs)
         self.mlp_norm, self.mlp = _norm(cfg), MLP(cfg, n, rngs=rngs)
-        self.drop = nnx.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.cross_rope = cfg.cross_attention_rope
 
     def __call__(self, x, pos, memory, src_pos, src_mask, rngs):
@@ -208,7 +209,7 @@ class Seq2Seq(nnx.Module):
         self.lm_head = None if cfg.tie_embeddings else Linear(
             cfg.d_model, target_vocab, ("embed", "vocab"), rngs=rngs, dtype=dt, param_dtype=pdt,
             init_std=cfg.init_std)
-        self.drop = nnx.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def encode(self, src: jax.Array, src_mask: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         """The memory [B, S, d_model]: the encoder output (rows at padding positions are never attended to)."""

@@ -35,6 +35,7 @@ from fastserve.layers.core import _Pool2D
 from fastserve.layers.recurrent import _Recurrent
 from fastserve.models import recurrent
 from fastserve.models.cnn import KERNEL_AXES, NORM_AXES
+from fastserve.models.dropout import Dropout
 from fastserve.models.layers import dtype_of, matmul, pool2d
 
 DENSE_AXES = ("dense_in", "dense_out")
@@ -195,7 +196,7 @@ class EmbeddingLayer(nnx.Module):
 
 class DropoutLayer(nnx.Module):
     def __init__(self, spec: L.Dropout):
-        self.dropout = nnx.Dropout(spec.rate)        # no rngs here: the train step passes them to __call__
+        self.dropout = Dropout(spec.rate)        # no rngs here: the train step passes them to __call__
 
     def __call__(self, x, rngs=None, **_):
         return self.dropout(x, rngs=rngs)
