@@ -6,9 +6,9 @@ sentences, interleaved in one run.
     python experiments/bench_embed.py --quick    # 256 verses, 2 rounds (about a minute)
 
 Both sides do the same work per round: tokenize (WordPiece; [CLS] … [SEP], cut at 256 tokens), sort by length,
-batches of 32 padded to their longest (transformers) or to the smallest bucket of 32/64/128/256 that fits
-(fastserve: one compiled program per bucket), encode, mean-pool over the mask, L2-normalize. Each side's compile /
-warm-up runs once before the timed rounds. A third side runs the same batches through the model's `forward` export
+batches of 32 padded to their longest (transformers) or to the smallest of fastserve's default buckets that
+fits (every 8 tokens to 64, 16 to 128, 32 to 256; one compiled program per bucket), encode, mean-pool over the
+mask, L2-normalize. Each side's compile / warm-up runs once before the timed rounds. A third side runs the same batches through the model's `forward` export
 (`jax.export`, one function per length bucket, loaded without the model code): it shows what an export costs
 against the in-process runner. Reports sentences/s per side (median round), the ratios, and the cosine between
 the sides' embeddings (minimum over the sentences). Sentences: verses of the KJV (Debian
@@ -33,11 +33,12 @@ from provenance import provenance  # noqa: E402  (experiments/: the script's own
 
 from fastserve.config import load_config  # noqa: E402
 from fastserve.data.packages import MissingPackage  # noqa: E402
-from fastserve.generation.encoders import EncoderRunner  # noqa: E402
+from fastserve.generation.encoders import DEFAULT_BUCKETS, EncoderRunner  # noqa: E402
 from fastserve.workdir import load_model, resolve_path  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "minilm.yaml")
-MAX_LEN, BATCH, BUCKETS = 256, 32, (32, 64, 128, 256)
+MAX_LEN, BATCH = 256, 32
+BUCKETS = tuple(b for b in DEFAULT_BUCKETS if b <= MAX_LEN)   # the runner's defaults (embed.buckets)
 
 
 def sentences(n: int) -> list[str]:

@@ -191,7 +191,9 @@ class EmbedConfig:
     texts_file: str = ""           # one text per line
     out: str = ""                  # a JSONL file (one object per text); empty: standard output
     batch_size: int = 32           # texts per compiled batch (sorted by length first, so batches pad little)
-    buckets: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # input lengths padded to these
+    buckets: list[int] = field(default_factory=lambda: [16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224,
+                                                        256, 320, 384, 448, 512])  # input lengths padded to
+                                   # these (generation/encoders.py DEFAULT_BUCKETS: why so many; each compiles on use)
     max_len: int = 0               # tokens per input with [CLS] and [SEP]; longer inputs are cut; 0: model.max_seq_len
 
     def checks(self):
