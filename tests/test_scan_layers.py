@@ -185,10 +185,13 @@ def test_bfloat16_training_tracks_float32_for_50_steps():
     assert {x.dtype for x in jax.tree.leaves(state["opt_state"]) if jnp.ndim(x)} == {jnp.dtype(jnp.float32)}
 
 
-@pytest.mark.parametrize("value, policy", [(True, "full"), (False, "none"), ("dots_saveable", "dots_saveable")])
+@pytest.mark.parametrize("value, policy", [(True, "full"), (False, "none"), ("dots_saveable", "dots_saveable"),
+                                           ("auto", "none")])
 def test_remat_accepts_the_old_boolean(value, policy):
     from fastserve.models.decoder import remat_policy_name
     assert remat_policy_name(value) == policy
+    # auto stores only matmul outputs under the scan (explicit choices are kept as given)
+    assert remat_policy_name(value, scanned=True) == ("dots_saveable" if value == "auto" else policy)
     problems = dict(DecoderConfig(**{**SHAPE, "remat": "some"}).checks())
     assert "remat" in problems and "dots_saveable" in problems["remat"]
 
