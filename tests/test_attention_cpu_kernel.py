@@ -6,7 +6,6 @@ kernel; `fused` asked for by name refuses what it cannot run, naming why."""
 from __future__ import annotations
 
 import ctypes
-import platform
 
 import jax
 import jax.numpy as jnp
@@ -16,24 +15,7 @@ import pytest
 from fastserve.kernels import build
 from fastserve.kernels.attention import padded_attention, padded_attention_kernel
 from fastserve.models.layers import attention
-
-
-@pytest.fixture(scope="module")
-def lib():
-    loaded = build.load()
-    if loaded is None:
-        pytest.fail(f"the kernel did not build here: {build.status()}")  # CI has g++: the kernel must work there
-    return loaded
-
-
-def _variants():
-    return ["generic"] + (["avx2", "avx512"] if platform.machine().lower() in ("x86_64", "amd64") else [])
-
-
-def _cpu_has(isa: str) -> bool:
-    flags = open("/proc/cpuinfo").read()
-    return {"generic": True, "avx2": " avx2" in flags and " fma" in flags,
-            "avx512": " avx512f" in flags and " avx512bw" in flags and " avx512vl" in flags}[isa]
+from kernel_isa import cpu_has, lib, variants  # noqa: F401  (lib: a fixture)
 
 
 def _reference(q, k, v, seen, g):
@@ -76,9 +58,9 @@ def _cases(rng):
     yield (11, 30, 32, 2, padded(30, 25), lo, (lo + rng.integers(-3, 20, 11)).astype(np.int32))
 
 
-@pytest.mark.parametrize("isa", _variants())
+@pytest.mark.parametrize("isa", variants())
 def test_every_variant_equals_the_float64_reference(lib, isa):
-    if not _cpu_has(isa):
+    if not cpu_has(isa):
         pytest.skip(f"this CPU cannot run the {isa} variant")
     fwd = getattr(lib.handle, f"fastserve_attention_fwd_{isa}")
     bwd = getattr(lib.handle, f"fastserve_attention_bwd_{isa}")

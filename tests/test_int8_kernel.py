@@ -25,6 +25,7 @@ from fastserve.kernels import (build, dequantize, int8_matmul, int8_matmul_kerne
                                int8_matmul_nt_kernel, int8_matmul_xla)
 from fastserve.models.compressed import QuantizedLinear, quantize_int8
 from fastserve.parallel import make_mesh
+from kernel_isa import cpu_has, lib, variants  # noqa: F401  (lib: a fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (rows, K, N): K and N not multiples of 8 or 16, one N below a vector, rows 1 and 7 (4 + 2 + 1 row blocks)
@@ -47,31 +48,9 @@ def _reference(x, q, scale, group):
     return np.asarray(x, np.float64) @ (q.astype(np.float64) * per_row)
 
 
-@pytest.fixture(scope="module")
-def lib():
-    loaded = build.load()
-    if loaded is None:
-        pytest.fail(f"the kernel did not build here: {build.status()}")  # CI has g++: the kernel must work there
-    return loaded
-
-
-def _variants():
-    names = ["generic"]
-    if build.platform.machine().lower() in ("x86_64", "amd64"):
-        import fastserve.kernels.build as b
-        names += [v[0] for v in b.X86_VARIANTS]
-    return names
-
-
-def _cpu_has(isa: str) -> bool:
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    return {"generic": True, "avx2": " avx2" in flags and " fma" in flags,
-            "avx512": " avx512f" in flags and " avx512bw" in flags and " avx512vl" in flags}[isa]
-
-
-@pytest.mark.parametrize("isa", _variants())
+@pytest.mark.parametrize("isa", variants())
 def test_every_tile_variant_equals_dequantize_then_dot(lib, isa):
-    if not _cpu_has(isa):
+    if not cpu_has(isa):
         pytest.skip(f"this CPU cannot run the {isa} variant")
     tile = getattr(lib.handle, f"fastserve_int8_tile_{isa}")
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
@@ -91,10 +70,10 @@ def test_every_tile_variant_equals_dequantize_then_dot(lib, isa):
                                        err_msg=f"{isa} rows={rows} K={k} N={n} group={group}")
 
 
-@pytest.mark.parametrize("isa", _variants())
+@pytest.mark.parametrize("isa", variants())
 def test_every_row_variant_equals_the_transposed_reference(lib, isa):
     """The tied-head form: x @ (W [N, K] × scale [N])ᵀ, K with and without a vector-width remainder."""
-    if not _cpu_has(isa):
+    if not cpu_has(isa):
         pytest.skip(f"this CPU cannot run the {isa} variant")
     rows_fn = getattr(lib.handle, f"fastserve_int8_rows_{isa}")
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731

@@ -9,8 +9,6 @@
 // in memory. Items are shared between the calling thread and XLA's intra-op pool.
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <string>
 #include <thread>
@@ -36,6 +34,7 @@ typedef bool (*BwdFn)(const float*, const float*, const float*, const int32_t*, 
                                      const int32_t*, const float*, const float*, const float*, float*, float*,  \
                                      float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, float*);
 FS_DECLARE(generic)
+int fastserve_isa_level();
 #if defined(__x86_64__)
 FS_DECLARE(avx512)
 FS_DECLARE(avx2)
@@ -49,20 +48,15 @@ struct AttentionIsa {
   BwdFn bwd;
 };
 
-// The widest variant this CPU runs (FASTSERVE_INT8_ISA narrows it, as for the int8 kernels).
+// The variant int8_ffi.cc's fastserve_isa_level picks for the whole library.
 AttentionIsa pick() {
-  const char* want = std::getenv("FASTSERVE_INT8_ISA");
-  const bool any = !want || !*want;
+  switch (fastserve_isa_level()) {
 #if defined(__x86_64__)
-  __builtin_cpu_init();
-  if ((any || !std::strcmp(want, "avx512")) && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-    return {fastserve_attention_fwd_avx512, fastserve_attention_bwd_avx512};
-  if ((any || !std::strcmp(want, "avx512") || !std::strcmp(want, "avx2")) && __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma"))
-    return {fastserve_attention_fwd_avx2, fastserve_attention_bwd_avx2};
+    case 2: return {fastserve_attention_fwd_avx512, fastserve_attention_bwd_avx512};
+    case 1: return {fastserve_attention_fwd_avx2, fastserve_attention_bwd_avx2};
 #endif
-  return {fastserve_attention_fwd_generic, fastserve_attention_bwd_generic};
+    default: return {fastserve_attention_fwd_generic, fastserve_attention_bwd_generic};
+  }
 }
 
 const AttentionIsa& chosen() {

@@ -35,6 +35,23 @@ void fastserve_int8_rows_avx2(const float*, const int8_t*, const float*, float*,
 #endif
 }
 
+// The instruction-set variant every kernel of the library runs (2 = AVX-512, 1 = AVX2, 0 = generic): the widest this
+// CPU supports, narrowed by FASTSERVE_INT8_ISA=avx2|generic. Shared with attention_ffi.cc.
+extern "C" int fastserve_isa_level() {
+  const char* want = std::getenv("FASTSERVE_INT8_ISA");
+  const bool any = !want || !*want;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if ((any || !std::strcmp(want, "avx512")) && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    return 2;
+  if ((any || !std::strcmp(want, "avx512") || !std::strcmp(want, "avx2")) && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma"))
+    return 1;
+#endif
+  return 0;
+}
+
 namespace {
 
 struct Isa {
@@ -46,18 +63,13 @@ struct Isa {
 // The widest tile code this CPU runs; FASTSERVE_INT8_ISA=avx2|generic asks for a narrower one (tests use it to
 // check every variant on one machine).
 Isa pick_isa() {
-  const char* want = std::getenv("FASTSERVE_INT8_ISA");
-  const bool any = !want || !*want;
+  switch (fastserve_isa_level()) {
 #if defined(__x86_64__)
-  __builtin_cpu_init();
-  if ((any || !std::strcmp(want, "avx512")) && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-    return {fastserve_int8_tile_avx512, fastserve_int8_rows_avx512, "avx512"};
-  if ((any || !std::strcmp(want, "avx512") || !std::strcmp(want, "avx2")) && __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma"))
-    return {fastserve_int8_tile_avx2, fastserve_int8_rows_avx2, "avx2"};
+    case 2: return {fastserve_int8_tile_avx512, fastserve_int8_rows_avx512, "avx512"};
+    case 1: return {fastserve_int8_tile_avx2, fastserve_int8_rows_avx2, "avx2"};
 #endif
-  return {fastserve_int8_tile_generic, fastserve_int8_rows_generic, "generic"};
+    default: return {fastserve_int8_tile_generic, fastserve_int8_rows_generic, "generic"};
+  }
 }
 
 const Isa& isa() {
