@@ -110,12 +110,6 @@ def unsupported(dtype, head_dim: int, n_heads: int, n_kv_heads: int) -> str | No
     return None
 
 
-def supports(q: jax.Array, k: jax.Array) -> bool:
-    """Whether the kernel takes these inputs and is available here (`unsupported` says why not)."""
-    dtype = q.dtype if k.dtype == q.dtype else jnp.result_type(q, k)
-    return unsupported(dtype, q.shape[-1], q.shape[2], k.shape[2]) is None
-
-
 def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_valid: jax.Array, *, strict: bool = False) -> jax.Array:
     """Bidirectional attention over the valid keys: the kernel on CPU, `layers.attention` elsewhere (one traced
     function holds both, so a multi-platform export keeps each) and for inputs the kernel does not take.
