@@ -29,12 +29,14 @@ DISTILL_LR = 3e-5   # 1e-4 first disturbed the pretrained weights (1.51x -> 1.86
 DISTILL_CALIB = 512  # the student: whitened 0.8 calibrated as the default does now (1.42x before training)
 
 
-def add_distillation(record_only: bool = False) -> int:
+def add_distillation(record_only: bool = False, steps: int = DISTILL_STEPS, extend: bool = False) -> int:
     """Recovery by distillation, the fair design: the whitened 0.8 model (student) trained on the *training* split to
     match the original dense model's token distributions (train.task=distill, alpha 1: KL only, temperature 1), so
     it cannot gain from adapting to the corpus the way plain fine-tuning does (the control row shows how much that
     is); compared against the original dense model on the held-out split every DISTILL_EVAL_EVERY steps.
-    `record_only`: record the curve of an earlier (possibly stopped) run from its metrics, without training."""
+    `record_only`: record the curve of an earlier (possibly stopped) run from its metrics, without training.
+    `extend`: continue an earlier run to `steps` (the trainer resumes from its last checkpoint, optimizer state
+    included, at the same constant rate) instead of starting over."""
     import dataclasses
     import shutil
 
@@ -51,14 +53,14 @@ def add_distillation(record_only: bool = False) -> int:
     loaded = load_model(cfg)
     for d, specs in ((teacher, [{"lowrank": {"include": bench.KERNELS, "rank_ratio": 1.0}}]),  # ratio 1: kept dense
                      (student, _calibrated(bench.spec(0.8, "whitened"), DISTILL_CALIB))):
-        if _untrained_workdir(d):   # written by an earlier attempt and never trained: the same bytes again
-            print(f"reusing {d}", flush=True)
+        if _untrained_workdir(d) or (extend and d == student and _trained_workdir(d)):
+            print(f"reusing {d}", flush=True)   # the same bytes again, or the run to continue
             continue
         shutil.rmtree(d, ignore_errors=True)
         compress(dataclasses.replace(cfg, transforms=specs), d, heldout=False, decode_tokens=0, loaded=loaded,
                  before={})
     del loaded
-    _distill(student, teacher)
+    _distill(student, teacher, steps)
     return _record_distillation(out, path, student)
 
 
@@ -66,17 +68,17 @@ def _calibrated(specs: list[dict], sequences: int) -> list[dict]:
     return [{"lowrank": {**x["lowrank"], "calibration": {"sequences": sequences}}} for x in specs]
 
 
-def _distill(student: str, teacher: str) -> None:
+def _distill(student: str, teacher: str, steps: int) -> None:
     from fastserve.config import load_config as load
     from fastserve.core.trainer import train
 
     train(load(os.path.join(student, "config.yaml"), [
         "train.task.name=distill", f"train.task.teacher={teacher}", "train.task.alpha=1.0",
         "train.task.temperature=1.0",
-        f"train.steps={DISTILL_STEPS}", f"train.eval_every={DISTILL_EVAL_EVERY}",
+        f"train.steps={steps}", f"train.eval_every={DISTILL_EVAL_EVERY}",
         f"train.eval_batches={bench.EVAL_BATCHES}",
         f"optimizer.learning_rate={DISTILL_LR}", "optimizer.warmup_steps=2", "optimizer.schedule=constant",
-        "train.grad_accum=1", f"checkpoint.every={DISTILL_STEPS}", "log.progress=false", "log.tensorboard=false",
+        "train.grad_accum=1", f"checkpoint.every={DISTILL_EVAL_EVERY}", "log.progress=false", "log.tensorboard=false",
         "train.task.samples=0"]))
 
 
@@ -109,6 +111,10 @@ def _untrained_workdir(path: str) -> bool:
     ckpts = os.path.join(path, "checkpoints")
     return (os.path.isfile(os.path.join(path, "config.yaml")) and os.path.isdir(ckpts)
             and os.listdir(ckpts) == ["0"] and not os.path.exists(os.path.join(path, "metrics.jsonl")))
+
+
+def _trained_workdir(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "metrics.jsonl")) and os.path.isfile(os.path.join(path, "config.yaml"))
 
 
 # (calibration sequences, [(allocation, floor)]): one calibration's spectra are shared by its allocations
