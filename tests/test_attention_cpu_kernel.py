@@ -206,3 +206,33 @@ def test_bad_attention_name_is_a_config_error():
 
     problems = dict(EncoderConfig(attention="flash").checks())
     assert "attention" in problems and "auto, xla, fused" in problems["attention"]
+
+
+def test_remat_keeps_the_kernel_output_instead_of_running_it_twice(lib):
+    """Scanned layers with `remat: dots_saveable` (what `auto` picks under the scan): the backward pass reads the
+    saved kernel output and log-sum-exp rather than calling the forward kernel again (one forward call in the whole
+    differentiated program, not two), and the gradients equal the per-layer model without remat."""
+    from flax import nnx
+
+    from fastserve.models import build_model
+    from fastserve.models.decoder import DecoderConfig
+    from fastserve.models.layer_stack import stack_layers
+
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 40, (2, 19)), jnp.int32)
+    grads = {}
+    for scanned, remat in ((False, "none"), (True, "dots_saveable")):
+        cfg = DecoderConfig(vocab_size=40, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=32,
+                            attention="fused", scan_layers=scanned, remat=remat)
+        with nnx.use_eager_sharding(False):
+            graphdef, state = nnx.split(build_model(cfg, nnx.Rngs(0)))
+
+        def loss(state):
+            return jnp.mean(nnx.merge(graphdef, state)(tokens)[0] ** 2)
+        if scanned:
+            program = str(jax.make_jaxpr(jax.grad(loss))(state))
+            assert program.count(f"target_name={build.ATTENTION_FWD_TARGET}") == 1, "the kernel ran again in backward"
+            assert program.count(f"target_name={build.ATTENTION_BWD_TARGET}") == 1
+        grads[scanned] = jax.grad(loss)(state)
+    per_layer = nnx.to_pure_dict(grads[False])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6),
+                 stack_layers(per_layer), nnx.to_pure_dict(grads[True]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from fastserve.kernels import build
 
@@ -32,8 +33,14 @@ def _attention(q, k, v, valid, lo, hi):
     return _call_fwd(q, k, v, valid, lo, hi)[0]
 
 
+# Names for the forward's outputs, so that a remat policy can keep them (models/decoder.py REMAT_POLICIES):
+# `dots_saveable` alone sees an opaque custom call and recomputes the whole kernel in the backward pass.
+SAVEABLE_NAMES = ("attention_kernel_out", "attention_kernel_lse")
+
+
 def _attention_fwd(q, k, v, valid, lo, hi):
     o, lse = _call_fwd(q, k, v, valid, lo, hi)
+    o, lse = (checkpoint_name(x, name) for x, name in zip((o, lse), SAVEABLE_NAMES))
     return o, (q, k, v, valid, lo, hi, o, lse)
 
 

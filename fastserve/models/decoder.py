@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fastserve.kernels.attention import SAVEABLE_NAMES
 from fastserve.models.attention_kernels import causal_attention, check_attention
 from fastserve.models.layers import Embed, Linear, RMSNorm, attention, constrain, dtype_of, rope
 
@@ -160,8 +161,12 @@ class Block(nnx.Module):
 # auto: dots_saveable under lax.scan, where every stored activation is written into a [layers, …] stack and read
 # back (23M decoder of experiments/bench_train.py, 2-core CPU, same run: 1.57 s/step against 1.66 with none), and
 # none per layer, where XLA keeps what it likes (1.54 against 1.63 with dots_saveable). Same loss to the bit.
+# dots_saveable also keeps the fused attention kernel's output and log-sum-exp (a matmul-like result XLA cannot see
+# into): recomputing the kernel in the backward pass costs a second forward attention per layer.
 REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
-                  "dots_saveable": jax.checkpoint_policies.dots_saveable}
+                  "dots_saveable": jax.checkpoint_policies.save_from_both_policies(
+                      jax.checkpoint_policies.dots_saveable,
+                      jax.checkpoint_policies.save_only_these_names(*SAVEABLE_NAMES))}
 
 
 def remat_policy_name(remat: str | bool, scanned: bool = False) -> str:
