@@ -150,13 +150,15 @@ def test_export_applies_the_config_transforms(base, tmp_path):
     np.testing.assert_allclose(np.asarray(m.prefill(tokens, lengths)[0]), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
-def test_imported_bpe_model_compresses(tmp_path):
+def test_imported_bpe_model_compresses(tmp_path, capsys):
     from test_interop import write_tiny_hf_llama
 
     write_tiny_hf_llama(tmp_path / "hf", tied=True)
     out = tmp_path / "out"
     assert compress_main(["--out", str(out), "--decode-tokens", "4", "source.kind=hf", f"source.path={tmp_path / 'hf'}",
                           "mesh.data=1", 'transforms=[{lowrank: {include: "mlp.*", rank: 4}}]']) == 0
+    # the recovery hint for pretrained weights carries a fine-tuning rate, not the from-scratch defaults
+    assert "train.steps=N optimizer.learning_rate=3e-5" in capsys.readouterr().out
     assert (out / BPE_TOKENIZER_FILE).is_file() and not (out / "tokenizer.model").exists()
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["heldout"] is None and "loss" not in report["after"] and report["ratio"]["parameters"] < 1

@@ -325,7 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if report["inference_only"]:
         print("int8 layers: inference-only (generate / export / serve); fine-tune before quantizing")
     else:
-        print(f"recover: python -m fastserve.train --config {os.path.join(args.out, 'config.yaml')} train.steps=N")
+        # imported pretrained weights: the optimizer defaults (3e-3, 50 warm-up steps) are for training from scratch
+        # and would wreck them; the rate that recovered SmolLM2-135M is in docs/compression.md
+        gentle = (" optimizer.learning_rate=3e-5 optimizer.warmup_steps=2 optimizer.schedule=constant"
+                  if report["source"]["kind"] in ("gguf", "hf") else "")
+        print(f"recover: python -m fastserve.train --config {os.path.join(args.out, 'config.yaml')} "
+              f"train.steps=N{gentle}")
     return 0
 
 
