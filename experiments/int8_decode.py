@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -139,6 +141,17 @@ def llama_cpp_rows(cfg: Any, prompt_ids: list[int], rounds: int, tokens: int) ->
         params.allow_requantize = True
         if llama_cpp.llama_model_quantize(q4_1.encode(), q8_0.encode(), params) != 0:
             return {"skipped": "llama.cpp could not requantize the GGUF to Q8_0"}
+    extra_bufts, note = _llama_extra_buffer_types(q8_0)
+    if not extra_bufts:
+        # the model parameters every Llama() starts from: without the extra buffer types (AMX, repacked weights)
+        default_params = llama_cpp.llama_model_default_params
+
+        def plain_buffers() -> Any:
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama.llama_cpp.llama_model_default_params = plain_buffers
     out = []
     for quant, path in (("Q8_0", q8_0), ("Q4_1", q4_1)):
         llm = llama_cpp.Llama(model_path=path, n_threads=2, n_threads_batch=2, n_ctx=256, verbose=False)
@@ -155,7 +168,24 @@ def llama_cpp_rows(cfg: Any, prompt_ids: list[int], rounds: int, tokens: int) ->
             steps.append(statistics.median(times))
         out.append({"quant": quant, "bytes": os.path.getsize(path), "decode_b1_tokens_per_s": 1 / statistics.median(steps),
                     "decode_b1_step_s": [round(s, 5) for s in steps]})
-    return {"version": llama_cpp.__version__, "threads": 2, "rows": out}
+    if not extra_bufts:
+        llama_cpp.llama.llama_cpp.llama_model_default_params = default_params
+    return {"version": llama_cpp.__version__, "threads": 2, "extra_buffer_types": extra_bufts, "note": note,
+            "rows": out}
+
+
+def _llama_extra_buffer_types(gguf: str) -> tuple[bool, str]:
+    """Whether llama.cpp evaluates with its extra CPU buffer types (AMX tiles, repacked weights), probed in a child
+    process: where the CPU reports AMX but the machine faults on its tile instructions (seen on a VM here: a general
+    protection fault at `ldtilecfg` killed the benchmark), the peer runs without them and the result says so."""
+    probe = ("import llama_cpp; llm = llama_cpp.Llama(model_path=%r, n_threads=1, n_ctx=64, verbose=False); "
+             "llm.eval([1, 2, 3, 4])" % gguf)
+    child = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=300)
+    if child.returncode == 0:
+        return True, "default buffer types"
+    return False, (f"llama.cpp with its extra buffer types died on this machine (exit {child.returncode}; AMX tile "
+                   "instructions fault on some VMs): measured with use_extra_bufts=false, which also drops its "
+                   "repacked-weight kernels")
 
 
 def write_markdown(out: dict, path: str) -> None:
@@ -180,6 +210,8 @@ def write_markdown(out: dict, path: str) -> None:
         for p in peers["rows"]:
             lines.append(f"| llama.cpp {peers['version']} {p['quant']}, {peers['threads']} threads | "
                          f"{p['bytes'] / 2**20:.1f} MiB | - | - | {p['decode_b1_tokens_per_s']:.1f} | - | - | - |")
+        if not peers.get("extra_buffer_types", True):
+            lines += ["", f"llama.cpp: {peers['note']}."]
     else:
         lines += ["", f"llama.cpp: skipped — {peers['skipped']}."]
     g = out["goal"]
