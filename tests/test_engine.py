@@ -60,11 +60,22 @@ def alone(model):
     return ref
 
 
-def make_engine(model, scheduler="fcfs", **kw):
+def make_engine(model, scheduler="fcfs", engine_cls=Engine, **kw):
     graphdef, params, model_cfg, mesh = model
     custom = kw.pop("scheduler_obj", None)
     cfg = ServeConfig(slots=2, buckets=BUCKETS, max_cache_len=48, scheduler=scheduler, **kw)
-    return Engine(graphdef, params, model_cfg, cfg, mesh=mesh, stop_ids=[], scheduler=custom)
+    return engine_cls(graphdef, params, model_cfg, cfg, mesh=mesh, stop_ids=[], scheduler=custom)
+
+
+class EvenProfileEngine(Engine):
+    """Every bucket's profiled prefill costs one profiled decode step, so under `iteration_cost: profiled` MLFQ's
+    decisions do not depend on how loaded the machine was while profiling: new jobs join level 0 and the running
+    ones, demoted after their first step, are preempted by them."""
+
+    def _warm_and_profile(self, repeats: int = 3):
+        profile = super()._warm_and_profile(repeats)
+        profile["prefill_s"] = {bucket: profile["decode_s"] for bucket in profile["prefill_s"]}
+        return profile
 
 
 _TRACES_AND_COMPILES: list[str] = []
@@ -90,8 +101,8 @@ def check_greedy_equals_alone(reqs, alone):
 def test_mlfq_under_heavy_preemption_with_offload_and_recompute_equals_alone(model, prompts, alone):
     # q0 = one profiled decode step and the scheduler charged the profile: 6 levels of tiny quanta, 2 slots,
     # one host KV slot (so evictions both offload and fall back to recompute)
-    eng = make_engine(model, "mlfq", mlfq_levels=6, mlfq_base_quantum_s=0.0, host_kv_slots=1, starvation_s=0.0,
-                      iteration_cost="profiled")
+    eng = make_engine(model, "mlfq", EvenProfileEngine, mlfq_levels=6, mlfq_base_quantum_s=0.0, host_kv_slots=1,
+                      starvation_s=0.0, iteration_cost="profiled")
     programs = compiled_programs()
     reqs = eng.generate(requests(prompts), timeout=120)
     assert compiled_programs() == programs                  # every bucket and slot served by start-up programs
@@ -214,7 +225,7 @@ def test_seeded_sampling_is_reproducible_per_request_whatever_the_slot(model, pr
     assert crowd[1].output == alone and twins[0].output == alone and twins[1].output == alone
     assert other != alone
     # ... and under MLFQ preemption with offload / recompute
-    mlfq = make_engine(model, "mlfq", mlfq_levels=6, host_kv_slots=1, iteration_cost="profiled")
+    mlfq = make_engine(model, "mlfq", EvenProfileEngine, mlfq_levels=6, host_kv_slots=1, iteration_cost="profiled")
     mixed = mlfq.generate([Request(p, seed=7, **kw) for p in prompts[:4]], timeout=120)
     assert mixed[0].output == alone and mlfq.stats()["preemptions"] > 0
 
