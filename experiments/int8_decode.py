@@ -142,33 +142,35 @@ def llama_cpp_rows(cfg: Any, prompt_ids: list[int], rounds: int, tokens: int) ->
         if llama_cpp.llama_model_quantize(q4_1.encode(), q8_0.encode(), params) != 0:
             return {"skipped": "llama.cpp could not requantize the GGUF to Q8_0"}
     extra_bufts, note = _llama_extra_buffer_types(q8_0)
+    # every Llama() starts from llama_model_default_params(): without the extra buffer types where they fault
+    default_params = llama_cpp.llama.llama_cpp.llama_model_default_params
+
+    def plain_buffers() -> Any:
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
     if not extra_bufts:
-        # the model parameters every Llama() starts from: without the extra buffer types (AMX, repacked weights)
-        default_params = llama_cpp.llama_model_default_params
-
-        def plain_buffers() -> Any:
-            params = default_params()
-            params.use_extra_bufts = False
-            return params
-
         llama_cpp.llama.llama_cpp.llama_model_default_params = plain_buffers
-    out = []
-    for quant, path in (("Q8_0", q8_0), ("Q4_1", q4_1)):
-        llm = llama_cpp.Llama(model_path=path, n_threads=2, n_threads_batch=2, n_ctx=256, verbose=False)
-        steps = []
-        for _ in range(rounds):
-            llm.reset()
-            llm.eval(list(prompt_ids))
-            times = []
-            for _ in range(tokens):
-                tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-                t = time.perf_counter()
-                llm.eval([tok])
-                times.append(time.perf_counter() - t)
-            steps.append(statistics.median(times))
-        out.append({"quant": quant, "bytes": os.path.getsize(path), "decode_b1_tokens_per_s": 1 / statistics.median(steps),
-                    "decode_b1_step_s": [round(s, 5) for s in steps]})
-    if not extra_bufts:
+    try:
+        out = []
+        for quant, path in (("Q8_0", q8_0), ("Q4_1", q4_1)):
+            llm = llama_cpp.Llama(model_path=path, n_threads=2, n_threads_batch=2, n_ctx=256, verbose=False)
+            steps = []
+            for _ in range(rounds):
+                llm.reset()
+                llm.eval(list(prompt_ids))
+                times = []
+                for _ in range(tokens):
+                    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                    t = time.perf_counter()
+                    llm.eval([tok])
+                    times.append(time.perf_counter() - t)
+                steps.append(statistics.median(times))
+            out.append({"quant": quant, "bytes": os.path.getsize(path),
+                        "decode_b1_tokens_per_s": 1 / statistics.median(steps),
+                        "decode_b1_step_s": [round(s, 5) for s in steps]})
+    finally:
         llama_cpp.llama.llama_cpp.llama_model_default_params = default_params
     return {"version": llama_cpp.__version__, "threads": 2, "extra_buffer_types": extra_bufts, "note": note,
             "rows": out}
