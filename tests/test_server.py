@@ -425,3 +425,31 @@ def _until(cond, timeout=10.0):
     while not cond():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def test_ignore_eos_generates_max_tokens_through_a_stop_token(loaded, reference):
+    """vLLM's `ignore_eos`: a stop token ends a choice unless the request asks to ignore it (benchmarks that
+    need exact output lengths send it). A server whose stop id is the second greedy token of the prompt stops
+    there by default, and with ignore_eos generates max_tokens, equal to the free-running greedy tokens."""
+    from fastserve.interop.tokenizer import BPETokenizer
+    ids = loaded.tokenizer.encode(PROMPTS[1])
+    free = reference(ids)
+    assert len(free) == MAX_NEW and 2 not in free, "the prompt must run to max_tokens under the fixture's stop id"
+    stop = free[1]
+    tok = BPETokenizer(train_tiny_bpe(), bos_id=1, eos_id=2, pad_id=0, chat_template=CHATML, stop_ids=[stop])
+    stopping = dataclasses.replace(loaded, tokenizer=tok)
+    cfg = ServeConfig(slots=1, buckets=BUCKETS, max_cache_len=96, max_new_tokens_limit=LIMIT, port=0)
+    srv = Server(Engine.from_loaded(stopping, cfg), stopping, cfg, model_name=NAME).start()
+    try:
+        body = {"model": NAME, "prompt": ids, "max_tokens": MAX_NEW, "temperature": 0}
+        status, _, plain = request(srv, "POST", "/v1/completions", body)
+        assert status == 200
+        assert (plain["choices"][0]["finish_reason"], plain["usage"]["completion_tokens"]) == ("stop", 2)
+        status, _, ignored = request(srv, "POST", "/v1/completions", {**body, "ignore_eos": True})
+        assert status == 200
+        assert (ignored["choices"][0]["finish_reason"], ignored["usage"]["completion_tokens"]) == ("length", MAX_NEW)
+        assert ignored["choices"][0]["text"] == tok.decode(free)
+        status, _, bad = request(srv, "POST", "/v1/completions", {**body, "ignore_eos": "yes"})
+        assert status == 400 and bad["error"]["param"] == "ignore_eos"
+    finally:
+        srv.stop()

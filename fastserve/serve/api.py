@@ -126,6 +126,7 @@ class Sampling:
     top_k: int = 0
     seed: int = 0
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False        # vLLM's extension: generate max_tokens whatever end-of-text tokens come
 
 
 @dataclass
@@ -196,7 +197,7 @@ def _sampling(body: dict, max_tokens_limit: int, chat: bool) -> Sampling:
         raise _invalid("stop", f"'stop' has {len(stop)} strings; at most {_MAX_STOP_STRINGS} are allowed")
     if any(s == "" for s in stop):
         raise _invalid("stop", "'stop' strings must not be empty")
-    return Sampling(max_tokens, temperature, top_p, top_k, seed, list(stop))
+    return Sampling(max_tokens, temperature, top_p, top_k, seed, list(stop), _bool(body, "ignore_eos", False))
 
 
 def _common(body: dict, chat: bool, max_tokens_limit: int) -> ParsedRequest:

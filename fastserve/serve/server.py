@@ -158,6 +158,7 @@ class Server(HTTPService):
                 pass
 
         choices: list[_Choice] = []
+        stop_ids = [] if s.ignore_eos else self.stop_ids
         for i, ids in enumerate(prompts):
             max_new = s.max_tokens
             if max_new is None:
@@ -169,14 +170,14 @@ class Server(HTTPService):
                 self.metrics.observe(r)
                 put((i, None))
             req = Request(ids, max_new_tokens=max_new, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                          seed=s.seed, stop_ids=self.stop_ids, on_token=lambda r, t, i=i: put((i, t)),
+                          seed=s.seed, stop_ids=stop_ids, on_token=lambda r, t, i=i: put((i, t)),
                           on_finish=on_finish)
             try:
                 eng.check(req)
             except ValueError as e:
                 raise APIError(400, str(e) + (f" (prompt {i})" if len(prompts) > 1 else ""), param=param,
                                code="invalid_value") from None
-            choices.append(_Choice(req, api.TextStream(self.tokenizer.decode, s.stop, self.stop_ids)))
+            choices.append(_Choice(req, api.TextStream(self.tokenizer.decode, s.stop, stop_ids)))
         try:        # the whole batch or nothing: a batch never holds queue places it then gives back
             self._in_flight.update(eng.submit_many([c.req for c in choices]))
         except ValueError as e:
