@@ -131,16 +131,12 @@ def llama_cpp_rows(cfg: Any, prompt_ids: list[int], rounds: int, tokens: int) ->
     except ImportError:
         return {"skipped": "llama-cpp-python is not installed: `pip install llama-cpp-python` builds it from its "
                            "sdist (CPU only; ~50 minutes on 2 loaded cores here); the peer rows need it"}
-    from fastserve.data.packages import cache_dir, resolve_path
+    from fastserve.data.packages import resolve_path
 
     q4_1 = resolve_path(cfg.source.path)
-    q8_0 = str(cache_dir("llama_cpp") / "SmolLM2-135M-Instruct.Q8_0-from-Q4_1.gguf")
-    if not os.path.exists(q8_0):
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-        params.allow_requantize = True
-        if llama_cpp.llama_model_quantize(q4_1.encode(), q8_0.encode(), params) != 0:
-            return {"skipped": "llama.cpp could not requantize the GGUF to Q8_0"}
+    q8_0 = q8_0_gguf(q4_1)
+    if q8_0 is None:
+        return {"skipped": "llama.cpp could not requantize the GGUF to Q8_0"}
     extra_bufts, note = _llama_extra_buffer_types(q8_0)
     # every Llama() starts from llama_model_default_params(): without the extra buffer types where they fault
     default_params = llama_cpp.llama.llama_cpp.llama_model_default_params
@@ -174,6 +170,21 @@ def llama_cpp_rows(cfg: Any, prompt_ids: list[int], rounds: int, tokens: int) ->
         llama_cpp.llama.llama_cpp.llama_model_default_params = default_params
     return {"version": llama_cpp.__version__, "threads": 2, "extra_buffer_types": extra_bufts, "note": note,
             "rows": out}
+
+
+def q8_0_gguf(q4_1: str) -> str | None:
+    """The shipped Q4_1 GGUF requantized to Q8_0 by llama.cpp (llama-cpp-python), cached; None when it fails."""
+    import llama_cpp
+
+    from fastserve.data.packages import cache_dir
+    q8_0 = str(cache_dir("llama_cpp") / "SmolLM2-135M-Instruct.Q8_0-from-Q4_1.gguf")
+    if not os.path.exists(q8_0):
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+        params.allow_requantize = True
+        if llama_cpp.llama_model_quantize(q4_1.encode(), q8_0.encode(), params) != 0:
+            return None
+    return q8_0
 
 
 def _llama_extra_buffer_types(gguf: str) -> tuple[bool, str]:

@@ -104,6 +104,27 @@ def test_sampling_rules():
     assert (again == draws).all() and not (other == draws).all()
 
 
+def test_sampling_rows_do_not_depend_on_their_batch_mates():
+    """Per-row keys: a plain sampling row (no top-k / top-p) draws the same token whether its batch is all plain
+    (the branch without the sort) or has a filtering row (the sort branch), and a greedy row is the argmax in
+    every branch; the filtering row keeps to its top-k."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(3, 500)).astype(np.float32) * 3)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(7), i))(jnp.arange(3))
+    temps = jnp.array([1.0, 0.0, 1.0])
+    plain = infer.sample(logits, keys, temps, jnp.zeros(3, jnp.int32), jnp.ones(3))
+    mixed = infer.sample(logits, keys, temps, jnp.array([0, 0, 5], jnp.int32), jnp.ones(3))
+    assert int(plain[0]) == int(mixed[0])
+    assert int(plain[1]) == int(mixed[1]) == int(jnp.argmax(logits[1]))
+    assert int(mixed[2]) in np.argsort(-np.asarray(logits[2]))[:5].tolist()
+    # over many keys the plain row's draws match across the two branches one for one
+    for i in range(20):
+        ks = jax.vmap(lambda j: jax.random.fold_in(jax.random.key(i), j))(jnp.arange(3))
+        a = infer.sample(logits, ks, temps, jnp.zeros(3, jnp.int32), jnp.ones(3))
+        b = infer.sample(logits, ks, temps, jnp.array([0, 0, 5], jnp.int32), jnp.array([1.0, 1.0, 0.9]))
+        assert int(a[0]) == int(b[0])
+
+
 def test_pad_prompts_errors():
     with pytest.raises(ValueError, match="longer than the largest bucket"):
         infer.pad_prompts([[1] * 20], buckets=(8, 16))

@@ -26,10 +26,33 @@ class SamplingParams:
 
 
 def sample(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """One token per row. logits [B, V] float32; temperature, top_k, top_p: [B] (per-row settings)."""
+    """One token per row. logits [B, V] float32; temperature, top_k, top_p: [B] (per-row settings); rng: one key
+    for the batch, or [B] keys (one per row: row i draws as a batch of one with key i).
+
+    Only the work some row needs runs: an all-greedy batch is an argmax, and the sort behind top-k / top-p runs
+    only when a sampling row filters (one `lax.switch` on the whole batch). The sort of a 49k vocabulary costs more
+    than a decode step of SmolLM2-135M on CPU (8 rows: ~40-80 ms vs ~60 ms)."""
     vocab = logits.shape[-1]
-    greedy = jnp.argmax(logits, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    sampling = temperature > 0
+    filtering = sampling & (((top_k > 0) & (top_k < vocab)) | (top_p < 1.0))
+
+    def draw(x: jax.Array) -> jax.Array:
+        if rng.ndim == 0:
+            return jax.random.categorical(rng, x, axis=-1).astype(jnp.int32)
+        return jax.vmap(lambda k, row: jax.random.categorical(k, row[None], axis=-1)[0])(rng, x).astype(jnp.int32)
+
+    branch = jnp.where(jnp.any(filtering), 2, jnp.where(jnp.any(sampling), 1, 0))
+    sampled = jax.lax.switch(branch, [lambda: greedy, lambda: draw(scaled),
+                                      lambda: draw(_top_k_top_p(scaled, top_k, top_p))])
+    return jnp.where(sampling, sampled, greedy)
+
+
+def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """scaled logits with everything outside each row's top-k and top-p set to -inf (k = 0 and p = 1 keep all
+    exactly, so a row that does not filter draws the same token whatever its batch-mates ask)."""
+    vocab = scaled.shape[-1]
     sorted_desc = -jnp.sort(-scaled, axis=-1)
     # top-k: keep logits >= the k-th largest (k = 0 keeps all)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
@@ -41,9 +64,8 @@ def sample(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     cutoff_idx = jnp.sum(mass_before < top_p[:, None], axis=-1) - 1
     cutoff = jnp.take_along_axis(sorted_desc, jnp.maximum(cutoff_idx, 0)[:, None], axis=-1)
-    scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
-    sampled = jax.random.categorical(rng, scaled, axis=-1)
-    return jnp.where(temperature <= 0, greedy, sampled).astype(jnp.int32)
+    cutoff = jnp.where(top_p[:, None] >= 1.0, -jnp.inf, cutoff)   # float rounding must not cut p = 1's tail
+    return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
 
 
 def prefill(model: nnx.Module, tokens: jax.Array, lengths: jax.Array, cache: Any) -> tuple[jax.Array, Any]:

@@ -25,8 +25,8 @@ from fastserve.serve.kv import cache_length, extract_rows, insert_rows
 def sample_rows(logits, seeds, counts, temperature, top_k, top_p):
     """infer.sample per row with the row's own key fold_in(key(seed), count)."""
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
-    one = lambda lg, k, t, tk, tp: infer.sample(lg[None], k, t[None], tk[None], tp[None])[0]  # noqa: E731
-    return jax.vmap(one)(logits, keys, temperature, top_k, top_p)
+    # one batched call, not a vmap of rows: the batch's sampling needs are decided once (see infer.sample)
+    return infer.sample(logits, keys, temperature, top_k, top_p)
 
 
 @functools.partial(jax.jit, static_argnums=0)
