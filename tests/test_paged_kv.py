@@ -20,6 +20,10 @@ NEW_TOKENS = [20, 12, 16, 24, 8, 24, 15, 20, 6]
 POSITION_BYTES = 2 * 2 * 2 * 12 * 4       # (k, v) × layers × kv_heads × head_dim × float32 bytes
 SLOT_BUDGET = 2 * MAX_LEN * POSITION_BYTES   # what the slot layout's 2 slots hold: 12 blocks of 8 positions
 
+_COMPILES: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, *_, **__: _COMPILES.append(name) if name.startswith("/jax/core/compile/") else None)
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -69,7 +73,10 @@ def test_paged_equals_slot_layout_at_the_same_bytes(model, prompts, slot_layout,
     eng = make_engine(model, slots=6, scheduler=scheduler, kv_cache_bytes=SLOT_BUDGET, kv_block=BLOCK,
                       host_kv_slots=host_kv_slots, iteration_cost="profiled", mlfq_base_quantum_s=0.0)
     assert eng.pool.alloc.num_blocks == 12 and eng.pool.nbytes == SLOT_BUDGET
+    assert eng.programs.widths == [1, 2, 3, 6]          # decode over 1, 2, 3 or all 6 blocks per slot
+    compiles = len(_COMPILES)
     outputs, most = run(eng, prompts)
+    assert len(_COMPILES) == compiles                   # every slot, width and row length compiled at start-up
     expected, slot_most = slot_layout
     assert slot_most == 2 and most > slot_most
     assert outputs == expected

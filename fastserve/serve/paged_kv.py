@@ -226,11 +226,13 @@ def without_pages(cache: list) -> list:
     return [{"k": layer["k"], "v": layer["v"]} for layer in cache]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
-def paged_decode_fn(graphdef, view_len, params, cache, pages, ints, floats):
-    """The masked decode step of every slot over the block pool; pages [slots, M]; a masked slot's position is
-    view_len (= M·P), past every slot's blocks, so its write is dropped."""
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def paged_decode_fn(graphdef, params, cache, pages, ints, floats):
+    """The masked decode step of every slot over the block pool; pages [slots, W] (W <= max_blocks: the first W
+    blocks of each slot, all an active slot holds); a masked slot's position is W·P, past them, so its write is
+    dropped."""
     model = nnx.merge(graphdef, params)
+    view_len = pages.shape[1] * cache[0]["k"].shape[1]
 
     def step(tokens, positions, blocks):
         logits, blocks = infer.decode(model, tokens, positions, with_pages(blocks, pages))
@@ -263,11 +265,30 @@ def paged_backend(cfg: Any, programs: Any, max_len: int, buckets: Sequence[int],
 
 
 class PagedPrograms:
-    """ModelPrograms' prefill / decode / extend over a PagedKVPool (the page table read from the pool per call)."""
+    """ModelPrograms' prefill / decode / extend over a PagedKVPool (the page table read from the pool per call).
+
+    The decode step attends over the first W blocks of every slot, W the smallest of `widths` (max_blocks and its
+    halves down to an eighth) covering the blocks of every active slot: a step costs what the longest running job
+    holds, not max_cache_len (all widths compiled at start-up by `warm_decode`)."""
 
     def __init__(self, base: ModelPrograms, pool: PagedKVPool):
         self.base, self.pool = base, pool
         self.device, self.cache_spec = base.device, base.cache_spec
+        m = pool.alloc.max_blocks
+        self.widths = sorted({-(-m // d) for d in (1, 2, 4, 8)})
+
+    def width(self, ints: np.ndarray) -> int:
+        """The decode width for active slots `ints[5]` (none active: the widest, as the start-up profile times)."""
+        held = [self.pool.alloc.held[s] for s in np.flatnonzero(np.asarray(ints)[5])]
+        need = max(held, default=self.widths[-1])
+        return next(w for w in self.widths if w >= need)
+
+    def warm_decode(self, cache: Any, ints: Any, floats: Any) -> Any:
+        """Compiles the decode step at every width (on `ints`: no slot active) → the cache."""
+        for w in self.widths:
+            toks, cache = self.decode(cache, ints, floats, w)
+            jax.block_until_ready(toks)
+        return cache
 
     def check(self, max_len: int, buckets: list[int], slots: int) -> None:
         self.base.check(max_len, buckets, slots)
@@ -276,10 +297,11 @@ class PagedPrograms:
         """As ModelPrograms.prefill (its rows go into the pool by `PagedKVPool.insert`)."""
         return self.base.prefill(tokens, lengths, ints, floats)
 
-    def decode(self, cache: Any, ints: Any, floats: Any) -> tuple[jax.Array, Any]:
-        """One masked decode step over every slot (the pool is donated)."""
-        return paged_decode_fn(self.base.graphdef, self.pool.view_len, self.base.params, cache, self.pool.alloc.table,
-                               ints, floats)
+    def decode(self, cache: Any, ints: Any, floats: Any, width: int | None = None) -> tuple[jax.Array, Any]:
+        """One masked decode step over every slot (the pool is donated); `width`: blocks attended per slot (None:
+        the narrowest covering the active slots)."""
+        pages = np.ascontiguousarray(self.pool.alloc.table[:, :width or self.width(ints)])
+        return paged_decode_fn(self.base.graphdef, self.base.params, cache, pages, ints, floats)
 
     def extend(self, cache: Any, slot: Any, tokens: Any, start: Any, last: Any, ints: Any, floats: Any
                ) -> tuple[jax.Array, Any]:
