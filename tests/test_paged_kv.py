@@ -118,7 +118,7 @@ def test_allocator_never_hands_out_a_block_twice_and_frees_all():
 
 def test_bad_budgets_and_combinations_fail_naming_the_key(model):
     # one max-length request needs 6 blocks of 8 positions
-    with pytest.raises(ValueError, match=r"serve.kv_cache_bytes=18000 holds 5 KV blocks .* needs 6"):
+    with pytest.raises(ValueError, match=r"serve.kv_cache_bytes: 18000 bytes hold 5 KV blocks .* needs 6"):
         make_engine(model, slots=4, kv_cache_bytes=18000, kv_block=BLOCK)
     with pytest.raises(ValueError, match=r"serve.kv_cache_bytes .* serve.prefix_cache"):
         make_engine(model, slots=4, kv_cache_bytes=SLOT_BUDGET, prefix_cache=True)
@@ -128,6 +128,13 @@ def test_bad_budgets_and_combinations_fail_naming_the_key(model):
         load_config(None, ["serve.kv_block=0"])
     with pytest.raises(ValueError, match="serve.kv_cache_bytes"):
         load_config(None, ["serve.kv_cache_bytes=-1"])
+    with pytest.raises(ValueError, match="serve.kv_cache_memory_fraction"):
+        load_config(None, ["serve.kv_cache_memory_fraction=1.5"])
+    with pytest.raises(ValueError, match="serve.kv_cache_memory_fraction"):
+        load_config(None, ["serve.kv_cache_memory_fraction=0.5", "serve.kv_cache_bytes=100000"])
+    if jax.devices()[0].memory_stats() is None:       # CPU: no memory limit to take a fraction of
+        with pytest.raises(ValueError, match="serve.kv_cache_memory_fraction=0.5: cpu devices report no memory"):
+            make_engine(model, slots=4, kv_cache_memory_fraction=0.5)
     # a backend without paged programs (an export) is refused at start-up
     cfg = ServeConfig(slots=4, kv_cache_bytes=SLOT_BUDGET, max_cache_len=MAX_LEN)
     with pytest.raises(ValueError, match="serve.kv_cache_bytes=36864: paged KV needs the in-process model"):

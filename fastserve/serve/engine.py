@@ -78,7 +78,7 @@ class Engine(Runner):
 
         self.programs = programs or ModelPrograms(graphdef, params, self.max_len)
         self.programs.check(self.max_len, self.buckets, self.slots)
-        if cfg.kv_cache_bytes:
+        if cfg.kv_cache_bytes or cfg.kv_cache_memory_fraction:
             self.pool, self.programs = paged_backend(cfg, self.programs, self.max_len, self.buckets, mesh)
         else:
             self.pool = KVPool(self.programs.cache_spec, self.slots, self.max_len, self.buckets, mesh,

@@ -118,17 +118,17 @@ class PagedKVPool(KVPool):
     paged = True
 
     def __init__(self, spec: Any, slots: int, max_len: int, lengths: Sequence[int], budget: int, block: int,
-                 mesh: Any = None, device: Any = None):
+                 mesh: Any = None, device: Any = None, key: str = "serve.kv_cache_bytes"):
         if not (isinstance(spec, list) and all(isinstance(x, dict) and set(x) == {"k", "v"} for x in spec)):
-            raise ValueError("serve.kv_cache_bytes (paged KV) needs the decoder's cache (one {k, v} per layer); this "
-                             "model's cache differs: set serve.kv_cache_bytes=0")
+            raise ValueError(f"{key} (paged KV) needs the decoder's cache (one {{k, v}} per layer); this model's "
+                             f"cache differs: set {key}=0")
         self.slots, self.max_len, self.mesh, self.device, self.block = slots, max_len, mesh, device, block
         self.lengths = sorted({int(x) for x in lengths if 0 < x <= max_len} | {max_len})
         self.position_bytes = sum(math.prod(x.shape[2:]) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(spec))
         max_blocks = -(-max_len // block)
         num_blocks = budget // (block * self.position_bytes)
         if num_blocks < max_blocks:
-            raise ValueError(f"serve.kv_cache_bytes={budget} holds {num_blocks} KV blocks of serve.kv_block={block} "
+            raise ValueError(f"{key}: {budget} bytes hold {num_blocks} KV blocks of serve.kv_block={block} "
                              f"positions ({block * self.position_bytes} bytes each); one request of max_cache_len="
                              f"{max_len} positions needs {max_blocks}: at least "
                              f"{max_blocks * block * self.position_bytes} bytes")
@@ -251,16 +251,31 @@ def paged_extend_fn(graphdef, view_len, params, cache, pages, tokens, start, las
     return sample_rows(logits, ints[0], ints[1], floats[0], ints[2], floats[1]), insert_paged(cache, row, pages)
 
 
+def memory_budget(fraction: float, mesh: Any = None) -> int:
+    """`fraction` of the device memory free now (serve.kv_cache_memory_fraction): of the mesh's first device times
+    its `tensor` size (the pool's KV heads split over it; its blocks are not split), else of the default device."""
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    stats = device.memory_stats() or {}
+    if "bytes_limit" not in stats:
+        raise ValueError(f"serve.kv_cache_memory_fraction={fraction}: {device.platform} devices report no memory "
+                         "limit; set serve.kv_cache_bytes instead")
+    tensor = dict(mesh.shape).get("tensor", 1) if mesh is not None else 1
+    return int(fraction * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * tensor)
+
+
 def paged_backend(cfg: Any, programs: Any, max_len: int, buckets: Sequence[int], mesh: Any
                   ) -> tuple[PagedKVPool, "PagedPrograms"]:
-    """The pool of serve.kv_cache_bytes and the programs over it, for an engine of these shapes (ValueError naming
-    the key for a backend without paged programs, e.g. an export, or a budget short of one max-length request)."""
+    """The pool of serve.kv_cache_bytes (or serve.kv_cache_memory_fraction) and the programs over it, for an
+    engine of these shapes (ValueError naming the key for a backend without paged programs, e.g. an export, or a
+    budget short of one max-length request)."""
+    key = "serve.kv_cache_bytes" if cfg.kv_cache_bytes else "serve.kv_cache_memory_fraction"
     if not isinstance(programs, ModelPrograms):
-        raise ValueError(f"serve.kv_cache_bytes={cfg.kv_cache_bytes}: paged KV needs the in-process model; this "
-                         f"backend ({type(programs).__name__}, e.g. an export) has slot-layout programs only: set "
-                         "serve.kv_cache_bytes=0")
-    pool = PagedKVPool(programs.cache_spec, cfg.slots, max_len, buckets, cfg.kv_cache_bytes, cfg.kv_block, mesh,
-                       programs.device)
+        raise ValueError(f"{key}={cfg.kv_cache_bytes or cfg.kv_cache_memory_fraction}: paged KV needs the in-process "
+                         f"model; this backend ({type(programs).__name__}, e.g. an export) has slot-layout programs "
+                         f"only: set {key}=0")
+    budget = cfg.kv_cache_bytes or memory_budget(cfg.kv_cache_memory_fraction, mesh)
+    pool = PagedKVPool(programs.cache_spec, cfg.slots, max_len, buckets, budget, cfg.kv_block, mesh,
+                       programs.device, key)
     return pool, PagedPrograms(programs, pool)
 
 
