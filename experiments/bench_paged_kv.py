@@ -62,8 +62,8 @@ def engine(model, slots: int, kv_cache_bytes: int = 0, buckets=BUCKETS):
     from fastserve.config import ServeConfig
     from fastserve.serve.engine import Engine
     graphdef, params, model_cfg, mesh = model
-    cfg = ServeConfig(slots=slots, buckets=buckets, max_cache_len=MAX_LEN, scheduler="fcfs", kv_cache_bytes=kv_cache_bytes,
-                      kv_block=BLOCK, max_queue=1024, max_new_tokens_limit=MAX_LEN)
+    cfg = ServeConfig(slots=slots, buckets=buckets, max_cache_len=MAX_LEN, scheduler="fcfs",
+                      kv_cache_bytes=kv_cache_bytes, kv_block=BLOCK, max_queue=1024, max_new_tokens_limit=MAX_LEN)
     return Engine(graphdef, params, model_cfg, cfg, mesh=mesh, stop_ids=[])
 
 
@@ -76,7 +76,8 @@ def workload(n: int, seed: int) -> list[tuple[list[int], int]]:
             p = int(rng.integers(LONG_PROMPT[0], LONG_PROMPT[1] + 1))
             m = int(rng.integers(16, min(LONG_OUT_MAX, MAX_LEN - p) + 1))
         else:
-            p, m = int(rng.integers(SHORT_PROMPT[0], SHORT_PROMPT[1] + 1)), int(rng.integers(SHORT_OUT[0], SHORT_OUT[1] + 1))
+            p = int(rng.integers(SHORT_PROMPT[0], SHORT_PROMPT[1] + 1))
+            m = int(rng.integers(SHORT_OUT[0], SHORT_OUT[1] + 1))
         out.append((rng.integers(4, 4000, p).tolist(), m))
     return out
 
@@ -97,7 +98,8 @@ def backlog(eng, items) -> tuple[dict[str, Any], list[list[int]]]:
     st = eng.stats()
     out = {"slots": eng.slots, "decode_steps": st["decode_steps"],
            "jobs_per_decode_step": round(st["decode_slot_steps"] / max(st["decode_steps"], 1), 2),
-           "jobs_holding_kv_backlogged": round(float(np.mean(held)), 2), "most_jobs_holding_kv": most, "tokens": st["tokens"], "wall_s": round(wall, 2),
+           "jobs_holding_kv_backlogged": round(float(np.mean(held)), 2), "most_jobs_holding_kv": most,
+           "tokens": st["tokens"], "wall_s": round(wall, 2),
            "tokens_per_s": round(st["tokens"] / wall, 1), "preemptions": st["preemptions"], "offloads": st["offloads"],
            "recomputes": st["recomputes"], "kv_bytes": eng.pool.nbytes if eng.pool.paged else
            eng.slots * MAX_LEN * eng.pool.position_bytes}
@@ -160,22 +162,24 @@ def decode_overhead(model, batch: int, rounds: int, steps: int = 10) -> dict[str
 def write_markdown(out: dict[str, Any], path: str) -> None:
     c = out["concurrency"]
     lines = [f"# bench_paged_kv ({out['date']}, commit {out['commit'][:7]}{' dirty' if out['dirty'] else ''})", "",
-             f"`{out['command']}` on {out['machine']} (load average {out['load_avg_start']} → {out['load_avg_end']}); "
-             f"{out['model']}.", "",
+             f"`{out['command']}` on {out['machine']} (load average {out['load_avg_start']} → "
+             f"{out['load_avg_end']}); {out['model']}.", "",
              f"## (a) Requests held at one KV budget ({c['budget_bytes'] / 2 ** 20:.0f} MiB)", "",
              f"A backlog of {c['requests']} requests ({c['long_requests']} long), fcfs. Greedy tokens equal in both "
              f"arms: {c['greedy_outputs_equal']}.", "",
-             "| layout | slots | jobs holding KV while backlogged | jobs per decode step | most holding KV | tokens/s | "
-             "decode steps | evictions | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+             "| layout | slots | jobs holding KV while backlogged | jobs per decode step | most holding KV | "
+             "tokens/s | decode steps | evictions | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for arm in ("slot_layout", "paged"):
         r = c[arm]
-        lines.append(f"| {arm} | {r['slots']} | {r['jobs_holding_kv_backlogged']} | {r['jobs_per_decode_step']} | {r['most_jobs_holding_kv']} | "
-                     f"{r['tokens_per_s']} | {r['decode_steps']} | {r['preemptions']} | {r['wall_s']} |")
+        lines.append(f"| {arm} | {r['slots']} | {r['jobs_holding_kv_backlogged']} | {r['jobs_per_decode_step']} | "
+                     f"{r['most_jobs_holding_kv']} | {r['tokens_per_s']} | {r['decode_steps']} | {r['preemptions']} | "
+                     f"{r['wall_s']} |")
     lines += ["", f"Concurrency paged / slot layout: **{c['concurrency_ratio']}×** (goal ≥ 2×); output tokens/s "
               f"{c['tokens_per_s_ratio']}×.", "", "## (b) Decode step, paged vs slot layout", "",
               "| batch | slot layout s | paged s | overhead (goal ≤ 15 %) |", "|---|---|---|---|"]
     for r in out["decode_overhead"]:
-        lines.append(f"| {r['batch']} | {r['slot_layout_step_s']} | {r['paged_step_s']} | {100 * r['overhead']:.1f} % |")
+        lines.append(f"| {r['batch']} | {r['slot_layout_step_s']} | {r['paged_step_s']} | "
+                     f"{100 * r['overhead']:.1f} % |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -195,11 +199,12 @@ def main() -> int:
            "model": f"quickstart shape, random weights, vocab 4000, max_cache_len {MAX_LEN}, stop ids empty",
            "engine": {"buckets": BUCKETS, "kv_block": BLOCK, "scheduler": "fcfs", "slot_layout_slots": SLOT_SLOTS,
                       "paged_slots": PAGED_SLOTS},
-           "workload": f"backlog; {100 - int(100 * LONG_SHARE)} % prompts {SHORT_PROMPT[0]}-{SHORT_PROMPT[1]} + outputs "
-                       f"{SHORT_OUT[0]}-{SHORT_OUT[1]}, {int(100 * LONG_SHARE)} % prompts {LONG_PROMPT[0]}-"
+           "workload": f"backlog; {100 - int(100 * LONG_SHARE)} % prompts {SHORT_PROMPT[0]}-{SHORT_PROMPT[1]} + "
+                       f"outputs {SHORT_OUT[0]}-{SHORT_OUT[1]}, {int(100 * LONG_SHARE)} % prompts {LONG_PROMPT[0]}-"
                        f"{LONG_PROMPT[1]} + outputs 16-{LONG_OUT_MAX}",
            "concurrency": conc, "decode_overhead": overhead,
-           "headline": {"requests held while backlogged, paged / slot layout at one budget (goal ≥ 2)": conc["concurrency_ratio"],
+           "headline": {"requests held while backlogged, paged / slot layout at one budget (goal ≥ 2)":
+                        conc["concurrency_ratio"],
                         "decode step overhead, worst batch (goal ≤ 0.15)": worst,
                         "greedy tokens equal": conc["greedy_outputs_equal"]},
            "command": "python experiments/bench_paged_kv.py" + (" --quick" if args.quick else ""),

@@ -66,12 +66,14 @@ def slot_layout(model, prompts):
     return run(make_engine(model, slots=2, scheduler="fcfs"), prompts)
 
 
-@pytest.mark.parametrize("scheduler,host_kv_slots", [("fcfs", 256), ("mlfq", 0)])
-def test_paged_equals_slot_layout_at_the_same_bytes(model, prompts, slot_layout, scheduler, host_kv_slots):
+@pytest.mark.parametrize("scheduler,host_kv_slots,chunk", [("fcfs", 256, 0), ("mlfq", 0, 0), ("mlfq", 256, 8)])
+def test_paged_equals_slot_layout_at_the_same_bytes(model, prompts, slot_layout, scheduler, host_kv_slots, chunk):
     """The slot layout's 2 slots × 48 positions as a budget of 12 blocks for 6 slots: more requests run at once,
-    the blocks run out (later jobs wait, running ones are evicted to host or for recompute), tokens are the same."""
+    the blocks run out (later jobs wait, running ones are evicted to host or for recompute), tokens are the same
+    (chunk: serve.prefill_chunk, prompts written 8 tokens per iteration while others decode)."""
     eng = make_engine(model, slots=6, scheduler=scheduler, kv_cache_bytes=SLOT_BUDGET, kv_block=BLOCK,
-                      host_kv_slots=host_kv_slots, iteration_cost="profiled", mlfq_base_quantum_s=0.0)
+                      host_kv_slots=host_kv_slots, iteration_cost="profiled", mlfq_base_quantum_s=0.0,
+                      prefill_chunk=chunk)
     assert eng.pool.alloc.num_blocks == 12 and eng.pool.nbytes == SLOT_BUDGET
     assert eng.programs.widths == [1, 2, 3, 6]          # decode over 1, 2, 3 or all 6 blocks per slot
     compiles = len(_COMPILES)
@@ -82,6 +84,8 @@ def test_paged_equals_slot_layout_at_the_same_bytes(model, prompts, slot_layout,
     assert outputs == expected
     st = eng.stats()
     assert st["preemptions"] > 0
+    if chunk:
+        assert st["prefill_extends"] > 2      # whole prompts: one extend each for the two past the largest bucket
     if host_kv_slots:
         assert st["offloads"] > 0 and st["restores"] == st["offloads"] and st["recomputes"] == 0
     else:

@@ -204,7 +204,9 @@ def fit_blocks(engine: Any, selected: list) -> list:
         while need > alloc.available - reserved and victims and victims[0] is not job:
             victim = victims.pop(0)
             if victim._slot is not None and victim not in kept:
+                t0 = engine.clock()
                 engine._evict(victim)
+                engine.timings["offload"] += engine.clock() - t0
                 evicted.add(victim)
         if need > alloc.available - reserved:
             continue
