@@ -93,6 +93,14 @@ def test_paged_equals_slot_layout_at_the_same_bytes(model, prompts, slot_layout,
     # every block came back
     assert st["paged_kv"]["free_blocks"] == 12 and not any(eng.pool.alloc.held)
     eng.pool.alloc.check()
+    if scheduler == "fcfs":     # a cancelled request's blocks come back too
+        req = eng.submit(Request(prompts[2], max_new_tokens=10))
+        eng.step()
+        assert req.output and eng.pool.alloc.available == 12 - 4      # 30 prompt tokens + 1: 4 blocks of 8
+        eng.cancel(req)
+        eng.step()
+        assert req.finish_reason == "cancelled" and eng.pool.alloc.available == 12
+        eng.pool.alloc.check()
 
 
 def test_allocator_never_hands_out_a_block_twice_and_frees_all():

@@ -145,9 +145,9 @@ class Attention(nnx.Module):
             new_cache = {"k": ck, "v": cv, "pages": cache["pages"]}
         else:
             rows = jnp.arange(b)[:, None]
-            vk = ck = constrain(cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype), mode="drop"), CACHE_AXES)
-            vv = cv = constrain(cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype), mode="drop"), CACHE_AXES)
-            new_cache = {"k": ck, "v": cv}
+            ck = constrain(cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype), mode="drop"), CACHE_AXES)
+            cv = constrain(cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype), mode="drop"), CACHE_AXES)
+            vk, vv, new_cache = ck, cv, {"k": ck, "v": cv}
         k_pos = jnp.broadcast_to(jnp.arange(vk.shape[1], dtype=positions.dtype), (b, vk.shape[1]))
         out = attention(q, vk.astype(q.dtype), vv.astype(q.dtype), positions, k_pos)
         return self.o(out), new_cache
