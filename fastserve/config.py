@@ -256,11 +256,20 @@ class ServeConfig:
     prefix_cache_block: int = 16   # tokens per cached block (a block's key covers every token before it)
     prefix_cache_bytes: int = 0    # device memory of cached blocks, least recently used evicted beyond it; 0: as
                                    # much as the slots' KV cache (slots x max_cache_len positions)
+    kv_cache_bytes: int = 0        # paged KV: device memory of the KV pool (k and v, all layers), cut into blocks of
+                                   # kv_block positions that requests hold as they grow, so concurrency is bounded by
+                                   # tokens held, not slots x max_cache_len; raise `slots` with it. 0: the slot layout
+                                   # (every slot reserves max_cache_len positions). Not with prefix_cache (yet)
+    kv_cache_memory_fraction: float = 0.0  # paged KV sized as this fraction of the device memory free at start-up
+                                   # (per device; on a mesh times its `tensor` size, which splits the KV heads) instead
+                                   # of kv_cache_bytes; needs a backend reporting memory (GPU / TPU, not CPU). 0: off
+    kv_block: int = 16             # positions per paged KV block (with kv_cache_bytes)
     mesh: dict[str, int] = field(default_factory=dict)  # the serving mesh, e.g. {tensor: 2}: replaces those axes
                                    # of the `mesh:` section when serving (empty: serve on the `mesh:` section as it is)
 
     def checks(self):
-        yield from positive(self, "slots", "max_queue", "max_new_tokens_limit", "max_body_bytes", "prefix_cache_block")
+        yield from positive(self, "slots", "max_queue", "max_new_tokens_limit", "max_body_bytes", "prefix_cache_block",
+                            "kv_block")
         for axis, size in self.mesh.items():
             if axis not in ("data", "fsdp", "tensor"):
                 yield "mesh", f"unknown mesh axis {axis!r}: choose from data, fsdp, tensor"
@@ -268,13 +277,21 @@ class ServeConfig:
                 yield "mesh", f"mesh.{axis} must be a positive size or -1 (all remaining devices), got {size!r}"
         yield from at_least(self, 0, "max_cache_len", "mlfq_levels", "mlfq_base_quantum_s", "mlfq_size_quantile",
                              "starvation_s", "starvation_quanta", "batch_timeout_s", "host_kv_slots",
-                             "prefix_cache_bytes", "prefill_chunk")
+                             "prefix_cache_bytes", "prefill_chunk", "kv_cache_bytes",
+                             "kv_cache_memory_fraction")
         yield from positive_list(self, "buckets")
         yield from one_of(self, "scheduler", SCHEDULERS, "scheduler")
         if self.mlfq_size_quantile >= 1:
             yield "mlfq_size_quantile", f"must be below 1 (a quantile; 0: off), got {self.mlfq_size_quantile}"
         if self.iteration_cost not in ("measured", "profiled"):
             yield "iteration_cost", f"expected measured or profiled, got {self.iteration_cost!r}"
+        if self.kv_cache_memory_fraction > 1:
+            yield "kv_cache_memory_fraction", f"must be at most 1 (0: off), got {self.kv_cache_memory_fraction}"
+        if self.kv_cache_bytes and self.kv_cache_memory_fraction:
+            yield "kv_cache_memory_fraction", "set serve.kv_cache_bytes or serve.kv_cache_memory_fraction, not both"
+        if (self.kv_cache_bytes or self.kv_cache_memory_fraction) and self.prefix_cache:
+            yield "kv_cache_bytes", ("paged KV (serve.kv_cache_bytes > 0) does not combine with serve.prefix_cache yet: "
+                                     "turn one of them off")
         if not 0 <= self.port < 65536:
             yield "port", f"must be in 0..65535 (0: any free port), got {self.port}"
 

@@ -34,6 +34,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("rank", None),                 # low-rank factor inner dimension
     ("cache_batch", ("data", "fsdp")),
     ("cache_seq", None),
+    ("cache_blocks", None),         # paged KV blocks: unsplit, any decode slot may point at any block (a split block
+                                    # axis would gather across devices in every layer); kv_heads still split on tensor
     ("layers", None),
     # encoder family (fastserve/models/encoder.py): small tables and the classifier output, replicated
     ("positions", None),            # rows of a learned position-embedding table

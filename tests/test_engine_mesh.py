@@ -24,6 +24,14 @@ def test_engine_on_a_2x2x2_mesh_gives_the_one_device_greedy_tokens(mesh_run):
     assert mesh["preemptions"] > 0 and mesh["offloads"] > 0     # the sharded pool went through host and back
 
 
+def test_paged_kv_on_the_mesh_gives_the_one_device_greedy_tokens(mesh_run):
+    paged = mesh_run["paged"]
+    assert paged["outputs"] == mesh_run["one"]["outputs"]
+    assert paged["preemptions"] > 0 and paged["offloads"] > 0
+    # the block pool [blocks, positions, kv_heads, head_dim]: blocks unsplit (any slot points at any block)
+    assert paged["cache_k_spec"][:3] == [None, None, "tensor"]
+
+
 def test_the_engine_kv_pool_and_weights_follow_the_rules_table(mesh_run):
     # KV pool [slots, positions, kv_heads, head_dim]: slots over every data-parallel replica, kv heads over tensor
     assert mesh_run["mesh"]["cache_k_spec"][:3] == [["data", "fsdp"], None, "tensor"]

@@ -93,6 +93,25 @@ class DecoderConfig:
 # A KV cache is a list (one entry per layer) of {"k": [B, S, K, D], "v": [B, S, K, D]}.
 KVCache = list[dict[str, jax.Array]]
 CACHE_AXES = ("cache_batch", "cache_seq", "kv_heads", "head_dim")
+# A paged KV cache (serving's memory-budgeted layout) is per layer {"k": [N, P, K, D], "v": same, "pages": [B, M]}:
+# N blocks of P positions shared by all rows, and per row the ids of its M blocks (an id >= N: none), so that row b's
+# position p lives in block pages[b, p // P] at offset p % P. The block axis is its own logical name (the rules
+# table leaves it unsplit: any row may point at any block).
+PAGED_AXES = ("cache_blocks", None, "kv_heads", "head_dim")
+
+
+def paged_write(blocks: jax.Array, pages: jax.Array, positions: jax.Array, new: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+    """Writes new [B, T, K, D] at positions [B, T] of the rows' blocks (a position without a block: dropped) →
+    (blocks [N, P, K, D], each row's view [B, M·P, K, D], position-major like a contiguous cache)."""
+    n, size = blocks.shape[:2]
+    ids = jnp.take_along_axis(pages, positions // size, axis=1, mode="fill", fill_value=n)    # [B, T]
+    flat = (ids * size + positions % size).reshape(-1)
+    blocks = blocks.reshape(n * size, *blocks.shape[2:]).at[flat].set(
+        new.reshape(-1, *new.shape[2:]).astype(blocks.dtype), mode="drop").reshape(blocks.shape)
+    blocks = constrain(blocks, PAGED_AXES)
+    view = jnp.take(blocks, pages, axis=0, mode="clip")      # [B, M, P, K, D]; unused ids: masked by position
+    return blocks, view.reshape(pages.shape[0], -1, *blocks.shape[2:])
 
 
 class Attention(nnx.Module):
@@ -120,12 +139,18 @@ class Attention(nnx.Module):
             return self.o(out), None
         # Write the new keys/values at their absolute positions (rows past the cache are dropped), then attend
         # over the whole cache: the position mask hides slots not yet written for this query.
-        rows = jnp.arange(b)[:, None]
-        ck = constrain(cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype), mode="drop"), CACHE_AXES)
-        cv = constrain(cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype), mode="drop"), CACHE_AXES)
-        k_pos = jnp.broadcast_to(jnp.arange(ck.shape[1], dtype=positions.dtype), (b, ck.shape[1]))
-        out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), positions, k_pos)
-        return self.o(out), {"k": ck, "v": cv}
+        if "pages" in cache:       # paged: the same, through each row's block ids
+            ck, vk = paged_write(cache["k"], cache["pages"], positions, k)
+            cv, vv = paged_write(cache["v"], cache["pages"], positions, v)
+            new_cache = {"k": ck, "v": cv, "pages": cache["pages"]}
+        else:
+            rows = jnp.arange(b)[:, None]
+            ck = constrain(cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype), mode="drop"), CACHE_AXES)
+            cv = constrain(cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype), mode="drop"), CACHE_AXES)
+            vk, vv, new_cache = ck, cv, {"k": ck, "v": cv}
+        k_pos = jnp.broadcast_to(jnp.arange(vk.shape[1], dtype=positions.dtype), (b, vk.shape[1]))
+        out = attention(q, vk.astype(q.dtype), vv.astype(q.dtype), positions, k_pos)
+        return self.o(out), new_cache
 
 
 class MLP(nnx.Module):

@@ -15,6 +15,10 @@ Shapes stay static (ARCHITECTURE.md, "Serving keeps shapes static"):
   * the per-slot inputs go up as two small arrays and the sampled tokens [slots] come back in ONE device→host
     transfer per step; stop tokens and lengths are checked on the host.
 
+With serve.kv_cache_bytes (paged KV, fastserve/serve/paged_kv.py) the cache is a pool of blocks sized from that
+budget: a slot holds the blocks its job has written, the jobs scheduled each iteration get the blocks they need or
+wait, and jobs are evicted (as below) when blocks run out.
+
 A preempted job keeps its slot while no other job needs it. When one does, the resident jobs not scheduled this
 iteration are evicted lowest priority first: their KV rows go to host memory (numpy; at most `host_kv_slots` jobs)
 and come back into any free slot when the job runs again; beyond that budget the rows are dropped and recomputed
@@ -36,12 +40,13 @@ import numpy as np
 
 from fastserve.config import ServeConfig
 from fastserve.serve.kv import KVPool
+from fastserve.serve.paged_kv import fit_blocks, kv_positions, paged_backend
 from fastserve.serve.prefill import SlotFiller
 from fastserve.serve.prefix_cache import PrefixCache
 from fastserve.serve.programs import ModelPrograms, warm_and_profile
 from fastserve.serve.request import _END, QueueFull, Request, summarize
 from fastserve.serve.runner import Runner
-from fastserve.serve.scheduler import MLFQScheduler, Scheduler, levels_covering, make_scheduler
+from fastserve.serve.scheduler import Scheduler, levels_covering, make_scheduler
 from fastserve.serve.validation import check_config, check_request
 
 log = logging.getLogger(__name__)
@@ -73,7 +78,11 @@ class Engine(Runner):
 
         self.programs = programs or ModelPrograms(graphdef, params, self.max_len)
         self.programs.check(self.max_len, self.buckets, self.slots)
-        self.pool = KVPool(self.programs.cache_spec, self.slots, self.max_len, self.buckets, mesh, self.programs.device)
+        if cfg.kv_cache_bytes or cfg.kv_cache_memory_fraction:
+            self.pool, self.programs = paged_backend(cfg, self.programs, self.max_len, self.buckets, mesh)
+        else:
+            self.pool = KVPool(self.programs.cache_spec, self.slots, self.max_len, self.buckets, mesh,
+                               self.programs.device)
         self.prefix = PrefixCache(self.pool, cfg.prefix_cache_block, cfg.prefix_cache_bytes) \
             if cfg.prefix_cache else None
         self.filler = SlotFiller(self.programs, self.pool, self.buckets, self.pad_id, self.prefix, cfg.prefill_chunk)
@@ -217,6 +226,8 @@ class Engine(Runner):
         for req in [j for j in self._jobs if j._cancel]:
             self._finish(req, "cancelled", now)
         selected = list(self.scheduler.select(now, self.slots))[:self.slots]
+        if self.pool.paged:     # only the jobs whose KV blocks fit run (evicting lower-priority ones for them)
+            selected = fit_blocks(self, selected)
         self.timings["schedule"] += self.clock() - now
         finished_last = {j for j in self._last_running if j.finish_reason is not None}
         for job in self._last_running:
@@ -245,6 +256,7 @@ class Engine(Runner):
         streaming = any(j.output for j in selected)     # streams decode this iteration: chunk long prefills
         for job in need:
             slot = free.pop(0)
+            self.pool.grow(slot, kv_positions(job))      # paged: blocks fit_blocks reserved
             t0 = self.clock()
             if job._host is not None:
                 self.pool.restore(job._host, slot)
@@ -328,11 +340,9 @@ class Engine(Runner):
         slot = job._slot
         if job._filled:
             job._filled = 0
-            self._slot_job[slot], job._slot = None, None
-            return slot
-        positions = len(job.tokens) + len(job.output) - 1           # cached: the prompt and all but the last token
-        if len(self._host_jobs) < self.cfg.host_kv_slots:
-            job._host = self.pool.offload(slot, positions)
+        elif len(self._host_jobs) < self.cfg.host_kv_slots:
+            # cached: the prompt and all but the last token
+            job._host = self.pool.offload(slot, len(job.tokens) + len(job.output) - 1)
             self._host_jobs.add(job)
             job.offloads += 1
             job.offloaded_bytes += job._host.nbytes
@@ -342,6 +352,7 @@ class Engine(Runner):
             job._recompute = True
             job.recomputes += 1
             self.counters["recomputes"] += 1
+        self.pool.release(slot)       # paged: its blocks go back to the free list (after the offload read them)
         self._slot_job[slot], job._slot = None, None
         return slot
 
@@ -372,6 +383,7 @@ class Engine(Runner):
         self.scheduler.remove(job)
         self._jobs.discard(job)
         if job._slot is not None:
+            self.pool.release(job._slot)
             self._slot_job[job._slot], job._slot = None, None
         self._host_jobs.discard(job)
         job._host = None
@@ -383,17 +395,3 @@ class Engine(Runner):
                 job.on_finish(job)
             except Exception:
                 log.exception("on_finish callback of %s failed", job.id)
-
-    def stats(self) -> dict[str, Any]:
-        """Counters, the start-up profile, and the scheduler's queues."""
-        out: dict[str, Any] = dict(self.counters)
-        out.update(scheduler=self.scheduler.name, slots=self.slots, max_cache_len=self.max_len, buckets=self.buckets,
-                   running=sum(j is not None for j in self._slot_job), waiting=self.pending,
-                   host_kv_in_use=len(self._host_jobs), profile=self.profile)
-        if self.prefix is not None:   # hit_tokens / queried_tokens: prompt tokens copied from the store / looked up
-            out["prefix_cache"] = self.prefix.stats()
-        if isinstance(self.scheduler, MLFQScheduler):
-            out["mlfq"] = dict(quanta=[self.scheduler.quantum(i) for i in range(self.scheduler.levels)],
-                               queue_lengths=[len(q) for q in self.scheduler.queues()],
-                               demotions=self.scheduler.demotions, promotions=self.scheduler.promotions)
-        return out

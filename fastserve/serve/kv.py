@@ -63,7 +63,11 @@ _extract_jit = jax.jit(extract_rows, static_argnums=2)
 class KVPool:
     """The device cache of all slots plus jitted insert / extract (slot traced, the cache donated on insert).
 
-    Placed by `mesh` (sharded by CACHE_AXES) or, without one, on `device` (an exported backend's device)."""
+    Placed by `mesh` (sharded by CACHE_AXES) or, without one, on `device` (an exported backend's device). Every
+    slot owns its rows: `grow` / `release` (the paged pool's block accounting, fastserve/serve/paged_kv.py) do
+    nothing here."""
+
+    paged = False
 
     def __init__(self, spec: Any, slots: int, max_len: int, lengths: Sequence[int], mesh: Any = None,
                  device: Any = None):
@@ -98,6 +102,12 @@ class KVPool:
         if i == len(self.lengths):
             raise ValueError(f"{positions} positions exceed the cache's {self.max_len}")
         return self.lengths[i]
+
+    def grow(self, slot: int, positions: int) -> None:
+        """Nothing: a slot always holds max_len positions."""
+
+    def release(self, slot: int) -> None:
+        """Nothing: a slot's rows stay allocated."""
 
     def insert(self, rows: Rows, slot: int) -> None:
         """Writes rows (device or numpy, [1, L, ...] per layer) at positions [0, L) of `slot`."""

@@ -137,6 +137,8 @@ def warm_and_profile(programs: Any, pool: Any, buckets: list[int], pad_id: int,
 
     prefill_s = {b: median_time(lambda: prefill(b)) for b in buckets}
     decode_s = median_time(decode)
+    if hasattr(programs, "warm_decode"):    # paged KV: its decode over fewer blocks per slot (serve/paged_kv.py)
+        pool.cache = programs.warm_decode(pool.cache, *decode_inputs)
     extend_s = median_time(lambda: extend(buckets[-1]))
     extend_bucket_s = {w: median_time(lambda: extend(w)) for w in extend_widths}
     return {"prefill_s": prefill_s, "decode_s": decode_s, "extend_s": extend_s, "extend_bucket_s": extend_bucket_s}

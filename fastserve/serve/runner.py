@@ -1,20 +1,23 @@
 """The engine's drivers: stepping it synchronously until its requests are done, or on a background thread for a
-server (`start()` / `stop()`). A mixin of `Engine` (fastserve/serve/engine.py), which owns the state they use."""
+server (`start()` / `stop()`), and its `stats()` report. A mixin of `Engine` (fastserve/serve/engine.py), which owns
+the state they use."""
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 from fastserve.serve.request import Request
+from fastserve.serve.scheduler import MLFQScheduler
 
 log = logging.getLogger("fastserve.serve.engine")
 
 
 class Runner:
-    """Drives an engine's `step()`; the engine provides step, submit, clock, _finish, and the state _step_lock,
-    _lock, _inbox, _jobs, _live, _last_running, _slot_job, _host_jobs, pool, prefix, _thread, _stop_event, _wake."""
+    """Drives an engine's `step()` and reports its state; the engine provides step, submit, clock, _finish, and the
+    state _step_lock, _lock, _inbox, _jobs, _live, _last_running, _slot_job, _host_jobs, pool, prefix, scheduler,
+    counters, profile, _thread, _stop_event, _wake."""
 
     @property
     def pending(self) -> int:
@@ -91,3 +94,19 @@ class Runner:
             self.pool.reset()
             if self.prefix is not None:
                 self.prefix.reset()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, the start-up profile, and the scheduler's queues."""
+        out: dict[str, Any] = dict(self.counters)
+        out.update(scheduler=self.scheduler.name, slots=self.slots, max_cache_len=self.max_len, buckets=self.buckets,
+                   running=sum(j is not None for j in self._slot_job), waiting=self.pending,
+                   host_kv_in_use=len(self._host_jobs), profile=self.profile)
+        if self.pool.paged:
+            out["paged_kv"] = self.pool.stats()
+        if self.prefix is not None:   # hit_tokens / queried_tokens: prompt tokens copied from the store / looked up
+            out["prefix_cache"] = self.prefix.stats()
+        if isinstance(self.scheduler, MLFQScheduler):
+            out["mlfq"] = dict(quanta=[self.scheduler.quantum(i) for i in range(self.scheduler.levels)],
+                               queue_lengths=[len(q) for q in self.scheduler.queues()],
+                               demotions=self.scheduler.demotions, promotions=self.scheduler.promotions)
+        return out

@@ -20,6 +20,15 @@ def check_config(cfg: ServeConfig, model_cfg: Any, iteration_cost: str, own_sche
         raise ValueError(f"serve.mlfq_levels={cfg.mlfq_levels}: must be >= 0 (0: as many as the longest job needs)")
     if cfg.slots < 1:
         raise ValueError(f"serve.slots={cfg.slots}: must be at least 1")
+    if cfg.kv_cache_bytes < 0 or cfg.kv_block < 1 or not 0 <= cfg.kv_cache_memory_fraction <= 1:
+        raise ValueError(f"serve.kv_cache_bytes={cfg.kv_cache_bytes} must be >= 0 (0: the slot layout), "
+                         f"serve.kv_cache_memory_fraction={cfg.kv_cache_memory_fraction} in [0, 1] and "
+                         f"serve.kv_block={cfg.kv_block} >= 1")
+    if cfg.kv_cache_bytes and cfg.kv_cache_memory_fraction:
+        raise ValueError("set serve.kv_cache_bytes or serve.kv_cache_memory_fraction, not both")
+    if (cfg.kv_cache_bytes or cfg.kv_cache_memory_fraction) and cfg.prefix_cache:
+        raise ValueError("paged KV (serve.kv_cache_bytes > 0) does not combine with serve.prefix_cache yet: turn one "
+                         "of them off")
     max_len = cfg.max_cache_len or model_cfg.max_seq_len
     if not 0 < max_len <= model_cfg.max_seq_len:
         raise ValueError(f"serve.max_cache_len={cfg.max_cache_len} must be in (0, model.max_seq_len="
