@@ -11,7 +11,9 @@ The trace is bench_serving's (serving_workload.workload: Poisson arrivals, promp
 request generates exactly its output length on both servers. Each rate of the sweep runs every contender on the
 identical trace, contenders alternating within the rate (so machine load drifts over all of them alike). fastserve
 serves from one process (configs/smollm2_135m.yaml's model, 8 slots, its MLFQ scheduler, buckets [32, 64]); int8 is
-the `quantize` transform (the C++ kernel at decode). llama.cpp serves the Q8_0 requantization of the shipped GGUF
+the `quantize` transform (the C++ kernel at decode); "int8 paged" holds the same KV bytes as block-paged KV
+(`serve.kv_cache_bytes`), whose decode attends over the blocks the running jobs hold rather than every slot's
+whole cache. llama.cpp serves the Q8_0 requantization of the shipped GGUF
 (int8_decode.py makes it) with `-np 8` slots (of 512 positions, the least it takes; fastserve's hold 320); where
 its extra CPU buffer types (AMX tiles, repacked weights) fault on this VM it runs with `--no-repack`, and the
 result says so.
@@ -54,9 +56,9 @@ from serving_workload import P99_SLO_S, SLO_TPOT_S, SLO_TTFT_S, Item, summarize,
 SMOLLM = os.path.join(ROOT, "configs", "smollm2_135m.yaml")
 RESULTS = os.path.join(HERE, "results")
 SLOTS, BUCKETS, MAX_LEN = 8, [32, 64], 320
-RATES = (0.5, 1.0, 2.0, 3.0, 4.0)         # req/s offered (mean output 30 tokens)
+RATES = (1.0, 2.0, 4.0, 6.0)              # req/s offered (mean output 30 tokens)
 QUICK_RATES = (1.0,)
-REQUESTS, QUICK_REQUESTS, WARMUP = 60, 16, 4
+REQUESTS, QUICK_REQUESTS, WARMUP = 48, 16, 4
 SEED = 0
 
 
@@ -77,18 +79,34 @@ def fastserve_worker(port_file: str, variants: list[str]) -> int:
     loaded = load_model(cfg)
     scfg = dataclasses.replace(cfg.serve, slots=SLOTS, buckets=BUCKETS, max_cache_len=MAX_LEN, max_queue=100_000,
                                max_new_tokens_limit=256, port=0)
-    urls = {}
+    urls, int8 = {}, None
     for name in variants:
-        variant = loaded
-        if name == "int8":
-            model_cfg, graphdef, params, _ = transform_loaded(loaded, [{"quantize": {"include": ["layers.*"]}}], cfg)
-            variant = dataclasses.replace(loaded, model_cfg=model_cfg, graphdef=graphdef, params=params)
-        urls[name] = Server(Engine.from_loaded(variant, scfg), variant, scfg, model_name="bench").start().url
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r} (choose from {', '.join(VARIANTS)})")
+        variant, vcfg = loaded, scfg
+        if name.startswith("int8"):
+            if int8 is None:
+                model_cfg, graphdef, params, _ = transform_loaded(loaded, [{"quantize": {"include": ["layers.*"]}}],
+                                                                  cfg)
+                int8 = dataclasses.replace(loaded, model_cfg=model_cfg, graphdef=graphdef, params=params)
+            variant = int8
+        if name.endswith("paged"):   # the same bytes as the slot layout, in blocks: attention over held blocks only
+            vcfg = dataclasses.replace(scfg, kv_cache_bytes=slot_layout_bytes(loaded.model_cfg))
+        urls[name] = Server(Engine.from_loaded(variant, vcfg), variant, vcfg, model_name="bench").start().url
     with open(port_file + ".tmp", "w") as f:
         json.dump(urls, f)
     os.replace(port_file + ".tmp", port_file)
     while True:
         time.sleep(3600)
+
+
+VARIANTS = ("float32", "int8", "int8 paged")
+
+
+def slot_layout_bytes(model_cfg: Any) -> int:
+    """Bytes of the slot layout's KV cache: SLOTS × MAX_LEN positions of k and v in every layer (float32)."""
+    head_dim = model_cfg.d_model // model_cfg.n_heads
+    return SLOTS * MAX_LEN * model_cfg.n_layers * 2 * (model_cfg.n_kv_heads or model_cfg.n_heads) * head_dim * 4
 
 
 def start_fastserve(variants: list[str]) -> tuple[subprocess.Popen, dict[str, str]]:
@@ -265,8 +283,8 @@ def headline(points: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         out[f"{name}: req/s at p99 E2E ≤ {P99_SLO_S:g} s"] = at_slo[name] and round(at_slo[name], 3)
         out[f"{name}: best goodput (req/s)"] = round(best_goodput[name], 3)
     if "llama.cpp" in points:
-        for name in ("float32", "int8"):
-            if name in points:
+        for name in VARIANTS:
+            if name in points and best_goodput["llama.cpp"] > 0:
                 out[f"{name} / llama.cpp best goodput"] = round(best_goodput[name] / best_goodput["llama.cpp"], 3)
                 if at_slo[name] and at_slo["llama.cpp"]:
                     out[f"{name} / llama.cpp req/s at p99 SLO"] = round(at_slo[name] / at_slo["llama.cpp"], 3)
@@ -300,7 +318,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="one rate, few requests; writes nothing")
     ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER") or shutil.which("llama-server"),
                     help="the llama-server binary (default: $LLAMA_SERVER, else on PATH)")
-    ap.add_argument("--variants", default="float32,int8", help="fastserve contenders (float32, int8)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"fastserve contenders ({', '.join(VARIANTS)})")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
