@@ -137,12 +137,15 @@ def start_llama(binary: str, gguf: str, no_repack: bool) -> tuple[subprocess.Pop
            "-np", str(SLOTS), "-c", str(SLOTS * max(MAX_LEN, 512)), "-cb", "--no-webui", "-ngl", "0"]
     if no_repack:
         cmd.append("--no-repack")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    # its log goes to a file: a pipe nobody reads fills up and blocks the server mid-run
+    log = tempfile.NamedTemporaryFile(prefix="llama-server.", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"llama-server exited with {proc.returncode}: {proc.stderr.read()[-2000:]!r}")
+            with open(log.name, errors="replace") as f:
+                raise RuntimeError(f"llama-server exited with {proc.returncode}: {f.read()[-2000:]!r}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 pass
@@ -251,7 +254,8 @@ def run_http(url: str, items: list[Item], warmup: int) -> dict[str, Any]:
 
     async def go():
         t0 = time.perf_counter() + 0.05
-        return await asyncio.gather(*[_stream_one(host, int(port), it, t0) for it in items])
+        return await asyncio.wait_for(asyncio.gather(*[_stream_one(host, int(port), it, t0) for it in items]),
+                                      timeout=items[-1].t + 600)
     recs = asyncio.run(go())[warmup:]
     short = [(r["tokens"], it.out) for r, it in zip(recs, items[warmup:]) if r["tokens"] != it.out]
     if short:
