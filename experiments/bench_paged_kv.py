@@ -39,25 +39,14 @@ from typing import Any
 import numpy as np
 
 from provenance import provenance
+from serving_workload import quickstart_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 MAX_LEN, BUCKETS, BLOCK = 512, [32, 64, 128, 256], 16
 SLOT_SLOTS, PAGED_SLOTS, WIDE_SLOTS = 8, 32, 64
 SHORT_PROMPT, SHORT_OUT, LONG_PROMPT, LONG_OUT_MAX, LONG_SHARE = (8, 48), (16, 64), (128, 384), 128, 0.1
 
 
-def build_model():
-    import jax
-
-    from fastserve import parallel
-    from fastserve.config import load_config
-    from fastserve.core.state import init_params
-    cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"),
-                      ["model.vocab_size=4000", f"model.max_seq_len={MAX_LEN}", "mesh.data=1"])
-    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
-    graphdef, params, _ = init_params(cfg.model, mesh, seed=0)
-    return graphdef, params, cfg.model, mesh
 
 
 def engine(model, slots: int, kv_cache_bytes: int = 0, buckets=BUCKETS):
@@ -197,7 +186,7 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     t_start, load_start, prov = time.time(), os.getloadavg()[0], provenance()   # the code measured: at the start
-    model = build_model()
+    model = quickstart_model(MAX_LEN)
     conc = concurrency_part(model, args.quick, args.seed)
     overhead = [decode_overhead(model, b, 6 if args.quick else 20) for b in ((8,) if args.quick else (8, 32))]
     worst = max(r["overhead"] for r in overhead)

@@ -41,10 +41,9 @@ from typing import Any
 import numpy as np
 
 from provenance import provenance
-from serving_workload import Item, replay, summarize_requests
+from serving_workload import Item, quickstart_model, replay, summarize_requests
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 SLOTS, BUCKETS, MAX_LEN, BLOCK = 8, [32, 64, 128, 256, 384], 448, 16
 SYSTEM, USER, OUTPUT = 300, (8, 48), (16, 64)
 SLO_P99_TTFT_S = 1.0
@@ -52,17 +51,6 @@ LONG_PROMPT, LONG_SHARE, LONG_BUCKETS, CHUNKS, LOAD = 2000, 0.1, [32, 64, 128, 2
 ARMS = [("whole", 0)] + [(f"chunk{c}", c) for c in CHUNKS]
 
 
-def build_model(max_len: int):
-    import jax
-
-    from fastserve import parallel
-    from fastserve.config import load_config
-    from fastserve.core.state import init_params
-    cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"),
-                      ["model.vocab_size=4000", f"model.max_seq_len={max_len}", "mesh.data=1"])
-    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
-    graphdef, params, _ = init_params(cfg.model, mesh, seed=0)
-    return graphdef, params, cfg.model, mesh
 
 
 def chat_workload(n: int, rate: float, seed: int) -> list[Item]:
@@ -109,7 +97,7 @@ def sustainable(points: list[dict[str, Any]]) -> float:
 def prefix_part(quick: bool, seed: int) -> dict[str, Any]:
     from fastserve.config import ServeConfig
     from fastserve.serve.engine import Engine
-    graphdef, params, model_cfg, mesh = build_model(MAX_LEN)
+    graphdef, params, model_cfg, mesh = quickstart_model(MAX_LEN)
     engines = {}
     for arm, on in (("off", False), ("on", True)):
         cfg = ServeConfig(slots=SLOTS, buckets=BUCKETS, max_cache_len=MAX_LEN, scheduler="fcfs", max_queue=100_000,
@@ -199,7 +187,7 @@ def chunk_part(quick: bool, seed: int) -> dict[str, Any]:
     from fastserve.config import ServeConfig
     from fastserve.serve.engine import Engine
     max_len = LONG_PROMPT + OUTPUT[1] + 48
-    graphdef, params, model_cfg, mesh = build_model(max_len)
+    graphdef, params, model_cfg, mesh = quickstart_model(max_len)
     engines = {}
     for arm, chunk in ARMS:
         cfg = ServeConfig(slots=SLOTS, buckets=LONG_BUCKETS, max_cache_len=max_len, scheduler="fcfs",

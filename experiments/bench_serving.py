@@ -23,7 +23,6 @@ its summary (serving_workload.py), `--mode sim` (serving_sim.py), the targets, m
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -34,31 +33,18 @@ from typing import Any
 
 import numpy as np
 
+from serving_client import run_http
 from serving_report import plot, render, targets, write_markdown
 from serving_sim import simulate_sweep
 from provenance import provenance
 from serving_workload import (BUCKETS, HIGH_LOAD, LONG, LONG_FRACTION, MAX_LEN, P99_SLO_S, PROMPT_RANGE,
                               REFERENCE_ONLY_AT_HIGH_LOAD, SHORT, SLO_TPOT_S, SLO_TTFT_S, SLOTS, Item, mean_output,
-                              replay, serve_config, summarize, summarize_requests, workload)
+                              quickstart_model, replay, serve_config, summarize_requests, workload)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DEFAULT = ("mlfq", "gittins", "fcfs", "static", "mlfq4")   # mlfq4: the earlier defaults (high load only; VARIANTS)
 
-
-# ------------------------------------------------------------------------------------------------------- model
-
-def build_model():
-    import jax
-
-    from fastserve import parallel
-    from fastserve.config import load_config
-    from fastserve.core.state import init_params
-    cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"),
-                      ["model.vocab_size=4000", f"model.max_seq_len={MAX_LEN}", "mesh.data=1"])
-    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
-    graphdef, params, _ = init_params(cfg.model, mesh, seed=0)
-    return graphdef, params, cfg.model, mesh
 
 
 # ------------------------------------------------------------------------------------------------ in-process
@@ -96,7 +82,7 @@ def worker(port_file: str, variants: list[str]) -> int:
         def decode(self, ids) -> str:
             return "".join(f" {i}" for i in ids)
 
-    graphdef, params, model_cfg, mesh = build_model()
+    graphdef, params, model_cfg, mesh = quickstart_model()
     loaded = LoadedModel(model_cfg, graphdef, params, IdTokenizer(), mesh)   # stop ids [-1]: never sampled
     urls = {}
     for name in variants:
@@ -107,54 +93,6 @@ def worker(port_file: str, variants: list[str]) -> int:
     os.replace(port_file + ".tmp", port_file)
     while True:
         time.sleep(3600)
-
-
-async def _stream_one(host: str, port: int, it: Item, t0: float) -> dict[str, Any]:
-    await asyncio.sleep(max(0.0, t0 + it.t - time.perf_counter()))
-    sent = time.perf_counter()
-    reader, writer = await asyncio.open_connection(host, port)
-    body = json.dumps({"model": "bench", "prompt": it.prompt, "max_tokens": it.out, "temperature": 0,
-                       "stream": True, "stream_options": {"include_usage": True}}).encode()
-    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body))
-    await writer.drain()
-    status = await reader.readline()
-    if b" 200 " not in status:
-        raise RuntimeError(f"HTTP error: {status!r} {await reader.read()!r}")
-    while (await reader.readline()) not in (b"\r\n", b""):
-        pass
-    times, tokens, buf, done = [], 0, b"", False
-    while not done:
-        size = int((await reader.readline()).strip() or b"0", 16)     # chunked transfer encoding
-        if size == 0:
-            break
-        buf += (await reader.readexactly(size + 2))[:-2]
-        while b"\n\n" in buf:
-            event, buf = buf.split(b"\n\n", 1)
-            data = event[len(b"data: "):]
-            if data == b"[DONE]":
-                done = True
-                break
-            msg = json.loads(data)
-            if msg.get("choices") and msg["choices"][0]["text"]:
-                times.append(time.perf_counter())
-            if msg.get("usage"):
-                tokens = msg["usage"]["completion_tokens"]
-    writer.close()
-    end = time.perf_counter()
-    return {"ttft": times[0] - sent, "tpot": (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
-            "e2e": end - sent, "tokens": tokens, "sent": sent, "end": end}
-
-
-def run_http(url: str, items: list[Item], warmup: int) -> dict[str, Any]:
-    host, port = url.rsplit("//", 1)[1].rsplit(":", 1)
-
-    async def go():
-        t0 = time.perf_counter() + 0.05
-        return await asyncio.gather(*[_stream_one(host, int(port), it, t0) for it in items])
-    recs = asyncio.run(go())[warmup:]
-    assert all(r["tokens"] == it.out for r, it in zip(recs, items[warmup:]))
-    return summarize(recs, max(r["end"] for r in recs) - min(r["sent"] for r in recs))
 
 
 # ----------------------------------------------------------------------------------------------------- sweep
@@ -231,7 +169,7 @@ def main() -> int:
     load_start = os.getloadavg()[0]
     t_start = time.time()
 
-    graphdef, params, model_cfg, mesh = build_model()
+    graphdef, params, model_cfg, mesh = quickstart_model()
     engines = {s: Engine(graphdef, params, model_cfg, serve_config(s), mesh=mesh, stop_ids=[]) for s in schedulers}
     prof = next(iter(engines.values())).profile
     levels = {s: e.scheduler.levels for s, e in engines.items() if e.scheduler.name == "mlfq"}

@@ -24,6 +24,24 @@ REFERENCE_ONLY_AT_HIGH_LOAD = {"mlfq4"}
 HIGH_LOAD = 0.85                            # "high load": offered rate >= this fraction of the measured capacity
 
 
+def quickstart_model(max_len: int = MAX_LEN):
+    """The serving benchmarks' model: configs/quickstart.yaml's shape (vocab 4000) with random weights and room for
+    max_len positions, on one device → (graphdef, params, model_cfg, mesh)."""
+    import os
+
+    import jax
+
+    from fastserve import parallel
+    from fastserve.config import load_config
+    from fastserve.core.state import init_params
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "configs", "quickstart.yaml"),
+                      ["model.vocab_size=4000", f"model.max_seq_len={max_len}", "mesh.data=1"])
+    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
+    graphdef, params, _ = init_params(cfg.model, mesh, seed=0)
+    return graphdef, params, cfg.model, mesh
+
+
 def serve_config(variant: str):
     from fastserve.config import ServeConfig
     spec = VARIANTS.get(variant, variant)
