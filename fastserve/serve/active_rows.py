@@ -45,11 +45,14 @@ def job_arrays(jobs: Sequence[Any], width: int, columns: Sequence[int] | None = 
 
 class RowDecoder:
     """Runs one decode step of the running jobs on `programs` at the narrowest of `widths` holding them (a backend
-    without `row_decode`, e.g. an export: the full width only); counts the steps per width."""
+    without `row_decode`, e.g. an export: the full width only; none below its `min_row_width`); counts the steps
+    per width."""
 
     def __init__(self, programs: Any, slots: int, widths: Sequence[int]):
         self.programs, self.slots = programs, slots
-        self.widths = sorted(widths) if getattr(programs, "row_decode", False) else [slots]
+        least = getattr(programs, "min_row_width", 1)     # a backend's narrowest useful width
+        self.widths = sorted(w for w in widths if w >= least or w == slots) \
+            if getattr(programs, "row_decode", False) else [slots]
         self.steps = {w: 0 for w in self.widths}
 
     def width(self, n: int) -> int:

@@ -292,6 +292,9 @@ class PagedPrograms:
         self.base, self.pool = base, pool
         self.device, self.cache_spec = base.device, base.cache_spec
         self.row_decode = True     # decode_rows: the page table's rows, whatever the model
+        # XLA:CPU runs the one-row paged step several times slower than two rows (SmolLM2-135M int8, 8 slots of
+        # 320 positions: 97 ms against 21 ms; experiments/bench_decode_widths.py): the engine runs width 2 for one job
+        self.min_row_width = 2
         m = pool.alloc.max_blocks
         self.widths = sorted({-(-m // d) for d in (1, 2, 4, 8)})
 
