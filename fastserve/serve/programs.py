@@ -1,7 +1,8 @@
 """The engine's compiled programs: prefill one bucket-padded prompt, one decode step over every slot (or over the
-running rows only, at a few batch widths), and the recompute extend; `warm_and_profile` compiles and times them at start-up. They live at module level with the
-model's graphdef a static argument, so that engines over the same model and shapes share their compiled programs
-(a server and a benchmark may hold several engines).
+running rows only, at a few batch widths: fastserve/serve/active_rows.py), and the recompute extend;
+`warm_and_profile` compiles and times them at start-up. They live at module level with the model's graphdef a static
+argument, so that engines over the same model and shapes share their compiled programs (a server and a benchmark
+may hold several engines).
 
 The engine reaches them through a backend object with three operations (`prefill`, `decode`, `extend`: the
 recompute of an evicted job's KV and the chunks of a prompt longer than the largest bucket) and the
@@ -157,13 +158,13 @@ def warm_and_profile(programs: Any, pool: Any, buckets: list[int], pad_id: int,
                                           np.int32(0), np.int32(0), ints1, floats1)
         return tok
 
-    prefill_s = {b: median_time(lambda: prefill(b)) for b in buckets}
     def decode_rows(width: int) -> Any:
         rows = np.full(width, pool.slots, np.int32)        # every row padding: nothing written
         ints, floats = np.zeros((6, width), np.int32), np.ones((2, width), np.float32)
         toks, pool.cache = programs.decode_rows(pool.cache, rows, ints, floats)
         return toks
 
+    prefill_s = {b: median_time(lambda: prefill(b)) for b in buckets}
     decode_s = median_time(decode)
     decode_width_s = {w: decode_s if w == pool.slots else median_time(lambda: decode_rows(w)) for w in decode_widths}
     if hasattr(programs, "warm_decode"):    # paged KV: its decode over fewer blocks per slot (serve/paged_kv.py)
