@@ -8,7 +8,9 @@ position 100), the full-width masked decode over all 8 slots (what every step co
 program over all 8 rows (what the row gather costs); the same in the paged layout (int8, the slot layout's bytes as
 blocks of 16, every slot holding max_cache_len positions). Rounds of `repeats`
 steps alternate between the widths (the order rotating every round, so a slow minute of a shared host hits all of
-them); the median step of each width. Also prints the start-up profile's own figures. The last line is JSON.
+them); the median step of each width. Also prints the start-up profile's own figures, and (int8) the median time
+per output token through the engine at 1 and 3 concurrent requests, widths auto against full width (--tpot-only:
+just that, ~2 min). The last line is JSON.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from fastserve.config import load_config
 from fastserve.serve.active_rows import job_arrays
-from fastserve.serve.engine import Engine
+from fastserve.serve.engine import Engine, Request
 from fastserve.transforms.report import transform_loaded
 from fastserve.workdir import load_model
 
@@ -67,12 +69,28 @@ def time_widths(eng: Engine, repeats: int, rounds: int) -> dict[str, float]:
     return {k: float(np.median(t)) for k, t in times.items()}
 
 
+def time_per_token(model, scfg, rounds: int = 2) -> dict[str, dict[int, float]]:
+    """End to end through the engine: the median time per output token of 1 and of 3 concurrent greedy requests
+    (40-token prompts, 48 new tokens), decode_widths auto against [] (full width), the arms alternating."""
+    engines = {str(w): Engine.from_loaded(model, dataclasses.replace(scfg, decode_widths=w)) for w in ("auto", [])}
+    rng = np.random.default_rng(0)
+    tpot: dict[str, dict[int, list[float]]] = {k: {1: [], 3: []} for k in engines}
+    for _ in range(rounds):
+        for n in (1, 3):
+            for k, eng in engines.items():
+                reqs = [Request(rng.integers(10, 1000, 40).tolist(), max_new_tokens=48) for _ in range(n)]
+                eng.generate(reqs, timeout=600)
+                tpot[k][n] += [r.tpot for r in reqs]
+    return {k: {n: round(float(np.median(t)) * 1e3, 1) for n, t in v.items()} for k, v in tpot.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-len", type=int, default=320)
     ap.add_argument("--no-paged", action="store_true", help="skip the paged layout (16 more compiles)")
+    ap.add_argument("--tpot-only", action="store_true", help="only the end-to-end time per token (int8)")
     args = ap.parse_args()
     cfg = load_config("configs/smollm2_135m.yaml", ["mesh.data=1"])
     loaded = load_model(cfg)
@@ -84,6 +102,9 @@ def main() -> None:
     paged = dataclasses.replace(scfg, kv_cache_bytes=8 * args.max_len * 2 * mc.n_layers * (mc.n_kv_heads or mc.n_heads)
                                 * (mc.head_dim or mc.d_model // mc.n_heads) * 4, kv_block=16)
     out = {}
+    if args.tpot_only:
+        print(json.dumps({"int8 tpot_ms": time_per_token(int8, scfg)}))
+        return
     arms = [("int8", int8, scfg), ("float32", loaded, scfg), ("int8 paged", int8, paged)]
     for name, model, serve in arms[:2] if args.no_paged else arms:
         t0 = time.perf_counter()
@@ -97,6 +118,7 @@ def main() -> None:
         print(name, out[name], flush=True)
         del eng
         jax.clear_caches()
+    out["int8 tpot_ms"] = time_per_token(int8, scfg)
     print(json.dumps(out))
 
 
