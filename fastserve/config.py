@@ -264,6 +264,9 @@ class ServeConfig:
                                    # (per device; on a mesh times its `tensor` size, which splits the KV heads) instead
                                    # of kv_cache_bytes; needs a backend reporting memory (GPU / TPU, not CPU). 0: off
     kv_block: int = 16             # positions per paged KV block (with kv_cache_bytes)
+    decode_widths: list[int] | str = "auto"  # batch widths of the decode step compiled at start-up: each step
+                                   # computes only the running jobs' cache rows, at the narrowest width holding them.
+                                   # auto: powers of two up to slots; [] or [slots]: every slot every step
     mesh: dict[str, int] = field(default_factory=dict)  # the serving mesh, e.g. {tensor: 2}: replaces those axes
                                    # of the `mesh:` section when serving (empty: serve on the `mesh:` section as it is)
 
@@ -292,6 +295,11 @@ class ServeConfig:
         if (self.kv_cache_bytes or self.kv_cache_memory_fraction) and self.prefix_cache:
             yield "kv_cache_bytes", ("paged KV (serve.kv_cache_bytes > 0) does not combine with serve.prefix_cache yet: "
                                      "turn one of them off")
+        widths = self.decode_widths
+        if isinstance(widths, str) and widths != "auto":
+            yield "decode_widths", f"expected auto or a list of batch widths, got {widths!r}"
+        elif isinstance(widths, list) and any(not 1 <= w <= self.slots for w in widths):
+            yield "decode_widths", f"every width must be in [1, slots={self.slots}], got {widths}"
         if not 0 <= self.port < 65536:
             yield "port", f"must be in 0..65535 (0: any free port), got {self.port}"
 

@@ -294,6 +294,7 @@ def test_exported_engine_equals_the_in_process_engine(model, prompts, exported, 
     assert [r.output for r in got] == [r.output for r in want]
     st = eng.stats()
     assert st["preemptions"] > 0 and st["offloads"] > 0 and st["recomputes"] > 0 and st["tokens"] == sum(NEW_TOKENS)
+    assert set(st["decode_width_steps"]) == {2}              # an export has the full-width decode only
     # prompts longer than the largest bucket: chunked prefill by the exported extend (decode steps)
     long = eng.generate(long_requests(), timeout=120)
     assert compiled_programs() == programs and eng.stats()["prefill_extends"] == 6

@@ -93,6 +93,8 @@ class DecoderConfig:
 # A KV cache is a list (one entry per layer) of {"k": [B, S, K, D], "v": [B, S, K, D]}.
 KVCache = list[dict[str, jax.Array]]
 CACHE_AXES = ("cache_batch", "cache_seq", "kv_heads", "head_dim")
+# A layer's dict may also carry "rows": [b] int32, the cache rows the step's b tokens belong to (b <= B: a decode
+# step over the running rows of a larger cache).
 # A paged KV cache (serving's memory-budgeted layout) is per layer {"k": [N, P, K, D], "v": same, "pages": [B, M]}:
 # N blocks of P positions shared by all rows, and per row the ids of its M blocks (an id >= N: none), so that row b's
 # position p lives in block pages[b, p // P] at offset p % P. The block axis is its own logical name (the rules
@@ -112,6 +114,15 @@ def paged_write(blocks: jax.Array, pages: jax.Array, positions: jax.Array, new: 
     blocks = constrain(blocks, PAGED_AXES)
     view = jnp.take(blocks, pages, axis=0, mode="clip")      # [B, M, P, K, D]; unused ids: masked by position
     return blocks, view.reshape(pages.shape[0], -1, *blocks.shape[2:])
+
+
+def row_write(cache: jax.Array, rows: jax.Array, positions: jax.Array, new: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Writes new [b, T, K, D] at (rows[i], positions[i]) of a cache [B, S, K, D] (a row id >= B or a position >= S:
+    dropped) → (the cache, the b rows' view [b, S, K, D]; a row id >= B reads row B-1, its query masked by the
+    caller)."""
+    cache = cache.at[rows[:, None], positions].set(new.astype(cache.dtype), mode="drop")
+    cache = constrain(cache, CACHE_AXES)
+    return cache, jnp.take(cache, rows, axis=0, mode="clip")
 
 
 class Attention(nnx.Module):
@@ -143,6 +154,10 @@ class Attention(nnx.Module):
             ck, vk = paged_write(cache["k"], cache["pages"], positions, k)
             cv, vv = paged_write(cache["v"], cache["pages"], positions, v)
             new_cache = {"k": ck, "v": cv, "pages": cache["pages"]}
+        elif "rows" in cache:      # the tokens belong to cache rows `rows` [b] (serving decodes its running rows only)
+            ck, vk = row_write(cache["k"], cache["rows"], positions, k)
+            cv, vv = row_write(cache["v"], cache["rows"], positions, v)
+            new_cache = {"k": ck, "v": cv, "rows": cache["rows"]}
         else:
             rows = jnp.arange(b)[:, None]
             ck = constrain(cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype), mode="drop"), CACHE_AXES)
@@ -223,6 +238,9 @@ def _stacked_blocks(cfg: Any, rngs: nnx.Rngs) -> Block:
 
 class DecoderLM(nnx.Module):
     """tokens [B, T] → logits [B, T, vocab] (float32), and the updated KV cache when one is given."""
+    # the cached path accepts {"k", "v", "rows"} per layer (Attention, `row_write`): the serving engine's decode of
+    # its running rows only
+    cache_row_ids = True
 
     def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
         if cfg.vocab_size <= 0:

@@ -8,10 +8,11 @@ Shapes stay static (ARCHITECTURE.md, "Serving keeps shapes static"):
     copied from the prefix store (fastserve/serve/prefix_cache.py) instead, and only the rest is extended;
   * with serve.prefill_chunk, a long prompt is written one chunk per iteration, each iteration also running the
     decode step of the other slots (chunked prefill: a long prompt does not stall running streams);
-  * one jitted decode step runs every slot (slots not scheduled this iteration are masked: their position is set
-    past the cache, so their KV write is dropped and their token ignored), with per-slot temperature / top_k /
-    top_p and per-slot randomness: the key of a request's i-th token is fold_in(key(seed), i), whatever slot or
-    schedule it runs in;
+  * one jitted decode step runs the running jobs' rows at the narrowest of a few batch widths compiled at start-up
+    (serve.decode_widths, fastserve/serve/active_rows.py), or every slot at the full width (slots not scheduled
+    this iteration masked: their position is set past the cache, so their KV write is dropped and their token
+    ignored), with per-job temperature / top_k / top_p and per-job randomness: the key of a request's i-th token is
+    fold_in(key(seed), i), whatever slot, width or schedule it runs in;
   * the per-slot inputs go up as two small arrays and the sampled tokens [slots] come back in ONE device→host
     transfer per step; stop tokens and lengths are checked on the host.
 
@@ -39,6 +40,7 @@ import jax
 import numpy as np
 
 from fastserve.config import ServeConfig
+from fastserve.serve.active_rows import RowDecoder, job_arrays, resolve_widths
 from fastserve.serve.kv import KVPool
 from fastserve.serve.paged_kv import fit_blocks, kv_positions, paged_backend
 from fastserve.serve.prefill import SlotFiller
@@ -86,6 +88,7 @@ class Engine(Runner):
         self.prefix = PrefixCache(self.pool, cfg.prefix_cache_block, cfg.prefix_cache_bytes) \
             if cfg.prefix_cache else None
         self.filler = SlotFiller(self.programs, self.pool, self.buckets, self.pad_id, self.prefix, cfg.prefill_chunk)
+        self.rows = RowDecoder(self.programs, self.slots, resolve_widths(cfg.decode_widths, self.slots))
 
         # scheduling state
         self._lock = threading.Lock()            # guards the inbox and _live (submit() runs on other threads)
@@ -142,8 +145,9 @@ class Engine(Runner):
         """Compiles every bucket's prefill, the decode step, the recompute extend and the pool's moves (and with a
         prefix cache its moves and every bucket's extend); times them."""
         with self._ctx():
-            profile = warm_and_profile(self.programs, self.pool, self.buckets, self.pad_id, self._slot_arrays([]),
-                                       self.clock, repeats, extend_widths=self.buckets if self.filler.fitted else ())
+            profile = warm_and_profile(self.programs, self.pool, self.buckets, self.pad_id, job_arrays([], self.slots),
+                                       self.clock, repeats, extend_widths=self.buckets if self.filler.fitted else (),
+                                       decode_widths=self.rows.widths)
             if self.prefix is not None:
                 profile["prefix_load_s"] = self.prefix.warm(self.clock, repeats)
             return profile
@@ -280,34 +284,23 @@ class Engine(Runner):
             if job._filled and job not in prefilled:
                 self._prefill(job, cost, streaming)
                 prefilled.append(job)
-        # one decode step over every slot; the scheduled, unfinished jobs that were not just prefilled are active
+        # one decode step of the scheduled, unfinished jobs that were not just prefilled
         decoding = [j for j in selected if j not in prefilled and j.finish_reason is None]
         if decoding:
-            ints, floats = self._slot_arrays(decoding)
             t0 = self.clock()
-            toks, self.pool.cache = self.programs.decode(self.pool.cache, ints, floats)
-            toks = np.asarray(jax.device_get(toks))          # the one device→host transfer of the step
+            toks, self.pool.cache = self.rows.step(self.pool.cache, decoding)
             t = self.clock()
             self.counters["decode_steps"] += 1
             self.counters["decode_slot_steps"] += len(decoding)
             self.timings["decode"] += t - t0
-            for job in decoding:
+            for job, tok in zip(decoding, toks):
+                # profiled: the full-width step whatever the width, so the schedule does not depend on the load
                 cost[job] += t - t0 if self.iteration_cost == "measured" else self.profile["decode_s"]
-                self._emit(job, int(toks[job._slot]), t)
+                self._emit(job, tok, t)
         for job in selected:
             if job.finish_reason is None:
                 self.scheduler.on_iteration(job, cost[job])
         return True
-
-    def _slot_arrays(self, active: Sequence[Request]) -> tuple[np.ndarray, np.ndarray]:
-        ints = np.zeros((6, self.slots), np.int32)
-        floats = np.zeros((2, self.slots), np.float32)
-        floats[1] = 1.0
-        for job in active:
-            s, n = job._slot, len(job.output)
-            ints[:, s] = (job.output[-1], len(job.tokens) + n - 1, job.seed % 2 ** 31, n, job.top_k, 1)
-            floats[:, s] = (job.temperature, job.top_p)
-        return ints, floats
 
     def _prefill(self, job: Request, cost: dict[Request, float], chunked: bool) -> None:
         """Writes the prompt's KV into the job's slot (a cached prefix copied, the rest prefilled) and emits the

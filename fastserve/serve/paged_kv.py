@@ -291,20 +291,32 @@ class PagedPrograms:
     def __init__(self, base: ModelPrograms, pool: PagedKVPool):
         self.base, self.pool = base, pool
         self.device, self.cache_spec = base.device, base.cache_spec
+        self.row_decode = True     # decode_rows: the page table's rows, whatever the model
+        # XLA:CPU runs the one-row paged step several times slower than two rows (SmolLM2-135M int8, 8 slots of
+        # 320 positions: 97 ms against 21 ms; experiments/bench_decode_widths.py): the engine runs width 2 for one job
+        self.min_row_width = 2
         m = pool.alloc.max_blocks
         self.widths = sorted({-(-m // d) for d in (1, 2, 4, 8)})
 
-    def width(self, ints: np.ndarray) -> int:
-        """The decode width for active slots `ints[5]` (none active: the widest, as the start-up profile times)."""
-        held = [self.pool.alloc.held[s] for s in np.flatnonzero(np.asarray(ints)[5])]
+    def width(self, ints: np.ndarray, rows: np.ndarray | None = None) -> int:
+        """The decode width for the active columns `ints[5]` (slots, or with `rows` the rows' ids; none active: the
+        widest, as the start-up profile times)."""
+        active = np.flatnonzero(np.asarray(ints)[5])
+        held = [self.pool.alloc.held[s] for s in (active if rows is None else np.asarray(rows)[active])]
         need = max(held, default=self.widths[-1])
         return next(w for w in self.widths if w >= need)
 
-    def warm_decode(self, cache: Any, ints: Any, floats: Any) -> Any:
-        """Compiles the decode step at every width (on `ints`: no slot active) → the cache."""
+    def warm_decode(self, cache: Any, ints: Any, floats: Any, row_widths: Sequence[int] = ()) -> Any:
+        """Compiles the decode step at every width (on `ints`: no slot active), and that of the running rows at
+        every width of each of `row_widths` (no row running) → the cache."""
         for w in self.widths:
             toks, cache = self.decode(cache, ints, floats, w)
             jax.block_until_ready(toks)
+            for n in row_widths:
+                if n != self.pool.slots:
+                    rows, z = np.full(n, self.pool.slots, np.int32), np.zeros((6, n), np.int32)
+                    toks, cache = self.decode_rows(cache, rows, z, np.ones((2, n), np.float32), w)
+                    jax.block_until_ready(toks)
         return cache
 
     def check(self, max_len: int, buckets: list[int], slots: int) -> None:
@@ -318,6 +330,17 @@ class PagedPrograms:
         """One masked decode step over every slot (the pool is donated); `width`: blocks attended per slot (None:
         the narrowest covering the active slots)."""
         pages = np.ascontiguousarray(self.pool.alloc.table[:, :width or self.width(ints)])
+        return paged_decode_fn(self.base.graphdef, self.base.params, cache, pages, ints, floats)
+
+    def decode_rows(self, cache: Any, rows: Any, ints: Any, floats: Any, width: int | None = None
+                    ) -> tuple[jax.Array, Any]:
+        """The decode step of slots `rows` [n] only (a row id >= slots: padding), ints [6, n] / floats [2, n] as
+        ModelPrograms.decode_rows: the same program as `decode`, over the rows' page-table rows (padding: no
+        block, so its write is dropped)."""
+        rows = np.asarray(rows)
+        alloc = self.pool.alloc
+        table = np.concatenate([alloc.table, np.full_like(alloc.table[:1], alloc.num_blocks)])   # + padding's row
+        pages = np.ascontiguousarray(table[np.minimum(rows, self.pool.slots), :width or self.width(ints, rows)])
         return paged_decode_fn(self.base.graphdef, self.base.params, cache, pages, ints, floats)
 
     def extend(self, cache: Any, slot: Any, tokens: Any, start: Any, last: Any, ints: Any, floats: Any

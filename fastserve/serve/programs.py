@@ -1,7 +1,8 @@
-"""The engine's compiled programs: prefill one bucket-padded prompt, one decode step over every slot, and the
-recompute extend; `warm_and_profile` compiles and times them at start-up. They live at module level with the
-model's graphdef a static argument, so that engines over the same model and shapes share their compiled programs
-(a server and a benchmark may hold several engines).
+"""The engine's compiled programs: prefill one bucket-padded prompt, one decode step over every slot (or over the
+running rows only, at a few batch widths: fastserve/serve/active_rows.py), and the recompute extend;
+`warm_and_profile` compiles and times them at start-up. They live at module level with the model's graphdef a static
+argument, so that engines over the same model and shapes share their compiled programs (a server and a benchmark
+may hold several engines).
 
 The engine reaches them through a backend object with three operations (`prefill`, `decode`, `extend`: the
 recompute of an evicted job's KV and the chunks of a prompt longer than the largest bucket) and the
@@ -60,6 +61,18 @@ def decode_fn(graphdef, max_len, params, cache, ints, floats):
     return masked_decode(lambda t, p, c: infer.decode(model, t, p, c), max_len, cache, ints, floats)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
+def rows_decode_fn(graphdef, max_len, params, cache, rows, ints, floats):
+    """The decode step of cache rows `rows` [w] only (a row id >= slots: padding, masked); ints [6, w] / floats
+    [2, w] as decode_fn's, column i for row rows[i]."""
+    model = nnx.merge(graphdef, params)
+
+    def step(tokens, positions, cache):
+        logits, cache = infer.decode(model, tokens, positions, [dict(layer, rows=rows) for layer in cache])
+        return logits, [{k: v for k, v in layer.items() if k != "rows"} for layer in cache]
+    return masked_decode(step, max_len, cache, ints, floats)
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
 def extend_fn(graphdef, params, cache, slot, tokens, start, last, ints, floats):
     """Writes the KV of tokens [1, T] at positions start, start+1, ... into `slot` (recompute past one bucket, a
@@ -85,6 +98,9 @@ class ModelPrograms:
         # the engine's KV pool holds the model's own cache (any pytree of [batch, seq, ...] leaves) for every slot
         self.cache_spec = cache_spec(model, 1, 1)
         self.device = None     # the pool is placed by the engine's mesh
+        # decode of the running rows only (`decode_rows`): the model takes row ids in its cache dicts
+        self.row_decode = bool(getattr(model, "cache_row_ids", False)) and isinstance(self.cache_spec, list) and \
+            all(isinstance(x, dict) and set(x) == {"k", "v"} for x in self.cache_spec)
 
     def check(self, max_len: int, buckets: list[int], slots: int) -> None:
         """Nothing to check: the programs compile for whatever shapes the engine picked."""
@@ -97,6 +113,11 @@ class ModelPrograms:
         """One masked decode step over every slot (the cache is donated)."""
         return decode_fn(self.graphdef, self.max_len, self.params, cache, ints, floats)
 
+    def decode_rows(self, cache: Any, rows: Any, ints: Any, floats: Any) -> tuple[jax.Array, Any]:
+        """One decode step of cache rows `rows` [w] (padding: row id >= slots) with ints [6, w] / floats [2, w] →
+        (tokens [w], the cache, donated)."""
+        return rows_decode_fn(self.graphdef, self.max_len, self.params, cache, rows, ints, floats)
+
     def extend(self, cache: Any, slot: Any, tokens: Any, start: Any, last: Any, ints: Any, floats: Any
                ) -> tuple[jax.Array, Any]:
         """Writes the KV of tokens [1, T] at positions start.. into `slot` (the cache is donated) → (the token
@@ -106,10 +127,12 @@ class ModelPrograms:
 
 def warm_and_profile(programs: Any, pool: Any, buckets: list[int], pad_id: int,
                      decode_inputs: tuple[np.ndarray, np.ndarray], clock: Callable[[], float], repeats: int = 3,
-                     extend_widths: Sequence[int] = ()) -> dict[str, Any]:
-    """Compiles every bucket's prefill, the decode step (on `decode_inputs`: no slot active), the extend (of the
-    largest bucket's length, and of each of `extend_widths`: the prefix cache's chunks) and the KV pool's moves;
-    returns the median times {"prefill_s": {bucket: s}, "decode_s": s, "extend_s": s, "extend_bucket_s": {w: s}}."""
+                     extend_widths: Sequence[int] = (), decode_widths: Sequence[int] = ()) -> dict[str, Any]:
+    """Compiles every bucket's prefill, the decode step (on `decode_inputs`: no slot active), the decode of the
+    running rows at each of `decode_widths` (no row running), the extend (of the largest bucket's length, and of
+    each of `extend_widths`: the prefix cache's chunks) and the KV pool's moves; returns the median times
+    {"prefill_s": {bucket: s}, "decode_s": s, "decode_width_s": {w: s}, "extend_s": s, "extend_bucket_s": {w: s}}
+    ("decode_s": the full-width step, also "decode_width_s"[slots])."""
     def median_time(run: Callable[[], Any]) -> float:
         times = []
         for _ in range(repeats + 1):       # the first run compiles
@@ -135,10 +158,18 @@ def warm_and_profile(programs: Any, pool: Any, buckets: list[int], pad_id: int,
                                           np.int32(0), np.int32(0), ints1, floats1)
         return tok
 
+    def decode_rows(width: int) -> Any:
+        rows = np.full(width, pool.slots, np.int32)        # every row padding: nothing written
+        ints, floats = np.zeros((6, width), np.int32), np.ones((2, width), np.float32)
+        toks, pool.cache = programs.decode_rows(pool.cache, rows, ints, floats)
+        return toks
+
     prefill_s = {b: median_time(lambda: prefill(b)) for b in buckets}
     decode_s = median_time(decode)
+    decode_width_s = {w: decode_s if w == pool.slots else median_time(lambda: decode_rows(w)) for w in decode_widths}
     if hasattr(programs, "warm_decode"):    # paged KV: its decode over fewer blocks per slot (serve/paged_kv.py)
-        pool.cache = programs.warm_decode(pool.cache, *decode_inputs)
+        pool.cache = programs.warm_decode(pool.cache, *decode_inputs, row_widths=decode_widths)
     extend_s = median_time(lambda: extend(buckets[-1]))
     extend_bucket_s = {w: median_time(lambda: extend(w)) for w in extend_widths}
-    return {"prefill_s": prefill_s, "decode_s": decode_s, "extend_s": extend_s, "extend_bucket_s": extend_bucket_s}
+    return {"prefill_s": prefill_s, "decode_s": decode_s, "decode_width_s": decode_width_s, "extend_s": extend_s,
+            "extend_bucket_s": extend_bucket_s}

@@ -16,7 +16,7 @@ log = logging.getLogger("fastserve.serve.engine")
 
 class Runner:
     """Drives an engine's `step()` and reports its state; the engine provides step, submit, clock, _finish, and the
-    state _step_lock, _lock, _inbox, _jobs, _live, _last_running, _slot_job, _host_jobs, pool, prefix, scheduler,
+    state _step_lock, _lock, _inbox, _jobs, _live, _last_running, _slot_job, _host_jobs, pool, prefix, rows, scheduler,
     counters, profile, _thread, _stop_event, _wake."""
 
     @property
@@ -100,7 +100,8 @@ class Runner:
         out: dict[str, Any] = dict(self.counters)
         out.update(scheduler=self.scheduler.name, slots=self.slots, max_cache_len=self.max_len, buckets=self.buckets,
                    running=sum(j is not None for j in self._slot_job), waiting=self.pending,
-                   host_kv_in_use=len(self._host_jobs), profile=self.profile)
+                   host_kv_in_use=len(self._host_jobs), profile=self.profile,
+                   decode_width_steps=dict(self.rows.steps))     # decode steps run at each batch width
         if self.pool.paged:
             out["paged_kv"] = self.pool.stats()
         if self.prefix is not None:   # hit_tokens / queried_tokens: prompt tokens copied from the store / looked up

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from fastserve.config import ServeConfig
+from fastserve.serve.active_rows import resolve_widths
 from fastserve.serve.request import Request
 from fastserve.serve.scheduler import SCHEDULERS
 
@@ -29,6 +30,7 @@ def check_config(cfg: ServeConfig, model_cfg: Any, iteration_cost: str, own_sche
     if (cfg.kv_cache_bytes or cfg.kv_cache_memory_fraction) and cfg.prefix_cache:
         raise ValueError("paged KV (serve.kv_cache_bytes > 0) does not combine with serve.prefix_cache yet: turn one "
                          "of them off")
+    resolve_widths(cfg.decode_widths, cfg.slots)    # ValueError naming serve.decode_widths
     max_len = cfg.max_cache_len or model_cfg.max_seq_len
     if not 0 < max_len <= model_cfg.max_seq_len:
         raise ValueError(f"serve.max_cache_len={cfg.max_cache_len} must be in (0, model.max_seq_len="

@@ -1,0 +1,76 @@
+"""Decoding the running rows only (serve.decode_widths): the engine's decode step at a few batch widths compiled at
+start-up (powers of two up to `slots` by default), each taking the cache rows (slots) of the running jobs, padded
+to the width with an inactive marker (row id `slots`: its KV write is dropped, its token ignored). Each step runs the
+narrowest width that holds the running jobs, so a step costs what the running jobs need, not what `slots` rows do;
+the full width runs the masked decode over every slot as before (no row gather: the cheapest program when every
+slot runs, and the only one an exported backend has).
+
+A job's sampling key is fold_in(key(seed), i) for its i-th token and `infer.sample` draws each row alone, so a
+seeded request draws the same tokens whatever width or column it lands in.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+
+def resolve_widths(value: Any, slots: int) -> list[int]:
+    """serve.decode_widths → the sorted widths the engine compiles, `slots` always the last: "auto" = powers of two
+    below slots, [] = slots only (ValueError naming the key for anything else)."""
+    if value == "auto":
+        widths = [1 << i for i in range(slots.bit_length()) if 1 << i < slots]
+    elif isinstance(value, (list, tuple)) and all(isinstance(w, int) and not isinstance(w, bool) for w in value):
+        widths = list(value)
+        if any(not 1 <= w <= slots for w in widths):
+            raise ValueError(f"serve.decode_widths={widths}: every width must be in [1, serve.slots={slots}]")
+    else:
+        raise ValueError(f"serve.decode_widths={value!r}: expected auto or a list of batch widths in [1, slots]")
+    return sorted(set(widths) | {slots})
+
+
+def job_arrays(jobs: Sequence[Any], width: int, columns: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The decode inputs of `jobs`: ints [6, width] (token, position, seed, count, top_k, active), floats [2, width]
+    (temperature, top_p); job i in column columns[i] (default i); other columns inactive."""
+    ints = np.zeros((6, width), np.int32)
+    floats = np.zeros((2, width), np.float32)
+    floats[1] = 1.0
+    for i, job in enumerate(jobs):
+        c, n = (i if columns is None else columns[i]), len(job.output)
+        ints[:, c] = (job.output[-1], len(job.tokens) + n - 1, job.seed % 2 ** 31, n, job.top_k, 1)
+        floats[:, c] = (job.temperature, job.top_p)
+    return ints, floats
+
+
+class RowDecoder:
+    """Runs one decode step of the running jobs on `programs` at the narrowest of `widths` holding them (a backend
+    without `row_decode`, e.g. an export: the full width only; none below its `min_row_width`); counts the steps
+    per width."""
+
+    def __init__(self, programs: Any, slots: int, widths: Sequence[int]):
+        self.programs, self.slots = programs, slots
+        least = getattr(programs, "min_row_width", 1)     # a backend's narrowest useful width
+        self.widths = sorted(w for w in widths if w >= least or w == slots) \
+            if getattr(programs, "row_decode", False) else [slots]
+        self.steps = {w: 0 for w in self.widths}
+
+    def width(self, n: int) -> int:
+        """The narrowest width holding `n` running jobs."""
+        return next(w for w in self.widths if w >= n)
+
+    def step(self, cache: Any, jobs: Sequence[Any]) -> tuple[list[int], Any]:
+        """Decodes `jobs` (each in its slot `job._slot`) → (their sampled tokens, in order; the cache, donated)."""
+        w = self.width(len(jobs))
+        self.steps[w] += 1
+        if w == self.slots:      # every slot: the masked decode, each job in its slot's column
+            ints, floats = job_arrays(jobs, w, [j._slot for j in jobs])
+            toks, cache = self.programs.decode(cache, ints, floats)
+            toks = np.asarray(jax.device_get(toks))          # the one device→host transfer of the step
+            return [int(toks[j._slot]) for j in jobs], cache
+        rows = np.full(w, self.slots, np.int32)              # padding: row id `slots`, out of the cache
+        rows[:len(jobs)] = [j._slot for j in jobs]
+        ints, floats = job_arrays(jobs, w)
+        toks, cache = self.programs.decode_rows(cache, rows, ints, floats)
+        toks = np.asarray(jax.device_get(toks))
+        return [int(t) for t in toks[:len(jobs)]], cache
