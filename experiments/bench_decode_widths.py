@@ -1,6 +1,8 @@
 """Decode step time per batch width (serve.decode_widths) on SmolLM2-135M, int8 (layers.* quantized) and float32.
 
-    python experiments/bench_decode_widths.py [--repeats 10] [--max-len 320]   # ~5 min on 2 shared cores
+    python experiments/bench_decode_widths.py [--repeats 10] [--max-len 320]   # ~5 min on 2 shared cores; writes
+                                                    # experiments/results/bench_decode_widths.{json,md}
+    python experiments/bench_decode_widths.py --quick   # ~2 min: the time per output token only; writes nothing
 
 Builds the engine as the serving benchmarks do (8 slots, buckets 32/64, max_cache_len 320), then times its compiled
 decode programs alone (no scheduling): the running-rows program at widths 1, 2, 4 (the first w slots active, at
@@ -16,7 +18,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
+import os
+import platform
+import sys
 import time
 
 import jax
@@ -27,6 +33,11 @@ from fastserve.serve.active_rows import job_arrays
 from fastserve.serve.engine import Engine, Request
 from fastserve.transforms.report import transform_loaded
 from fastserve.workdir import load_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from provenance import provenance  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 class _Job:
@@ -90,8 +101,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-len", type=int, default=320)
     ap.add_argument("--no-paged", action="store_true", help="skip the paged layout (16 more compiles)")
-    ap.add_argument("--tpot-only", action="store_true", help="only the end-to-end time per token (int8)")
+    ap.add_argument("--tpot-only", "--quick", action="store_true",
+                    help="only the end-to-end time per token (int8); writes nothing")
     args = ap.parse_args()
+    t_start, load_start = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
     cfg = load_config("configs/smollm2_135m.yaml", ["mesh.data=1"])
     loaded = load_model(cfg)
     mc, g, p, _ = transform_loaded(loaded, [{"quantize": {"include": ["layers.*"]}}], cfg)
@@ -119,7 +132,35 @@ def main() -> None:
         del eng
         jax.clear_caches()
     out["int8 tpot_ms"] = time_per_token(int8, scfg)
+    record(out, args, t_start, load_start)
     print(json.dumps(out))
+
+
+def record(out: dict, args: argparse.Namespace, t_start: float, load_start: list) -> None:
+    """Adds provenance and a headline to `out` and writes results/bench_decode_widths.{json,md}."""
+    int8 = out["int8"]["step_ms"]
+    full = int8.get("8") or int8.get(8)
+    out.update(bench="decode_widths", command="python experiments/bench_decode_widths.py", **provenance(),
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               machine=f"{platform.machine()}, {os.cpu_count()} cores", load_avg_start=load_start,
+               load_avg_end=[round(x, 2) for x in os.getloadavg()], wall_s=round(time.perf_counter() - t_start, 1),
+               repeats=args.repeats, rounds=args.rounds, max_len=args.max_len)
+    out["headline"] = {f"int8 step, {w} running / all 8 slots": round(v / full, 3)
+                       for w, v in int8.items() if str(w) in ("1", "2", "4")}
+    with open(os.path.join(RESULTS, "bench_decode_widths.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    lines = [f"# bench_decode_widths (commit `{out['commit'][:7]}`{' dirty' if out['dirty'] else ''}, "
+             f"{out['date'][:10]})", "", f"`{out['command']}`; {out['machine']}; load average {load_start} → "
+             f"{out['load_avg_end']}; SmolLM2-135M, 8 slots, max_cache_len {args.max_len}, jobs at position 100; "
+             f"median decode step (ms) by running jobs (8: the full-width masked step every step cost before; "
+             f"'8 rows': the row program over all 8).", "", "| model | " + " | ".join(str(k) for k in int8) + " |",
+             "|---|" + "---|" * len(int8)]
+    for name in ("int8", "float32", "int8 paged"):
+        if name in out:
+            lines.append(f"| {name} | " + " | ".join(str(out[name]["step_ms"].get(k, "")) for k in int8) + " |")
+    lines += ["", f"Time per output token through the engine (int8, ms): {json.dumps(out['int8 tpot_ms'])}"]
+    with open(os.path.join(RESULTS, "bench_decode_widths.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
