@@ -1,34 +1,23 @@
 """serve.decode_widths: decoding only the running jobs' rows, at the narrowest compiled width that holds them, gives
 the full-width engine's tokens (greedy and seeded sampling), in the slot and the paged layouts, while the running
 count goes up and down (staggered arrivals, finishes, MLFQ preemptions); bad widths fail naming the key."""
-import jax
 import numpy as np
 import pytest
 
-from fastserve import parallel
 from fastserve.config import ConfigError, ServeConfig, load_config
-from fastserve.core.state import init_params
 from fastserve.serve.active_rows import resolve_widths
 from fastserve.serve.engine import Engine, Request
+from tiny_decoder import COMPILES, tiny_decoder
 
 BUCKETS = [8, 16]
 PROMPT_LENS = [3, 16, 7, 12, 5, 9, 26, 4, 11]
 NEW_TOKENS = [20, 12, 24, 8, 24, 15, 10, 30, 6]
 ARRIVALS = [0, 0, 3, 10, 11, 12, 13, 40, 60]      # the step at which each request is submitted
 
-_COMPILES: list[str] = []
-jax.monitoring.register_event_duration_secs_listener(
-    lambda name, *_, **__: _COMPILES.append(name) if name.startswith("/jax/core/compile/") else None)
-
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = load_config(None, ["model.vocab_size=97", "model.d_model=48", "model.n_layers=2", "model.n_heads=4",
-                             "model.n_kv_heads=2", "model.d_ff=96", "model.init_std=0.3", "model.max_seq_len=64",
-                             "data.seq_len=64", "mesh.data=1"])
-    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
-    graphdef, params, _ = init_params(cfg.model, mesh, seed=5)
-    return graphdef, params, cfg.model, mesh
+    return tiny_decoder(seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +47,7 @@ def drive(engine, prompts, **sampling):
     """Submits request i at step ARRIVALS[i] and steps until all are done → (the requests, the running counts of
     the decode steps)."""
     reqs = [Request(p, max_new_tokens=n, seed=i, **sampling) for i, (p, n) in enumerate(zip(prompts, NEW_TOKENS))]
-    compiles, step, running = len(_COMPILES), 0, []
+    compiles, step, running = len(COMPILES), 0, []
     while step <= max(ARRIVALS) or engine.pending:
         for r, a in zip(reqs, ARRIVALS):
             if a == step:
@@ -68,7 +57,7 @@ def drive(engine, prompts, **sampling):
         running.append(engine.counters["decode_slot_steps"] - before)
         step += 1
         assert step < 2000
-    assert len(_COMPILES) == compiles            # every width compiled at start-up
+    assert len(COMPILES) == compiles            # every width compiled at start-up
     assert all(r.finish_reason == "length" for r in reqs)
     return reqs, running
 

@@ -7,12 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastserve import parallel
-from fastserve.config import ServeConfig, load_config
+from fastserve.config import ServeConfig
 from fastserve.generation import decoding as infer
-from fastserve.core.state import init_params
 from fastserve.serve.engine import Engine, QueueFull, Request
 from fastserve.serve.scheduler import Scheduler, levels_covering
+from tiny_decoder import COMPILES, tiny_decoder
 
 BUCKETS = [8, 16]
 MAX_NEW = 24
@@ -22,12 +21,7 @@ NEW_TOKENS = [20, 12, 24, 8, 24, 15]
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = load_config(None, ["model.vocab_size=97", "model.d_model=48", "model.n_layers=2", "model.n_heads=4",
-                             "model.n_kv_heads=2", "model.d_ff=96", "model.init_std=0.3", "model.max_seq_len=64",
-                             "data.seq_len=64", "mesh.data=1"])
-    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
-    graphdef, params, _ = init_params(cfg.model, mesh, seed=3)
-    return graphdef, params, cfg.model, mesh
+    return tiny_decoder(seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +72,9 @@ class EvenProfileEngine(Engine):
         return profile
 
 
-_TRACES_AND_COMPILES: list[str] = []
-jax.monitoring.register_event_duration_secs_listener(
-    lambda name, *_, **__: _TRACES_AND_COMPILES.append(name) if name.startswith("/jax/core/compile/") else None)
-
-
 def compiled_programs():
     """Traces and compiles so far (any program): serving must never trace or compile after start-up."""
-    return len(_TRACES_AND_COMPILES)
+    return len(COMPILES)
 
 
 def requests(prompts, **kw):

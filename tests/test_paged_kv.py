@@ -5,11 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from fastserve import parallel
 from fastserve.config import ServeConfig, load_config
-from fastserve.core.state import init_params
 from fastserve.serve.engine import Engine, Request
 from fastserve.serve.paged_kv import BlockAllocator, paged_backend
+from tiny_decoder import COMPILES, tiny_decoder
 
 BUCKETS = [8, 16]
 MAX_LEN = 48
@@ -20,19 +19,10 @@ NEW_TOKENS = [20, 12, 16, 24, 8, 24, 15, 20, 6]
 POSITION_BYTES = 2 * 2 * 2 * 12 * 4       # (k, v) × layers × kv_heads × head_dim × float32 bytes
 SLOT_BUDGET = 2 * MAX_LEN * POSITION_BYTES   # what the slot layout's 2 slots hold: 12 blocks of 8 positions
 
-_COMPILES: list[str] = []
-jax.monitoring.register_event_duration_secs_listener(
-    lambda name, *_, **__: _COMPILES.append(name) if name.startswith("/jax/core/compile/") else None)
-
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = load_config(None, ["model.vocab_size=97", "model.d_model=48", "model.n_layers=2", "model.n_heads=4",
-                             "model.n_kv_heads=2", "model.d_ff=96", "model.init_std=0.3", "model.max_seq_len=64",
-                             "data.seq_len=64", "mesh.data=1"])
-    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
-    graphdef, params, _ = init_params(cfg.model, mesh, seed=3)
-    return graphdef, params, cfg.model, mesh
+    return tiny_decoder(seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +66,9 @@ def test_paged_equals_slot_layout_at_the_same_bytes(model, prompts, slot_layout,
                       prefill_chunk=chunk)
     assert eng.pool.alloc.num_blocks == 12 and eng.pool.nbytes == SLOT_BUDGET
     assert eng.programs.widths == [1, 2, 3, 6]          # decode over 1, 2, 3 or all 6 blocks per slot
-    compiles = len(_COMPILES)
+    compiles = len(COMPILES)
     outputs, most = run(eng, prompts)
-    assert len(_COMPILES) == compiles                   # every slot, width and row length compiled at start-up
+    assert len(COMPILES) == compiles                   # every slot, width and row length compiled at start-up
     expected, slot_most = slot_layout
     assert slot_most == 2 and most > slot_most
     assert outputs == expected
