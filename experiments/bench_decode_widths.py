@@ -36,6 +36,7 @@ from fastserve.workdir import load_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from provenance import provenance  # noqa: E402
+from serving_workload import slot_layout_bytes  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -112,8 +113,7 @@ def main() -> None:
     scfg = dataclasses.replace(cfg.serve, slots=8, buckets=[32, 64], max_cache_len=args.max_len, port=0,
                                decode_widths="auto")
     # paged: the slot layout's bytes (8 x max_cache_len positions) as blocks of 16
-    paged = dataclasses.replace(scfg, kv_cache_bytes=8 * args.max_len * 2 * mc.n_layers * (mc.n_kv_heads or mc.n_heads)
-                                * (mc.head_dim or mc.d_model // mc.n_heads) * 4, kv_block=16)
+    paged = dataclasses.replace(scfg, kv_cache_bytes=slot_layout_bytes(mc, 8, args.max_len), kv_block=16)
     out = {}
     if args.tpot_only:
         print(json.dumps({"int8 tpot_ms": time_per_token(int8, scfg)}))

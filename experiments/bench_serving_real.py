@@ -52,7 +52,7 @@ sys.path.insert(0, HERE)
 from provenance import provenance  # noqa: E402
 from serving_report import rate_at_p99  # noqa: E402
 from serving_client import run_http  # noqa: E402
-from serving_workload import P99_SLO_S, SLO_TPOT_S, SLO_TTFT_S, workload  # noqa: E402
+from serving_workload import P99_SLO_S, SLO_TPOT_S, SLO_TTFT_S, slot_layout_bytes, workload  # noqa: E402
 
 SMOLLM = os.path.join(ROOT, "configs", "smollm2_135m.yaml")
 RESULTS = os.path.join(HERE, "results")
@@ -92,7 +92,7 @@ def fastserve_worker(port_file: str, variants: list[str]) -> int:
                 int8 = dataclasses.replace(loaded, model_cfg=model_cfg, graphdef=graphdef, params=params)
             variant = int8
         if name.endswith("paged"):   # the same bytes as the slot layout, in blocks: attention over held blocks only
-            vcfg = dataclasses.replace(scfg, kv_cache_bytes=slot_layout_bytes(loaded.model_cfg))
+            vcfg = dataclasses.replace(scfg, kv_cache_bytes=slot_layout_bytes(loaded.model_cfg, SLOTS, MAX_LEN))
         urls[name] = Server(Engine.from_loaded(variant, vcfg), variant, vcfg, model_name="bench").start().url
     with open(port_file + ".tmp", "w") as f:
         json.dump(urls, f)
@@ -102,12 +102,6 @@ def fastserve_worker(port_file: str, variants: list[str]) -> int:
 
 
 VARIANTS = ("float32", "int8", "int8 paged")
-
-
-def slot_layout_bytes(model_cfg: Any) -> int:
-    """Bytes of the slot layout's KV cache: SLOTS × MAX_LEN positions of k and v in every layer (float32)."""
-    head_dim = model_cfg.d_model // model_cfg.n_heads
-    return SLOTS * MAX_LEN * model_cfg.n_layers * 2 * (model_cfg.n_kv_heads or model_cfg.n_heads) * head_dim * 4
 
 
 def start_fastserve(variants: list[str]) -> tuple[subprocess.Popen, dict[str, str]]:

@@ -42,6 +42,14 @@ def quickstart_model(max_len: int = MAX_LEN):
     return graphdef, params, cfg.model, mesh
 
 
+def slot_layout_bytes(model_cfg: Any, slots: int, max_len: int) -> int:
+    """Bytes of the slot layout's KV cache for a decoder: slots × max_len positions of float32 k and v, every
+    layer (what a paged pool of the same bytes is given, to compare the two layouts on one budget)."""
+    kv_heads = model_cfg.n_kv_heads or model_cfg.n_heads
+    head_dim = getattr(model_cfg, "head_dim", 0) or model_cfg.d_model // model_cfg.n_heads
+    return slots * max_len * model_cfg.n_layers * 2 * kv_heads * head_dim * 4
+
+
 def serve_config(variant: str):
     from fastserve.config import ServeConfig
     spec = VARIANTS.get(variant, variant)

@@ -116,13 +116,10 @@ def paged_write(blocks: jax.Array, pages: jax.Array, positions: jax.Array, new: 
     return blocks, view.reshape(pages.shape[0], -1, *blocks.shape[2:])
 
 
-def row_write(cache: jax.Array, rows: jax.Array, positions: jax.Array, new: jax.Array) -> tuple[jax.Array, jax.Array]:
+def row_write(cache: jax.Array, rows: jax.Array, positions: jax.Array, new: jax.Array) -> jax.Array:
     """Writes new [b, T, K, D] at (rows[i], positions[i]) of a cache [B, S, K, D] (a row id >= B or a position >= S:
-    dropped) → (the cache, the b rows' view [b, S, K, D]; a row id >= B reads row B-1, its query masked by the
-    caller)."""
-    cache = cache.at[rows[:, None], positions].set(new.astype(cache.dtype), mode="drop")
-    cache = constrain(cache, CACHE_AXES)
-    return cache, jnp.take(cache, rows, axis=0, mode="clip")
+    dropped)."""
+    return constrain(cache.at[rows[:, None], positions].set(new.astype(cache.dtype), mode="drop"), CACHE_AXES)
 
 
 class Attention(nnx.Module):
@@ -155,13 +152,14 @@ class Attention(nnx.Module):
             cv, vv = paged_write(cache["v"], cache["pages"], positions, v)
             new_cache = {"k": ck, "v": cv, "pages": cache["pages"]}
         elif "rows" in cache:      # the tokens belong to cache rows `rows` [b] (serving decodes its running rows only)
-            ck, vk = row_write(cache["k"], cache["rows"], positions, k)
-            cv, vv = row_write(cache["v"], cache["rows"], positions, v)
-            new_cache = {"k": ck, "v": cv, "rows": cache["rows"]}
+            rows = cache["rows"]
+            ck, cv = row_write(cache["k"], rows, positions, k), row_write(cache["v"], rows, positions, v)
+            # the b rows' view (a padding row id >= B reads row B-1; its query is masked by the caller)
+            vk, vv = jnp.take(ck, rows, axis=0, mode="clip"), jnp.take(cv, rows, axis=0, mode="clip")
+            new_cache = {"k": ck, "v": cv, "rows": rows}
         else:
-            rows = jnp.arange(b)[:, None]
-            ck = constrain(cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype), mode="drop"), CACHE_AXES)
-            cv = constrain(cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype), mode="drop"), CACHE_AXES)
+            rows = jnp.arange(b)
+            ck, cv = row_write(cache["k"], rows, positions, k), row_write(cache["v"], rows, positions, v)
             vk, vv, new_cache = ck, cv, {"k": ck, "v": cv}
         k_pos = jnp.broadcast_to(jnp.arange(vk.shape[1], dtype=positions.dtype), (b, vk.shape[1]))
         out = attention(q, vk.astype(q.dtype), vv.astype(q.dtype), positions, k_pos)

@@ -64,13 +64,14 @@ class RowDecoder:
         w = self.width(len(jobs))
         self.steps[w] += 1
         if w == self.slots:      # every slot: the masked decode, each job in its slot's column
-            ints, floats = job_arrays(jobs, w, [j._slot for j in jobs])
+            columns = [j._slot for j in jobs]
+            ints, floats = job_arrays(jobs, w, columns)
             toks, cache = self.programs.decode(cache, ints, floats)
-            toks = np.asarray(jax.device_get(toks))          # the one device→host transfer of the step
-            return [int(toks[j._slot]) for j in jobs], cache
-        rows = np.full(w, self.slots, np.int32)              # padding: row id `slots`, out of the cache
-        rows[:len(jobs)] = [j._slot for j in jobs]
-        ints, floats = job_arrays(jobs, w)
-        toks, cache = self.programs.decode_rows(cache, rows, ints, floats)
-        toks = np.asarray(jax.device_get(toks))
-        return [int(t) for t in toks[:len(jobs)]], cache
+        else:                    # the jobs' rows in columns 0.., padded with row id `slots` (out of the cache)
+            columns = list(range(len(jobs)))
+            rows = np.full(w, self.slots, np.int32)
+            rows[:len(jobs)] = [j._slot for j in jobs]
+            ints, floats = job_arrays(jobs, w)
+            toks, cache = self.programs.decode_rows(cache, rows, ints, floats)
+        toks = np.asarray(jax.device_get(toks))              # the one device→host transfer of the step
+        return [int(toks[c]) for c in columns], cache

@@ -50,6 +50,16 @@ def extract_rows(cache: Rows, slot: Any, length: int) -> Rows:
                         cache)
 
 
+def movable_lengths(lengths: Sequence[int], max_len: int) -> list[int]:
+    """The row lengths a pool moves: the given ones within (0, max_len], and max_len."""
+    return sorted({int(x) for x in lengths if 0 < x <= max_len} | {max_len})
+
+
+def position_bytes(spec: Any) -> int:
+    """Bytes of one position of one slot's rows, all leaves of a cache spec ([batch, seq, ...] leaves)."""
+    return sum(math.prod(x.shape[2:]) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(spec))
+
+
 def cache_length(cache: Rows) -> int:
     """Positions the cache holds (axis 1 of its leaves)."""
     return jax.tree.leaves(cache)[0].shape[1]
@@ -74,12 +84,10 @@ class KVPool:
         """`spec`: the model's cache at any batch and length (a pytree of arrays or ShapeDtypeStructs, e.g.
         `jax.eval_shape(lambda: model.init_cache(1, 1))`); the pool holds it at [slots, max_len, ...]."""
         self.slots, self.max_len = slots, max_len
-        self.lengths = sorted({int(x) for x in lengths if 0 < x <= max_len} | {max_len})
+        self.lengths = movable_lengths(lengths, max_len)
         self.mesh = mesh
         self.spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct((slots, max_len, *x.shape[2:]), x.dtype), spec)
-        # bytes of one slot's rows per position, all leaves
-        self.position_bytes = sum(math.prod(x.shape[2:]) * jnp.dtype(x.dtype).itemsize
-                                  for x in jax.tree.leaves(self.spec))
+        self.position_bytes = position_bytes(self.spec)
         # Committed from the start: the programs return a committed cache (placed like their weights), and jax
         # compiles insert / extract apart for a committed and an uncommitted argument, so an uncommitted first cache
         # would leave the start-up warm compiling the wrong variants.

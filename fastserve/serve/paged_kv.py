@@ -21,7 +21,6 @@ is dropped on write), one compile per row length for every slot (the slot's page
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Sequence
 
 import jax
@@ -32,7 +31,7 @@ from flax import nnx
 from fastserve import parallel
 from fastserve.generation import decoding as infer
 from fastserve.models.decoder import PAGED_AXES
-from fastserve.serve.kv import KVPool, Rows
+from fastserve.serve.kv import KVPool, Rows, movable_lengths, position_bytes
 from fastserve.serve.programs import ModelPrograms, masked_decode, sample_rows
 
 
@@ -123,8 +122,8 @@ class PagedKVPool(KVPool):
             raise ValueError(f"{key} (paged KV) needs the decoder's cache (one {{k, v}} per layer); this model's "
                              f"cache differs: set {key}=0")
         self.slots, self.max_len, self.mesh, self.device, self.block = slots, max_len, mesh, device, block
-        self.lengths = sorted({int(x) for x in lengths if 0 < x <= max_len} | {max_len})
-        self.position_bytes = sum(math.prod(x.shape[2:]) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(spec))
+        self.lengths = movable_lengths(lengths, max_len)
+        self.position_bytes = position_bytes(spec)
         max_blocks = -(-max_len // block)
         num_blocks = budget // (block * self.position_bytes)
         if num_blocks < max_blocks:

@@ -1,0 +1,70 @@
+"""How fast the int8 kernel streams weights that are not in cache: the batch-1 regime of decoding a model larger
+than the cache (docs/compression.md). Times `fastserve_int8_matmul` on MATRICES distinct 576 × 1536 int8 matrices
+(141 MB, chained in one jitted program) and `fastserve_int8_matmul_nt` on 5 distinct 49152 × 576 LM-head tables
+(141 MB), one thread and XLA's pool, and prints GB/s of weights read. The kernels' prefetch distances are constants
+in fastserve/kernels/csrc/int8_tile.cc (kPrefetchRows, kPrefetchBytes): edit one and rerun this script to compare
+(the library rebuilds itself when its source changes).
+
+    python experiments/int8_stream.py [--rows 1]     # ~1 min; the last line is JSON
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fastserve.kernels import build  # noqa: E402
+from fastserve.kernels import int8 as k8  # noqa: E402
+
+MATRICES = 160
+
+
+def gb_per_s(kernel, tables: list, k: int, rows: int, threads: int, repeats: int) -> float:
+    """Weights read per second (GB/s) by `kernel` over every table in turn, median of `repeats` runs."""
+    scale = jnp.ones((tables[0].shape[1] if kernel is k8.int8_matmul_kernel else tables[0].shape[0],), jnp.float32)
+
+    @jax.jit
+    def chain(x, tables):
+        for q in tables:   # each product's input depends on the last: the tables are read one after another
+            x = kernel(x, q, scale, threads=threads)[:, :k] * 1e-3
+        return x
+    x = jnp.ones((rows, k), jnp.float32)
+    chain(x, tables).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        chain(x, tables).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return sum(q.size for q in tables) / statistics.median(times) / 1e9
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=1, help="rows of x (1: batch-1 decoding)")
+    args = ap.parse_args()
+    if build.load() is None:
+        raise SystemExit(f"the int8 kernel library is not available here: {build.status()}")
+    rng = np.random.default_rng(0)
+    layers = [jnp.asarray(rng.integers(-127, 128, (576, 1536), dtype=np.int8)) for _ in range(MATRICES)]
+    heads = [jnp.asarray(rng.integers(-127, 128, (49152, 576), dtype=np.int8)) for _ in range(5)]
+    out = {"rows": args.rows, "isa": build.status().get("isa")}
+    for threads in (1, 0):
+        out[f"layers_gb_s_threads_{threads}"] = round(gb_per_s(k8.int8_matmul_kernel, layers, 576, args.rows,
+                                                               threads, 20), 2)
+        out[f"head_gb_s_threads_{threads}"] = round(gb_per_s(k8.int8_matmul_nt_kernel, heads, 576, args.rows,
+                                                             threads, 10), 2)
+        print(out, flush=True)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
