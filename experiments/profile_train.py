@@ -184,6 +184,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=3, help="traced steps (after 3 warm-up steps)")
     ap.add_argument("--top", type=int, default=25, help="rows of the per-source table")
     ap.add_argument("--torch", action="store_true", help="also profile the PyTorch baseline (torch.profiler)")
+    ap.add_argument("--scanned", action="store_true",
+                    help="profile the scanned layers (the default step); the profiler cannot see inside the "
+                         "lax.scan's while loop, so by default the layers are unrolled (model.scan_layers: false)")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "profile_train.json"),
                     help="write the breakdown here as JSON (bench_train.md includes it); '' for none")
     args = ap.parse_args(argv)
@@ -194,7 +197,7 @@ def main(argv=None) -> dict:
     sys.path.insert(0, HERE)
     from bench_train import JaxBench
 
-    jb = JaxBench()
+    jb = JaxBench(scan_layers=None if args.scanned else False)
     jb.run(3)
     trace_dir = tempfile.mkdtemp(prefix="fastserve_trace_")
     with jax.profiler.trace(trace_dir):
@@ -234,7 +237,7 @@ def main(argv=None) -> dict:
         i = info[name]
         gf = f"{i['flops'] / ms / 1e6:.0f} GFLOP/s" if i["flops"] else ""
         print(f"{ms:8.1f} ms  {name:28s} {i['kind']:>14} {'bwd' if i['bwd'] else 'fwd'} {i['label']}  {gf}")
-    result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "step_ms": round(step_ms, 1), "thunk_ms_per_step": round(total, 1), "by_kind": by_kind,
+    result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "step_ms": round(step_ms, 1), "scan_layers": jb.cfg.scan_layers, "thunk_ms_per_step": round(total, 1), "by_kind": by_kind,
               "by_source": by_source[:args.top], "xla_flags": os.environ["XLA_FLAGS"].split(" --xla_dump_to")[0]}
     if args.torch:
         result["torch"] = profile_torch(args.steps, args.top)

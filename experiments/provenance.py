@@ -4,6 +4,11 @@ from __future__ import annotations
 import os
 import subprocess
 
+# Imported before any benchmark initializes JAX, as `python -m fastserve.<verb>` does: fastserve sets the host
+# allocator on import (fastserve/host_memory.py), which reaches only threads that have not allocated yet. Peers
+# measured in the same process (PyTorch) run under the same allocator settings.
+from fastserve.host_memory import allocator_state
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -17,4 +22,4 @@ def provenance() -> dict:
     # (porcelain lines are "XY path"; git() strips the first line's leading blank, hence [2:].lstrip())
     status = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
               if not line[2:].lstrip().startswith("experiments/results/")]
-    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(status)}
+    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(status), "host_allocator": allocator_state()}

@@ -5,6 +5,10 @@ config file path or a `Config`, plus the same `key=value` overrides (fastserve/a
 """
 from __future__ import annotations
 
+from fastserve.host_memory import tune_allocator
+
+tune_allocator()  # before JAX starts its threads: see host_memory.py (FASTSERVE_MALLOC=system opts out)
+
 from fastserve.api import compress, deploy, evaluate, export, infer, load_exported, train
 from fastserve.config import Config, ConfigError, load_config
 
