@@ -21,7 +21,7 @@ from provenance import provenance  # experiments/: the script's own directory is
 
 # recipe → (metric, the value its header claims at the end, at least); chance levels for --quick
 CLAIMS = {
-    "configs/encoder_synthetic.yaml": ("accuracy", 0.98, 0.6),
+    "configs/encoder_synthetic.yaml": ("accuracy", 0.97, 0.6),
     "configs/cnn_synthetic.yaml": ("accuracy", 0.98, 0.2),
     "configs/seq2seq_synthetic.yaml": ("exact_match", 0.99, 0.05),
 }
