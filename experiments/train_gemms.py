@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from provenance import provenance  # noqa: E402  (imports fastserve first: its allocator settings, as bench_train)
+from provenance import provenance  # experiments/ is on sys.path; imports fastserve first, as bench_train does
 
 T = 2048
 # name, A shape, B shape, form (nn: A·B, nt: A·Bᵀ, tn: Aᵀ·B)

@@ -5,7 +5,9 @@ when the step ends. glibc serves allocations over 32 MB with mmap and hands them
 per-thread arenas return freed memory to the kernel too, so every step faults all of that memory in again: for
 experiments/bench_train.py's 23M decoder on 2 cores, 146,000 page faults and 0.23 s of kernel time per 1.24 s
 step. With one arena, no mmap for large blocks and no trimming, freed memory stays in the process and the next
-step reuses it: 0 faults, 1.155 s per step (−7 %), measured in separate processes on the same machine.
+step reuses it: 0 faults, 1.158 vs 1.247 s per step (−7 %; the MiniLM fine-tuning step −11 %), measured in
+separate processes on the same machine by `experiments/step_faults.py` (run it with and without
+FASTSERVE_MALLOC=system).
 
 The price: memory freed by the process is kept for reuse instead of returned to the operating system (resident
 memory stays at its peak), and threads share one malloc arena. Set `FASTSERVE_MALLOC=system` to keep glibc's
