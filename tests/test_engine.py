@@ -348,3 +348,16 @@ def test_exported_engine_refuses_shapes_the_export_lacks(exported):
         Engine.from_exported(exported, ServeConfig(slots=2, buckets=BUCKETS, max_cache_len=40))
     with pytest.raises(ValueError, match=r"serve.buckets=\[8, 12, 16\]: \[12\] not exported .*buckets: \[8, 16\]"):
         Engine.from_exported(exported, ServeConfig(slots=2, buckets=[8, 12, 16], max_cache_len=48))
+
+
+def test_scanned_model_is_served_per_layer(model):
+    """A scanned model (stacked blocks) is served with its per-layer twin's weights — the stacked layout's decode
+    copies every layer's weights out of the stack at each step; the greedy tests above check the outputs equal the
+    stacked model's own `infer.generate`."""
+    graphdef, params, model_cfg, _ = model
+    assert model_cfg.scanned and 0 not in params["layers"]
+    engine = make_engine(model)
+    assert not engine.model_cfg.scanned
+    assert sorted(engine.params["layers"]) == list(range(model_cfg.n_layers))
+    np.testing.assert_array_equal(np.asarray(engine.params["layers"][1]["mlp"]["up"]["kernel"]),
+                                  np.asarray(params["layers"]["mlp"]["up"]["kernel"][1]))
