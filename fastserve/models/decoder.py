@@ -94,7 +94,8 @@ class DecoderConfig:
 KVCache = list[dict[str, jax.Array]]
 CACHE_AXES = ("cache_batch", "cache_seq", "kv_heads", "head_dim")
 # A layer's dict may also carry "rows": [b] int32, the cache rows the step's b tokens belong to (b <= B: a decode
-# step over the running rows of a larger cache).
+# step over the running rows of a larger cache), and "window": [W] int32, whose length (static) bounds the positions
+# attended to the first W (a decode step whose rows all sit below W reads W positions per row, not the cache's S).
 # A paged KV cache (serving's memory-budgeted layout) is per layer {"k": [N, P, K, D], "v": same, "pages": [B, M]}:
 # N blocks of P positions shared by all rows, and per row the ids of its M blocks (an id >= N: none), so that row b's
 # position p lives in block pages[b, p // P] at offset p % P. The block axis is its own logical name (the rules
@@ -161,6 +162,9 @@ class Attention(nnx.Module):
             rows = jnp.arange(b)
             ck, cv = row_write(cache["k"], rows, positions, k), row_write(cache["v"], rows, positions, v)
             vk, vv, new_cache = ck, cv, {"k": ck, "v": cv}
+        if "window" in cache:      # only the first W positions are attended (the caller's rows all sit below W)
+            w = cache["window"].shape[0]
+            vk, vv, new_cache = vk[:, :w], vv[:, :w], {**new_cache, "window": cache["window"]}
         k_pos = jnp.broadcast_to(jnp.arange(vk.shape[1], dtype=positions.dtype), (b, vk.shape[1]))
         out = attention(q, vk.astype(q.dtype), vv.astype(q.dtype), positions, k_pos)
         return self.o(out), new_cache

@@ -1,0 +1,60 @@
+"""Decode windows (fastserve/serve/programs.py `decode_windows`): a decode step attends only to the first W
+positions when every running row sits below W. Tokens equal those of an engine that always attends to the whole
+cache (greedy and seeded sampling, full-width and row decodes), while the rows cross from the narrow window into
+the whole cache; every window is compiled at start-up."""
+import jax
+import numpy as np
+import pytest
+
+from fastserve import parallel
+from fastserve.config import ServeConfig, load_config
+from fastserve.core.state import init_params
+from fastserve.serve import programs
+from fastserve.serve.engine import Engine, Request
+from tiny_decoder import COMPILES, VOCAB
+
+MAX_LEN = 256                                   # windows [64, 256]
+PROMPT_LENS, NEW_TOKENS = [3, 40, 12, 58, 7], [30, 20, 70, 12, 40]
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = load_config(None, [f"model.vocab_size={VOCAB}", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+                             "model.n_kv_heads=2", "model.d_ff=64", "model.init_std=0.3",
+                             f"model.max_seq_len={MAX_LEN}", f"data.seq_len={MAX_LEN}", "mesh.data=1"])
+    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
+    graphdef, params, _ = init_params(cfg.model, mesh, seed=11)
+    return graphdef, params, cfg.model, mesh
+
+
+def run(model, widths, sampling):
+    graphdef, params, model_cfg, mesh = model
+    cfg = ServeConfig(slots=4, buckets=[16, 64], max_cache_len=MAX_LEN, scheduler="fcfs", decode_widths=widths)
+    engine = Engine(graphdef, params, model_cfg, cfg, mesh=mesh, stop_ids=[])
+    rng = np.random.default_rng(4)
+    reqs = [Request(rng.integers(1, VOCAB, n).tolist(), max_new_tokens=m, seed=i, **sampling)
+            for i, (n, m) in enumerate(zip(PROMPT_LENS, NEW_TOKENS))]
+    compiles = len(COMPILES)
+    steps = dict(engine.programs.window_steps)
+    for r in reqs:
+        engine.submit(r)
+    while engine.pending:
+        engine.step()
+    assert len(COMPILES) == compiles            # every window compiled at start-up
+    ran = {w: n - steps[w] for w, n in engine.programs.window_steps.items()}
+    return [r.output for r in reqs], ran
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_k": 20, "top_p": 0.9}], ids=["greedy", "seeded"])
+def test_windowed_decode_equals_whole_cache(model, sampling, monkeypatch):
+    got, ran = run(model, "auto", sampling)
+    assert sorted(ran) == [64, MAX_LEN] and ran[64] > 0 and ran[MAX_LEN] > 0   # both windows decoded
+    monkeypatch.setattr(programs, "decode_windows", lambda max_len: [max_len])
+    want, ran_whole = run(model, [], sampling)                                  # full width, whole cache
+    assert list(ran_whole) == [MAX_LEN]
+    assert got == want
+
+
+def test_windows():
+    assert programs.decode_windows(48) == [48] and programs.decode_windows(256) == [64, 256]
+    assert programs.decode_windows(2112) == [144, 528, 2112]
