@@ -27,10 +27,13 @@ def model():
     return graphdef, params, cfg.model, mesh
 
 
-def run(model, widths, sampling):
+def run(model, widths, sampling, step_s=None):
     graphdef, params, model_cfg, mesh = model
     cfg = ServeConfig(slots=4, buckets=[16, 64], max_cache_len=MAX_LEN, scheduler="fcfs", decode_widths=widths)
     engine = Engine(graphdef, params, model_cfg, cfg, mesh=mesh, stop_ids=[])
+    if step_s is not None:      # a profile that makes the engine split mixed steps (RowDecoder.plan)
+        assert set(engine.programs.step_s) == {(w, win) for w in (1, 2, 4) for win in (64, MAX_LEN)}
+        engine.programs.step_s = {k: step_s(*k) for k in engine.programs.step_s}
     rng = np.random.default_rng(4)
     reqs = [Request(rng.integers(1, VOCAB, n).tolist(), max_new_tokens=m, seed=i, **sampling)
             for i, (n, m) in enumerate(zip(PROMPT_LENS, NEW_TOKENS))]
@@ -42,6 +45,8 @@ def run(model, widths, sampling):
         engine.step()
     assert len(COMPILES) == compiles            # every window compiled at start-up
     ran = {w: n - steps[w] for w, n in engine.programs.window_steps.items()}
+    if step_s is not None:
+        assert engine.rows.split_steps > 0
     return [r.output for r in reqs], ran
 
 
@@ -49,10 +54,12 @@ def run(model, widths, sampling):
 def test_windowed_decode_equals_whole_cache(model, sampling, monkeypatch):
     got, ran = run(model, "auto", sampling)
     assert sorted(ran) == [64, MAX_LEN] and ran[64] > 0 and ran[MAX_LEN] > 0   # both windows decoded
+    # steps split in two calls (short rows in the narrow window, the long one in the whole cache)
+    split, _ = run(model, "auto", sampling, step_s=lambda width, win: 1.0 if win == MAX_LEN and width > 1 else 1e-3)
     monkeypatch.setattr(programs, "decode_windows", lambda max_len: [max_len])
     want, ran_whole = run(model, [], sampling)                                  # full width, whole cache
     assert list(ran_whole) == [MAX_LEN]
-    assert got == want
+    assert got == want and split == want
 
 
 def test_windows():

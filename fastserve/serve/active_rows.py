@@ -38,15 +38,22 @@ def job_arrays(jobs: Sequence[Any], width: int, columns: Sequence[int] | None = 
     floats[1] = 1.0
     for i, job in enumerate(jobs):
         c, n = (i if columns is None else columns[i]), len(job.output)
-        ints[:, c] = (job.output[-1], len(job.tokens) + n - 1, job.seed % 2 ** 31, n, job.top_k, 1)
+        ints[:, c] = (job.output[-1], position(job), job.seed % 2 ** 31, n, job.top_k, 1)
         floats[:, c] = (job.temperature, job.top_p)
     return ints, floats
 
 
 class RowDecoder:
     """Runs one decode step of the running jobs on `programs` at the narrowest of `widths` holding them (a backend
-    without `row_decode`, e.g. an export: the full width only; none below its `min_row_width`); counts the steps
-    per width."""
+    without `row_decode`, e.g. an export: the full width only; none below its `min_row_width`); counts the calls
+    per width.
+
+    With a backend that profiled its decode windows (ModelPrograms.step_s: seconds per (width, window)), a step whose
+    jobs sit in different windows may run as two calls — the short jobs in their narrow window, the long ones in the
+    wide one — when the profile says the two cost less than one call attending every row to the longest job's
+    length: one 2,000-token job then no longer makes every short stream pay for its context."""
+
+    SPLIT_GAIN = 0.8     # split only when the two calls are profiled at <= 80 % of the one (profiles are noisy)
 
     def __init__(self, programs: Any, slots: int, widths: Sequence[int]):
         self.programs, self.slots = programs, slots
@@ -54,6 +61,7 @@ class RowDecoder:
         self.widths = sorted(w for w in widths if w >= least or w == slots) \
             if getattr(programs, "row_decode", False) else [slots]
         self.steps = {w: 0 for w in self.widths}
+        self.split_steps = 0
 
     def width(self, n: int) -> int:
         """The narrowest width holding `n` running jobs."""
@@ -61,6 +69,32 @@ class RowDecoder:
 
     def step(self, cache: Any, jobs: Sequence[Any]) -> tuple[list[int], Any]:
         """Decodes `jobs` (each in its slot `job._slot`) → (their sampled tokens, in order; the cache, donated)."""
+        groups = self.plan(jobs)
+        self.split_steps += len(groups) > 1
+        tokens: dict[int, int] = {}
+        for group in groups:
+            toks, cache = self._call(cache, group)
+            tokens.update(zip(map(id, group), toks))
+        return [tokens[id(j)] for j in jobs], cache
+
+    def plan(self, jobs: Sequence[Any]) -> list[list[Any]]:
+        """The calls of this step: [jobs], or [short jobs, long jobs] when the profile prices that lower."""
+        profile = getattr(self.programs, "step_s", None)
+        if not profile or len(jobs) < 2:
+            return [list(jobs)]
+        ordered = sorted(jobs, key=position)
+        window = self.programs.window_of
+        wide = window(position(ordered[-1]))
+        best, cut = profile[(self.width(len(jobs)), wide)] * self.SPLIT_GAIN, 0
+        for k in range(1, len(ordered)):
+            narrow = window(position(ordered[k - 1]))
+            if narrow < wide:
+                cost = profile[(self.width(k), narrow)] + profile[(self.width(len(jobs) - k), wide)]
+                if cost < best:
+                    best, cut = cost, k
+        return [ordered[:cut], ordered[cut:]] if cut else [list(jobs)]
+
+    def _call(self, cache: Any, jobs: Sequence[Any]) -> tuple[list[int], Any]:
         w = self.width(len(jobs))
         self.steps[w] += 1
         if w == self.slots:      # every slot: the masked decode, each job in its slot's column
@@ -73,5 +107,10 @@ class RowDecoder:
             rows[:len(jobs)] = [j._slot for j in jobs]
             ints, floats = job_arrays(jobs, w)
             toks, cache = self.programs.decode_rows(cache, rows, ints, floats)
-        toks = np.asarray(jax.device_get(toks))              # the one device→host transfer of the step
+        toks = np.asarray(jax.device_get(toks))              # the one device→host transfer of the call
         return [int(toks[c]) for c in columns], cache
+
+
+def position(job: Any) -> int:
+    """The position a job's next decode step writes (its last token's)."""
+    return len(job.tokens) + len(job.output) - 1

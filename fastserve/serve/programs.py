@@ -11,6 +11,7 @@ fastserve/serve/backends.py (the functions of a `fastserve.export` directory).""
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -157,10 +158,13 @@ class ModelPrograms:
         cache, also when no column is active, as the start-up profile times)."""
         ints = np.asarray(ints)
         active = ints[5] > 0
-        need = int(ints[1][active].max()) + 1 if active.any() else self.max_len
-        w = next((w for w in self.windows if w >= need), self.max_len)
+        w = self.window_of(int(ints[1][active].max())) if active.any() else self.max_len
         self.window_steps[w] += 1
         return None if w >= self.max_len else w
+
+    def window_of(self, position: int) -> int:
+        """The narrowest window holding a row that writes `position`."""
+        return next((w for w in self.windows if w > position), self.max_len)
 
     def decode(self, cache: Any, ints: Any, floats: Any, window: int | None = 0) -> tuple[jax.Array, Any]:
         """One masked decode step over every slot (the cache is donated); `window`: positions attended (0: the
@@ -175,19 +179,30 @@ class ModelPrograms:
         window = self.window(ints) if window == 0 else window
         return rows_decode_fn(self.graphdef, self.max_len, self.params, cache, rows, ints, floats, window)
 
-    def warm_decode(self, cache: Any, ints: Any, floats: Any, row_widths: Sequence[int] = ()) -> Any:
+    def warm_decode(self, cache: Any, ints: Any, floats: Any, row_widths: Sequence[int] = (), repeats: int = 3
+                    ) -> Any:
         """Compiles the decode step (on `ints`: no slot active) and that of the running rows at each of `row_widths`
-        (no row running) at every window below max_len (warm_and_profile compiles and times the whole cache's) →
-        the cache."""
+        (no row running) at every window below max_len (warm_and_profile compiled the whole cache's), and times
+        each (width, window) into `step_s` (median of `repeats`; the engine's RowDecoder plans with it) → the
+        cache."""
         slots = np.asarray(ints).shape[1]
-        for window in self.windows[:-1]:
-            toks, cache = self.decode(cache, ints, floats, window)
-            jax.block_until_ready(toks)
-            for n in row_widths:
-                if n != slots:
+        self.step_s = {}
+        if len(self.windows) < 2:
+            return cache
+        for window in self.windows:
+            for n in sorted(set(row_widths) | {slots}):
+                if n == slots:
+                    run = functools.partial(self.decode, ints=ints, floats=floats)
+                else:
                     rows, z = np.full(n, slots, np.int32), np.zeros((6, n), np.int32)
-                    toks, cache = self.decode_rows(cache, rows, z, np.ones((2, n), np.float32), window)
+                    run = functools.partial(self.decode_rows, rows=rows, ints=z, floats=np.ones((2, n), np.float32))
+                times = []
+                for _ in range(repeats + 1):      # the first call compiles (the whole cache's: compiled already)
+                    t0 = time.perf_counter()
+                    toks, cache = run(cache, window=None if window == self.max_len else window)
                     jax.block_until_ready(toks)
+                    times.append(time.perf_counter() - t0)
+                self.step_s[(n, window)] = float(np.median(times[1:]))
         return cache
 
     def extend(self, cache: Any, slot: Any, tokens: Any, start: Any, last: Any, ints: Any, floats: Any
