@@ -259,7 +259,8 @@ class ServeConfig:
     kv_cache_bytes: int = 0        # paged KV: device memory of the KV pool (k and v, all layers), cut into blocks of
                                    # kv_block positions that requests hold as they grow, so concurrency is bounded by
                                    # tokens held, not slots x max_cache_len; raise `slots` with it. 0: the slot layout
-                                   # (every slot reserves max_cache_len positions). Not with prefix_cache (yet)
+                                   # (every slot reserves max_cache_len positions). With prefix_cache: the
+                                   # prefix blocks are KV blocks (prefix_cache_block must equal kv_block)
     kv_cache_memory_fraction: float = 0.0  # paged KV sized as this fraction of the device memory free at start-up
                                    # (per device; on a mesh times its `tensor` size, which splits the KV heads) instead
                                    # of kv_cache_bytes; needs a backend reporting memory (GPU / TPU, not CPU). 0: off
@@ -292,9 +293,11 @@ class ServeConfig:
             yield "kv_cache_memory_fraction", f"must be at most 1 (0: off), got {self.kv_cache_memory_fraction}"
         if self.kv_cache_bytes and self.kv_cache_memory_fraction:
             yield "kv_cache_memory_fraction", "set serve.kv_cache_bytes or serve.kv_cache_memory_fraction, not both"
-        if (self.kv_cache_bytes or self.kv_cache_memory_fraction) and self.prefix_cache:
-            yield "kv_cache_bytes", ("paged KV (serve.kv_cache_bytes > 0) does not combine with serve.prefix_cache yet: "
-                                     "turn one of them off")
+        if (self.kv_cache_bytes or self.kv_cache_memory_fraction) and self.prefix_cache and \
+                self.prefix_cache_block != self.kv_block:
+            yield "prefix_cache_block", (f"with paged KV a cached prefix block is copied into one KV block: "
+                                         f"serve.prefix_cache_block={self.prefix_cache_block} must equal "
+                                         f"serve.kv_block={self.kv_block}")
         widths = self.decode_widths
         if isinstance(widths, str) and widths != "auto":
             yield "decode_widths", f"expected auto or a list of batch widths, got {widths!r}"

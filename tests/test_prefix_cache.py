@@ -185,6 +185,31 @@ def test_under_preemption_with_offload_and_recompute(model, want):
     assert st["prefix_cache"]["hit_tokens"] >= 48 + 4 * 32
 
 
+def test_paged_kv_with_the_prefix_cache(model, want):
+    """Paged KV (serve.kv_cache_bytes) with the prefix cache: cached blocks are copied into the slot's KV blocks and
+    back; the same greedy tokens one at a time and all at once under MLFQ preemption with offload and recompute."""
+    position_bytes = 2 * 2 * 2 * 12 * 4
+    kw = dict(kv_cache_bytes=2 * MAX_LEN * position_bytes, kv_block=BLOCK)
+    eng = engine(model, True, **kw)
+    assert eng.pool.paged and eng.prefix.paged
+    compiles = len(_COMPILES)
+    assert outputs(eng, chat()) == want
+    assert len(_COMPILES) == compiles
+    assert eng.stats()["prefix_cache"]["hit_tokens"] >= 4 * 32
+    busy = engine(model, True, scheduler="mlfq", mlfq_levels=6, mlfq_base_quantum_s=0.0, host_kv_slots=1,
+                  starvation_s=0.0, iteration_cost="profiled", **kw)
+    reqs = chat()
+    assert outputs(busy, reqs[:1]) + outputs(busy, reqs[1:], sequential=False) == want
+    st = busy.stats()
+    assert st["preemptions"] > 0 and st["prefix_cache"]["hit_tokens"] >= 4 * 32
+    eng.prefix.store = jax.tree.map(jnp.zeros_like, eng.prefix.store)     # the copied blocks are what outputs use
+    assert outputs(eng, chat()[1:2]) != want[1:2]
+    with pytest.raises(ValueError, match="serve.prefix_cache_block=8 must equal serve.kv_block=16"):
+        engine(model, True, kv_cache_bytes=kw["kv_cache_bytes"], kv_block=2 * BLOCK)
+    with pytest.raises(ConfigError, match="prefix_cache_block"):
+        load_config(None, ["serve.prefix_cache=true", "serve.kv_cache_bytes=1000000", "serve.kv_block=32"])
+
+
 def test_metrics_report_hit_and_queried_tokens(model):
     from fastserve.serve.metrics import Metrics
     eng = engine(model, True)

@@ -14,7 +14,9 @@ token blocks and copied into a new request's slot so that only the rest of its p
     `save_blocks` scatters blocks of a slot's row into the store (unused destinations out of range: dropped). Blocks
     are copied, never shared, so a running request never pins a block and eviction needs no reference counts.
     Positions a load writes past the matched prefix hold stale rows, which are harmless like every row past a job's
-    position (fastserve/serve/kv.py).
+    position (fastserve/serve/kv.py). With paged KV (fastserve/serve/paged_kv.py) a prefix block is one KV block
+    (serve.prefix_cache_block = serve.kv_block): `load_paged` copies store blocks into the slot's first KV blocks
+    and `save_paged` copies KV blocks into the store, by id.
 
 `BlockIndex` is the host-side bookkeeping (keys, LRU, free ids) and holds no arrays; `PrefixCache` adds the store.
 """
@@ -116,6 +118,17 @@ def save_blocks(store: Any, cache: Any, slot: Any, src: Any, dst: Any) -> Any:
     return jax.tree.map(one, store, cache)
 
 
+def load_paged(cache: Any, store: Any, ids: Any, dst: Any) -> Any:
+    """Copies store blocks `ids` [n] into KV blocks `dst` [n] of a paged pool (a dst out of range: dropped;
+    traceable): the paged layout's `load_blocks`, a prefix block being one KV block."""
+    return jax.tree.map(lambda c, s: c.at[dst].set(jnp.take(s, ids, axis=0).astype(c.dtype), mode="drop"), cache, store)
+
+
+def save_paged(store: Any, cache: Any, src: Any, dst: Any) -> Any:
+    """Copies KV blocks `src` [n] of a paged pool into store ids `dst` [n] (a dst out of range: dropped; traceable)."""
+    return jax.tree.map(lambda s, c: s.at[dst].set(jnp.take(c, src, axis=0).astype(s.dtype), mode="drop"), store, cache)
+
+
 def _store_shardings(pool: Any, spec: Any) -> Any:
     """The store placed like the pool's cache, except its block axis, which is not split (on a mesh a load gathers
     any blocks into any slot; the KV heads still split over `tensor` as the cache's do)."""
@@ -128,6 +141,8 @@ def _store_shardings(pool: Any, spec: Any) -> Any:
 log = logging.getLogger(__name__)
 _load_jit = jax.jit(load_blocks, donate_argnums=0)
 _save_jit = jax.jit(save_blocks, donate_argnums=0)
+_load_paged_jit = jax.jit(load_paged, donate_argnums=0)
+_save_paged_jit = jax.jit(save_paged, donate_argnums=0)
 
 
 class PrefixCache:
@@ -137,6 +152,10 @@ class PrefixCache:
         """`pool`: the engine's KVPool; `block`: tokens per block; `budget_bytes`: the store's size (0: as many
         bytes as the pool's cache, slots × max_cache_len positions)."""
         self.pool, self.block = pool, block
+        self.paged = getattr(pool, "paged", False)     # blocks move between the store and the slot's KV blocks
+        if self.paged and block != pool.block:
+            raise ValueError(f"with paged KV a cached prefix block is copied into one KV block: "
+                             f"serve.prefix_cache_block={block} must equal serve.kv_block={pool.block}")
         self.per_load = pool.max_len // block      # blocks a load writes: all that fit one slot's row
         if self.per_load < 1:
             raise ValueError(f"serve.prefix_cache_block={block} exceeds max_cache_len={pool.max_len}")
@@ -174,7 +193,12 @@ class PrefixCache:
         if ids:
             padded = np.zeros(self.per_load, np.int32)
             padded[:len(ids)] = ids
-            self.pool.cache = _load_jit(self.pool.cache, self.store, padded, np.int32(slot))
+            if self.paged:      # into the slot's first KV blocks (the engine grew it to the prompt first)
+                dst = np.full(self.per_load, self.pool.alloc.num_blocks, np.int32)
+                dst[:len(ids)] = self.pool.pages(slot)[:len(ids)]
+                self.pool.cache = _load_paged_jit(self.pool.cache, self.store, padded, dst)
+            else:
+                self.pool.cache = _load_jit(self.pool.cache, self.store, padded, np.int32(slot))
         return len(ids) * self.block
 
     def save(self, tokens: Sequence[int], slot: int) -> int:
@@ -185,7 +209,11 @@ class PrefixCache:
             dst = np.full(self.per_load, self.index.capacity, np.int32)        # out of range: dropped
             for j, (i, bid) in enumerate(new):
                 src[j], dst[j] = i, bid
-            self.store = _save_jit(self.store, self.pool.cache, np.int32(slot), src, dst)
+            if self.paged:      # the slot's i-th KV block holds the prompt's i-th block
+                src = self.pool.pages(slot)[src].astype(np.int32)      # unused entries: dst out of range
+                self.store = _save_paged_jit(self.store, self.pool.cache, src, dst)
+            else:
+                self.store = _save_jit(self.store, self.pool.cache, np.int32(slot), src, dst)
             self.inserted_blocks += len(new)
         return len(new)
 
@@ -196,8 +224,13 @@ class PrefixCache:
         times = []
         for _ in range(repeats + 1):
             t0 = clock()
-            self.store = _save_jit(self.store, self.pool.cache, np.int32(0), ids, dst)
-            self.pool.cache = _load_jit(self.pool.cache, self.store, ids, np.int32(0))
+            if self.paged:      # every destination out of range: nothing written either way
+                self.store = _save_paged_jit(self.store, self.pool.cache, ids, dst)
+                none = np.full(self.per_load, self.pool.alloc.num_blocks, np.int32)
+                self.pool.cache = _load_paged_jit(self.pool.cache, self.store, ids, none)
+            else:
+                self.store = _save_jit(self.store, self.pool.cache, np.int32(0), ids, dst)
+                self.pool.cache = _load_jit(self.pool.cache, self.store, ids, np.int32(0))
             jax.block_until_ready(self.pool.cache)
             times.append(clock() - t0)
         return float(np.median(times[1:]))

@@ -27,9 +27,10 @@ def check_config(cfg: ServeConfig, model_cfg: Any, iteration_cost: str, own_sche
                          f"serve.kv_block={cfg.kv_block} >= 1")
     if cfg.kv_cache_bytes and cfg.kv_cache_memory_fraction:
         raise ValueError("set serve.kv_cache_bytes or serve.kv_cache_memory_fraction, not both")
-    if (cfg.kv_cache_bytes or cfg.kv_cache_memory_fraction) and cfg.prefix_cache:
-        raise ValueError("paged KV (serve.kv_cache_bytes > 0) does not combine with serve.prefix_cache yet: turn one "
-                         "of them off")
+    if (cfg.kv_cache_bytes or cfg.kv_cache_memory_fraction) and cfg.prefix_cache and \
+            cfg.prefix_cache_block != cfg.kv_block:
+        raise ValueError(f"with paged KV a cached prefix block is copied into one KV block: serve.prefix_cache_block="
+                         f"{cfg.prefix_cache_block} must equal serve.kv_block={cfg.kv_block}")
     resolve_widths(cfg.decode_widths, cfg.slots)    # ValueError naming serve.decode_widths
     max_len = cfg.max_cache_len or model_cfg.max_seq_len
     if not 0 < max_len <= model_cfg.max_seq_len:
