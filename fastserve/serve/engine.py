@@ -312,7 +312,7 @@ class Engine(Runner):
         ints = np.array([[job.seed % 2 ** 31], [0], [job.top_k]], np.int32)
         floats = np.array([[job.temperature], [job.top_p]], np.float32)
         before = job._filled
-        tok, extends, job._filled = self.filler.fill(job.tokens, job._slot, ints, floats, save=True, start=before,
+        tok, extends, job._filled = self.filler.fill(job.tokens, job._slot, ints, floats, save=False, start=before,
                                                      chunked=chunked)
         self.counters["prefill_extends"] += extends
         t = self.clock()
@@ -322,7 +322,14 @@ class Engine(Runner):
         if tok is not None:
             job._filled = 0
             self.counters["prefills"] += 1
+            # the prompt's blocks go into the prefix store after its first token is out (not part of its TTFT), or
+            # before it when that token ends the request (its slot is freed then)
+            slot, last = job._slot, tok in job._stop or len(job.output) + 1 >= job.max_new_tokens
+            if self.prefix is not None and last:
+                self.prefix.save(job.tokens, slot)
             self._emit(job, tok, t)
+            if self.prefix is not None and not last:
+                self.prefix.save(job.tokens, slot)
 
     def _recompute(self, job: Request, slot: int) -> None:
         """Rebuilds the KV of prompt + generated[:-1] in `slot` (from a cached prefix where there is one)."""
