@@ -4,7 +4,7 @@ requests/s at the p99 SLO >= 1.5x higher with the cache); and a second part, chu
 time per output token when 10 % of requests carry 2,000-token prompts, whole prompts per iteration vs
 serve.prefill_chunk (issue 16's goal: p99 TPOT <= 2x its median).
 
-    python experiments/bench_prefix.py           # ~11 min on 2 shared cores; writes results/bench_prefix.{json,md}
+    python experiments/bench_prefix.py           # ~4 min on 2 cores (241 s at 88d84de); writes results/bench_prefix.{json,md}
     python experiments/bench_prefix.py --quick   # ~3 min: fewer rates and requests; writes nothing
     python experiments/bench_prefix.py --part chunk   # only the chunked-prefill part; writes nothing
 
