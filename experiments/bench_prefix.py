@@ -24,7 +24,8 @@ backlog of the same mix, every slot busy); requests/s at the p99 SLO = the highe
 Chunked-prefill part: the same model at max_seq_len 2112, buckets 32..256, fcfs; 10 % of requests carry a
 2,000-token prompt (8 bucket-sized pieces when whole), the rest 8-48 tokens, outputs 16-64, Poisson arrivals at half
 the profile's bound; the same trace through serve.prefill_chunk 0 (the whole prompt in the iteration it is admitted)
-and 32 or 64 (one chunk of that many tokens per iteration while streams decode). Figures: per-request TPOT (the mean
+and 32 or 64 (one chunk of that many tokens per iteration while streams decode), and chunks of 32 within
+serve.prefill_share 0.5 and 0.33 (pieces wait while they would take more of the engine's time). Figures: per-request TPOT (the mean
 gap between a stream's tokens) p99 / median, the same over every gap between two tokens of any stream, the longest
 gap, and the long prompts' TTFT. The last line printed is one JSON object.
 """
@@ -48,8 +49,10 @@ SLOTS, BUCKETS, MAX_LEN, BLOCK = 8, [32, 64, 128, 256, 384], 448, 16
 SYSTEM, USER, OUTPUT = 300, (8, 48), (16, 64)
 SLO_P99_TTFT_S = 1.0
 RUN_S = 5.0             # seconds of arrivals per run at least (full mode)
-LONG_PROMPT, LONG_SHARE, LONG_BUCKETS, CHUNKS, LOAD = 2000, 0.1, [32, 64, 128, 256], (32, 64), 0.5
-ARMS = [("whole", 0)] + [(f"chunk{c}", c) for c in CHUNKS]
+LONG_PROMPT, LONG_SHARE, LONG_BUCKETS, LOAD = 2000, 0.1, [32, 64, 128, 256], 0.5
+# (arm, serve.prefill_chunk, serve.prefill_share)
+ARMS = [("whole", 0, 1.0), ("chunk32", 32, 1.0), ("chunk64", 64, 1.0), ("chunk32 share 0.5", 32, 0.5),
+        ("chunk32 share 0.33", 32, 1 / 3)]
 
 
 
@@ -189,6 +192,10 @@ def stalls(engine, items: list[Item], warmup: int) -> dict[str, Any]:
             "gap_max_s": round(float(gaps.max()), 4),
             "gap_p99_over_median": round(float(np.percentile(gaps, 99) / np.median(gaps)), 2),
             "ttft_long_median_s": round(float(np.median(ttft_long)), 4) if ttft_long else None,
+            # what deferred pieces cost: the short prompts' wait for their first token
+            "ttft_short_median_s": round(float(np.median([r.ttft for r in measured if len(r.tokens) != LONG_PROMPT])), 4),
+            "ttft_short_p99_s": round(float(np.percentile([r.ttft for r in measured
+                                                           if len(r.tokens) != LONG_PROMPT], 99)), 4),
             "short_tpot_median_s": round(float(np.median(short)), 5),
             "short_tpot_p99_over_median": round(float(np.percentile(short, 99) / np.median(short)), 2),
             "long_tpot_median_s": round(float(np.median(long_tpot)), 5) if long_tpot else None,
@@ -203,9 +210,10 @@ def chunk_part(quick: bool, seed: int) -> dict[str, Any]:
     max_len = LONG_PROMPT + OUTPUT[1] + 48
     graphdef, params, model_cfg, mesh = quickstart_model(max_len)
     engines = {}
-    for arm, chunk in ARMS:
+    for arm, chunk, share in ARMS:
         cfg = ServeConfig(slots=SLOTS, buckets=LONG_BUCKETS, max_cache_len=max_len, scheduler="fcfs",
-                          max_queue=100_000, max_new_tokens_limit=OUTPUT[1], prefill_chunk=chunk, port=0)
+                          max_queue=100_000, max_new_tokens_limit=OUTPUT[1], prefill_chunk=chunk,
+                          prefill_share=share, port=0)
         engines[arm] = Engine(graphdef, params, model_cfg, cfg, mesh=mesh, stop_ids=[])
     prof = engines["whole"].profile
     # the rate: a fraction of the profile's bound (slots always full): mean work per request = its share of long
@@ -259,13 +267,14 @@ def write_markdown(out: dict[str, Any], path: str) -> None:
                   f"a whole long prefill {c['long_prefill_s']:.3f} s (profile).", "",
                   "| prefill | TPOT p50 | TPOT p99 | p99 / p50 (goal ≤ 2) | gap p50 | gap p99 | gap p99 / p50 | "
                   "longest gap | long-prompt TTFT p50 | mean E2E | short streams: TPOT p99 / p50 | long streams: "
-                  "TPOT p50 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for arm, _ in ARMS:
+                  "TPOT p50 | short prompts: TTFT p50 / p99 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for arm, *_ in ARMS:
             r = c[arm]
             lines.append(f"| {arm} | {r['tpot_median_s']:.4f} | {r['tpot_p99_s']:.4f} | {r['tpot_p99_over_median']} | "
                          f"{r['gap_median_s']:.4f} | {r['gap_p99_s']:.4f} | {r['gap_p99_over_median']} | "
                          f"{r['gap_max_s']} | {r['ttft_long_median_s']} | {r['e2e_mean_s']} | "
-                         f"{r.get('short_tpot_p99_over_median', '')} | {r.get('long_tpot_median_s', '')} |")
+                         f"{r.get('short_tpot_p99_over_median', '')} | {r.get('long_tpot_median_s', '')} | "
+                         f"{r.get('ttft_short_median_s', '')} / {r.get('ttft_short_p99_s', '')} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -297,7 +306,7 @@ def main() -> int:
                         "req/s at p99 SLO on / off": prefix["req_s_at_p99_slo_ratio"],
                         "goals met (3x, 1.5x)": bool(lowest >= 3 and (prefix["req_s_at_p99_slo_ratio"] or 0) >= 1.5),
                         **({f"TPOT p99 / p50, {arm} prefill": chunk[arm]["tpot_p99_over_median"]
-                            for arm, _ in ARMS} if chunk else {})},
+                            for arm, *_ in ARMS} if chunk else {})},
            "command": "python experiments/bench_prefix.py" + (" --quick" if args.quick else ""),
            "wall_s": round(time.time() - t_start, 1), "load_avg_start": round(load_start, 2),
            "load_avg_end": round(os.getloadavg()[0], 2), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
