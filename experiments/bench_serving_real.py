@@ -21,8 +21,9 @@ result says so.
 llama-server is not on PyPI: `llama-cpp-python` ships only the library. Build it from that package's sdist (its
 vendored llama.cpp), e.g. `pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`, untar, then
 `cmake -S vendor/llama.cpp -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF
-&& cmake --build build --target llama-server -j2` (~15 min here) and pass `--llama-server build/bin/llama-server`
-(or set LLAMA_SERVER). Without it the peer rows are skipped with that message.
+&& cmake --build build --target llama-server llama-quantize -j2` (~15 min here) and pass
+`--llama-server build/bin/llama-server` (or set LLAMA_SERVER); its `llama-quantize` makes the Q8_0 GGUF when
+llama-cpp-python is not installed. Without the server the peer rows are skipped with that message.
 
 Figures per contender and rate: TTFT / TPOT / E2E percentiles, mean JCT, throughput and goodput (TTFT ≤ 1 s and
 TPOT ≤ 0.1 s, serving_workload's SLO); over the sweep: requests/s at the p99 E2E SLO (P99_SLO_S, interpolated).
@@ -259,7 +260,8 @@ def main() -> int:
     import int8_decode
 
     cfg = load_config(SMOLLM, ["mesh.data=1"])
-    gguf = int8_decode.q8_0_gguf(resolve_path(cfg.source.path)) if args.llama_server else None
+    quantize = os.path.join(os.path.dirname(args.llama_server), "llama-quantize") if args.llama_server else None
+    gguf = int8_decode.q8_0_gguf(resolve_path(cfg.source.path), quantize) if args.llama_server else None
     fs_proc, urls = start_fastserve(args.variants.split(","))
     llama_proc, llama_url, llama_info = llama_peer(args.llama_server if gguf else None, gguf or "")
     try:

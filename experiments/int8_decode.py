@@ -172,18 +172,25 @@ def llama_cpp_rows(cfg: Any, prompt_ids: list[int], rounds: int, tokens: int) ->
             "rows": out}
 
 
-def q8_0_gguf(q4_1: str) -> str | None:
-    """The shipped Q4_1 GGUF requantized to Q8_0 by llama.cpp (llama-cpp-python), cached; None when it fails."""
-    import llama_cpp
-
+def q8_0_gguf(q4_1: str, quantize_binary: str | None = None) -> str | None:
+    """The shipped Q4_1 GGUF requantized to Q8_0 by llama.cpp, cached; None when it fails. Through llama-cpp-python
+    when it is installed, else through `quantize_binary` (llama.cpp's `llama-quantize`, built beside llama-server)."""
     from fastserve.data.packages import cache_dir
     q8_0 = str(cache_dir("llama_cpp") / "SmolLM2-135M-Instruct.Q8_0-from-Q4_1.gguf")
-    if not os.path.exists(q8_0):
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-        params.allow_requantize = True
-        if llama_cpp.llama_model_quantize(q4_1.encode(), q8_0.encode(), params) != 0:
+    if os.path.exists(q8_0):
+        return q8_0
+    try:
+        import llama_cpp
+    except ImportError:
+        if not quantize_binary or not os.path.exists(quantize_binary):
             return None
+        done = subprocess.run([quantize_binary, "--allow-requantize", q4_1, q8_0, "Q8_0"], capture_output=True)
+        return q8_0 if done.returncode == 0 and os.path.exists(q8_0) else None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.allow_requantize = True
+    if llama_cpp.llama_model_quantize(q4_1.encode(), q8_0.encode(), params) != 0:
+        return None
     return q8_0
 
 
