@@ -65,3 +65,25 @@ def test_windowed_decode_equals_whole_cache(model, sampling, monkeypatch):
 def test_windows():
     assert programs.decode_windows(48) == [48] and programs.decode_windows(256) == [64, 256]
     assert programs.decode_windows(2112) == [144, 528, 2112]
+
+
+@pytest.mark.parametrize("start", [4, 200], ids=["narrow window", "whole cache"])
+def test_in_place_extend_equals_extract_and_insert(model, start):
+    """ModelPrograms.extend writes a piece's KV in place and attends to the narrowest window holding it
+    (rows_extend_fn); the sampled token and every cache row equal extend_fn's (the slot's rows copied out, extended,
+    copied back)."""
+    graphdef, params, _, _ = model
+    progs = programs.ModelPrograms(graphdef, params, MAX_LEN)
+    rng = np.random.default_rng(5)
+    cache = [{k: jax.numpy.asarray(rng.normal(size=(3, MAX_LEN, 2, 8)).astype(np.float32)) for k in ("k", "v")}
+             for _ in range(2)]
+    tokens = rng.integers(1, VOCAB, (1, 16)).astype(np.int32)
+    ints, floats = np.zeros((3, 1), np.int32), np.array([[0.0], [1.0]], np.float32)
+    args = (np.int32(1), tokens, np.int32(start), np.int32(11), ints, floats)
+    copy = jax.tree.map(lambda x: x.copy(), cache)
+    want_tok, want = progs.jitted.extend(params, copy, *args)
+    got_tok, got = progs.extend(cache, *args)
+    assert progs.window_of(start + 15) == (64 if start == 4 else MAX_LEN)
+    assert int(got_tok[0]) == int(want_tok[0])
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)

@@ -227,7 +227,6 @@ def without_pages(cache: list) -> list:
     return [{"k": layer["k"], "v": layer["v"]} for layer in cache]
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
 def paged_decode_fn(graphdef, params, cache, pages, ints, floats):
     """The masked decode step of every slot over the block pool; pages [slots, W] (W <= max_blocks: the first W
     blocks of each slot, all an active slot holds); a masked slot's position is W·P, past them, so its write is
@@ -241,7 +240,6 @@ def paged_decode_fn(graphdef, params, cache, pages, ints, floats):
     return masked_decode(step, view_len, cache, ints, floats)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
 def paged_extend_fn(graphdef, view_len, params, cache, pages, tokens, start, last, ints, floats):
     """programs.extend_fn on a slot with blocks `pages` [M]: its rows gathered, extended, scattered back."""
     model = nnx.merge(graphdef, params)
@@ -250,6 +248,14 @@ def paged_extend_fn(graphdef, view_len, params, cache, pages, tokens, start, las
     logits, row = model(tokens, positions, row)
     logits = jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False)
     return sample_rows(logits, ints[0], ints[1], floats[0], ints[2], floats[1]), insert_paged(cache, row, pages)
+
+
+@functools.lru_cache(maxsize=16)
+def bound_paged_programs(graphdef: Any) -> tuple[Any, Any]:
+    """(decode, extend) above, jitted with the graphdef bound (see programs.bound_programs: a static graphdef is
+    hashed at every call)."""
+    return (jax.jit(functools.partial(paged_decode_fn, graphdef), donate_argnums=1),
+            jax.jit(functools.partial(paged_extend_fn, graphdef), static_argnums=0, donate_argnums=2))
 
 
 def memory_budget(fraction: float, mesh: Any = None) -> int:
@@ -290,6 +296,7 @@ class PagedPrograms:
     def __init__(self, base: ModelPrograms, pool: PagedKVPool):
         self.base, self.pool = base, pool
         self.device, self.cache_spec = base.device, base.cache_spec
+        self._decode, self._extend = bound_paged_programs(base.graphdef)
         self.row_decode = True     # decode_rows: the page table's rows, whatever the model
         # XLA:CPU runs the one-row paged step several times slower than two rows (SmolLM2-135M int8, 8 slots of
         # 320 positions: 97 ms against 21 ms; experiments/bench_decode_widths.py): the engine runs width 2 for one job
@@ -329,7 +336,7 @@ class PagedPrograms:
         """One masked decode step over every slot (the pool is donated); `width`: blocks attended per slot (None:
         the narrowest covering the active slots)."""
         pages = np.ascontiguousarray(self.pool.alloc.table[:, :width or self.width(ints)])
-        return paged_decode_fn(self.base.graphdef, self.base.params, cache, pages, ints, floats)
+        return self._decode(self.base.params, cache, pages, ints, floats)
 
     def decode_rows(self, cache: Any, rows: Any, ints: Any, floats: Any, width: int | None = None
                     ) -> tuple[jax.Array, Any]:
@@ -340,10 +347,10 @@ class PagedPrograms:
         alloc = self.pool.alloc
         table = np.concatenate([alloc.table, np.full_like(alloc.table[:1], alloc.num_blocks)])   # + padding's row
         pages = np.ascontiguousarray(table[np.minimum(rows, self.pool.slots), :width or self.width(ints, rows)])
-        return paged_decode_fn(self.base.graphdef, self.base.params, cache, pages, ints, floats)
+        return self._decode(self.base.params, cache, pages, ints, floats)
 
     def extend(self, cache: Any, slot: Any, tokens: Any, start: Any, last: Any, ints: Any, floats: Any
                ) -> tuple[jax.Array, Any]:
         """As ModelPrograms.extend, into `slot`'s blocks."""
-        return paged_extend_fn(self.base.graphdef, self.pool.view_len, self.base.params, cache,
-                               self.pool.pages(int(slot)), tokens, start, last, ints, floats)
+        return self._extend(self.pool.view_len, self.base.params, cache, self.pool.pages(int(slot)), tokens, start,
+                            last, ints, floats)
