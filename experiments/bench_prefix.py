@@ -24,8 +24,7 @@ backlog of the same mix, every slot busy); requests/s at the p99 SLO = the highe
 Chunked-prefill part: the same model at max_seq_len 2112, buckets 32..256, fcfs; 10 % of requests carry a
 2,000-token prompt (8 bucket-sized pieces when whole), the rest 8-48 tokens, outputs 16-64, Poisson arrivals at half
 the profile's bound; the same trace through serve.prefill_chunk 0 (the whole prompt in the iteration it is admitted)
-and 32 or 64 (one chunk of that many tokens per iteration while streams decode), and chunks of 32 within
-serve.prefill_share 0.5 and 0.33 (pieces wait while they would take more of the engine's time). Figures: per-request TPOT (the mean
+and 32 or 64 (one chunk of that many tokens per iteration while streams decode). Figures: per-request TPOT (the mean
 gap between a stream's tokens) p99 / median, the same over every gap between two tokens of any stream, the longest
 gap, and the long prompts' TTFT. The last line printed is one JSON object.
 """
@@ -50,9 +49,7 @@ SYSTEM, USER, OUTPUT = 300, (8, 48), (16, 64)
 SLO_P99_TTFT_S = 1.0
 RUN_S = 5.0             # seconds of arrivals per run at least (full mode)
 LONG_PROMPT, LONG_SHARE, LONG_BUCKETS, LOAD = 2000, 0.1, [32, 64, 128, 256], 0.5
-# (arm, serve.prefill_chunk, serve.prefill_share)
-ARMS = [("whole", 0, 1.0), ("chunk32", 32, 1.0), ("chunk64", 64, 1.0), ("chunk32 share 0.5", 32, 0.5),
-        ("chunk32 share 0.33", 32, 1 / 3)]
+ARMS = [("whole", 0), ("chunk32", 32), ("chunk64", 64)]     # (arm, serve.prefill_chunk)
 
 
 
@@ -210,10 +207,9 @@ def chunk_part(quick: bool, seed: int) -> dict[str, Any]:
     max_len = LONG_PROMPT + OUTPUT[1] + 48
     graphdef, params, model_cfg, mesh = quickstart_model(max_len)
     engines = {}
-    for arm, chunk, share in ARMS:
+    for arm, chunk in ARMS:
         cfg = ServeConfig(slots=SLOTS, buckets=LONG_BUCKETS, max_cache_len=max_len, scheduler="fcfs",
-                          max_queue=100_000, max_new_tokens_limit=OUTPUT[1], prefill_chunk=chunk,
-                          prefill_share=share, port=0)
+                          max_queue=100_000, max_new_tokens_limit=OUTPUT[1], prefill_chunk=chunk, port=0)
         engines[arm] = Engine(graphdef, params, model_cfg, cfg, mesh=mesh, stop_ids=[])
     prof = engines["whole"].profile
     # the rate: a fraction of the profile's bound (slots always full): mean work per request = its share of long

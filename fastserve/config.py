@@ -251,9 +251,6 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000
     prefill_chunk: int = 0         # prompt tokens prefilled per iteration, interleaved with the running streams'
                                    # decode steps (chunked prefill; one of buckets); 0: a whole prompt in one iteration
-    prefill_share: float = 1.0     # chunked prefill: the most of the engine's time that prompt pieces take while streams
-                                   # decode (pieces wait beyond it, so a stream's token gap stays within about
-                                   # 1/(1 - share) of its decode step); 1: a piece of every prompt each iteration
     prefix_cache: bool = False     # reuse the KV of prompt prefixes cached from earlier requests (a shared system
                                    # prompt, a chat history): only the rest of a prompt is prefilled
     prefix_cache_block: int = 16   # tokens per cached block (a block's key covers every token before it)
@@ -288,8 +285,6 @@ class ServeConfig:
                              "kv_cache_memory_fraction")
         yield from positive_list(self, "buckets")
         yield from one_of(self, "scheduler", SCHEDULERS, "scheduler")
-        if not 0 < self.prefill_share <= 1:
-            yield "prefill_share", f"must be in (0, 1] (1: no limit), got {self.prefill_share}"
         if self.mlfq_size_quantile >= 1:
             yield "mlfq_size_quantile", f"must be below 1 (a quantile; 0: off), got {self.mlfq_size_quantile}"
         if self.iteration_cost not in ("measured", "profiled"):

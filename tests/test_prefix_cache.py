@@ -277,28 +277,3 @@ def test_a_chunked_prefill_interleaves_with_running_streams(model, want):
     assert outputs(mlfq, chat(), sequential=False) == want and mlfq.stats()["preemptions"] > 0
     with pytest.raises(ValueError, match=r"serve.prefill_chunk=12 must be one of serve.buckets=\[8, 16\]"):
         engine(model, False, prefill_chunk=12)
-
-
-def test_prefill_share_bounds_the_time_prompt_pieces_take_from_a_stream(model, want):
-    """serve.prefill_share=0.25 with profiled costs (decode step 1 s, a 45-token prompt 4.8 s): while a stream
-    decodes, the prompt's 6 pieces run only on credit (a third of each decode step's seconds), the others wait, the
-    stream gets a token every iteration, and the prompt's tokens do not change."""
-    eng = engine(model, False, prefill_chunk=8, prefill_share=0.25, iteration_cost="profiled")
-    eng.profile.update(decode_s=1.0, prefill_s={8: 0.8, 16: 1.6}, extend_bucket_s={8: 0.8, 16: 1.6})
-    short = eng.submit(Request(chat()[0].tokens[:5], max_new_tokens=30))
-    eng.step()
-    long = eng.submit(Request(chat()[1].tokens, max_new_tokens=8))
-    iterations = 0
-    while not long.output:
-        had = len(short.output)
-        eng.step()
-        iterations += 1
-        assert len(short.output) == had + 1
-    assert long.prefill_time == pytest.approx(4.8)     # prefill 16, extends of 16 and 13 (in a bucket of 16)
-    piece, earned = 4.8 * 8 / 45, iterations / 3       # the pieces' seconds vs the credit the decode steps earned
-    assert eng.stats()["prefill_deferrals"] == iterations - 6 > 0
-    assert earned - 1 / 3 - piece <= 4.8 <= earned + piece
-    eng.run_until_done(timeout=60)
-    assert long.output == want[1] and short.finish_reason == "length"
-    with pytest.raises(ConfigError, match=r"prefill_share.*\(0, 1\]"):
-        load_config(None, ["serve.prefill_share=0"])

@@ -7,8 +7,7 @@ Shapes stay static (ARCHITECTURE.md, "Serving keeps shapes static"):
     the rest by the extend program in chunks. With serve.prefix_cache, the longest cached prefix of the prompt is
     copied from the prefix store (fastserve/serve/prefix_cache.py) instead, and only the rest is extended;
   * with serve.prefill_chunk, a long prompt is written one chunk per iteration, each iteration also running the
-    decode step of the other slots (chunked prefill: a long prompt does not stall running streams), pieces put off
-    while they exceed serve.prefill_share of the engine's time (PrefillBudget);
+    decode step of the other slots (chunked prefill: a long prompt does not stall running streams);
   * one jitted decode step runs the running jobs' rows at the narrowest of a few batch widths compiled at start-up
     (serve.decode_widths, fastserve/serve/active_rows.py), or every slot at the full width (slots not scheduled
     this iteration masked: their position is set past the cache, so their KV write is dropped and their token
@@ -44,7 +43,7 @@ from fastserve.config import ServeConfig
 from fastserve.serve.active_rows import RowDecoder, job_arrays, resolve_widths
 from fastserve.serve.kv import KVPool
 from fastserve.serve.paged_kv import fit_blocks, kv_positions, paged_backend
-from fastserve.serve.prefill import PrefillBudget, SlotFiller
+from fastserve.serve.prefill import SlotFiller
 from fastserve.serve.prefix_cache import PrefixCache
 from fastserve.serve.programs import ModelPrograms, per_layer_model, warm_and_profile
 from fastserve.serve.request import _END, QueueFull, Request, summarize
@@ -91,7 +90,6 @@ class Engine(Runner):
         self.prefix = PrefixCache(self.pool, cfg.prefix_cache_block, cfg.prefix_cache_bytes) \
             if cfg.prefix_cache else None
         self.filler = SlotFiller(self.programs, self.pool, self.buckets, self.pad_id, self.prefix, cfg.prefill_chunk)
-        self.budget = PrefillBudget(cfg.prefill_share)
         self.rows = RowDecoder(self.programs, self.slots, resolve_widths(cfg.decode_widths, self.slots))
 
         # scheduling state
@@ -105,9 +103,8 @@ class Engine(Runner):
         self._last_running: list[Request] = []
         self.counters = dict(steps=0, decode_steps=0, prefills=0, tokens=0, preemptions=0, offloads=0,
                              offloaded_bytes=0, restores=0, recomputes=0, recompute_extends=0, finished=0,
-                             decode_slot_steps=0, prefill_extends=0, prefill_deferrals=0)
-        # decode_slot_steps: jobs decoded, summed over decode steps; prefill_extends: prompt chunks past a bucket;
-        # prefill_deferrals: prompt pieces put off by serve.prefill_share
+                             decode_slot_steps=0, prefill_extends=0)
+        # decode_slot_steps: jobs decoded, summed over decode steps; prefill_extends: prompt chunks past a bucket
         # wall seconds spent per kind of work (where a step's time goes: the benchmark's throughput breakdown)
         self.timings = dict(schedule=0.0, prefill=0.0, decode=0.0, restore=0.0, offload=0.0, recompute=0.0)
         self._thread: threading.Thread | None = None
@@ -235,10 +232,6 @@ class Engine(Runner):
         for req in [j for j in self._jobs if j._cancel]:
             self._finish(req, "cancelled", now)
         selected = list(self.scheduler.select(now, self.slots))[:self.slots]
-        streaming = any(j.output for j in selected)     # streams decode this iteration: chunk long prefills
-        wait = self.budget.admit(selected, self.filler.piece_s) if streaming and self.filler.chunk else set()
-        self.counters["prefill_deferrals"] += len(wait)
-        selected = [j for j in selected if j not in wait or j._slot is not None]   # a prompt half written keeps its slot
         if self.pool.paged:     # only the jobs whose KV blocks fit run (evicting lower-priority ones for them)
             selected = fit_blocks(self, selected)
         self.timings["schedule"] += self.clock() - now
@@ -265,7 +258,8 @@ class Engine(Runner):
                 free.append(self._evict(victim))
             self.timings["offload"] += self.clock() - t0
         # place: prefill new jobs, bring back offloaded ones, recompute dropped ones
-        prefilled, prefill_s = [], 0.0
+        prefilled = []
+        streaming = any(j.output for j in selected)     # streams decode this iteration: chunk long prefills
         for job in need:
             slot = free.pop(0)
             self.pool.grow(slot, kv_positions(job))      # paged: blocks fit_blocks reserved
@@ -282,19 +276,18 @@ class Engine(Runner):
                 self.timings["recompute"] += self.clock() - t0
             else:
                 self._slot_job[slot], job._slot = job, slot
-                prefill_s += self._prefill(job, cost, streaming)
+                self._prefill(job, cost, streaming)
                 prefilled.append(job)
                 continue
             if self.iteration_cost == "measured":       # a resumed job is charged for bringing its KV back
                 cost[job] += self.clock() - t0
             self._slot_job[slot], job._slot = job, slot
         for job in selected:        # chunked prefills in progress (serve.prefill_chunk): one more chunk each
-            if job._filled and job not in prefilled and job not in wait:
-                prefill_s += self._prefill(job, cost, streaming)
+            if job._filled and job not in prefilled:
+                self._prefill(job, cost, streaming)
                 prefilled.append(job)
-        # one decode step of the scheduled, unfinished jobs that have a token out and were not just prefilled
-        decoding = [j for j in selected if j.output and j not in prefilled and j.finish_reason is None]
-        decode_s = 0.0
+        # one decode step of the scheduled, unfinished jobs that were not just prefilled
+        decoding = [j for j in selected if j not in prefilled and j.finish_reason is None]
         if decoding:
             t0 = self.clock()
             toks, self.pool.cache = self.rows.step(self.pool.cache, decoding)
@@ -302,22 +295,19 @@ class Engine(Runner):
             self.counters["decode_steps"] += 1
             self.counters["decode_slot_steps"] += len(decoding)
             self.timings["decode"] += t - t0
-            decode_s = t - t0 if self.iteration_cost == "measured" else self.profile["decode_s"]
             for job, tok in zip(decoding, toks):
                 # profiled: the full-width step whatever the width, so the schedule does not depend on the load
                 cost[job] += t - t0 if self.iteration_cost == "measured" else self.profile["decode_s"]
                 self._emit(job, tok, t)
-        if streaming and self.filler.chunk:
-            self.budget.settle(prefill_s, decode_s)
         for job in selected:
             if job.finish_reason is None:
                 self.scheduler.on_iteration(job, cost[job])
         return True
 
-    def _prefill(self, job: Request, cost: dict[Request, float], chunked: bool) -> float:
+    def _prefill(self, job: Request, cost: dict[Request, float], chunked: bool) -> None:
         """Writes the prompt's KV into the job's slot (a cached prefix copied, the rest prefilled) and emits the
         first token; `chunked` (streams are decoding) with serve.prefill_chunk: one chunk per call (the job keeps
-        its slot and `_filled` position) → the seconds charged (measured, or the profile's share)."""
+        its slot and `_filled` position)."""
         t0 = self.clock()
         ints = np.array([[job.seed % 2 ** 31], [0], [job.top_k]], np.int32)
         floats = np.array([[job.temperature], [job.top_p]], np.float32)
@@ -328,8 +318,7 @@ class Engine(Runner):
         t = self.clock()
         self.timings["prefill"] += t - t0
         share = (job._filled - before) / len(job.tokens)
-        charged = t - t0 if self.iteration_cost == "measured" else job.prefill_time * share
-        cost[job] += charged
+        cost[job] += t - t0 if self.iteration_cost == "measured" else job.prefill_time * share
         if tok is not None:
             job._filled = 0
             self.counters["prefills"] += 1
@@ -341,7 +330,6 @@ class Engine(Runner):
             self._emit(job, tok, t)
             if self.prefix is not None and not last:
                 self.prefix.save(job.tokens, slot)
-        return charged
 
     def _recompute(self, job: Request, slot: int) -> None:
         """Rebuilds the KV of prompt + generated[:-1] in `slot` (from a cached prefix where there is one)."""

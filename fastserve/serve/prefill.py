@@ -12,13 +12,11 @@ profile says copy + extends beat the plain prefill (a short prompt's bucket pref
 attending over the whole slot). After a prompt is written, its full blocks go into the store.
 
 With serve.prefill_chunk (chunked prefill), a call may write one chunk of that many tokens only: the engine calls
-again from the returned position in a later iteration, between decode steps of the running streams; `PrefillBudget`
-(serve.prefill_share) decides in which iterations pieces run.
+again from the returned position in its next iteration, between decode steps of the running streams.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -60,13 +58,6 @@ class SlotFiller:
         head = min(n, self.buckets[-1])
         return p["prefill_s"][self._bucket(head)] + sum(p["extend_bucket_s"][w] if self.fitted else p["extend_s"]
                                                         for _, w in self._chunks(head, n, self.fitted))
-
-    def piece_s(self, job: Any) -> float | None:
-        """Profiled seconds of the prompt piece `job` (a Request) writes when it runs next: its share of the whole
-        prompt's prefill; None when it writes none (it decodes, or brings its KV back)."""
-        if not (job._filled > 0 or (job._slot is None and job._host is None and not job._recompute)):
-            return None
-        return job.prefill_time * min(1.0, (self.chunk or len(job.tokens)) / len(job.tokens))
 
     def reusable(self, tokens: Sequence[int]) -> int:
         """Cached prefix tokens a fill of `tokens` would copy (0 when a plain prefill is profiled cheaper)."""
@@ -114,39 +105,3 @@ class SlotFiller:
         if save and self.prefix is not None:
             self.prefix.save(seq, slot)
         return (int(jax.device_get(tok)[0]) if sample else None), len(chunks), n
-
-
-class PrefillBudget:
-    """Chunked prefill's share of the engine's time while streams decode (serve.prefill_share, SARATHI's stall-free
-    batching with a time budget instead of a token one): prefill pieces run only while the credit is positive; each
-    iteration's decode step earns share / (1 - share) of its seconds, each piece costs its seconds, and unspent
-    credit is capped at one iteration's earning. Over a long prefill a running stream's token gap is then about
-    (1 + share / (1 - share)) × its decode step, however many prompts are being written; share 1: no limit (every
-    prompt being written gets a piece every iteration)."""
-
-    def __init__(self, share: float):
-        if not 0 < share <= 1:
-            raise ValueError(f"serve.prefill_share={share} must be in (0, 1]")
-        self.ratio = share / (1 - share) if share < 1 else math.inf
-        self.credit = 0.0
-
-    def admit(self, jobs: Sequence[Any], piece_s: Callable[[Any], float | None]) -> set[Any]:
-        """The jobs among `jobs` (in priority order) whose prompt piece must wait: those met once the credit, less
-        the estimated seconds of the pieces admitted before them, is spent. `piece_s(job)`: None when the job
-        writes no prompt piece."""
-        if self.ratio == math.inf:
-            return set()
-        credit, wait = self.credit, set()
-        for job in jobs:
-            if (cost := piece_s(job)) is not None:
-                if credit <= 0:
-                    wait.add(job)
-                else:
-                    credit -= cost
-        return wait
-
-    def settle(self, prefill_s: float, decode_s: float) -> None:
-        """An iteration that ran streams' decode step for `decode_s` and prefill pieces for `prefill_s` seconds."""
-        if self.ratio != math.inf:
-            earned = self.ratio * decode_s
-            self.credit = min(self.credit + earned - prefill_s, earned)
