@@ -247,8 +247,8 @@ def write_markdown(out: dict, path: str) -> None:
              "(alpha 0.5, T 2) and the original as teacher; the 1.0 row's recovery is the control (the original "
              "trained as long). int8 quantizes dense kernels only (low-rank factors stay float32): after recovery it "
              "takes the kernels still dense (at 0.5 the square attention q / o), at the halving ratio none remain. "
-             "int8 layers dequantize inside every matmul, which XLA on CPU does not fuse: fewer bytes, slower decode "
-             "here. SmolLM2 gets no recovery: the "
+             "int8 layers decode through fastserve's C++ kernel (fastserve.kernels) on CPU: fewer bytes and "
+             "faster batch-1 decode. SmolLM2 gets no recovery: the "
              "training data pipeline reads sentencepiece tokenizers only, and SmolLM2's is byte-level BPE (the "
              "trainer refuses such a work dir; so does distillation, which trains through the same pipeline).", "",
              "Decode: greedy, batch 1, median step over 32 new tokens; recovered rows reuse the compressed row's "
