@@ -2,7 +2,7 @@
 weight-only int8) and by llama.cpp's OpenAI-compatible `llama-server` (parallel slots, continuous batching, 2
 threads) on the same GGUF, the same seeded trace, through the same streaming HTTP client.
 
-    python experiments/bench_serving_real.py [--llama-server PATH]   # full sweep (~15 min on 2 cores); writes
+    python experiments/bench_serving_real.py [--llama-server PATH]   # full sweep (~20 min on 2 cores); writes
                                                                      # experiments/results/bench_serving_real.{json,md}
     python experiments/bench_serving_real.py --quick                 # ~2 min: one rate, few requests; writes nothing
 
@@ -11,7 +11,8 @@ The trace is bench_serving's (serving_workload.workload: Poisson arrivals, promp
 request generates exactly its output length on both servers. Each rate of the sweep runs every contender on the
 identical trace, contenders alternating within the rate (so machine load drifts over all of them alike). fastserve
 serves from one process (configs/smollm2_135m.yaml's model, 8 slots, its MLFQ scheduler, buckets [32, 64]); int8 is
-the `quantize` transform (the C++ kernel at decode); "int8 paged" holds the same KV bytes as block-paged KV
+the `quantize` transform (the C++ kernel at decode); "int8 w8a8" the same with `activations: int8` (activations
+rounded to int8 per block of 32 and integer products, as llama.cpp's Q8_0 dot); "int8 paged" holds the same KV bytes as block-paged KV
 (`serve.kv_cache_bytes`), whose decode attends over the blocks the running jobs hold rather than every slot's
 whole cache. llama.cpp serves the Q8_0 requantization of the shipped GGUF
 (int8_decode.py makes it) with `-np 8` slots (of 512 positions, the least it takes; fastserve's hold 320); where
@@ -81,17 +82,19 @@ def fastserve_worker(port_file: str, variants: list[str]) -> int:
     loaded = load_model(cfg)
     scfg = dataclasses.replace(cfg.serve, slots=SLOTS, buckets=BUCKETS, max_cache_len=MAX_LEN, max_queue=100_000,
                                max_new_tokens_limit=256, port=0)
-    urls, int8 = {}, None
+    urls, quantized = {}, {}
     for name in variants:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r} (choose from {', '.join(VARIANTS)})")
         variant, vcfg = loaded, scfg
         if name.startswith("int8"):
-            if int8 is None:
-                model_cfg, graphdef, params, _ = transform_loaded(loaded, [{"quantize": {"include": ["layers.*"]}}],
-                                                                  cfg)
-                int8 = dataclasses.replace(loaded, model_cfg=model_cfg, graphdef=graphdef, params=params)
-            variant = int8
+            activations = "int8" if "w8a8" in name else "float32"
+            if activations not in quantized:
+                spec = {"quantize": {"include": ["layers.*"], "activations": activations}}
+                model_cfg, graphdef, params, _ = transform_loaded(loaded, [spec], cfg)
+                quantized[activations] = dataclasses.replace(loaded, model_cfg=model_cfg, graphdef=graphdef,
+                                                             params=params)
+            variant = quantized[activations]
         if name.endswith("paged"):   # the same bytes as the slot layout, in blocks: attention over held blocks only
             vcfg = dataclasses.replace(scfg, kv_cache_bytes=slot_layout_bytes(loaded.model_cfg, SLOTS, MAX_LEN))
         urls[name] = Server(Engine.from_loaded(variant, vcfg), variant, vcfg, model_name="bench").start().url
@@ -102,7 +105,7 @@ def fastserve_worker(port_file: str, variants: list[str]) -> int:
         time.sleep(3600)
 
 
-VARIANTS = ("float32", "int8", "int8 paged")
+VARIANTS = ("float32", "int8", "int8 w8a8", "int8 paged")
 
 
 def start_fastserve(variants: list[str]) -> tuple[subprocess.Popen, dict[str, str]]:

@@ -195,7 +195,8 @@ def test_int8_export_loads_with_the_kernel_in_a_fresh_process(lib, tmp_path):
 
     tok = train_tokenizer(load_texts("pydoc")[:4], 360, str(tmp_path / "tok.model"))
     compressed = {"layers.0.mlp.up": {"kind": "int8"}, "layers.0.attn.q": {"kind": "int8", "group": 8},
-                  "layers.1.mlp.down": {"kind": "int8", "group": 32}, "embed": {"kind": "int8"}}  # + the tied head
+                  "layers.1.mlp.down": {"kind": "int8", "group": 32}, "embed": {"kind": "int8"},  # + the tied head
+                  "layers.1.mlp.up": {"kind": "int8", "activations": "int8"}}                  # W8A8 (K = 32)
     cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=72,
                       max_seq_len=32, init_std=0.3, compressed=compressed)
     mesh = make_mesh(MeshConfig(), jax.devices()[:1])
@@ -204,8 +205,8 @@ def test_int8_export_loads_with_the_kernel_in_a_fresh_process(lib, tmp_path):
     manifest = export_params(cfg, params, tok, str(out), ExportOptions(
         platforms=("cpu",), buckets=(8,), batch_sizes=(1,), functions=("prefill", "decode"), max_cache_len=16))
     decode_file = out / manifest["functions"]["decode_b1"]["file"]
-    assert build.INT8_TARGET.encode() in jax.export.deserialize(bytearray(decode_file.read_bytes())) \
-        .mlir_module_serialized
+    decode_module = jax.export.deserialize(bytearray(decode_file.read_bytes())).mlir_module_serialized
+    assert build.INT8_TARGET.encode() in decode_module and build.INT8_Q8_TARGET.encode() in decode_module
 
     tokens = np.asarray([[1, 5, 9, 4, 0, 0, 0, 0]], np.int32)
     lengths = np.asarray([4], np.int32)

@@ -5,6 +5,8 @@
   int8 decoded slower than float32; the kernel streams the int8 codes once.
 - `int8_matmul_nt`: x @ (int8 W [N, K] × per-row scales)ᵀ, the tied LM head of an int8 embedding table
   (fastserve.models.compressed.QuantizedEmbed).
+  Both take `activations="int8"`: x quantized per block of 32 and multiplied in integers (W8A8; AVX-512 VNNI where
+  the CPU has it, csrc/int8_q8*.cc), as llama.cpp's Q8_0 dot product.
 - `attention` (fastserve.kernels.attention): softmax attention fused per (batch, KV head), forward and backward,
   each query over its own window of keys — bidirectional over padded keys for encoders, causal within packed
   documents for decoder training (`model.attention: auto | fused` on CPU).
@@ -14,7 +16,8 @@ present). `python -m fastserve.kernels build` builds it ahead of time and prints
 """
 from fastserve.kernels.build import KernelBuildError, load, status
 from fastserve.kernels.int8 import (dequantize, int8_matmul, int8_matmul_kernel, int8_matmul_nt, int8_matmul_nt_kernel,
-                                     int8_matmul_xla)
+                                     int8_matmul_nt_q8_kernel, int8_matmul_q8_kernel, int8_matmul_xla)
 
 __all__ = ["KernelBuildError", "dequantize", "int8_matmul", "int8_matmul_kernel", "int8_matmul_nt",
-           "int8_matmul_nt_kernel", "int8_matmul_xla", "load", "status"]
+           "int8_matmul_nt_kernel", "int8_matmul_nt_q8_kernel", "int8_matmul_q8_kernel", "int8_matmul_xla", "load",
+           "status"]

@@ -11,7 +11,9 @@ slower on CPU).
 
 Environment: CXX (compiler; default g++ / c++ / clang++ on PATH), FASTSERVE_KERNEL_CACHE (default
 ~/.cache/fastserve/kernels), FASTSERVE_INT8_KERNEL=0 (never use the kernel), FASTSERVE_INT8_ISA=avx2|generic
-(a narrower variant than the CPU allows; read when the library is first called).
+(a narrower variant than the CPU allows; read when the library is first called), FASTSERVE_KERNEL_SPIN_THREADS
+(helper threads that stay awake between a decode step's products, csrc/spin_pool.cc; default min(cores, 4) − 1,
+0: none) and FASTSERVE_KERNEL_SPIN_US (how long they spin before sleeping; default 2000).
 """
 from __future__ import annotations
 
@@ -35,11 +37,13 @@ CSRC = Path(__file__).with_name("csrc")
 LIBRARY = "libfastserve_kernels.so"
 INT8_TARGET = "fastserve_int8_matmul"
 INT8_NT_TARGET = "fastserve_int8_matmul_nt"   # x @ (int8 W [N, K] × scale [N])ᵀ: a tied LM head
+INT8_Q8_TARGET = "fastserve_int8_matmul_q8"         # the same products with activations quantized to int8 (W8A8)
+INT8_NT_Q8_TARGET = "fastserve_int8_matmul_nt_q8"
 ATTENTION_FWD_TARGET = "fastserve_attention_fwd"   # bidirectional attention over padded keys (encoders)
 ATTENTION_BWD_TARGET = "fastserve_attention_bwd"
-TARGETS = (INT8_TARGET, INT8_NT_TARGET, ATTENTION_FWD_TARGET, ATTENTION_BWD_TARGET)
+TARGETS = (INT8_TARGET, INT8_NT_TARGET, INT8_Q8_TARGET, INT8_NT_Q8_TARGET, ATTENTION_FWD_TARGET, ATTENTION_BWD_TARGET)
 # sources: the FFI handlers (compiled once) and the inner loops (compiled once per instruction-set variant)
-FFI_UNITS = ("int8_ffi", "attention_ffi")
+FFI_UNITS = ("int8_ffi", "int8_q8", "spin_pool", "attention_ffi")
 ISA_UNITS = ("int8_tile", "attention_item")
 COMMON_FLAGS = ["-O3", "-fPIC", "-std=c++17", "-Wno-psabi", "-fno-math-errno", "-fopenmp-simd"]
 # (name, floats per vector, vectors per tile for 1 / 2 / 4 rows, flags): the tile widths keep each variant's
@@ -47,6 +51,8 @@ COMMON_FLAGS = ["-O3", "-fPIC", "-std=c++17", "-Wno-psabi", "-fno-math-errno", "
 X86_VARIANTS = [("avx512", 16, (8, 8, 4), ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"]),
                 ("avx2", 8, (4, 3, 2), ["-mavx2", "-mfma"])]
 GENERIC_VARIANT = ("generic", 4, (2, 2, 1), [])
+# x86 only, compiled once: the W8A8 inner loops, called where the CPU reports avx512_vnni (int8_q8.cc checks)
+VNNI_UNIT = ("int8_q8_vnni", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"])
 
 
 class KernelBuildError(RuntimeError):
@@ -69,15 +75,18 @@ def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def _variants() -> list[tuple[str, int, tuple[int, int, int], list[str]]]:
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return (X86_VARIANTS if x86 else []) + [GENERIC_VARIANT]
+    return (X86_VARIANTS if _x86() else []) + [GENERIC_VARIANT]
 
 
 def library_path(cxx: str) -> Path:
     """Where the library for these sources, this jax and this compiler lives (built or not)."""
     h = hashlib.sha256()
-    for src in sorted(CSRC.glob("*.cc")):
+    for src in sorted([*CSRC.glob("*.cc"), *CSRC.glob("*.h")]):
         h.update(src.name.encode() + src.read_bytes())
     h.update(f"{jax.__version__}|{cxx}|{platform.machine()}|{COMMON_FLAGS}|{_variants()}".encode())
     root = Path(os.environ.get("FASTSERVE_KERNEL_CACHE") or Path.home() / ".cache" / "fastserve" / "kernels")
@@ -101,12 +110,15 @@ def build(cxx: str | None = None) -> Path:
                 jobs.append([cxx, *COMMON_FLAGS, *flags, f"-DFS_ISA={name}", f"-DFS_LANES={lanes}", f"-DFS_NV1={nv1}",
                              f"-DFS_NV2={nv2}", f"-DFS_NV4={nv4}", "-c", str(CSRC / f"{unit}.cc"),
                              "-o", f"{tmp}/{unit}_{name}.o"])
+        special = [VNNI_UNIT] if _x86() else []
+        for unit, flags in special:
+            jobs.append([cxx, *COMMON_FLAGS, *flags, "-c", str(CSRC / f"{unit}.cc"), "-o", f"{tmp}/{unit}.o"])
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in jobs]
         for cmd, p in zip(jobs, procs):
             output = p.communicate()[0]
             if p.returncode:
                 raise KernelBuildError(f"`{' '.join(cmd)}` failed:\n{output[-2000:]}")
-        objects = ([f"{tmp}/{unit}.o" for unit in FFI_UNITS] +
+        objects = ([f"{tmp}/{unit}.o" for unit in FFI_UNITS] + [f"{tmp}/{unit}.o" for unit, _ in special] +
                    [f"{tmp}/{unit}_{v[0]}.o" for v in _variants() for unit in ISA_UNITS])
         link = subprocess.run([cxx, "-shared", "-o", f"{tmp}/{LIBRARY}", *objects], capture_output=True, text=True)
         if link.returncode:

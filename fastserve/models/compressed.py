@@ -13,6 +13,11 @@ generates and exports unchanged. The parameter transforms that produce such para
   at every step, slower than float32), XLA's fused dequantize-then-dot on TPU / GPU. INFERENCE ONLY: the int8 kernel is an
   `nnx.Param` (so it checkpoints and exports like any weight) but it has no gradient — `jax.grad` refuses
   integer inputs, so building a train step on a model with int8 layers fails at trace time.
+- Either int8 layer with {"activations": "int8"} in its entry is W8A8: its input is rounded to int8 per block of
+  32 (llama.cpp's Q8_0 activations) on every path, and on CPU at decode (at most KERNEL_MAX_ROWS rows) the C++
+  kernel multiplies the bytes (AVX-512 VNNI where the CPU has it) — about twice the float kernel's speed where
+  the weights are in cache, at the rounding error of int8 activations. Needs the input dimension (and group) to
+  be a multiple of 32; a layer where it is not keeps float activations.
 - `QuantizedEmbed`: an int8 token embedding table that is also the tied output projection ({"kind": "int8"} at the
   table's path, e.g. "embed"): the int8 table (vocab, embed) + scale (vocab,), one per row of the table = one per
   output channel of the logits matvec, which runs through `int8_matmul_nt` (the C++ kernel on CPU, reading each
@@ -31,6 +36,7 @@ from fastserve.kernels.int8 import int8_matmul, int8_matmul_nt
 from fastserve.models.layers import Embed, Linear
 
 KINDS = ("lowrank", "int8")
+ACTIVATIONS = ("float32", "int8")   # an int8 layer's activations: float, or int8 per block of 32 (W8A8)
 
 
 class LowRankLinear(nnx.Module):
@@ -61,7 +67,7 @@ class QuantizedLinear(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, axes: tuple[str, str], *, rngs: nnx.Rngs | None = None,
                  use_bias: bool = False, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 kernel: jax.Array | None = None, group: int | None = None):
+                 kernel: jax.Array | None = None, group: int | None = None, activations: str = "float32"):
         if kernel is None:
             kernel = jnp.zeros((in_features, out_features), jnp.float32)
         q, scale = quantize_int8(kernel, group)
@@ -70,9 +76,10 @@ class QuantizedLinear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=(axes[1],)) if use_bias else None
         self.dtype = dtype
         self.group = group
+        self.activations = activations
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = int8_matmul(x, self.kernel[...], self.scale[...], self.group).astype(self.dtype)
+        y = int8_matmul(x, self.kernel[...], self.scale[...], self.group, self.activations).astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -83,20 +90,22 @@ class QuantizedEmbed(nnx.Module):
     scale[token]; `attend` (the tied LM head) = int8_matmul_nt(x, table, scale), each logit one contiguous row.
     Inference only."""
 
-    def __init__(self, vocab: int, dim: int, *, table: jax.Array | None = None, dtype: Any = jnp.float32):
+    def __init__(self, vocab: int, dim: int, *, table: jax.Array | None = None, dtype: Any = jnp.float32,
+                 activations: str = "float32"):
         if table is None:
             table = jnp.zeros((vocab, dim), jnp.float32)
         q, scale = quantize_int8(jnp.asarray(table, jnp.float32).T)   # per column of the (dim, vocab) head
         self.embedding = nnx.Param(q.T, out_sharding=("vocab", "embed"))
         self.scale = nnx.Param(scale, out_sharding=("vocab",))
         self.dtype = dtype
+        self.activations = activations
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         rows = jnp.take(self.embedding[...], tokens, axis=0).astype(jnp.float32)
         return (rows * jnp.take(self.scale[...], tokens, axis=0)[..., None]).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return int8_matmul_nt(x, self.embedding[...], self.scale[...]).astype(self.dtype)
+        return int8_matmul_nt(x, self.embedding[...], self.scale[...], self.activations).astype(self.dtype)
 
 
 def quantize_int8(w: jax.Array, group: int | None = None) -> tuple[jax.Array, jax.Array]:
@@ -146,15 +155,15 @@ def embedding_tables(model: nnx.Module) -> dict[str, str]:
 
 
 def validate_entry(path: str, entry: Any, where: str = "model.compressed") -> dict:
-    """Checks one `compressed` entry: {"kind": "lowrank", "rank": r>0} or {"kind": "int8"} (optionally "group": g>0);
-    errors name the key."""
+    """Checks one `compressed` entry: {"kind": "lowrank", "rank": r>0} or {"kind": "int8"} (optionally "group": g>0,
+    "activations": "float32" | "int8"); errors name the key."""
     key = f"{where}[{path!r}]"
     if not isinstance(entry, dict):
         raise ValueError(f"{key}: expected a mapping like {{kind: lowrank, rank: 32}} or {{kind: int8}}, got {entry!r}")
     kind = entry.get("kind")
     if kind not in KINDS:
         raise ValueError(f"{key}.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
-    allowed = {"kind", "rank"} if kind == "lowrank" else {"kind", "group"}
+    allowed = {"kind", "rank"} if kind == "lowrank" else {"kind", "group", "activations"}
     for name in entry:
         if name not in allowed:
             near = difflib.get_close_matches(str(name), sorted(allowed), n=1)
@@ -167,6 +176,8 @@ def validate_entry(path: str, entry: Any, where: str = "model.compressed") -> di
     group = entry.get("group")
     if group is not None and (not isinstance(group, int) or isinstance(group, bool) or group <= 0):
         raise ValueError(f"{key}.group: expected a positive int (rows of the kernel per scale), got {group!r}")
+    if entry.get("activations", "float32") not in ACTIVATIONS:
+        raise ValueError(f"{key}.activations: expected one of {', '.join(ACTIVATIONS)}, got {entry['activations']!r}")
     return entry
 
 
@@ -216,7 +227,8 @@ def apply_structure(model: nnx.Module, structure: dict[str, dict], rngs: nnx.Rng
             # the product u @ v starts with the dense kernel's spread (init_std may be traced: jnp, not math)
             new = LowRankLinear(m, n, rank, axes, rngs=rngs, init_std=jnp.std(kernel.astype(jnp.float32)), **kw)
         else:
-            new = QuantizedLinear(m, n, axes, kernel=kernel, group=entry.get("group"), **kw)
+            new = QuantizedLinear(m, n, axes, kernel=kernel, group=entry.get("group"),
+                                  activations=entry.get("activations", "float32"), **kw)
         if layer.bias is not None:
             new.bias.set_value(layer.bias.get_value())
         if isinstance(last, int):
@@ -231,11 +243,12 @@ def _quantize_table(model: nnx.Module, path: str, entry: dict, tables: dict[str,
     """Swaps the Embed at `path` for a QuantizedEmbed (per-row scales only: a row is one output channel of the
     tied head)."""
     if entry["kind"] != "int8" or entry.get("group") is not None:
-        raise ValueError(f"model.compressed[{path!r}]: an embedding table takes only {{kind: int8}} (per-row scales), "
-                         f"got {entry!r}")
+        raise ValueError(f"model.compressed[{path!r}]: an embedding table takes only {{kind: int8}} (per-row scales; "
+                         f"optionally activations), got {entry!r}")
     parent, last, table = _resolve(model, path, tables, "token embedding table")
     value = table.embedding.get_value()
-    quantized = QuantizedEmbed(value.shape[0], value.shape[1], table=value, dtype=table.dtype)
+    quantized = QuantizedEmbed(value.shape[0], value.shape[1], table=value, dtype=table.dtype,
+                               activations=entry.get("activations", "float32"))
     if isinstance(last, int):
         parent[last] = quantized
     else:

@@ -23,18 +23,19 @@ from typing import Any
 import numpy as np
 
 from fastserve.kernels.int8 import dequantize
-from fastserve.models.compressed import quantize_int8
+from fastserve.models.compressed import ACTIVATIONS, quantize_int8
 from fastserve.models.layer_stack import as_per_layer
 from fastserve.transforms.common import (TransformError, check_params, compile_pattern, describe, get_node,
                                          rel_error, replace_node, select, to_host)
 
-OPTIONS = ("bits", "group", "include", "exclude", "head")
+OPTIONS = ("bits", "group", "include", "exclude", "head", "activations")
 
 
 def quantize(model_cfg: Any, params: dict, *, bits: int = 8, group: int | None = None, include: Any = "*",
-             exclude: Any = None, head: bool = True) -> tuple[Any, dict, list[dict]]:
+             exclude: Any = None, head: bool = True, activations: str = "float32") -> tuple[Any, dict, list[dict]]:
     """int8 quantization of the selected dense kernels, per output channel or (`group`) per block of `group` input
-    rows, and (`head`) of the output projection, tied or not (per output channel). Pure: (new cfg, new params,
+    rows, and (`head`) of the output projection, tied or not (per output channel). `activations: int8` makes the
+    quantized layers multiply W8A8 on CPU when decoding (fastserve.models.compressed). Pure: (new cfg, new params,
     report)."""
     if bits != 8 or isinstance(bits, bool):
         raise TransformError(f"quantize.bits: only 8 is supported, got {bits!r}")
@@ -42,6 +43,10 @@ def quantize(model_cfg: Any, params: dict, *, bits: int = 8, group: int | None =
         raise TransformError(f"quantize.group: expected a positive int (input rows per scale), got {group!r}")
     if not isinstance(head, bool):
         raise TransformError(f"quantize.head: expected true or false (quantize the output projection), got {head!r}")
+    if activations not in ACTIVATIONS:
+        raise TransformError(f"quantize.activations: expected one of {', '.join(ACTIVATIONS)} (int8: W8A8 decoding on "
+                             f"CPU), got {activations!r}")
+    extra = {} if activations == "float32" else {"activations": activations}
     model_cfg, params = as_per_layer(model_cfg, params)   # scanned weights unstacked: paths name one layer
     abstract, layers = describe(model_cfg)
     check_params(abstract, params, "quantize (input)")
@@ -54,7 +59,7 @@ def quantize(model_cfg: Any, params: dict, *, bits: int = 8, group: int | None =
         selected.append(head_path)
     elif head_path is not None and head_path not in layers:   # a tied embedding table
         new_params, row = _quantize_table(new_params, head_path)
-        compressed[head_path] = {"kind": "int8"}
+        compressed[head_path] = {"kind": "int8", **extra}
         report.append(row)
     for path in selected:
         if layers[path] != "dense":
@@ -68,7 +73,7 @@ def quantize(model_cfg: Any, params: dict, *, bits: int = 8, group: int | None =
         m, n = w.shape
         itemsize = np.dtype(kernel.dtype).itemsize
         new_params = replace_node(new_params, path, {**node, "kernel": q, "scale": scale})
-        compressed[path] = {"kind": "int8"} if group is None else {"kind": "int8", "group": group}
+        compressed[path] = {"kind": "int8", **({} if group is None else {"group": group}), **extra}
         report.append({"layer": path, "action": "quantized int8", "shape": [m, n], "bits": 8, "group": group,
                        "bytes_before": m * n * itemsize, "bytes_after": m * n + 4 * int(np.prod(scale.shape)),
                        "rel_error": rel_error(w, deq), "max_abs_error": float(np.max(np.abs(w - deq)))})

@@ -3,16 +3,15 @@
 //
 // Picks the widest tile code this CPU runs (AVX-512BW, AVX2+FMA, or portable) once, and splits the columns over
 // XLA's intra-op thread pool when the product is large enough to pay for it.
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <thread>
 
 #include "xla/ffi/api/ffi.h"
+#include "int8_common.h"
 
 namespace ffi = xla::ffi;
+using fastserve_columns::split_columns;
 
 extern "C" {
 typedef void (*TileFn)(const float*, const int8_t*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
@@ -77,48 +76,6 @@ const Isa& isa() {
   return chosen;
 }
 
-// Columns per work item: a multiple of every tile width (128 = 8 vectors of 16).
-constexpr int64_t kChunk = 128;
-// Below this many multiply-adds the product stays on the calling thread. Measured on SmolLM2's shapes (2 loaded
-// cores): at batch 1 (≤ 0.9 M multiply-adds) handing half the columns to the pool was slower than one thread
-// (576×1536: 248 vs 189 µs); at batch 16 (14 M) it was as fast or faster.
-constexpr int64_t kParallelMacs = 1 << 22;
-
-// Work shared by the calling thread and the helpers it schedules: each claims chunks until none are left, and the
-// caller returns once every claimed chunk is finished. A helper that starts late (the pool busy) finds nothing
-// left and returns, so the caller never waits on a task that has not started: no deadlock on a full pool.
-struct Shared {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-template <typename Columns>
-void run_chunks(Shared& sh, int64_t chunks, int64_t N, const Columns& columns) {
-  for (int64_t c; (c = sh.next.fetch_add(1)) < chunks;) {
-    const int64_t n0 = c * kChunk, n1 = n0 + kChunk < N ? n0 + kChunk : N;
-    columns(n0, n1);
-    sh.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-// columns(n0, n1) over [0, N): on the calling thread alone when the product is small (`macs`), else in kChunk
-// pieces shared with up to `threads` − 1 pool threads (0: the pool's size).
-template <typename Columns>
-void split_columns(ffi::ThreadPool& pool, int64_t threads, int64_t macs, int64_t N, const Columns& columns) {
-  const int64_t chunks = (N + kChunk - 1) / kChunk;
-  int64_t helpers = threads > 0 ? threads - 1 : pool.num_threads();
-  if (macs < kParallelMacs || chunks < 2) helpers = 0;
-  if (helpers > chunks - 1) helpers = chunks - 1;
-  if (helpers <= 0) {
-    columns(0, N);
-    return;
-  }
-  auto sh = std::make_shared<Shared>();
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([=] { run_chunks(*sh, chunks, N, columns); });
-  run_chunks(*sh, chunks, N, columns);
-  while (sh->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
-}
-
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                       ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t group, int64_t threads) {
   const auto wd = w.dimensions(), sd = scale.dimensions(), xd = x.dimensions();
@@ -168,23 +125,7 @@ ffi::Error Int8MatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(fastserve_int8_matmul, Int8Matmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [..., K]
-                                  .Arg<ffi::Buffer<ffi::S8>>()    // w [K, N]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // scale [G, N]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // y [..., N]
-                                  .Attr<int64_t>("group")
-                                  .Attr<int64_t>("threads"));  // 0: the pool's size; 1: this thread only
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(fastserve_int8_matmul_nt, Int8MatmulNT,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [..., K]
-                                  .Arg<ffi::Buffer<ffi::S8>>()    // w [N, K]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // scale [N]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // y [..., N]
-                                  .Attr<int64_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fastserve_int8_matmul, Int8Matmul, fastserve_columns::tile_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fastserve_int8_matmul_nt, Int8MatmulNT, fastserve_columns::rows_binding());
 
 extern "C" const char* fastserve_int8_isa() { return isa().name; }
