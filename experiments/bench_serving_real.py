@@ -5,6 +5,7 @@ threads) on the same GGUF, the same seeded trace, through the same streaming HTT
     python experiments/bench_serving_real.py [--llama-server PATH]   # full sweep (~20 min on 2 cores); writes
                                                                      # experiments/results/bench_serving_real.{json,md}
     python experiments/bench_serving_real.py --quick                 # ~2 min: one rate, few requests; writes nothing
+    ... --kernel-spin-threads 1                                      # the int8 kernels' spinning helper on
 
 The trace is bench_serving's (serving_workload.workload: Poisson arrivals, prompts of 8-48 random token ids, outputs
 90 % 8-16 and 10 % 128-256 tokens), sent as token-id prompts with `ignore_eos: true` and greedy decoding, so every
@@ -108,10 +109,11 @@ def fastserve_worker(port_file: str, variants: list[str]) -> int:
 VARIANTS = ("float32", "int8", "int8 w8a8", "int8 paged")
 
 
-def start_fastserve(variants: list[str]) -> tuple[subprocess.Popen, dict[str, str]]:
+def start_fastserve(variants: list[str], spin_threads: str) -> tuple[subprocess.Popen, dict[str, str]]:
     port_file = tempfile.mktemp(prefix="bench_serving_real.", suffix=".json")
+    env = {**os.environ, "FASTSERVE_KERNEL_SPIN_THREADS": spin_threads}
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", port_file, *variants],
-                            stdout=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, start_new_session=True, env=env)
     deadline = time.time() + 900                  # loading the GGUF + compiling every bucket of two engines
     while not os.path.exists(port_file):
         if proc.poll() is not None or time.time() > deadline:
@@ -252,6 +254,9 @@ def main() -> int:
     ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER") or shutil.which("llama-server"),
                     help="the llama-server binary (default: $LLAMA_SERVER, else on PATH)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"fastserve contenders ({', '.join(VARIANTS)})")
+    ap.add_argument("--kernel-spin-threads", default=os.environ.get("FASTSERVE_KERNEL_SPIN_THREADS", "0"),
+                    help="the fastserve server's FASTSERVE_KERNEL_SPIN_THREADS (int8 kernels' spinning helpers; "
+                         "default 0, as fastserve's)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -265,7 +270,7 @@ def main() -> int:
     cfg = load_config(SMOLLM, ["mesh.data=1"])
     quantize = os.path.join(os.path.dirname(args.llama_server), "llama-quantize") if args.llama_server else None
     gguf = int8_decode.q8_0_gguf(resolve_path(cfg.source.path), quantize) if args.llama_server else None
-    fs_proc, urls = start_fastserve(args.variants.split(","))
+    fs_proc, urls = start_fastserve(args.variants.split(","), args.kernel_spin_threads)
     llama_proc, llama_url, llama_info = llama_peer(args.llama_server if gguf else None, gguf or "")
     try:
         if llama_url:
@@ -277,7 +282,9 @@ def main() -> int:
         stop(fs_proc)
         stop(llama_proc)
     out = {"bench": "serving_real", "quick": args.quick, "model": "SmolLM2-135M-Instruct",
-           "command": "python experiments/bench_serving_real.py" + (" --quick" if args.quick else ""),
+           "command": "python experiments/bench_serving_real.py" + (" --quick" if args.quick else "") +
+                      (f" --kernel-spin-threads {args.kernel_spin_threads}" if args.kernel_spin_threads != "0" else ""),
+           "kernel_spin_threads": args.kernel_spin_threads,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores", **provenance(),
            "load_avg_start": load_start, "load_avg_end": [round(x, 2) for x in os.getloadavg()],

@@ -4,6 +4,12 @@ groups and a K that leaves half a 64-byte chunk; the XLA path (prefill, TPU / GP
 quantized with the option decodes through the W8A8 custom calls and agrees with its own prefill."""
 from __future__ import annotations
 
+import ctypes
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +26,8 @@ from fastserve.models.compressed import validate_entry
 from fastserve.parallel import make_mesh
 from fastserve.transforms import TransformError, quantize
 from kernel_isa import cpu_has, lib  # noqa: F401  (lib: a fixture)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (rows, K, N, group): N with a tail past the 64-column tiles, rows 1 / 2 / 4+ blocks, groups of 32 and 64 (the last
 # one short), K = 96 and 160 end in half a 64-byte chunk
@@ -133,20 +141,20 @@ def test_quantize_transform_writes_w8a8_layers_that_decode_like_their_forward_pa
         validate_entry("layers.0.mlp.up", {"kind": "int8", "activations": "bf16"})
 
 
-def test_concurrent_small_products_share_the_spinning_helpers_correctly(lib):
-    """Decode-sized products run on the spinning helpers (spin_pool.cc) when they are free and alone when another
-    product holds them: four threads calling at once all get the reference answer, float and W8A8 kernels."""
-    import ctypes
+_SPIN_CHILD = textwrap.dedent("""
+    import ctypes, sys
     from concurrent.futures import ThreadPoolExecutor
-
-    from fastserve.kernels import int8_matmul_kernel
-
+    import jax, numpy as np
+    sys.path.insert(0, sys.argv[1])
+    from test_int8_w8a8 import _case, _reference
+    from fastserve.kernels import build, int8_matmul_kernel, int8_matmul_q8_kernel
+    lib = build.load()
     lib.handle.fastserve_spin_helpers.restype = ctypes.c_int64
-    assert lib.handle.fastserve_spin_helpers() >= 0
-    cases = [_case(rows, 576, 640, group, seed=rows) for rows, group in [(1, None), (2, 64), (1, 64), (3, None)]]
-    q8 = jax.jit(lambda x, q, s, group=None: int8_matmul_q8_kernel(x, q, s, group), static_argnums=3)
-    f32 = jax.jit(lambda x, q, s, group=None: int8_matmul_kernel(x, q, s, group), static_argnums=3)
+    assert lib.handle.fastserve_spin_helpers() == 1, lib.handle.fastserve_spin_helpers()
     groups = [None, 64, 64, None]
+    cases = [_case(rows, 576, 640, g, seed=rows) for rows, g in zip([1, 2, 1, 3], groups)]
+    q8 = jax.jit(lambda x, q, s, group: int8_matmul_q8_kernel(x, q, s, group), static_argnums=3)
+    f32 = jax.jit(lambda x, q, s, group: int8_matmul_kernel(x, q, s, group), static_argnums=3)
     expected = [(_reference(x, q, s, g), np.asarray(x, np.float64) @ (q * (np.repeat(s, 64, 0) if g else s)))
                 for (x, q, s), g in zip(cases, groups)]
 
@@ -159,3 +167,19 @@ def test_concurrent_small_products_share_the_spinning_helpers_correctly(lib):
             ref_q8, ref_f32 = expected[i % 4]
             np.testing.assert_allclose(got_q8, ref_q8, rtol=0, atol=1e-6 * np.abs(ref_q8).max())
             np.testing.assert_allclose(got_f32, ref_f32, rtol=0, atol=2e-5 * np.abs(ref_f32).max())
+    print("OK")
+""")
+
+
+def test_concurrent_small_products_share_the_spinning_helpers_correctly(lib):
+    """With FASTSERVE_KERNEL_SPIN_THREADS=1 (read once per process: a child process), decode-sized products run on
+    the spinning helper (spin_pool.cc) when it is free and alone when another product holds it: four threads
+    calling at once all get the reference answer, float and W8A8 kernels."""
+    env = {**os.environ, "FASTSERVE_KERNEL_SPIN_THREADS": "1", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _SPIN_CHILD, os.path.dirname(os.path.abspath(__file__))], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+    if not os.environ.get("FASTSERVE_KERNEL_SPIN_THREADS"):
+        lib.handle.fastserve_spin_helpers.restype = ctypes.c_int64
+        assert lib.handle.fastserve_spin_helpers() == 0          # off unless asked for

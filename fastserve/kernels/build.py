@@ -12,8 +12,8 @@ slower on CPU).
 Environment: CXX (compiler; default g++ / c++ / clang++ on PATH), FASTSERVE_KERNEL_CACHE (default
 ~/.cache/fastserve/kernels), FASTSERVE_INT8_KERNEL=0 (never use the kernel), FASTSERVE_INT8_ISA=avx2|generic
 (a narrower variant than the CPU allows; read when the library is first called), FASTSERVE_KERNEL_SPIN_THREADS
-(helper threads that stay awake between a decode step's products, csrc/spin_pool.cc; default min(cores, 4) − 1,
-0: none) and FASTSERVE_KERNEL_SPIN_US (how long they spin before sleeping; default 2000).
+(helper threads that stay awake between a decode step's products, csrc/spin_pool.cc; default 0: none; `auto`:
+min(cores, 4) − 1) and FASTSERVE_KERNEL_SPIN_US (how long they spin before sleeping; default 2000).
 """
 from __future__ import annotations
 

@@ -4,13 +4,16 @@
 // pool thread (XLA's) costs as much as the product. These helpers spin for a while after each job (so the next
 // product of the step finds them awake), then sleep until the next one.
 //
-// FASTSERVE_KERNEL_SPIN_THREADS: helpers (default: min(cores, 4) − 1; 0 turns them off);
-// FASTSERVE_KERNEL_SPIN_US: how long a helper spins after its last job before it sleeps (default 2000).
+// Off unless asked for: a spinning helper takes a core from whatever else runs (on a 2-core machine busy with other
+// work the decode step got slower with it). FASTSERVE_KERNEL_SPIN_THREADS: helpers (default 0; `auto`:
+// min(cores, 4) − 1); FASTSERVE_KERNEL_SPIN_US: how long a helper spins after its last job before it sleeps
+// (default 2000). Read once, at the first product.
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <thread>
 
@@ -33,7 +36,9 @@ class SpinPool {
  public:
   SpinPool() {
     const int64_t cores = static_cast<int64_t>(std::thread::hardware_concurrency());
-    helpers_ = env_int("FASTSERVE_KERNEL_SPIN_THREADS", (cores < 4 ? cores : 4) - 1);
+    const char* want = std::getenv("FASTSERVE_KERNEL_SPIN_THREADS");
+    helpers_ = want && !std::strcmp(want, "auto") ? (cores < 4 ? cores : 4) - 1
+                                                  : env_int("FASTSERVE_KERNEL_SPIN_THREADS", 0);
     spin_ = std::chrono::microseconds(env_int("FASTSERVE_KERNEL_SPIN_US", 2000));
     for (int64_t i = 0; i < helpers_; ++i) std::thread([this] { serve(); }).detach();
   }
