@@ -1,7 +1,10 @@
-"""What every recorded result says about the code it measured: the commit, and whether the tree was dirty."""
+"""What every recorded result says about the code it measured: the commit, whether the tree was dirty, and the host
+(the machine, as `recorded_on`; a benchmark's own "machine" / "date" keys, where it writes them, say more)."""
 from __future__ import annotations
 
+import datetime
 import os
+import platform
 import subprocess
 
 # Imported before any benchmark initializes JAX, as `python -m fastserve.<verb>` does: fastserve sets the host
@@ -22,4 +25,6 @@ def provenance() -> dict:
     # (porcelain lines are "XY path"; git() strips the first line's leading blank, hence [2:].lstrip())
     status = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
               if not line[2:].lstrip().startswith("experiments/results/")]
-    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(status), "host_allocator": allocator_state()}
+    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(status), "host_allocator": allocator_state(),
+            "recorded_on": {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                            "date": datetime.date.today().isoformat()}}

@@ -118,12 +118,14 @@ def row(name: str, d: dict) -> str:
     prov = d.get("provenance") if isinstance(d.get("provenance"), dict) else d
     commit = prov.get("commit")
     commit = f"`{commit[:7]}`{' (dirty)' if prov.get('dirty') else ''}" if commit and commit != "unknown" else "not recorded"
+    recorded_on = prov.get("recorded_on") or {}
     machine = d.get("machine") or d.get("device") or (f"{d['cpu_count']} CPU cores" if d.get("cpu_count") else
-                                                      "not recorded")
+                                                      recorded_on.get("machine") or "not recorded")
     command = d.get("command") or COMMANDS.get(name) or f"python experiments/{name}.py"
     plots = " ".join(f"[plot](results/{p.name})" for p in sorted(RESULTS.glob(f"{name}*.png")))
     notes = " ".join(f"[notes](results/{p.name})" for p in sorted(RESULTS.glob(f"{name}*.md")))
-    return (f"| {name} | `{command}` | {str(d.get('date', ''))[:10]} | {commit} | {machine} | {figures} | "
+    date = str(d.get("date") or recorded_on.get("date") or "")[:10]
+    return (f"| {name} | `{command}` | {date} | {commit} | {machine} | {figures} | "
             f"{' '.join(x for x in (notes, plots) if x)} |")
 
 
