@@ -13,9 +13,9 @@ request generates exactly its output length on both servers. Each rate of the sw
 identical trace, contenders alternating within the rate (so machine load drifts over all of them alike). fastserve
 serves from one process (configs/smollm2_135m.yaml's model, 8 slots, its MLFQ scheduler, buckets [32, 64]); int8 is
 the `quantize` transform (the C++ kernel at decode); "int8 w8a8" the same with `activations: int8` (activations
-rounded to int8 per block of 32 and integer products, as llama.cpp's Q8_0 dot); "int8 paged" holds the same KV bytes as block-paged KV
-(`serve.kv_cache_bytes`), whose decode attends over the blocks the running jobs hold rather than every slot's
-whole cache. llama.cpp serves the Q8_0 requantization of the shipped GGUF
+rounded to int8 per block of 32 and integer products, as llama.cpp's Q8_0 dot); "int8 paged" holds the same KV
+bytes as block-paged KV (`serve.kv_cache_bytes`), whose decode attends over the blocks the running jobs hold rather
+than every slot's whole cache. llama.cpp serves the Q8_0 requantization of the shipped GGUF
 (int8_decode.py makes it) with `-np 8` slots (of 512 positions, the least it takes; fastserve's hold 320); where
 its extra CPU buffer types (AMX tiles, repacked weights) fault on this VM it runs with `--no-repack`, and the
 result says so.

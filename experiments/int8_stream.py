@@ -1,11 +1,13 @@
-"""How fast the int8 kernel streams weights that are not in cache: the batch-1 regime of decoding a model larger
+"""How fast the int8 kernels stream weights that are not in cache: the batch-1 regime of decoding a model larger
 than the cache (docs/compression.md). Times `fastserve_int8_matmul` on MATRICES distinct 576 × 1536 int8 matrices
 (141 MB, chained in one jitted program) and `fastserve_int8_matmul_nt` on 5 distinct 49152 × 576 LM-head tables
-(141 MB), one thread and XLA's pool, and prints GB/s of weights read. The kernels' prefetch distances are constants
+(141 MB), one thread and all of them (the spinning helpers if FASTSERVE_KERNEL_SPIN_THREADS is set, else XLA's pool
+for large products), each beside its W8A8 twin (`_q8`, activations rounded to int8), and prints GB/s of weights
+read. `--hot` chains one 576 × 1536 matrix and one 1024 × 576 table instead (in cache: the arithmetic's speed). The kernels' prefetch distances are constants
 in fastserve/kernels/csrc/int8_tile.cc (kPrefetchRows, kPrefetchBytes): edit one and rerun this script to compare
 (the library rebuilds itself when its source changes).
 
-    python experiments/int8_stream.py [--rows 1]     # ~1 min; the last line is JSON
+    python experiments/int8_stream.py [--rows 1] [--hot]     # ~1 min; the last line is JSON
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ MATRICES = 160
 
 def gb_per_s(kernel, tables: list, k: int, rows: int, threads: int, repeats: int) -> float:
     """Weights read per second (GB/s) by `kernel` over every table in turn, median of `repeats` runs."""
-    scale = jnp.ones((tables[0].shape[1] if kernel is k8.int8_matmul_kernel else tables[0].shape[0],), jnp.float32)
+    nt = kernel in (k8.int8_matmul_nt_kernel, k8.int8_matmul_nt_q8_kernel)
+    scale = jnp.ones((tables[0].shape[0] if nt else tables[0].shape[1],), jnp.float32)
 
     @jax.jit
     def chain(x, tables):
@@ -49,18 +52,26 @@ def gb_per_s(kernel, tables: list, k: int, rows: int, threads: int, repeats: int
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=1, help="rows of x (1: batch-1 decoding)")
+    ap.add_argument("--hot", action="store_true", help="the same matrix / table over and over (in cache)")
     args = ap.parse_args()
     if build.load() is None:
         raise SystemExit(f"the int8 kernel library is not available here: {build.status()}")
     rng = np.random.default_rng(0)
-    layers = [jnp.asarray(rng.integers(-127, 128, (576, 1536), dtype=np.int8)) for _ in range(MATRICES)]
-    heads = [jnp.asarray(rng.integers(-127, 128, (49152, 576), dtype=np.int8)) for _ in range(5)]
-    out = {"rows": args.rows, "isa": build.status().get("isa")}
+    if args.hot:
+        layers = [jnp.asarray(rng.integers(-127, 128, (576, 1536), dtype=np.int8))] * MATRICES
+        heads = [jnp.asarray(rng.integers(-127, 128, (1024, 576), dtype=np.int8))] * MATRICES
+    else:
+        layers = [jnp.asarray(rng.integers(-127, 128, (576, 1536), dtype=np.int8)) for _ in range(MATRICES)]
+        heads = [jnp.asarray(rng.integers(-127, 128, (49152, 576), dtype=np.int8)) for _ in range(5)]
+    out = {"rows": args.rows, "hot": args.hot, "isa": build.status().get("isa"),
+           "spin_threads": os.environ.get("FASTSERVE_KERNEL_SPIN_THREADS", "0")}
+    kernels = {"layers": k8.int8_matmul_kernel, "layers_q8": k8.int8_matmul_q8_kernel,
+               "head": k8.int8_matmul_nt_kernel, "head_q8": k8.int8_matmul_nt_q8_kernel}
     for threads in (1, 0):
-        out[f"layers_gb_s_threads_{threads}"] = round(gb_per_s(k8.int8_matmul_kernel, layers, 576, args.rows,
-                                                               threads, 20), 2)
-        out[f"head_gb_s_threads_{threads}"] = round(gb_per_s(k8.int8_matmul_nt_kernel, heads, 576, args.rows,
-                                                             threads, 10), 2)
+        for name, kernel in kernels.items():
+            tables = heads if name.startswith("head") else layers
+            out[f"{name}_gb_s_threads_{threads}"] = round(gb_per_s(kernel, tables, 576, args.rows, threads,
+                                                                   10 if name.startswith("head") else 20), 2)
         print(out, flush=True)
     print(json.dumps(out))
     return 0

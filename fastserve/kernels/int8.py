@@ -5,8 +5,8 @@ group may be shorter). `int8_matmul` lowers to the `fastserve_int8_matmul` custo
 library is available (fastserve.kernels.build) and to the dequantize-then-dot that XLA fuses on TPU / GPU; one
 traced function holds both branches (`jax.lax.platform_dependent`), so a multi-platform export keeps each.
 With activations="int8" (W8A8) x is quantized to int8 per block of 32 (`quantize_activations`), on every path: the
-CPU kernel multiplies the bytes (AVX-512 VNNI where available: ~1.8× the float kernel on in-cache weights at one
-row, measured on the 2-core Zen 4 host), XLA rounds x the same way and multiplies in float32 (equal up to float
+CPU kernel multiplies the bytes (AVX-512 VNNI where available: ~2× the float kernel's work on in-cache weights,
+`experiments/int8_stream.py --hot` on the 2-core Zen 4 host), XLA rounds x the same way and multiplies in float32 (equal up to float
 rounding), so prefill, evaluation and decoding see the same activations.
 Large row counts (prefill, evaluation) take the XLA path on CPU too: there the dequantized kernel is reused across
 many rows and the kernel's advantage is gone (measured on SmolLM2's shapes, 2 cores, AVX-512: a 576×1536 product
@@ -28,6 +28,7 @@ KERNEL_MAX_ROWS = 32
 # activations="int8" (W8A8): x is quantized per block of this many values along K; K and the weight group must be
 # multiples of it, else the product keeps float activations
 ACTIVATION_BLOCK = 32
+ACTIVATIONS = ("float32", "int8")   # an int8 layer's activations: float, or int8 per block of 32 (W8A8)
 
 
 def group_count(k: int, group: int | None) -> int:
@@ -87,8 +88,8 @@ def _rows(x: jax.Array) -> int | None:
 
 
 def _w8a8(activations: str, k: int, group: int | None) -> bool:
-    if activations not in ("float32", "int8"):
-        raise ValueError(f"activations: expected float32 or int8, got {activations!r}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations: expected one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     return (activations == "int8" and k % ACTIVATION_BLOCK == 0
             and (group is None or group % ACTIVATION_BLOCK == 0))
 

@@ -32,11 +32,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fastserve.kernels.int8 import int8_matmul, int8_matmul_nt
+from fastserve.kernels.int8 import ACTIVATIONS, int8_matmul, int8_matmul_nt
 from fastserve.models.layers import Embed, Linear
 
 KINDS = ("lowrank", "int8")
-ACTIVATIONS = ("float32", "int8")   # an int8 layer's activations: float, or int8 per block of 32 (W8A8)
 
 
 class LowRankLinear(nnx.Module):

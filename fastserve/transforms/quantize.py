@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from fastserve.kernels.int8 import dequantize
-from fastserve.models.compressed import ACTIVATIONS, quantize_int8
+from fastserve.kernels.int8 import ACTIVATIONS, dequantize
+from fastserve.models.compressed import quantize_int8
 from fastserve.models.layer_stack import as_per_layer
 from fastserve.transforms.common import (TransformError, check_params, compile_pattern, describe, get_node,
                                          rel_error, replace_node, select, to_host)
@@ -34,8 +34,9 @@ OPTIONS = ("bits", "group", "include", "exclude", "head", "activations")
 def quantize(model_cfg: Any, params: dict, *, bits: int = 8, group: int | None = None, include: Any = "*",
              exclude: Any = None, head: bool = True, activations: str = "float32") -> tuple[Any, dict, list[dict]]:
     """int8 quantization of the selected dense kernels, per output channel or (`group`) per block of `group` input
-    rows, and (`head`) of the output projection, tied or not (per output channel). `activations: int8` makes the
-    quantized layers multiply W8A8 on CPU when decoding (fastserve.models.compressed). Pure: (new cfg, new params,
+    rows, and (`head`) of the output projection, tied or not (per output channel). `activations: int8` makes them
+    W8A8: their inputs rounded to int8 per block of 32, integer products in the CPU kernel when decoding
+    (fastserve.models.compressed). Pure: (new cfg, new params,
     report)."""
     if bits != 8 or isinstance(bits, bool):
         raise TransformError(f"quantize.bits: only 8 is supported, got {bits!r}")
@@ -44,8 +45,8 @@ def quantize(model_cfg: Any, params: dict, *, bits: int = 8, group: int | None =
     if not isinstance(head, bool):
         raise TransformError(f"quantize.head: expected true or false (quantize the output projection), got {head!r}")
     if activations not in ACTIVATIONS:
-        raise TransformError(f"quantize.activations: expected one of {', '.join(ACTIVATIONS)} (int8: W8A8 decoding on "
-                             f"CPU), got {activations!r}")
+        raise TransformError(f"quantize.activations: expected one of {', '.join(ACTIVATIONS)} (int8: inputs rounded to "
+                             f"int8, W8A8), got {activations!r}")
     extra = {} if activations == "float32" else {"activations": activations}
     model_cfg, params = as_per_layer(model_cfg, params)   # scanned weights unstacked: paths name one layer
     abstract, layers = describe(model_cfg)

@@ -101,8 +101,8 @@ void rows_portable(const Q8& a, const int8_t* w, const float* s, float* y, int64
     }
 }
 
-// Decided at every call (a getenv and a cpuid-cache read), so a test can narrow FASTSERVE_INT8_ISA in-process and
-// check the portable loops against the VNNI ones.
+// Decided at every product (a getenv and a cpuid-cache read), so a test can narrow FASTSERVE_INT8_ISA in-process
+// and check the portable loops against the VNNI ones.
 bool use_vnni() {
 #if defined(__x86_64__)
   return fastserve_isa_level() == 2 && __builtin_cpu_supports("avx512vnni");
@@ -111,20 +111,20 @@ bool use_vnni() {
 #endif
 }
 
-// Columns [n0, n1) of y with the VNNI loops where the CPU has them, the portable ones elsewhere.
-void tile(const Q8& a, const int8_t* w, const float* s, float* y, int64_t M, int64_t K, int64_t N, int64_t group,
-          int64_t n0, int64_t n1) {
+// Columns [n0, n1) of y with the VNNI loops (`vnni`: use_vnni(), decided once per call) or the portable ones.
+void tile(bool vnni, const Q8& a, const int8_t* w, const float* s, float* y, int64_t M, int64_t K, int64_t N,
+          int64_t group, int64_t n0, int64_t n1) {
 #if defined(__x86_64__)
-  if (use_vnni())
+  if (vnni)
     return fastserve_int8_q8_tile_vnni(a.q.data(), a.scale.data(), a.sum.data(), w, s, y, M, K, N, group, n0, n1);
 #endif
   tile_portable(a, w, s, y, M, K, N, group, n0, n1);
 }
 
-void rows(const Q8& a, const int8_t* w, const float* s, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
-          int64_t n1) {
+void rows(bool vnni, const Q8& a, const int8_t* w, const float* s, float* y, int64_t M, int64_t K, int64_t N,
+          int64_t n0, int64_t n1) {
 #if defined(__x86_64__)
-  if (use_vnni()) return fastserve_int8_q8_rows_vnni(a.q.data(), a.scale.data(), w, s, y, M, K, N, n0, n1);
+  if (vnni) return fastserve_int8_q8_rows_vnni(a.q.data(), a.scale.data(), w, s, y, M, K, N, n0, n1);
 #endif
   rows_portable(a, w, s, y, M, K, N, n0, n1);
 }
@@ -156,8 +156,9 @@ ffi::Error Int8MatmulQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int8_t* wp = w.typed_data();
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
+  const bool vnni = use_vnni();
   return quantize_and_split(pool, threads, x.typed_data(), M, K, N, [=](const Q8& a, int64_t n0, int64_t n1) {
-    tile(a, wp, sp, yp, M, K, N, group, n0, n1);
+    tile(vnni, a, wp, sp, yp, M, K, N, group, n0, n1);
   });
 }
 
@@ -176,8 +177,9 @@ ffi::Error Int8MatmulNTQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const int8_t* wp = w.typed_data();
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
+  const bool vnni = use_vnni();
   return quantize_and_split(pool, threads, x.typed_data(), M, K, N, [=](const Q8& a, int64_t n0, int64_t n1) {
-    rows(a, wp, sp, yp, M, K, N, n0, n1);
+    rows(vnni, a, wp, sp, yp, M, K, N, n0, n1);
   });
 }
 
