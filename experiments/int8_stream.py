@@ -8,6 +8,11 @@ in fastserve/kernels/csrc/int8_tile.cc (kPrefetchRows, kPrefetchBytes): edit one
 (the library rebuilds itself when its source changes).
 
     python experiments/int8_stream.py [--rows 1] [--hot]     # ~1 min; the last line is JSON
+    python experiments/int8_stream.py --gemm                 # prefill-sized W8A8 products (8-128 rows, in cache)
+
+`--gemm` times the W8A8 kernel on SmolLM2's three product shapes at 8-128 rows, one thread and all, beside what
+XLA's path would do there (x rounded to int8 blocks, the kernel dequantized, a float32 dot) and the plain float32
+dot of the same shape, and prints GOPS (2·M·K·N per second).
 """
 from __future__ import annotations
 
@@ -49,13 +54,46 @@ def gb_per_s(kernel, tables: list, k: int, rows: int, threads: int, repeats: int
     return sum(q.size for q in tables) / statistics.median(times) / 1e9
 
 
+def gemm_figures(repeats: int = 30) -> dict:
+    """GOPS of the W8A8 kernel (threads 1 and 0), XLA's W8A8 path and a float32 dot at prefill-sized row counts."""
+    rng = np.random.default_rng(0)
+
+    def median_s(f, *args) -> float:
+        f(*args).block_until_ready()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f(*args).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    out = {}
+    for k, n in ((576, 1536), (1536, 576), (576, 576)):
+        q = jnp.asarray(rng.integers(-127, 128, (k, n), dtype=np.int8))
+        scale = jnp.asarray((rng.random(n) + 0.01).astype(np.float32) / 127)
+        w = k8.dequantize(q, scale)
+        contenders = {f"kernel_threads_{t}": jax.jit(lambda x, t=t: k8.int8_matmul_q8_kernel(x, q, scale, threads=t))
+                      for t in (1, 0)}
+        contenders["xla_w8a8"] = jax.jit(lambda x: k8.int8_matmul_xla(k8.quantize_activations(x), q, scale))
+        contenders["float32_dot"] = jax.jit(lambda x: x @ w)
+        for m in (8, 16, 32, 64, 128):
+            x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
+            row = {name: round(2 * m * k * n / median_s(f, x) / 1e9, 1) for name, f in contenders.items()}
+            out[f"{k}x{n}_rows_{m}"] = row
+            print(f"{k}x{n} rows {m}: GOPS {row}", flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=1, help="rows of x (1: batch-1 decoding)")
     ap.add_argument("--hot", action="store_true", help="the same matrix / table over and over (in cache)")
+    ap.add_argument("--gemm", action="store_true", help="prefill-sized W8A8 products instead (GOPS)")
     args = ap.parse_args()
     if build.load() is None:
         raise SystemExit(f"the int8 kernel library is not available here: {build.status()}")
+    if args.gemm:
+        print(json.dumps({"isa": build.status().get("isa"), "gemm_gops": gemm_figures()}))
+        return 0
     rng = np.random.default_rng(0)
     if args.hot:
         layers = [jnp.asarray(rng.integers(-127, 128, (576, 1536), dtype=np.int8))] * MATRICES

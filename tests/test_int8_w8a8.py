@@ -31,7 +31,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (rows, K, N, group): N with a tail past the 64-column tiles, rows 1 / 2 / 4+ blocks, groups of 32 and 64 (the last
 # one short), K = 96 and 160 end in half a 64-byte chunk
-TILE_CASES = [(1, 576, 200, None), (3, 96, 130, None), (7, 160, 64, 64), (5, 256, 70, 32), (2, 32, 37, None)]
+# from 32 rows the VNNI loops pack weight panels (tiles of 4 rows, then 2 / 1): 33 = 8 × 4 + 1, 70 = 17 × 4 + 2
+TILE_CASES = [(1, 576, 200, None), (3, 96, 130, None), (7, 160, 64, 64), (5, 256, 70, 32), (2, 32, 37, None),
+              (13, 160, 200, 64), (33, 96, 130, None), (70, 64, 64, 32)]
 NT_CASES = [(1, 576, 203), (3, 96, 7), (9, 160, 33)]
 
 
@@ -88,16 +90,22 @@ def test_w8a8_kernels_equal_the_integer_reference(lib, monkeypatch, path, thread
         np.testing.assert_allclose(y, ref, rtol=0, atol=1e-6 * np.abs(ref).max(), err_msg=f"{path} nt {rows, k, n}")
 
 
-def test_dispatch_rounds_activations_on_every_path(lib):
+def test_dispatch_rounds_activations_on_every_path(lib, monkeypatch):
     x, q, scale = _case(3, 96, 130, None)
     decode = jax.jit(lambda x, q, s: int8_matmul(x, q, s, None, "int8"))
     assert "fastserve_int8_matmul_q8" in decode.lower(x, q, scale).as_text()
-    # prefill-sized rows: XLA, with x rounded the same way (not the kernel, not float activations)
+    # prefill-sized rows: the kernel where the CPU has VNNI (its packed panels), else XLA with x rounded the same
+    # way (not float activations)
     big = np.random.default_rng(5).standard_normal((48, 96)).astype(np.float32)
-    prefill = jax.jit(lambda x, q, s: int8_matmul(x, q, s, None, "int8"))
-    assert "fastserve_int8_matmul" not in prefill.lower(big, q, scale).as_text()
     ref = _reference(big, q, scale, None)
-    np.testing.assert_allclose(np.asarray(prefill(big, q, scale)), ref, atol=1e-6 * np.abs(ref).max())
+    for path in _paths():
+        if path == "portable":
+            monkeypatch.setenv("FASTSERVE_INT8_ISA", "avx2")
+        prefill = jax.jit(lambda x, q, s: int8_matmul(x, q, s, None, "int8"))
+        assert ("fastserve_int8_matmul" in prefill.lower(big, q, scale).as_text()) == (path == "vnni"), path
+        np.testing.assert_allclose(np.asarray(prefill(big, q, scale)), ref, atol=1e-6 * np.abs(ref).max(),
+                                   err_msg=path)
+    monkeypatch.delenv("FASTSERVE_INT8_ISA")
     # K not a multiple of 32: float activations through the float kernel
     x37, q37, s37 = _case(1, 37, 29, None)
     text = jax.jit(lambda x, q, s: int8_matmul(x, q, s, None, "int8")).lower(x37, q37, s37).as_text()

@@ -71,9 +71,8 @@ def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
 def prefill(model: nnx.Module, tokens: jax.Array, lengths: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
     """Runs right-padded prompts [B, T] through the model, filling the cache; returns each row's last real logits."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    logits, cache = model(tokens, positions, cache)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return last, cache
+    logits, cache = model(tokens, positions, cache, logits_at=lengths - 1)
+    return logits[:, 0], cache
 
 
 def decode(model: nnx.Module, tokens: jax.Array, positions: jax.Array, cache: Any) -> tuple[jax.Array, Any]:

@@ -8,10 +8,13 @@ With activations="int8" (W8A8) x is quantized to int8 per block of 32 (`quantize
 CPU kernel multiplies the bytes (AVX-512 VNNI where available: ~2× the float kernel's work on in-cache weights,
 `experiments/int8_stream.py --hot` on the 2-core Zen 4 host), XLA rounds x the same way and multiplies in float32 (equal up to float
 rounding), so prefill, evaluation and decoding see the same activations.
-Large row counts (prefill, evaluation) take the XLA path on CPU too: there the dequantized kernel is reused across
-many rows and the kernel's advantage is gone (measured on SmolLM2's shapes, 2 cores, AVX-512: a 576×1536 product
-takes 55 µs in the kernel vs 142 µs as a float32 dot at 1 row, 369 vs 555 µs at 16 rows, and no better from 64
-rows up).
+Large row counts (prefill, evaluation) of float-activation products take the XLA path on CPU too: there the
+dequantized kernel is reused across many rows and the kernel's advantage is gone (measured on SmolLM2's shapes,
+2 cores, AVX-512: a 576×1536 product takes 55 µs in the kernel vs 142 µs as a float32 dot at 1 row, 369 vs 555 µs
+at 16 rows, and no better from 64 rows up). W8A8 products keep the kernel at any row count where the CPU has
+AVX-512 VNNI: from 8 rows it packs each 64-column weight panel once and runs every group of rows over it, ~2× the
+float32 dot at 32-128 rows (`python experiments/int8_stream.py --gemm`), where XLA's path would dequantize the
+whole matrix at every call.
 """
 from __future__ import annotations
 
@@ -87,6 +90,11 @@ def _rows(x: jax.Array) -> int | None:
     return math.prod(int(d) for d in dims) if all(isinstance(d, (int, np.integer)) for d in dims) else None
 
 
+def _vnni(lib: build.KernelLibrary) -> bool:
+    """Whether the W8A8 kernel runs its VNNI loops here (read at trace time; FASTSERVE_INT8_ISA can narrow it)."""
+    return bool(lib.handle.fastserve_int8_q8_vnni())
+
+
 def _w8a8(activations: str, k: int, group: int | None) -> bool:
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations: expected one of {', '.join(ACTIVATIONS)}, got {activations!r}")
@@ -98,13 +106,15 @@ def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, group: int | None 
                 activations: str = "float32") -> jax.Array:
     """float32 x (..., K) @ dequantize(q (K, N), scale) → (..., N): the C++ kernel on CPU where it is available and
     x has at most KERNEL_MAX_ROWS rows (or a symbolic count), XLA otherwise. activations="int8": the kernel
-    quantizes x per block of ACTIVATION_BLOCK and multiplies in integers (W8A8; where K and group allow it)."""
+    quantizes x per block of ACTIVATION_BLOCK and multiplies in integers (W8A8; where K and group allow it), at any
+    row count where the CPU has AVX-512 VNNI."""
     rows, w8a8 = _rows(x), _w8a8(activations, q.shape[0], group)
 
     def xla(x, q, scale):
         return int8_matmul_xla(quantize_activations(x) if w8a8 else x, q, scale, group)
 
-    if (rows is not None and rows > KERNEL_MAX_ROWS) or build.load() is None:
+    lib = build.load()
+    if lib is None or (rows is not None and rows > KERNEL_MAX_ROWS and not (w8a8 and _vnni(lib))):
         return xla(x, q, scale)
     kernel = int8_matmul_q8_kernel if w8a8 else int8_matmul_kernel
     return jax.lax.platform_dependent(x, q, scale, cpu=lambda *a: kernel(*a, group=group), default=xla)

@@ -263,9 +263,10 @@ class DecoderLM(nnx.Module):
         self.dtype = dt
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None,
-                 segments: jax.Array | None = None):
+                 segments: jax.Array | None = None, logits_at: jax.Array | None = None):
         """`segments` [B, T] (training only): packed documents attend within their own segment; pass `positions`
-        that restart at each segment's start with it."""
+        that restart at each segment's start with it. `logits_at` [B]: the logits of that index of each row only
+        ([B, 1, V]): a prefill samples from one position, and the LM head is a fifth of a small model's work."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         x = constrain(self.embed(tokens), ("batch", "seq", "embed"))
@@ -274,6 +275,8 @@ class DecoderLM(nnx.Module):
             new_cache = None
         else:
             x, new_cache = self._blocks_cached(x, positions, cache)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))

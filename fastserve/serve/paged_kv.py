@@ -245,9 +245,8 @@ def paged_extend_fn(graphdef, view_len, params, cache, pages, tokens, start, las
     model = nnx.merge(graphdef, params)
     row = extract_paged(cache, pages, view_len)
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    logits, row = model(tokens, positions, row)
-    logits = jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False)
-    return sample_rows(logits, ints[0], ints[1], floats[0], ints[2], floats[1]), insert_paged(cache, row, pages)
+    logits, row = model(tokens, positions, row, logits_at=jnp.reshape(last, (1,)))
+    return sample_rows(logits[:, 0], ints[0], ints[1], floats[0], ints[2], floats[1]), insert_paged(cache, row, pages)
 
 
 @functools.lru_cache(maxsize=16)

@@ -106,9 +106,8 @@ def extend_fn(graphdef, params, cache, slot, tokens, start, last, ints, floats):
     model = nnx.merge(graphdef, params)
     row = extract_rows(cache, slot, cache_length(cache))
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    logits, row = model(tokens, positions, row)
-    logits = jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False)     # [1, V]
-    return sample_rows(logits, ints[0], ints[1], floats[0], ints[2], floats[1]), insert_rows(cache, row, slot)
+    logits, row = model(tokens, positions, row, logits_at=jnp.reshape(last, (1,)))
+    return sample_rows(logits[:, 0], ints[0], ints[1], floats[0], ints[2], floats[1]), insert_rows(cache, row, slot)
 
 
 def rows_extend_fn(graphdef, params, cache, slot, tokens, start, last, ints, floats, window=None):
@@ -122,9 +121,8 @@ def rows_extend_fn(graphdef, params, cache, slot, tokens, start, last, ints, flo
     if window is not None:
         extra["window"] = jnp.zeros(window, jnp.int32)
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    logits, cache = model(tokens, positions, _with(cache, **extra))
-    logits = jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False)     # [1, V]
-    return sample_rows(logits, ints[0], ints[1], floats[0], ints[2], floats[1]), _without(cache, *extra)
+    logits, cache = model(tokens, positions, _with(cache, **extra), logits_at=jnp.reshape(last, (1,)))
+    return sample_rows(logits[:, 0], ints[0], ints[1], floats[0], ints[2], floats[1]), _without(cache, *extra)
 
 
 @functools.lru_cache(maxsize=16)

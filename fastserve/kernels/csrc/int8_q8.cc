@@ -23,6 +23,7 @@ void fastserve_int8_q8_tile_vnni(const int8_t*, const float*, const int32_t*, co
                                  int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 void fastserve_int8_q8_rows_vnni(const int8_t*, const float*, const int8_t*, const float*, float*, int64_t, int64_t,
                                  int64_t, int64_t, int64_t);
+void fastserve_q8_quantize_vnni(const float*, int64_t, int64_t, int8_t*, float*, int32_t*);
 #endif
 }
 
@@ -37,9 +38,17 @@ struct Q8 {
   std::vector<int32_t> sum;
 };
 
-Q8 quantize(const float* x, int64_t M, int64_t K) {
+// `vnni`: the AVX-512 twin of the loop below (the same codes; the scalar loop costs as much as a prefill-sized
+// product's integer sums).
+Q8 quantize(bool vnni, const float* x, int64_t M, int64_t K) {
   const int64_t blocks = K / kBlock;
   Q8 out{std::vector<int8_t>(M * K), std::vector<float>(M * blocks), std::vector<int32_t>(M * blocks)};
+#if defined(__x86_64__)
+  if (vnni) {
+    fastserve_q8_quantize_vnni(x, M, K, out.q.data(), out.scale.data(), out.sum.data());
+    return out;
+  }
+#endif
   for (int64_t b = 0; b < M * blocks; ++b) {
     const float* xb = x + b * kBlock;
     float amax = 0.f;
@@ -131,10 +140,10 @@ void rows(bool vnni, const Q8& a, const int8_t* w, const float* s, float* y, int
 
 // x [M, K] quantized once, then columns(a, n0, n1) over [0, N) split as the float kernels' are.
 template <typename Columns>
-ffi::Error quantize_and_split(ffi::ThreadPool& pool, int64_t threads, const float* x, int64_t M, int64_t K,
-                              int64_t N, const Columns& columns) {
+ffi::Error quantize_and_split(ffi::ThreadPool& pool, int64_t threads, bool vnni, const float* x, int64_t M,
+                              int64_t K, int64_t N, const Columns& columns) {
   if (M == 0 || N == 0) return ffi::Error::Success();
-  const Q8 a = quantize(x, M, K);
+  const Q8 a = quantize(vnni, x, M, K);
   const Q8* ap = &a;
   split_columns(pool, threads, M * K * N, N, [=](int64_t n0, int64_t n1) { columns(*ap, n0, n1); });
   return ffi::Error::Success();
@@ -157,7 +166,7 @@ ffi::Error Int8MatmulQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
   const bool vnni = use_vnni();
-  return quantize_and_split(pool, threads, x.typed_data(), M, K, N, [=](const Q8& a, int64_t n0, int64_t n1) {
+  return quantize_and_split(pool, threads, vnni, x.typed_data(), M, K, N, [=](const Q8& a, int64_t n0, int64_t n1) {
     tile(vnni, a, wp, sp, yp, M, K, N, group, n0, n1);
   });
 }
@@ -178,7 +187,7 @@ ffi::Error Int8MatmulNTQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
   const bool vnni = use_vnni();
-  return quantize_and_split(pool, threads, x.typed_data(), M, K, N, [=](const Q8& a, int64_t n0, int64_t n1) {
+  return quantize_and_split(pool, threads, vnni, x.typed_data(), M, K, N, [=](const Q8& a, int64_t n0, int64_t n1) {
     rows(vnni, a, wp, sp, yp, M, K, N, n0, n1);
   });
 }
