@@ -62,6 +62,18 @@ def test_cached_greedy_decoding_equals_full_forward(model):
         np.testing.assert_allclose(got_logits[row], ref_logits, atol=2e-5, rtol=1e-5)
 
 
+def test_logits_at_selects_one_position_per_row(model):
+    """What a prefill asks for (the LM head at each row's last real token only) equals those rows of the full
+    logits."""
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (3, 8)), jnp.int32)
+    at = jnp.asarray([7, 0, 4], jnp.int32)
+    full, _ = model(tokens)
+    picked, _ = model(tokens, logits_at=at)
+    assert picked.shape == (3, 1, 97)
+    np.testing.assert_allclose(np.asarray(picked[:, 0]), np.asarray(full)[np.arange(3), np.asarray(at)],
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_generate_loop_matches_stepwise_and_stops(model):
     prompts = [[5, 17, 3], [9, 2, 44, 61, 7, 8, 30]]
     tokens, lengths = infer.pad_prompts(prompts)
