@@ -95,6 +95,20 @@ def causal_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, segments: 
     return windowed_attention_kernel(q, k, v, k_valid, lo, hi)
 
 
+def decode_attention_kernel(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array,
+                            lengths: jax.Array) -> jax.Array:
+    """One decode step's attention read in place from a KV cache, as a custom call (CPU only; the library must be
+    loaded). q: [b, 1, H, D] (one token per row); k_cache, v_cache: [B, S, K, D]; rows [b]: each query's cache row;
+    lengths [b]: it sees positions [0, length) of that row (a row id outside [0, B) or a length of 0: zeros).
+    → [b, 1, H·D] in q's dtype."""
+    b, _, h, d = q.shape
+    call = jax.ffi.ffi_call(build.DECODE_ATTENTION_TARGET, jax.ShapeDtypeStruct((b, h, d), jnp.float32),
+                            vmap_method="sequential")
+    out = call(q[:, 0].astype(jnp.float32), k_cache.astype(jnp.float32), v_cache.astype(jnp.float32),
+               rows.astype(jnp.int32), lengths.astype(jnp.int32), scale=np.float32(d ** -0.5))
+    return out.reshape(b, 1, h * d).astype(q.dtype)
+
+
 # head dims the C++ kernel has a body for (csrc/attention_item.cc)
 HEAD_DIMS = (16, 32, 64, 128)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fastserve.kernels.attention import SAVEABLE_NAMES
-from fastserve.models.attention_kernels import causal_attention, check_attention
+from fastserve.models.attention_kernels import cached_decode_attention, causal_attention, check_attention
 from fastserve.models.layers import Embed, Linear, RMSNorm, attention, constrain, dtype_of, rope
 
 @dataclass
@@ -135,7 +135,8 @@ class Attention(nnx.Module):
         self.v = Linear(d, kv * hd, ("embed", "kv_heads"), **kw)
         self.o = Linear(h * hd, d, ("heads", "embed"), **{**kw, "init_std": cfg.init_std / (2 * cfg.n_layers) ** 0.5})
         self.n_heads, self.n_kv_heads, self.head_dim, self.theta = h, kv, hd, cfg.rope_theta
-        self.implementation = getattr(cfg, "attention", "auto")  # the KV-cached path below stays on xla
+        # training / prefill attention; a cached decode step takes the CPU decode kernel unless this says xla
+        self.implementation = getattr(cfg, "attention", "auto")
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array] | None,
                  segments: jax.Array | None = None):
@@ -152,22 +153,32 @@ class Attention(nnx.Module):
             ck, vk = paged_write(cache["k"], cache["pages"], positions, k)
             cv, vv = paged_write(cache["v"], cache["pages"], positions, v)
             new_cache = {"k": ck, "v": cv, "pages": cache["pages"]}
-        elif "rows" in cache:      # the tokens belong to cache rows `rows` [b] (serving decodes its running rows only)
-            rows = cache["rows"]
-            ck, cv = row_write(cache["k"], rows, positions, k), row_write(cache["v"], rows, positions, v)
-            # the b rows' view (a padding row id >= B reads row B-1; its query is masked by the caller)
-            vk, vv = jnp.take(ck, rows, axis=0, mode="clip"), jnp.take(cv, rows, axis=0, mode="clip")
-            new_cache = {"k": ck, "v": cv, "rows": rows}
+            if "window" in cache:
+                w = cache["window"].shape[0]
+                vk, vv, new_cache = vk[:, :w], vv[:, :w], {**new_cache, "window": cache["window"]}
+            return self.o(self._attend(q, vk, vv, positions)), new_cache
+        rows = cache["rows"] if "rows" in cache else jnp.arange(b, dtype=jnp.int32)
+        ck, cv = row_write(cache["k"], rows, positions, k), row_write(cache["v"], rows, positions, v)
+        new_cache = {"k": ck, "v": cv, **{key: cache[key] for key in ("rows", "window") if key in cache}}
+
+        def gathered():            # the b rows' view (a padding row id >= B reads row B-1; the caller ignores it)
+            vk, vv = (c if "rows" not in cache else jnp.take(c, rows, axis=0, mode="clip") for c in (ck, cv))
+            if "window" in cache:  # only the first W positions are attended (the caller's rows all sit below W)
+                w = cache["window"].shape[0]
+                vk, vv = vk[:, :w], vv[:, :w]
+            return self._attend(q, vk, vv, positions)
+        if t == 1 and self.implementation != "xla":
+            # one token per row: the CPU kernel reads each row in place, up to its own position
+            out = cached_decode_attention(q, ck, cv, rows, positions[:, 0] + 1, gathered)
         else:
-            rows = jnp.arange(b)
-            ck, cv = row_write(cache["k"], rows, positions, k), row_write(cache["v"], rows, positions, v)
-            vk, vv, new_cache = ck, cv, {"k": ck, "v": cv}
-        if "window" in cache:      # only the first W positions are attended (the caller's rows all sit below W)
-            w = cache["window"].shape[0]
-            vk, vv, new_cache = vk[:, :w], vv[:, :w], {**new_cache, "window": cache["window"]}
-        k_pos = jnp.broadcast_to(jnp.arange(vk.shape[1], dtype=positions.dtype), (b, vk.shape[1]))
-        out = attention(q, vk.astype(q.dtype), vv.astype(q.dtype), positions, k_pos)
+            out = gathered()
         return self.o(out), new_cache
+
+    @staticmethod
+    def _attend(q: jax.Array, vk: jax.Array, vv: jax.Array, positions: jax.Array) -> jax.Array:
+        b = q.shape[0]
+        k_pos = jnp.broadcast_to(jnp.arange(vk.shape[1], dtype=positions.dtype), (b, vk.shape[1]))
+        return attention(q, vk.astype(q.dtype), vv.astype(q.dtype), positions, k_pos)
 
 
 class MLP(nnx.Module):

@@ -26,13 +26,18 @@ typedef bool (*FwdFn)(const float*, const float*, const float*, const int32_t*, 
 typedef bool (*BwdFn)(const float*, const float*, const float*, const int32_t*, const int32_t*, const int32_t*,
                       const float*, const float*, const float*, float*, float*, float*, int64_t, int64_t, int64_t,
                       int64_t, int64_t, int64_t, float, float*);
+// (q, k, v, o, len, G, D, k_stride, scale, scratch)
+typedef bool (*DecodeFn)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, float,
+                         float*);
 #define FS_DECLARE(isa)                                                                                          \
   bool fastserve_attention_fwd_##isa(const float*, const float*, const float*, const int32_t*, const int32_t*, \
                                      const int32_t*, float*, float*, int64_t, int64_t, int64_t, int64_t,        \
                                      int64_t, int64_t, float, float*);                                          \
   bool fastserve_attention_bwd_##isa(const float*, const float*, const float*, const int32_t*, const int32_t*, \
                                      const int32_t*, const float*, const float*, const float*, float*, float*,  \
-                                     float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, float*);
+                                     float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, float*); \
+  bool fastserve_decode_attention_##isa(const float*, const float*, const float*, float*, int64_t, int64_t,      \
+                                        int64_t, int64_t, float, float*);
 FS_DECLARE(generic)
 int fastserve_isa_level();
 #if defined(__x86_64__)
@@ -46,16 +51,18 @@ namespace {
 struct AttentionIsa {
   FwdFn fwd;
   BwdFn bwd;
+  DecodeFn decode;
 };
 
 // The variant int8_ffi.cc's fastserve_isa_level picks for the whole library.
 AttentionIsa pick() {
   switch (fastserve_isa_level()) {
 #if defined(__x86_64__)
-    case 2: return {fastserve_attention_fwd_avx512, fastserve_attention_bwd_avx512};
-    case 1: return {fastserve_attention_fwd_avx2, fastserve_attention_bwd_avx2};
+    case 2: return {fastserve_attention_fwd_avx512, fastserve_attention_bwd_avx512, fastserve_decode_attention_avx512};
+    case 1: return {fastserve_attention_fwd_avx2, fastserve_attention_bwd_avx2, fastserve_decode_attention_avx2};
 #endif
-    default: return {fastserve_attention_fwd_generic, fastserve_attention_bwd_generic};
+    default: return {fastserve_attention_fwd_generic, fastserve_attention_bwd_generic,
+                     fastserve_decode_attention_generic};
   }
 }
 
@@ -97,6 +104,8 @@ struct Shape {
 
 // scratch floats per work item (attention_item.cc lays them out; enough for query tiles of up to 8)
 int64_t fwd_scratch(const Shape& s) { return s.S * (2 * s.D + 12) + 32 * s.D + 256; }
+// Below this many multiply-adds a decode step's attention stays on the calling thread.
+constexpr int64_t kDecodeParallelMacs = 1 << 20;
 int64_t bwd_scratch(const Shape& s) { return s.S * (5 * s.D + 20) + 64 * s.D + 384; }
 
 ffi::Error invalid(const char* what) { return ffi::Error::InvalidArgument(std::string("fastserve_attention: ") + what); }
@@ -164,7 +173,66 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   return ffi::Error::Success();
 }
 
+// One decode step's attention straight from a KV cache: query i (one token, H heads) of cache row rows[i] sees
+// that row's first lengths[i] positions. Each (query, KV head) pair is one item (attention_item.cc's decode) over
+// exactly those positions, read in place: no copy of the rows out of the cache, no transposes, nothing past the
+// row's length (XLA's path gathers the rows, transposes them to heads-major and attends over a whole window). A row id outside
+// the cache or a length of 0 (a padding column of the step) gets zeros.
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lengths,
+                           ffi::ResultBuffer<ffi::F32> o, float scale) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || rows.dimensions().size() != 1 ||
+      lengths.dimensions().size() != 1)
+    return invalid("decode: expected q [b,H,D], k, v [B,S,K,D], rows, lengths [b]");
+  const Shape s{kd[0], 1, kd[1], qd[1], kd[2], qd[2]};
+  const int64_t n = qd[0];
+  for (int i = 0; i < 4; ++i)
+    if (kd[i] != vd[i]) return invalid("decode: k and v shapes differ");
+  if (kd[3] != s.D || s.K < 1 || s.H % s.K || rows.dimensions()[0] != n || lengths.dimensions()[0] != n)
+    return invalid("decode: q, k, rows, lengths shapes do not agree");
+  if (s.D != 16 && s.D != 32 && s.D != 64 && s.D != 128) return invalid("head dim must be 16, 32, 64 or 128");
+  const int64_t G = s.H / s.K;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const int32_t *rp = rows.typed_data(), *lp = lengths.typed_data();
+  float* op = o->typed_data();
+  const DecodeFn decode = chosen().decode;
+  auto item = [&, G](int64_t i, float* scratch) {
+    const int64_t b = i / s.K, kh = i % s.K, row = rp[b];
+    const int32_t len = lp[b] < s.S ? lp[b] : static_cast<int32_t>(s.S);
+    float* out = op + (b * s.H + kh * G) * s.D;
+    if (row < 0 || row >= s.B || len <= 0) {
+      for (int64_t j = 0; j < G * s.D; ++j) out[j] = 0.f;
+      return;
+    }
+    const int64_t ko = (row * s.S * s.K + kh) * s.D;
+    decode(qp + (b * s.H + kh * G) * s.D, kp + ko, vp + ko, out, len, G, s.D, s.K * s.D, scale, scratch);
+  };
+  const int64_t scratch_floats = G * ((s.S + 7) / 8 * 8);
+  // a small step (few rows, short rows) on the calling thread: waking XLA's pool costs more than it saves
+  int64_t keys = 0;
+  for (int64_t b = 0; b < n; ++b) keys += lp[b] < s.S ? (lp[b] > 0 ? lp[b] : 0) : s.S;
+  if (keys * s.H * s.D < kDecodeParallelMacs) {
+    std::vector<float> scratch(scratch_floats);
+    for (int64_t i = 0; i < n * s.K; ++i) item(i, scratch.data());
+  } else {
+    for_each_item(pool, n * s.K, scratch_floats, item);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fastserve_decode_attention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q [b, H, D]: one token per query row
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k cache [B, S, K, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v cache [B, S, K, D]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // rows [b]: each query's cache row
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // lengths [b]: positions [0, length) are seen
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // o [b, H, D]
+                                  .Attr<float>("scale"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fastserve_attention_fwd, AttentionFwd,
                               ffi::Ffi::Bind()

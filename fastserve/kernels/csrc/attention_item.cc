@@ -353,6 +353,49 @@ void backward(const float* q, const float* k, const float* v, const int32_t* val
 
 }  // namespace
 
+// One decode step's query group (G heads of one token, q [G, D]) against `len` cached keys / values (rows
+// `k_stride` floats apart, read in place from the cache) → o [G, D]. One query per head leaves no tile of queries
+// to share a key load (the forward above pads its tile of 8 and transposes every key first): per head, a pass of
+// dot products over the keys, an exact softmax, a pass of the values; the G passes re-read the rows from L1 / L2.
+// scratch: G · round_up(len, 8) floats.
+template <int64_t D>
+void decode(const float* q, const float* k, const float* v, float* o, int64_t len, int64_t G, int64_t k_stride,
+            float scale, float* scratch) {
+  static_assert(D % 16 == 0, "head dims are multiples of 16");
+  const int64_t L8 = (len + 7) / 8 * 8;
+  for (int64_t g = 0; g < G; ++g) {
+    float* row = scratch + g * L8;
+    v8 qs[D / 8];
+    for (int64_t c = 0; c < D / 8; ++c) qs[c] = load(q + g * D + 8 * c) * scale;
+    for (int64_t s = 0; s < len; ++s) {
+      const float* kr = k + s * k_stride;
+      v8 acc0 = qs[0] * load(kr), acc1 = qs[1] * load(kr + 8);
+      for (int64_t c = 2; c < D / 8; c += 2) {
+        acc0 += qs[c] * load(kr + 8 * c);
+        acc1 += qs[c + 1] * load(kr + 8 * c + 8);
+      }
+      row[s] = hsum(acc0 + acc1);
+    }
+    const float shift = row_max(row, 0, len);
+    for (int64_t s = len; s < L8; ++s) row[s] = -1e30f;
+    v8 total = {};
+    for (int64_t s = 0; s < L8; s += 8) {
+      const v8 p = exp8(load(row + s) - shift);
+      store(row + s, p);
+      total += p;
+    }
+    for (int64_t s = len; s < L8; ++s) total[s % 8] -= row[s];   // exp8 floors at exp(−87), not 0
+    const float inv = 1.0f / hsum(total);
+    v8 acc[D / 8] = {};
+    for (int64_t s = 0; s < len; ++s) {
+      const float* vr = v + s * k_stride;
+      const float p = row[s];
+      for (int64_t c = 0; c < D / 8; ++c) acc[c] += p * load(vr + 8 * c);
+    }
+    for (int64_t c = 0; c < D / 8; ++c) store(o + g * D + 8 * c, acc[c] * inv);
+  }
+}
+
 // The head dims with a compiled body (attention.py takes XLA's path for any other; attention_ffi.cc checks).
 #define FS_HEAD_DIMS(X) X(16) X(32) X(64) X(128)
 
@@ -377,6 +420,17 @@ extern "C" bool FS_NAME(fastserve_attention_bwd)(const float* q, const float* k,
   case d:                                                                                               \
     backward<d>(q, k, v, valid, lo, hi, o, lse, dout, dq, dk, dv, T, S, G, q_stride, k_stride, scale, scratch); \
     return true;
+  switch (D) { FS_HEAD_DIMS(FS_CASE) }
+#undef FS_CASE
+  return false;
+}
+
+// One decode query group from a cache in place (decode above); false: no body for D.
+extern "C" bool FS_NAME(fastserve_decode_attention)(const float* q, const float* k, const float* v, float* o,
+                                                    int64_t len, int64_t G, int64_t D, int64_t k_stride, float scale,
+                                                    float* scratch) {
+#define FS_CASE(d) \
+  case d: decode<d>(q, k, v, o, len, G, k_stride, scale, scratch); return true;
   switch (D) { FS_HEAD_DIMS(FS_CASE) }
 #undef FS_CASE
   return false;
