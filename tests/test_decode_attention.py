@@ -14,7 +14,7 @@ from flax import nnx
 from fastserve import parallel
 from fastserve.config import load_config
 from fastserve.core.state import init_params
-from fastserve.kernels.attention import decode_attention_kernel
+from fastserve.kernels.attention import decode_attention_kernel, paged_decode_attention_kernel
 from kernel_isa import cpu_has, lib, variants  # noqa: F401  (lib: a fixture)
 
 
@@ -45,8 +45,10 @@ def test_every_variant_equals_the_float64_reference(lib, isa):
         head = kv - 1
         o = np.zeros((g, d), np.float32)
         scratch = np.zeros(g * ((s + 7) // 8 * 8), np.float32)
-        assert fn(_ptr(q), _ptr(k[:, head]), _ptr(v[:, head]), _ptr(o), ctypes.c_int64(length), ctypes.c_int64(g),
-                  ctypes.c_int64(d), ctypes.c_int64(kv * d), ctypes.c_float(d ** -0.5), _ptr(scratch))
+        kh, vh = k[:, head:], v[:, head:]                               # this head's first row, rows K·D apart
+        assert fn(_ptr(q), _ptr(kh), _ptr(vh), _ptr(o), ctypes.c_int64(length), ctypes.c_int64(g), ctypes.c_int64(d),
+                  ctypes.c_int64(kv * d), None, ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_float(d ** -0.5),
+                  _ptr(scratch))
         np.testing.assert_allclose(o, _reference(q, k[:, head], v[:, head], length), rtol=2e-5, atol=2e-5,
                                    err_msg=f"{isa} D={d} G={g} len={length}")
 
@@ -68,6 +70,28 @@ def test_custom_call_reads_rows_in_place_and_zeroes_padding(lib):
                 np.testing.assert_array_equal(got, 0)
                 continue
             want = _reference(q[i, 0, head * g:(head + 1) * g], k[row, :, head], v[row, :, head], min(length, s))
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_paged_custom_call_follows_each_rows_blocks(lib):
+    rng = np.random.default_rng(3)
+    n, size, kv, h, d = 7, 4, 2, 4, 16
+    k = rng.standard_normal((n, size, kv, d)).astype(np.float32)
+    v = rng.standard_normal((n, size, kv, d)).astype(np.float32)
+    q = rng.standard_normal((3, 1, h, d)).astype(np.float32)
+    pages = np.array([[5, 0, 3], [2, 6, n], [1, n, n]], np.int32)   # id n: no block (past the row's length)
+    lengths = np.array([11, 6, 0], np.int32)                         # across blocks; 0: a padding column
+    out = np.asarray(paged_decode_attention_kernel(q, k, v, pages, lengths)).reshape(3, h, d)
+    g = h // kv
+    for i in range(3):
+        flat_k = k[np.minimum(pages[i], n - 1)].reshape(-1, kv, d)    # the row's positions in order
+        flat_v = v[np.minimum(pages[i], n - 1)].reshape(-1, kv, d)
+        for head in range(kv):
+            got = out[i, head * g:(head + 1) * g]
+            if lengths[i] == 0:
+                np.testing.assert_array_equal(got, 0)
+                continue
+            want = _reference(q[i, 0, head * g:(head + 1) * g], flat_k[:, head], flat_v[:, head], lengths[i])
             np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 

@@ -101,11 +101,22 @@ def decode_attention_kernel(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array
     loaded). q: [b, 1, H, D] (one token per row); k_cache, v_cache: [B, S, K, D]; rows [b]: each query's cache row;
     lengths [b]: it sees positions [0, length) of that row (a row id outside [0, B) or a length of 0: zeros).
     → [b, 1, H·D] in q's dtype."""
+    return _decode_call(build.DECODE_ATTENTION_TARGET, q, k_cache, v_cache, rows, lengths)
+
+
+def paged_decode_attention_kernel(q: jax.Array, k_blocks: jax.Array, v_blocks: jax.Array, pages: jax.Array,
+                                  lengths: jax.Array) -> jax.Array:
+    """decode_attention_kernel over a block-paged cache: k_blocks, v_blocks [N, P, K, D]; pages [b, M]: query i's
+    position p lives in block pages[i, p // P] at offset p % P. → [b, 1, H·D] in q's dtype."""
+    return _decode_call(build.PAGED_DECODE_ATTENTION_TARGET, q, k_blocks, v_blocks, pages, lengths)
+
+
+def _decode_call(target: str, q: jax.Array, k: jax.Array, v: jax.Array, where: jax.Array, lengths: jax.Array
+                 ) -> jax.Array:
     b, _, h, d = q.shape
-    call = jax.ffi.ffi_call(build.DECODE_ATTENTION_TARGET, jax.ShapeDtypeStruct((b, h, d), jnp.float32),
-                            vmap_method="sequential")
-    out = call(q[:, 0].astype(jnp.float32), k_cache.astype(jnp.float32), v_cache.astype(jnp.float32),
-               rows.astype(jnp.int32), lengths.astype(jnp.int32), scale=np.float32(d ** -0.5))
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((b, h, d), jnp.float32), vmap_method="sequential")
+    out = call(q[:, 0].astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), where.astype(jnp.int32),
+               lengths.astype(jnp.int32), scale=np.float32(d ** -0.5))
     return out.reshape(b, 1, h * d).astype(q.dtype)
 
 

@@ -131,17 +131,18 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arr
     return jax.lax.platform_dependent(q, k, v, positions, segments, k_valid, cpu=kernel, default=xla)
 
 
-def cached_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array,
-                            lengths: jax.Array, xla: Any) -> jax.Array:
-    """A decode step's attention (q [b, 1, H, D]; row rows[i] of the caches [B, S, K, D], its first lengths[i]
-    positions): the C++ kernel on CPU, reading the rows in place and each only up to its length, where it can take
-    the inputs (float32, a compiled head dim, one device); else, and on other platforms, `xla()` (the caller's
-    gather-and-attend path, one traced function holding both)."""
-    from fastserve.kernels.attention import decode_attention_kernel
+def cached_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, where: jax.Array,
+                            lengths: jax.Array, xla: Any, *, paged: bool = False) -> jax.Array:
+    """A decode step's attention (q [b, 1, H, D] against the first lengths[i] positions of query i's cache row: row
+    where[i] of caches [B, S, K, D], or, `paged`, blocks where[i, :] of [N, P, K, D]): the C++ kernel on CPU, reading
+    the rows in place and each only up to its length, where it can take the inputs (float32, a compiled head dim,
+    one device); else, and on other platforms, `xla()` (the caller's gather-and-attend path, one traced function
+    holding both)."""
+    from fastserve.kernels.attention import decode_attention_kernel, paged_decode_attention_kernel
     if fused_unsupported(jnp.result_type(q, k_cache), (q.shape[2], k_cache.shape[2], q.shape[3])):
         return xla()
-    return jax.lax.platform_dependent(q, k_cache, v_cache, rows, lengths, cpu=decode_attention_kernel,
-                                      default=lambda *_: xla())
+    kernel = paged_decode_attention_kernel if paged else decode_attention_kernel
+    return jax.lax.platform_dependent(q, k_cache, v_cache, where, lengths, cpu=kernel, default=lambda *_: xla())
 
 
 # ------------------------------------------------------------------------------------------ blocked (CPU)

@@ -103,18 +103,22 @@ CACHE_AXES = ("cache_batch", "cache_seq", "kv_heads", "head_dim")
 PAGED_AXES = ("cache_blocks", None, "kv_heads", "head_dim")
 
 
-def paged_write(blocks: jax.Array, pages: jax.Array, positions: jax.Array, new: jax.Array
-                ) -> tuple[jax.Array, jax.Array]:
+def paged_write(blocks: jax.Array, pages: jax.Array, positions: jax.Array, new: jax.Array) -> jax.Array:
     """Writes new [B, T, K, D] at positions [B, T] of the rows' blocks (a position without a block: dropped) →
-    (blocks [N, P, K, D], each row's view [B, M·P, K, D], position-major like a contiguous cache)."""
+    blocks [N, P, K, D]."""
     n, size = blocks.shape[:2]
     ids = jnp.take_along_axis(pages, positions // size, axis=1, mode="fill", fill_value=n)    # [B, T]
     flat = (ids * size + positions % size).reshape(-1)
     blocks = blocks.reshape(n * size, *blocks.shape[2:]).at[flat].set(
         new.reshape(-1, *new.shape[2:]).astype(blocks.dtype), mode="drop").reshape(blocks.shape)
-    blocks = constrain(blocks, PAGED_AXES)
-    view = jnp.take(blocks, pages, axis=0, mode="clip")      # [B, M, P, K, D]; unused ids: masked by position
-    return blocks, view.reshape(pages.shape[0], -1, *blocks.shape[2:])
+    return constrain(blocks, PAGED_AXES)
+
+
+def paged_view(blocks: jax.Array, pages: jax.Array) -> jax.Array:
+    """Each row's positions gathered from its blocks → [B, M·P, K, D], position-major like a contiguous cache
+    (unused ids read a block clipped into range: masked by position)."""
+    view = jnp.take(blocks, pages, axis=0, mode="clip")      # [B, M, P, K, D]
+    return view.reshape(pages.shape[0], -1, *blocks.shape[2:])
 
 
 def row_write(cache: jax.Array, rows: jax.Array, positions: jax.Array, new: jax.Array) -> jax.Array:
@@ -149,27 +153,29 @@ class Attention(nnx.Module):
             return self.o(out), None
         # Write the new keys/values at their absolute positions (rows past the cache are dropped), then attend
         # over the whole cache: the position mask hides slots not yet written for this query.
-        if "pages" in cache:       # paged: the same, through each row's block ids
-            ck, vk = paged_write(cache["k"], cache["pages"], positions, k)
-            cv, vv = paged_write(cache["v"], cache["pages"], positions, v)
-            new_cache = {"k": ck, "v": cv, "pages": cache["pages"]}
-            if "window" in cache:
-                w = cache["window"].shape[0]
-                vk, vv, new_cache = vk[:, :w], vv[:, :w], {**new_cache, "window": cache["window"]}
-            return self.o(self._attend(q, vk, vv, positions)), new_cache
-        rows = cache["rows"] if "rows" in cache else jnp.arange(b, dtype=jnp.int32)
-        ck, cv = row_write(cache["k"], rows, positions, k), row_write(cache["v"], rows, positions, v)
-        new_cache = {"k": ck, "v": cv, **{key: cache[key] for key in ("rows", "window") if key in cache}}
+        paged = "pages" in cache   # paged: the same, through each row's block ids
+        if paged:
+            where = cache["pages"]
+            ck, cv = paged_write(cache["k"], where, positions, k), paged_write(cache["v"], where, positions, v)
+        else:                      # `rows` [b]: the cache rows the tokens belong to (serving's running rows)
+            where = cache["rows"] if "rows" in cache else jnp.arange(b, dtype=jnp.int32)
+            ck, cv = row_write(cache["k"], where, positions, k), row_write(cache["v"], where, positions, v)
+        new_cache = {"k": ck, "v": cv, **{key: cache[key] for key in ("pages", "rows", "window") if key in cache}}
 
         def gathered():            # the b rows' view (a padding row id >= B reads row B-1; the caller ignores it)
-            vk, vv = (c if "rows" not in cache else jnp.take(c, rows, axis=0, mode="clip") for c in (ck, cv))
+            if paged:
+                vk, vv = paged_view(ck, where), paged_view(cv, where)
+            elif "rows" in cache:
+                vk, vv = jnp.take(ck, where, axis=0, mode="clip"), jnp.take(cv, where, axis=0, mode="clip")
+            else:
+                vk, vv = ck, cv
             if "window" in cache:  # only the first W positions are attended (the caller's rows all sit below W)
                 w = cache["window"].shape[0]
                 vk, vv = vk[:, :w], vv[:, :w]
             return self._attend(q, vk, vv, positions)
         if t == 1 and self.implementation != "xla":
             # one token per row: the CPU kernel reads each row in place, up to its own position
-            out = cached_decode_attention(q, ck, cv, rows, positions[:, 0] + 1, gathered)
+            out = cached_decode_attention(q, ck, cv, where, positions[:, 0] + 1, gathered, paged=paged)
         else:
             out = gathered()
         return self.o(out), new_cache

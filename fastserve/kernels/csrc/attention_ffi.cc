@@ -26,9 +26,9 @@ typedef bool (*FwdFn)(const float*, const float*, const float*, const int32_t*, 
 typedef bool (*BwdFn)(const float*, const float*, const float*, const int32_t*, const int32_t*, const int32_t*,
                       const float*, const float*, const float*, float*, float*, float*, int64_t, int64_t, int64_t,
                       int64_t, int64_t, int64_t, float, float*);
-// (q, k, v, o, len, G, D, k_stride, scale, scratch)
-typedef bool (*DecodeFn)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, float,
-                         float*);
+// (q, k, v, o, len, G, D, k_stride, pages, P, blocks, scale, scratch)
+typedef bool (*DecodeFn)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
+                         const int32_t*, int64_t, int64_t, float, float*);
 #define FS_DECLARE(isa)                                                                                          \
   bool fastserve_attention_fwd_##isa(const float*, const float*, const float*, const int32_t*, const int32_t*, \
                                      const int32_t*, float*, float*, int64_t, int64_t, int64_t, int64_t,        \
@@ -37,7 +37,7 @@ typedef bool (*DecodeFn)(const float*, const float*, const float*, float*, int64
                                      const int32_t*, const float*, const float*, const float*, float*, float*,  \
                                      float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, float*); \
   bool fastserve_decode_attention_##isa(const float*, const float*, const float*, float*, int64_t, int64_t,      \
-                                        int64_t, int64_t, float, float*);
+                                        int64_t, int64_t, const int32_t*, int64_t, int64_t, float, float*);
 FS_DECLARE(generic)
 int fastserve_isa_level();
 #if defined(__x86_64__)
@@ -173,52 +173,83 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   return ffi::Error::Success();
 }
 
-// One decode step's attention straight from a KV cache: query i (one token, H heads) of cache row rows[i] sees
-// that row's first lengths[i] positions. Each (query, KV head) pair is one item (attention_item.cc's decode) over
-// exactly those positions, read in place: no copy of the rows out of the cache, no transposes, nothing past the
-// row's length (XLA's path gathers the rows, transposes them to heads-major and attends over a whole window). A row id outside
-// the cache or a length of 0 (a padding column of the step) gets zeros.
+// One decode step's attention straight from a KV cache: query i (one token, H heads) sees the first lengths[i]
+// positions of its cache row. Each (query, KV head) pair is one item (attention_item.cc's decode) over exactly those
+// positions, read in place: no copy of the rows out of the cache, no transposes, nothing past the row's length
+// (XLA's path gathers the rows, transposes them to heads-major and attends over a whole window). Two layouts:
+//  * `fastserve_decode_attention`: k, v [B, S, K, D], query i in row rows[i] (an id outside [0, B): zeros);
+//  * `fastserve_decode_attention_paged`: k, v blocks [N, P, K, D], query i's positions in blocks pages[i, :].
+// A length of 0 (a padding column of the step) gives zeros.
+struct DecodeLayout {
+  int64_t B, S;            // rows and positions per row (paged: S = M · P, the most a row's pages hold)
+  int64_t P, N, M;         // paged: positions per block, blocks, pages per row; P = 0: contiguous
+  const int32_t* rows;     // contiguous
+  const int32_t* pages;    // paged [b, M]
+};
+
+ffi::Error decode_attention(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q, const float* kp, const float* vp,
+                            int64_t K, int64_t D, const DecodeLayout& lay, const ffi::Buffer<ffi::S32>& lengths,
+                            float* op, float scale) {
+  const auto qd = q.dimensions();
+  const int64_t n = qd[0], H = qd[1];
+  if (qd[2] != D || K < 1 || H % K || lengths.dimensions().size() != 1 || lengths.dimensions()[0] != n)
+    return invalid("decode: q [b,H,D], the cache and lengths [b] do not agree");
+  if (D != 16 && D != 32 && D != 64 && D != 128) return invalid("head dim must be 16, 32, 64 or 128");
+  const int64_t G = H / K;
+  const float* qp = q.typed_data();
+  const int32_t* lp = lengths.typed_data();
+  const DecodeFn decode = chosen().decode;
+  auto item = [&, G](int64_t i, float* scratch) {
+    const int64_t b = i / K, kh = i % K;
+    const int64_t len = lp[b] < lay.S ? lp[b] : lay.S;
+    float* out = op + (b * H + kh * G) * D;
+    const int64_t row = lay.P ? 0 : lay.rows[b];
+    if (row < 0 || row >= lay.B || len <= 0) {
+      for (int64_t j = 0; j < G * D; ++j) out[j] = 0.f;
+      return;
+    }
+    const int64_t ko = (row * lay.S * K + kh) * D;   // paged: block 0's first row of this head
+    decode(qp + (b * H + kh * G) * D, kp + ko, vp + ko, out, len, G, D, K * D,
+           lay.P ? lay.pages + b * lay.M : nullptr, lay.P, lay.N, scale, scratch);
+  };
+  // a small step (few rows, short rows) on the calling thread: waking XLA's pool costs more than it saves
+  int64_t keys = 0;
+  for (int64_t b = 0; b < n; ++b) keys += lp[b] < lay.S ? (lp[b] > 0 ? lp[b] : 0) : lay.S;
+  const int64_t scratch_floats = G * ((lay.S + 7) / 8 * 8);
+  if (keys * H * D < kDecodeParallelMacs) {
+    std::vector<float> scratch(scratch_floats);
+    for (int64_t i = 0; i < n * K; ++i) item(i, scratch.data());
+  } else {
+    for_each_item(pool, n * K, scratch_floats, item);
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lengths,
                            ffi::ResultBuffer<ffi::F32> o, float scale) {
-  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || rows.dimensions().size() != 1 ||
-      lengths.dimensions().size() != 1)
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), rd = rows.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || rd.size() != 1 || rd[0] != qd[0])
     return invalid("decode: expected q [b,H,D], k, v [B,S,K,D], rows, lengths [b]");
-  const Shape s{kd[0], 1, kd[1], qd[1], kd[2], qd[2]};
-  const int64_t n = qd[0];
   for (int i = 0; i < 4; ++i)
     if (kd[i] != vd[i]) return invalid("decode: k and v shapes differ");
-  if (kd[3] != s.D || s.K < 1 || s.H % s.K || rows.dimensions()[0] != n || lengths.dimensions()[0] != n)
-    return invalid("decode: q, k, rows, lengths shapes do not agree");
-  if (s.D != 16 && s.D != 32 && s.D != 64 && s.D != 128) return invalid("head dim must be 16, 32, 64 or 128");
-  const int64_t G = s.H / s.K;
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
-  const int32_t *rp = rows.typed_data(), *lp = lengths.typed_data();
-  float* op = o->typed_data();
-  const DecodeFn decode = chosen().decode;
-  auto item = [&, G](int64_t i, float* scratch) {
-    const int64_t b = i / s.K, kh = i % s.K, row = rp[b];
-    const int32_t len = lp[b] < s.S ? lp[b] : static_cast<int32_t>(s.S);
-    float* out = op + (b * s.H + kh * G) * s.D;
-    if (row < 0 || row >= s.B || len <= 0) {
-      for (int64_t j = 0; j < G * s.D; ++j) out[j] = 0.f;
-      return;
-    }
-    const int64_t ko = (row * s.S * s.K + kh) * s.D;
-    decode(qp + (b * s.H + kh * G) * s.D, kp + ko, vp + ko, out, len, G, s.D, s.K * s.D, scale, scratch);
-  };
-  const int64_t scratch_floats = G * ((s.S + 7) / 8 * 8);
-  // a small step (few rows, short rows) on the calling thread: waking XLA's pool costs more than it saves
-  int64_t keys = 0;
-  for (int64_t b = 0; b < n; ++b) keys += lp[b] < s.S ? (lp[b] > 0 ? lp[b] : 0) : s.S;
-  if (keys * s.H * s.D < kDecodeParallelMacs) {
-    std::vector<float> scratch(scratch_floats);
-    for (int64_t i = 0; i < n * s.K; ++i) item(i, scratch.data());
-  } else {
-    for_each_item(pool, n * s.K, scratch_floats, item);
-  }
-  return ffi::Error::Success();
+  const DecodeLayout lay{kd[0], kd[1], 0, 0, 0, rows.typed_data(), nullptr};
+  return decode_attention(pool, q, k.typed_data(), v.typed_data(), kd[2], kd[3], lay, lengths, o->typed_data(),
+                          scale);
+}
+
+ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                                ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> pages, ffi::Buffer<ffi::S32> lengths,
+                                ffi::ResultBuffer<ffi::F32> o, float scale) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), pd = pages.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || pd.size() != 2 || pd[0] != qd[0])
+    return invalid("decode (paged): expected q [b,H,D], k, v [N,P,K,D], pages [b,M], lengths [b]");
+  for (int i = 0; i < 4; ++i)
+    if (kd[i] != vd[i]) return invalid("decode (paged): k and v shapes differ");
+  if (kd[0] < 1 || kd[1] < 1) return invalid("decode (paged): no blocks");
+  const DecodeLayout lay{1, pd[1] * kd[1], kd[1], kd[0], pd[1], nullptr, pages.typed_data()};
+  return decode_attention(pool, q, k.typed_data(), v.typed_data(), kd[2], kd[3], lay, lengths, o->typed_data(),
+                          scale);
 }
 
 }  // namespace
@@ -230,6 +261,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fastserve_decode_attention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // k cache [B, S, K, D]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // v cache [B, S, K, D]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // rows [b]: each query's cache row
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // lengths [b]: positions [0, length) are seen
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // o [b, H, D]
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fastserve_decode_attention_paged, PagedDecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q [b, H, D]: one token per query row
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k blocks [N, P, K, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v blocks [N, P, K, D]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // pages [b, M]: each query's block ids
                                   .Arg<ffi::Buffer<ffi::S32>>()   // lengths [b]: positions [0, length) are seen
                                   .Ret<ffi::Buffer<ffi::F32>>()   // o [b, H, D]
                                   .Attr<float>("scale"));

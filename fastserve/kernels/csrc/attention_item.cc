@@ -353,13 +353,27 @@ void backward(const float* q, const float* k, const float* v, const int32_t* val
 
 }  // namespace
 
-// One decode step's query group (G heads of one token, q [G, D]) against `len` cached keys / values (rows
-// `k_stride` floats apart, read in place from the cache) → o [G, D]. One query per head leaves no tile of queries
-// to share a key load (the forward above pads its tile of 8 and transposes every key first): per head, a pass of
-// dot products over the keys, an exact softmax, a pass of the values; the G passes re-read the rows from L1 / L2.
+// Where a cached row's positions live: one run of `len` rows `k_stride` floats apart (a slot of the contiguous
+// cache), or (pages) blocks of P positions, position s in block pages[s / P] at offset s % P (the paged cache; an id
+// outside [0, blocks) reads the last block, as XLA's clipped gather does — only unwritten positions have one).
+struct Positions {
+  const int32_t* pages;  // null: contiguous
+  int64_t P, blocks, k_stride;
+  int64_t offset(int64_t s) const {  // of position s's row, in floats from the cache's (or block 0's) start
+    if (!pages) return s * k_stride;
+    int64_t id = pages[s / P];
+    id = id < 0 ? 0 : (id >= blocks ? blocks - 1 : id);
+    return (id * P + s % P) * k_stride;
+  }
+};
+
+// One decode step's query group (G heads of one token, q [G, D]) against `len` cached keys / values (read in place
+// from the cache where `at` says) → o [G, D]. One query per head leaves no tile of queries to share a key load (the
+// forward above pads its tile of 8 and transposes every key first): per head, a pass of dot products over the keys,
+// an exact softmax, a pass of the values; the G passes re-read the rows from L1 / L2.
 // scratch: G · round_up(len, 8) floats.
 template <int64_t D>
-void decode(const float* q, const float* k, const float* v, float* o, int64_t len, int64_t G, int64_t k_stride,
+void decode(const float* q, const float* k, const float* v, float* o, int64_t len, int64_t G, const Positions& at,
             float scale, float* scratch) {
   static_assert(D % 16 == 0, "head dims are multiples of 16");
   const int64_t L8 = (len + 7) / 8 * 8;
@@ -368,7 +382,7 @@ void decode(const float* q, const float* k, const float* v, float* o, int64_t le
     v8 qs[D / 8];
     for (int64_t c = 0; c < D / 8; ++c) qs[c] = load(q + g * D + 8 * c) * scale;
     for (int64_t s = 0; s < len; ++s) {
-      const float* kr = k + s * k_stride;
+      const float* kr = k + at.offset(s);
       v8 acc0 = qs[0] * load(kr), acc1 = qs[1] * load(kr + 8);
       for (int64_t c = 2; c < D / 8; c += 2) {
         acc0 += qs[c] * load(kr + 8 * c);
@@ -388,7 +402,7 @@ void decode(const float* q, const float* k, const float* v, float* o, int64_t le
     const float inv = 1.0f / hsum(total);
     v8 acc[D / 8] = {};
     for (int64_t s = 0; s < len; ++s) {
-      const float* vr = v + s * k_stride;
+      const float* vr = v + at.offset(s);
       const float p = row[s];
       for (int64_t c = 0; c < D / 8; ++c) acc[c] += p * load(vr + 8 * c);
     }
@@ -425,12 +439,15 @@ extern "C" bool FS_NAME(fastserve_attention_bwd)(const float* q, const float* k,
   return false;
 }
 
-// One decode query group from a cache in place (decode above); false: no body for D.
+// One decode query group from a cache in place (decode above): positions k_stride floats apart, or with `pages`
+// (not null) in blocks of P positions (`blocks` of them); false: no body for D.
 extern "C" bool FS_NAME(fastserve_decode_attention)(const float* q, const float* k, const float* v, float* o,
-                                                    int64_t len, int64_t G, int64_t D, int64_t k_stride, float scale,
+                                                    int64_t len, int64_t G, int64_t D, int64_t k_stride,
+                                                    const int32_t* pages, int64_t P, int64_t blocks, float scale,
                                                     float* scratch) {
+  const Positions at{pages, P, blocks, k_stride};
 #define FS_CASE(d) \
-  case d: decode<d>(q, k, v, o, len, G, k_stride, scale, scratch); return true;
+  case d: decode<d>(q, k, v, o, len, G, at, scale, scratch); return true;
   switch (D) { FS_HEAD_DIMS(FS_CASE) }
 #undef FS_CASE
   return false;
