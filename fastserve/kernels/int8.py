@@ -26,7 +26,8 @@ import numpy as np
 
 from fastserve.kernels import build
 
-# Above this many rows of x the CPU path is dequantize-then-dot as well (see the module docstring).
+# Above this many rows of x the CPU path is dequantize-then-dot as well, except W8A8 where the CPU has VNNI (see the
+# module docstring).
 KERNEL_MAX_ROWS = 32
 # activations="int8" (W8A8): x is quantized per block of this many values along K; K and the weight group must be
 # multiples of it, else the product keeps float activations
