@@ -26,6 +26,19 @@ def _reference(q, k, v, length):
     return (p / p.sum(-1, keepdims=True)) @ v[:length]
 
 
+def _assert_query(got, q, k_rows, v_rows, length):
+    """One query's output [H, D] against the reference over its row's positions k_rows, v_rows [S, K, D], each KV
+    head with its group of query heads (k_rows None: a padding column, zeros)."""
+    if k_rows is None:
+        np.testing.assert_array_equal(got, 0)
+        return
+    kv = k_rows.shape[1]
+    g = q.shape[0] // kv
+    for head in range(kv):
+        want = _reference(q[head * g:(head + 1) * g], k_rows[:, head], v_rows[:, head], length)
+        np.testing.assert_allclose(got[head * g:(head + 1) * g], want, rtol=2e-5, atol=2e-5)
+
+
 def _ptr(a):
     return a.ctypes.data_as(ctypes.c_void_p)
 
@@ -62,15 +75,9 @@ def test_custom_call_reads_rows_in_place_and_zeroes_padding(lib):
     rows = np.array([3, 0, b, 3], np.int32)          # row 3 twice; id b: a padding column
     lengths = np.array([24, 1, 7, 30], np.int32)     # 30: clipped to the cache's 24 positions
     out = np.asarray(decode_attention_kernel(q, k, v, rows, lengths)).reshape(4, h, d)
-    g = h // kv
     for i, (row, length) in enumerate(zip(rows, lengths)):
-        for head in range(kv):
-            got = out[i, head * g:(head + 1) * g]
-            if row >= b:
-                np.testing.assert_array_equal(got, 0)
-                continue
-            want = _reference(q[i, 0, head * g:(head + 1) * g], k[row, :, head], v[row, :, head], min(length, s))
-            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+        padding = row >= b
+        _assert_query(out[i], q[i, 0], None if padding else k[row], None if padding else v[row], min(length, s))
 
 
 def test_paged_custom_call_follows_each_rows_blocks(lib):
@@ -82,17 +89,11 @@ def test_paged_custom_call_follows_each_rows_blocks(lib):
     pages = np.array([[5, 0, 3], [2, 6, n], [1, n, n]], np.int32)   # id n: no block (past the row's length)
     lengths = np.array([11, 6, 0], np.int32)                         # across blocks; 0: a padding column
     out = np.asarray(paged_decode_attention_kernel(q, k, v, pages, lengths)).reshape(3, h, d)
-    g = h // kv
     for i in range(3):
         flat_k = k[np.minimum(pages[i], n - 1)].reshape(-1, kv, d)    # the row's positions in order
         flat_v = v[np.minimum(pages[i], n - 1)].reshape(-1, kv, d)
-        for head in range(kv):
-            got = out[i, head * g:(head + 1) * g]
-            if lengths[i] == 0:
-                np.testing.assert_array_equal(got, 0)
-                continue
-            want = _reference(q[i, 0, head * g:(head + 1) * g], flat_k[:, head], flat_v[:, head], lengths[i])
-            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+        padding = lengths[i] == 0
+        _assert_query(out[i], q[i, 0], None if padding else flat_k, None if padding else flat_v, lengths[i])
 
 
 def test_a_cached_decode_step_equals_xlas_path(lib):

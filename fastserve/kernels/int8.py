@@ -12,9 +12,9 @@ Large row counts (prefill, evaluation) of float-activation products take the XLA
 dequantized kernel is reused across many rows and the kernel's advantage is gone (measured on SmolLM2's shapes,
 2 cores, AVX-512: a 576×1536 product takes 55 µs in the kernel vs 142 µs as a float32 dot at 1 row, 369 vs 555 µs
 at 16 rows, and no better from 64 rows up). W8A8 products keep the kernel at any row count where the CPU has
-AVX-512 VNNI: from 8 rows it packs each 64-column weight panel once and runs every group of rows over it, ~2× the
-float32 dot at 32-128 rows (`python experiments/int8_stream.py --gemm`), where XLA's path would dequantize the
-whole matrix at every call.
+AVX-512 VNNI: from 32 rows it packs each 64-column weight panel once and runs every group of rows over it (one
+thread: 250-290 GOPS at 32-128 rows on SmolLM2's shapes, where XLA's W8A8 path — the whole matrix dequantized at
+every call — reached 65-175 and the float32 dot 60-200 on two; `python experiments/int8_stream.py --gemm`).
 """
 from __future__ import annotations
 

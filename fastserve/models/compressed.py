@@ -14,9 +14,9 @@ generates and exports unchanged. The parameter transforms that produce such para
   `nnx.Param` (so it checkpoints and exports like any weight) but it has no gradient — `jax.grad` refuses
   integer inputs, so building a train step on a model with int8 layers fails at trace time.
 - Either int8 layer with {"activations": "int8"} in its entry is W8A8: its input is rounded to int8 per block of
-  32 (llama.cpp's Q8_0 activations) on every path, and on CPU at decode (at most KERNEL_MAX_ROWS rows) the C++
-  kernel multiplies the bytes (AVX-512 VNNI where the CPU has it) — about twice the float kernel's speed where
-  the weights are in cache, at the rounding error of int8 activations. Needs the input dimension (and group) to
+  32 (llama.cpp's Q8_0 activations) on every path, and on CPU the C++ kernel multiplies the bytes (AVX-512 VNNI
+  where the CPU has it, at any row count; elsewhere at decode, at most KERNEL_MAX_ROWS rows) — about twice the
+  float kernel's speed where the weights are in cache, at the rounding error of int8 activations. Needs the input dimension (and group) to
   be a multiple of 32; a layer where it is not keeps float activations.
 - `QuantizedEmbed`: an int8 token embedding table that is also the tied output projection ({"kind": "int8"} at the
   table's path, e.g. "embed"): the int8 table (vocab, embed) + scale (vocab,), one per row of the table = one per

@@ -35,8 +35,8 @@ def quantize(model_cfg: Any, params: dict, *, bits: int = 8, group: int | None =
              exclude: Any = None, head: bool = True, activations: str = "float32") -> tuple[Any, dict, list[dict]]:
     """int8 quantization of the selected dense kernels, per output channel or (`group`) per block of `group` input
     rows, and (`head`) of the output projection, tied or not (per output channel). `activations: int8` makes them
-    W8A8: their inputs rounded to int8 per block of 32, integer products in the CPU kernel when decoding
-    (fastserve.models.compressed). Pure: (new cfg, new params,
+    W8A8: their inputs rounded to int8 per block of 32, integer products in the CPU kernel (decoding; prefill too
+    where the CPU has VNNI; fastserve.models.compressed). Pure: (new cfg, new params,
     report)."""
     if bits != 8 or isinstance(bits, bool):
         raise TransformError(f"quantize.bits: only 8 is supported, got {bits!r}")

@@ -104,11 +104,12 @@ struct Shape {
 
 // scratch floats per work item (attention_item.cc lays them out; enough for query tiles of up to 8)
 int64_t fwd_scratch(const Shape& s) { return s.S * (2 * s.D + 12) + 32 * s.D + 256; }
-// Below this many multiply-adds a decode step's attention stays on the calling thread.
-constexpr int64_t kDecodeParallelMacs = 1 << 20;
 int64_t bwd_scratch(const Shape& s) { return s.S * (5 * s.D + 20) + 64 * s.D + 384; }
 
 ffi::Error invalid(const char* what) { return ffi::Error::InvalidArgument(std::string("fastserve_attention: ") + what); }
+
+// the head dims attention_item.cc compiles a body for
+bool compiled_head_dim(int64_t D) { return D == 16 || D == 32 || D == 64 || D == 128; }
 
 ffi::ErrorOr<Shape> shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
                              const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::S32>& valid,
@@ -123,8 +124,7 @@ ffi::ErrorOr<Shape> shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<f
   if (kd[0] != s.B || kd[3] != s.D || s.K < 1 || s.H % s.K || md[0] != s.B || md[1] != s.S || ld[0] != s.B ||
       ld[1] != s.T || hd[0] != s.B || hd[1] != s.T)
     return ffi::Unexpected(invalid("q, k, valid, lo, hi shapes do not agree"));
-  if (s.D != 16 && s.D != 32 && s.D != 64 && s.D != 128)  // the bodies attention_item.cc compiles
-    return ffi::Unexpected(invalid("head dim must be 16, 32, 64 or 128"));
+  if (!compiled_head_dim(s.D)) return ffi::Unexpected(invalid("head dim must be 16, 32, 64 or 128"));
   return s;
 }
 
@@ -180,6 +180,9 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
 //  * `fastserve_decode_attention`: k, v [B, S, K, D], query i in row rows[i] (an id outside [0, B): zeros);
 //  * `fastserve_decode_attention_paged`: k, v blocks [N, P, K, D], query i's positions in blocks pages[i, :].
 // A length of 0 (a padding column of the step) gives zeros.
+// Below this many multiply-adds a decode step's attention stays on the calling thread.
+constexpr int64_t kDecodeParallelMacs = 1 << 20;
+
 struct DecodeLayout {
   int64_t B, S;            // rows and positions per row (paged: S = M · P, the most a row's pages hold)
   int64_t P, N, M;         // paged: positions per block, blocks, pages per row; P = 0: contiguous
@@ -187,16 +190,19 @@ struct DecodeLayout {
   const int32_t* pages;    // paged [b, M]
 };
 
-ffi::Error decode_attention(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q, const float* kp, const float* vp,
-                            int64_t K, int64_t D, const DecodeLayout& lay, const ffi::Buffer<ffi::S32>& lengths,
-                            float* op, float scale) {
-  const auto qd = q.dimensions();
-  const int64_t n = qd[0], H = qd[1];
+// q [b, H, D], the cache's k and v [rows or blocks, positions, K, D] (the handlers checked their ranks), lengths [b].
+ffi::Error decode_attention(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+                            const ffi::Buffer<ffi::F32>& v, const DecodeLayout& lay,
+                            const ffi::Buffer<ffi::S32>& lengths, float* op, float scale) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  for (int i = 0; i < 4; ++i)
+    if (kd[i] != vd[i]) return invalid("decode: k and v shapes differ");
+  const int64_t n = qd[0], H = qd[1], K = kd[2], D = kd[3];
   if (qd[2] != D || K < 1 || H % K || lengths.dimensions().size() != 1 || lengths.dimensions()[0] != n)
     return invalid("decode: q [b,H,D], the cache and lengths [b] do not agree");
-  if (D != 16 && D != 32 && D != 64 && D != 128) return invalid("head dim must be 16, 32, 64 or 128");
+  if (!compiled_head_dim(D)) return invalid("head dim must be 16, 32, 64 or 128");
   const int64_t G = H / K;
-  const float* qp = q.typed_data();
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const int32_t* lp = lengths.typed_data();
   const DecodeFn decode = chosen().decode;
   auto item = [&, G](int64_t i, float* scratch) {
@@ -231,11 +237,8 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), rd = rows.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || rd.size() != 1 || rd[0] != qd[0])
     return invalid("decode: expected q [b,H,D], k, v [B,S,K,D], rows, lengths [b]");
-  for (int i = 0; i < 4; ++i)
-    if (kd[i] != vd[i]) return invalid("decode: k and v shapes differ");
   const DecodeLayout lay{kd[0], kd[1], 0, 0, 0, rows.typed_data(), nullptr};
-  return decode_attention(pool, q, k.typed_data(), v.typed_data(), kd[2], kd[3], lay, lengths, o->typed_data(),
-                          scale);
+  return decode_attention(pool, q, k, v, lay, lengths, o->typed_data(), scale);
 }
 
 ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -244,12 +247,9 @@ ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), pd = pages.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || pd.size() != 2 || pd[0] != qd[0])
     return invalid("decode (paged): expected q [b,H,D], k, v [N,P,K,D], pages [b,M], lengths [b]");
-  for (int i = 0; i < 4; ++i)
-    if (kd[i] != vd[i]) return invalid("decode (paged): k and v shapes differ");
   if (kd[0] < 1 || kd[1] < 1) return invalid("decode (paged): no blocks");
   const DecodeLayout lay{1, pd[1] * kd[1], kd[1], kd[0], pd[1], nullptr, pages.typed_data()};
-  return decode_attention(pool, q, k.typed_data(), v.typed_data(), kd[2], kd[3], lay, lengths, o->typed_data(),
-                          scale);
+  return decode_attention(pool, q, k, v, lay, lengths, o->typed_data(), scale);
 }
 
 }  // namespace

@@ -11,7 +11,6 @@
 #include <cstdint>
 #include <cstring>
 #include <immintrin.h>
-#include <tuple>
 #include <vector>
 
 namespace {
@@ -175,19 +174,12 @@ void packed_rows(const int8_t* q, const float* xs, const int32_t* qsum, const in
   for (; n + 64 <= n1; n += 64) {
     pack_panel(w, K, N, n, panel.data());
     int64_t m = 0;
-    auto at = [&](int64_t r) { return std::make_tuple(q + r * K, xs + r * blocks, qsum + r * blocks, y + r * N); };
-    for (; m + 4 <= M; m += 4) {
-      auto [qm, xm, sm, ym] = at(m);
-      tile<4, 1>(qm, xm, sm, src, s, ym, K, N, group, n);
-    }
-    for (; m + 2 <= M; m += 2) {
-      auto [qm, xm, sm, ym] = at(m);
-      tile<2, 1>(qm, xm, sm, src, s, ym, K, N, group, n);
-    }
-    for (; m < M; ++m) {
-      auto [qm, xm, sm, ym] = at(m);
-      tile<1, 1>(qm, xm, sm, src, s, ym, K, N, group, n);
-    }
+#define FS_PANEL_ROWS(MB) \
+  tile<MB, 1>(q + m * K, xs + m * blocks, qsum + m * blocks, src, s, y + m * N, K, N, group, n)
+    for (; m + 4 <= M; m += 4) FS_PANEL_ROWS(4);
+    for (; m + 2 <= M; m += 2) FS_PANEL_ROWS(2);
+    for (; m < M; ++m) FS_PANEL_ROWS(1);
+#undef FS_PANEL_ROWS
   }
   if (n < n1) tail_columns(q, xs, w, s, y, M, K, N, group, n, n1);
 }
