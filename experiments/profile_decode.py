@@ -44,7 +44,7 @@ def engine_for(activations: str, attention: str):
     cfg = load_config(SMOLLM, ["mesh.data=1", f"model.attention={attention}"])
     loaded = load_model(cfg)
     serve = dataclasses.replace(cfg.serve, slots=8, buckets=[32, 64], max_cache_len=320, max_queue=1000,
-                                max_new_tokens_limit=256, port=0)
+                                max_new_tokens_limit=280, port=0)
     model_cfg, graphdef, params, _ = transform_loaded(
         loaded, [{"quantize": {"include": ["layers.*"], "activations": activations}}], cfg)
     return Engine.from_loaded(dataclasses.replace(loaded, model_cfg=model_cfg, graphdef=graphdef, params=params), serve)
@@ -64,7 +64,8 @@ def profile_width(engine, rows: int, seconds: float, traced: int, top: int) -> d
     import jax
 
     from fastserve.serve.engine import Request
-    reqs = [Request(tokens=list(range(10, 40)), max_new_tokens=256, stop_ids=[]) for _ in range(rows)]
+    # 30-token prompts generating up to 280 tokens (the cache's 320 positions): still running when the trace ends
+    reqs = [Request(tokens=list(range(10, 40)), max_new_tokens=280, stop_ids=[]) for _ in range(rows)]
     for r in reqs:
         engine.submit(r)
     for _ in range(5):             # the prefills, and the first steps
@@ -91,7 +92,8 @@ def main() -> int:
     ap.add_argument("--rows", default="1,4,8", help="running requests per profile, comma-separated")
     ap.add_argument("--activations", default="int8", choices=["int8", "float32"])
     ap.add_argument("--attention", default="auto", choices=["auto", "xla"])
-    ap.add_argument("--seconds", type=float, default=4.0, help="steady decoding timed per width")
+    ap.add_argument("--seconds", type=float, default=3.0, help="steady decoding timed per width (the requests must "
+                    "outlast it and the traced steps: ~15 ms per one-row step)")
     ap.add_argument("--traced", type=int, default=20, help="steps traced per width")
     ap.add_argument("--top", type=int, default=12, help="thunk kinds printed per width")
     args = ap.parse_args()
