@@ -24,7 +24,8 @@ backlog of the same mix, every slot busy); requests/s at the p99 SLO = the highe
 Chunked-prefill part: the same model at max_seq_len 2112, buckets 32..256, fcfs; 10 % of requests carry a
 2,000-token prompt (8 bucket-sized pieces when whole), the rest 8-48 tokens, outputs 16-64, Poisson arrivals at half
 the profile's bound; the same trace through serve.prefill_chunk 0 (the whole prompt in the iteration it is admitted)
-and 32 or 64 (one chunk of that many tokens per iteration while streams decode). Figures: per-request TPOT (the mean
+and 4, 8 or 32 (that many prompt tokens per iteration while streams decode, as extra columns of their decode step:
+fastserve/serve/active_rows.py). Figures: per-request TPOT (the mean
 gap between a stream's tokens) p99 / median, the same over every gap between two tokens of any stream, the longest
 gap, and the long prompts' TTFT. The last line printed is one JSON object.
 """
@@ -49,7 +50,7 @@ SYSTEM, USER, OUTPUT = 300, (8, 48), (16, 64)
 SLO_P99_TTFT_S = 1.0
 RUN_S = 5.0             # seconds of arrivals per run at least (full mode)
 LONG_PROMPT, LONG_SHARE, LONG_BUCKETS, LOAD = 2000, 0.1, [32, 64, 128, 256], 0.5
-ARMS = [("whole", 0), ("chunk32", 32), ("chunk64", 64)]     # (arm, serve.prefill_chunk)
+ARMS = [("whole", 0), ("chunk4", 4), ("chunk8", 8), ("chunk32", 32)]     # (arm, serve.prefill_chunk)
 
 
 

@@ -104,8 +104,8 @@ def model():
 
 def engine(model, prefix, **kw):
     graphdef, params, model_cfg, mesh = model
-    cfg = ServeConfig(slots=2, buckets=[8, 16], max_cache_len=MAX_LEN, prefix_cache=prefix, prefix_cache_block=BLOCK,
-                      **kw)
+    cfg = ServeConfig(**{"slots": 2, "buckets": [8, 16], "max_cache_len": MAX_LEN, "prefix_cache": prefix,
+                         "prefix_cache_block": BLOCK, **kw})
     eng = Engine(graphdef, params, model_cfg, cfg, mesh=mesh, stop_ids=[])
     if prefix:   # a cost profile proportional to tokens computed: whether a hit is used must not hang on timing noise
         profile = eng.filler.profile   # (measured at start-up; on a loaded machine it can rank a copy dearer)
@@ -243,15 +243,24 @@ def test_an_exported_backend_serves_with_the_prefix_cache(model, want, tmp_path)
     compiles = len(_COMPILES)
     assert outputs(eng, chat()) == want
     assert len(_COMPILES) == compiles and eng.stats()["prefix_cache"]["hit_tokens"] >= 4 * 32
+    # without row decode a chunked prefill is a series of extend calls, one bucket-sized chunk per iteration
+    chunked = Engine.from_exported(load_exported(str(tmp_path / "tiny"), "cpu"),
+                                   ServeConfig(slots=2, buckets=[8, 16], max_cache_len=0, prefill_chunk=8))
+    assert chunked.rows.fused == 0
+    assert outputs(chunked, chat(), sequential=False) == want and chunked.stats()["prefill_extends"] > 0
+    with pytest.raises(ValueError, match=r"serve.prefill_chunk=12 must be one of serve.buckets=\[8, 16\]"):
+        Engine.from_exported(load_exported(str(tmp_path / "tiny"), "cpu"),
+                             ServeConfig(slots=2, buckets=[8, 16], max_cache_len=0, prefill_chunk=12))
 
 
 # ------------------------------------------------------------------------------------------------ chunked prefill
 
 def test_a_chunked_prefill_interleaves_with_running_streams(model, want):
-    """serve.prefill_chunk=8: while a stream runs, a 45-token prompt takes 6 iterations (a bucket prefill of 8, then
-    extends of 8), and the stream gets a token in every one of them (alone, the prompt takes one iteration); greedy
-    tokens stay equal, with the prefix cache too and under MLFQ preemption (a job evicted mid-prefill starts it
-    again)."""
+    """serve.prefill_chunk=8: while a stream runs, a 45-token prompt rides in its decode steps, eight tokens a step
+    (at width slots + chunk = 10: the stream's column, eight prompt tokens, one padding), so it takes six
+    iterations, no extend call, and the stream gets a token in every one of them (alone, the prompt takes one
+    iteration); greedy tokens stay equal, with the prefix cache too, under MLFQ preemption (a job evicted mid-prefill
+    starts it again), and at a chunk that is no bucket (12)."""
     eng = engine(model, False, prefill_chunk=8)
     compiles = len(_COMPILES)
     short = eng.submit(Request(chat()[0].tokens[:5], max_new_tokens=20))
@@ -263,7 +272,8 @@ def test_a_chunked_prefill_interleaves_with_running_streams(model, want):
         eng.step()
         steps += 1
         assert len(short.output) == had + 1           # no iteration stalls the running stream
-    assert steps == 6 and eng.stats()["prefill_extends"] == 5
+    st = eng.stats()
+    assert steps == 6 and st["prefill_extends"] == 0 and st["fused_steps"] == 6 and st["decode_width_steps"][10] == 6
     eng.run_until_done(timeout=60)
     assert long.output == want[1] and len(_COMPILES) == compiles     # every chunk width compiled at start-up
     alone = eng.submit(Request(chat()[1].tokens, max_new_tokens=8))
@@ -275,5 +285,25 @@ def test_a_chunked_prefill_interleaves_with_running_streams(model, want):
     mlfq = engine(model, True, prefill_chunk=8, scheduler="mlfq", mlfq_levels=6, mlfq_base_quantum_s=0.0,
                   host_kv_slots=1, starvation_s=0.0, iteration_cost="profiled")
     assert outputs(mlfq, chat(), sequential=False) == want and mlfq.stats()["preemptions"] > 0
-    with pytest.raises(ValueError, match=r"serve.prefill_chunk=12 must be one of serve.buckets=\[8, 16\]"):
-        engine(model, False, prefill_chunk=12)
+    assert outputs(engine(model, True, prefill_chunk=12), chat(), sequential=False) == want
+
+
+def test_prompt_pieces_of_two_requests_share_a_step(model, want):
+    """Two prompts placed while a stream runs: the first one's tail and the second one's head ride in one decode
+    step (eight prompt tokens in all), and both give the tokens they give alone."""
+    eng = engine(model, False, prefill_chunk=8, slots=3, scheduler="fcfs")   # (mlfq: timing decides the order)
+    shared = []
+    fused_step = eng.rows.fused_step
+
+    def spy(cache, jobs, pieces):
+        toks, written, cache = fused_step(cache, jobs, pieces)
+        shared.append(sum(n > 0 for n, _ in written))
+        return toks, written, cache
+    eng.rows.fused_step = spy
+    eng.submit(Request(chat()[0].tokens[:5], max_new_tokens=30))
+    eng.step()
+    first, second = chat()[1], chat()[5]                  # 45 and 32 prompt tokens
+    eng.submit_many([first, second])
+    eng.run_until_done(timeout=60)
+    assert first.output == want[1] and second.output == want[5]
+    assert max(shared) == 2 and sum(shared) == 6 + 5      # 77 tokens, 8 a step: 10 steps, one of them shared

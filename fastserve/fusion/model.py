@@ -97,11 +97,13 @@ class EnsembleLM(EnsembleForward):
     """Causal-LM members, each with its own KV cache: the ensemble's cache is the tuple of theirs."""
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: tuple | None = None,
-                 segments: jax.Array | None = None, logits_at: jax.Array | None = None
-                 ) -> tuple[jax.Array, tuple | None]:
+                 segments: jax.Array | None = None, logits_at: jax.Array | None = None,
+                 logits_rows: int | None = None) -> tuple[jax.Array, tuple | None]:
         named = {} if segments is None else {"segments": segments}  # training's packed documents only
         if logits_at is not None:   # inference: each member's logits at those positions only
             named["logits_at"] = logits_at
+        if logits_rows is not None:  # serving: the first rows' logits only
+            named["logits_rows"] = logits_rows
         outs = [m(tokens, positions, None if cache is None else c, **named)
                 for m, c in zip(self.members, cache if cache is not None else [None] * len(self.members))]
         logits = combine_logits([o[0] for o in outs])

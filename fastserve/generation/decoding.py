@@ -75,9 +75,12 @@ def prefill(model: nnx.Module, tokens: jax.Array, lengths: jax.Array, cache: Any
     return logits[:, 0], cache
 
 
-def decode(model: nnx.Module, tokens: jax.Array, positions: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
-    """One token per row (tokens, positions: [B]) → next-token logits [B, V] and the updated cache."""
-    logits, cache = model(tokens[:, None], positions[:, None], cache)
+def decode(model: nnx.Module, tokens: jax.Array, positions: jax.Array, cache: Any, logits_rows: int | None = None
+           ) -> tuple[jax.Array, Any]:
+    """One token per row (tokens, positions: [B]) → next-token logits [B, V] (`logits_rows`: of the first that many
+    rows only) and the updated cache."""
+    named = {} if logits_rows is None else {"logits_rows": logits_rows}
+    logits, cache = model(tokens[:, None], positions[:, None], cache, **named)
     return logits[:, 0], cache
 
 

@@ -133,16 +133,22 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arr
 
 def cached_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, where: jax.Array,
                             lengths: jax.Array, xla: Any, *, paged: bool = False) -> jax.Array:
-    """A decode step's attention (q [b, 1, H, D] against the first lengths[i] positions of query i's cache row: row
-    where[i] of caches [B, S, K, D], or, `paged`, blocks where[i, :] of [N, P, K, D]): the C++ kernel on CPU, reading
-    the rows in place and each only up to its length, where it can take the inputs (float32, a compiled head dim,
-    one device); else, and on other platforms, `xla()` (the caller's gather-and-attend path, one traced function
-    holding both)."""
+    """Attention of the new tokens of a KV-cached step (q [b, t, H, D]) against their rows of the cache: query (i, j)
+    sees the first lengths[i, j] positions of row where[i] of caches [B, S, K, D], or, `paged`, of blocks where[i, :]
+    of [N, P, K, D] → [b, t, H·D]. The C++ kernel on CPU, reading the rows in place and each query only up to its own
+    length (t tokens of a row: t queries of that row, so a prompt piece costs its real positions, causal included),
+    where it can take the inputs (float32, a compiled head dim, one device); else, and on other platforms, `xla()`
+    (the caller's gather-and-attend path, one traced function holding both)."""
     from fastserve.kernels.attention import decode_attention_kernel, paged_decode_attention_kernel
     if fused_unsupported(jnp.result_type(q, k_cache), (q.shape[2], k_cache.shape[2], q.shape[3])):
         return xla()
     kernel = paged_decode_attention_kernel if paged else decode_attention_kernel
-    return jax.lax.platform_dependent(q, k_cache, v_cache, where, lengths, cpu=kernel, default=lambda *_: xla())
+    b, t, h, d = q.shape
+
+    def flat(q, k_cache, v_cache, where, lengths):     # one query per (row, token)
+        out = kernel(q.reshape(b * t, 1, h, d), k_cache, v_cache, jnp.repeat(where, t, axis=0), lengths.reshape(-1))
+        return out.reshape(b, t, h * d)
+    return jax.lax.platform_dependent(q, k_cache, v_cache, where, lengths, cpu=flat, default=lambda *_: xla())
 
 
 # ------------------------------------------------------------------------------------------ blocked (CPU)

@@ -173,9 +173,10 @@ class Attention(nnx.Module):
                 w = cache["window"].shape[0]
                 vk, vv = vk[:, :w], vv[:, :w]
             return self._attend(q, vk, vv, positions)
-        if t == 1 and self.implementation != "xla":
-            # one token per row: the CPU kernel reads each row in place, up to its own position
-            out = cached_decode_attention(q, ck, cv, where, positions[:, 0] + 1, gathered, paged=paged)
+        if self.implementation != "xla" and (t == 1 or paged or "rows" in cache):
+            # decode steps and serving's in-place extends: the CPU kernel reads each row in place, every token up
+            # to its own position (a whole-prompt prefill into a fresh cache keeps the batched path)
+            out = cached_decode_attention(q, ck, cv, where, positions + 1, gathered, paged=paged)
         else:
             out = gathered()
         return self.o(out), new_cache
@@ -280,10 +281,13 @@ class DecoderLM(nnx.Module):
         self.dtype = dt
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None,
-                 segments: jax.Array | None = None, logits_at: jax.Array | None = None):
+                 segments: jax.Array | None = None, logits_at: jax.Array | None = None,
+                 logits_rows: int | None = None):
         """`segments` [B, T] (training only): packed documents attend within their own segment; pass `positions`
         that restart at each segment's start with it. `logits_at` [B]: the logits of that index of each row only
-        ([B, 1, V]): a prefill samples from one position, and the LM head is a fifth of a small model's work."""
+        ([B, 1, V]): a prefill samples from one position, and the LM head is a fifth of a small model's work.
+        `logits_rows` (static): the logits of the first that many rows only (a serving step whose other rows are
+        prompt tokens that sample nothing)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         x = constrain(self.embed(tokens), ("batch", "seq", "embed"))
@@ -294,6 +298,8 @@ class DecoderLM(nnx.Module):
             x, new_cache = self._blocks_cached(x, positions, cache)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)
+        if logits_rows is not None:
+            x = x[:logits_rows]
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from fastserve.serve.programs import sampled_columns
+
 
 def resolve_widths(value: Any, slots: int) -> list[int]:
     """serve.decode_widths → the sorted widths the engine compiles, `slots` always the last: "auto" = powers of two
@@ -55,13 +57,17 @@ class RowDecoder:
 
     SPLIT_GAIN = 0.8     # split only when the two calls are profiled at <= 80 % of the one (profiles are noisy)
 
-    def __init__(self, programs: Any, slots: int, widths: Sequence[int]):
+    def __init__(self, programs: Any, slots: int, widths: Sequence[int], chunk: int = 0):
         self.programs, self.slots = programs, slots
+        row_decode = getattr(programs, "row_decode", False)
         least = getattr(programs, "min_row_width", 1)     # a backend's narrowest useful width
-        self.widths = sorted(w for w in widths if w >= least or w == slots) \
-            if getattr(programs, "row_decode", False) else [slots]
-        self.steps = {w: 0 for w in self.widths}
-        self.split_steps = 0
+        self.widths = sorted(w for w in widths if w >= least or w == slots) if row_decode else [slots]
+        # serve.prefill_chunk on a backend with row decode: prompt pieces ride in the decode step (`step`'s
+        # `pieces`), at the row widths below `slots` or at slots + chunk, whose first `slots` columns are sampled
+        self.fused = slots + chunk if chunk and row_decode else 0
+        self.chunk = chunk
+        self.steps = {w: 0 for w in self.widths + ([self.fused] if self.fused else [])}
+        self.split_steps = self.fused_steps = 0
 
     def width(self, n: int) -> int:
         """The narrowest width holding `n` running jobs."""
@@ -76,6 +82,46 @@ class RowDecoder:
             toks, cache = self._call(cache, group)
             tokens.update(zip(map(id, group), toks))
         return [tokens[id(j)] for j in jobs], cache
+
+    def fused_step(self, cache: Any, jobs: Sequence[Any], pieces: Sequence[Any]
+                   ) -> tuple[list[int], list[tuple[int, int]], Any]:
+        """`step` of `jobs` that also writes the next prompt tokens of `pieces` (jobs whose slot holds the first
+        `job._filled` positions of their prompt) in the same call, SARATHI's hybrid batch → (the jobs' tokens; per
+        piece (positions written now, the token sampled from its last one: the first output token once the prompt
+        is complete); the cache, donated).
+
+        Columns: the jobs' first, then each piece's last token (sampled as a prefill samples: count 0), then the
+        pieces' other tokens: `chunk` tokens in all (pieces in order; one that gets no room writes 0 positions), at
+        the narrowest width holding them and the jobs. A prompt token is a column of its slot's row at its own position:
+        the model writes every column's KV before any column attends, so a piece's tokens see each other causally
+        (models/decoder.py)."""
+        r, left = len(jobs), [len(j.tokens) - j._filled for j in pieces]
+        width = next(w for w in [w for w in self.widths if w < self.slots] + [self.fused]
+                     if w >= r + min(self.chunk, sum(left)) or w == self.fused)
+        # at most `chunk` prompt tokens a step, even where the width has more room: a padding column costs its
+        # share of the products only, a prompt token also attends over every position before it
+        room, spans = min(width - r, self.chunk), []
+        for n in left:
+            spans.append(min(n, room))
+            room -= spans[-1]
+        ints, floats = job_arrays(jobs, width)
+        rows = np.full(width, self.slots, np.int32)
+        rows[:r] = [j._slot for j in jobs]
+        written = [(j, j._filled, n) for j, n in zip(pieces, spans) if n]
+        last = r + np.arange(len(written))
+        rest = iter(range(r + len(written), width))
+        for i, (job, start, n) in enumerate(written):
+            for p in range(start, start + n):
+                c = last[i] if p == start + n - 1 else next(rest)
+                rows[c] = job._slot
+                ints[:, c] = (job.tokens[p], p, job.seed % 2 ** 31, 0, job.top_k, 1)
+                floats[:, c] = (job.temperature, job.top_p)
+        self.steps[width] += 1
+        self.fused_steps += 1
+        toks, cache = self.programs.decode_rows(cache, rows, ints, floats, head=sampled_columns(width, self.slots))
+        toks = np.asarray(jax.device_get(toks))
+        done = {id(job): (n, int(toks[last[i]])) for i, (job, _, n) in enumerate(written)}
+        return [int(t) for t in toks[:r]], [done.get(id(j), (0, -1)) for j in pieces], cache
 
     def plan(self, jobs: Sequence[Any]) -> list[list[Any]]:
         """The calls of this step: [jobs], or [short jobs, long jobs] when the profile prices that lower."""

@@ -6,8 +6,9 @@ Shapes stay static (ARCHITECTURE.md, "Serving keeps shapes static"):
     index is a traced argument (one compile for all slots; the pool's cache is donated); past the largest bucket,
     the rest by the extend program in chunks. With serve.prefix_cache, the longest cached prefix of the prompt is
     copied from the prefix store (fastserve/serve/prefix_cache.py) instead, and only the rest is extended;
-  * with serve.prefill_chunk, a long prompt is written one chunk per iteration, each iteration also running the
-    decode step of the other slots (chunked prefill: a long prompt does not stall running streams);
+  * with serve.prefill_chunk, while streams decode, a new prompt is written `chunk` tokens per iteration as extra
+    columns of their decode step (SARATHI's hybrid batch, fastserve/serve/active_rows.py; a backend without row
+    decode, e.g. an export: one extend call per chunk), so a long prompt does not stall running streams;
   * one jitted decode step runs the running jobs' rows at the narrowest of a few batch widths compiled at start-up
     (serve.decode_widths, fastserve/serve/active_rows.py), or every slot at the full width (slots not scheduled
     this iteration masked: their position is set past the cache, so their KV write is dropped and their token
@@ -41,7 +42,7 @@ import numpy as np
 
 from fastserve.config import ServeConfig
 from fastserve.serve.active_rows import RowDecoder, job_arrays, resolve_widths
-from fastserve.serve.kv import KVPool
+from fastserve.serve.kv import KVPool, evict_job
 from fastserve.serve.paged_kv import fit_blocks, kv_positions, paged_backend
 from fastserve.serve.prefill import SlotFiller
 from fastserve.serve.prefix_cache import PrefixCache
@@ -89,8 +90,10 @@ class Engine(Runner):
                                self.programs.device)
         self.prefix = PrefixCache(self.pool, cfg.prefix_cache_block, cfg.prefix_cache_bytes) \
             if cfg.prefix_cache else None
-        self.filler = SlotFiller(self.programs, self.pool, self.buckets, self.pad_id, self.prefix, cfg.prefill_chunk)
-        self.rows = RowDecoder(self.programs, self.slots, resolve_widths(cfg.decode_widths, self.slots))
+        self.rows = RowDecoder(self.programs, self.slots, resolve_widths(cfg.decode_widths, self.slots),
+                               cfg.prefill_chunk)
+        self.filler = SlotFiller(self.programs, self.pool, self.buckets, self.pad_id, self.prefix, cfg.prefill_chunk,
+                                 fused=bool(self.rows.fused))
 
         # scheduling state
         self._lock = threading.Lock()            # guards the inbox and _live (submit() runs on other threads)
@@ -149,7 +152,7 @@ class Engine(Runner):
         with self._ctx():
             profile = warm_and_profile(self.programs, self.pool, self.buckets, self.pad_id, job_arrays([], self.slots),
                                        self.clock, repeats, extend_widths=self.buckets if self.filler.fitted else (),
-                                       decode_widths=self.rows.widths)
+                                       decode_widths=self.rows.widths + [self.rows.fused] * bool(self.rows.fused))
             if self.prefix is not None:
                 profile["prefix_load_s"] = self.prefix.warm(self.clock, repeats)
             return profile
@@ -259,7 +262,9 @@ class Engine(Runner):
             self.timings["offload"] += self.clock() - t0
         # place: prefill new jobs, bring back offloaded ones, recompute dropped ones
         prefilled = []
-        streaming = any(j.output for j in selected)     # streams decode this iteration: chunk long prefills
+
+        def streaming() -> bool:    # streams decode this iteration (one just prefilled too): chunk long prefills
+            return any(j.output and j.finish_reason is None for j in selected)
         for job in need:
             slot = free.pop(0)
             self.pool.grow(slot, kv_positions(job))      # paged: blocks fit_blocks reserved
@@ -276,21 +281,29 @@ class Engine(Runner):
                 self.timings["recompute"] += self.clock() - t0
             else:
                 self._slot_job[slot], job._slot = job, slot
-                self._prefill(job, cost, streaming)
+                if self.rows.fused and streaming():   # a cached prefix copied now, the rest in decode steps
+                    job._filled, job._prefilling = self.filler.begin(job.tokens, slot), True
+                    continue
+                self._prefill(job, cost, streaming())
                 prefilled.append(job)
                 continue
             if self.iteration_cost == "measured":       # a resumed job is charged for bringing its KV back
                 cost[job] += self.clock() - t0
             self._slot_job[slot], job._slot = job, slot
+        fuse = bool(self.rows.fused) and streaming()     # prompt pieces ride in the decode step
+        pieces = [j for j in selected if j._prefilling and j not in prefilled] if fuse else []
         for job in selected:        # chunked prefills in progress (serve.prefill_chunk): one more chunk each
-            if job._filled and job not in prefilled:
-                self._prefill(job, cost, streaming)
+            if job._prefilling and job not in prefilled and not fuse:
+                self._prefill(job, cost, streaming())
                 prefilled.append(job)
-        # one decode step of the scheduled, unfinished jobs that were not just prefilled
-        decoding = [j for j in selected if j not in prefilled and j.finish_reason is None]
-        if decoding:
+        # one decode step of the scheduled, unfinished jobs that were not just prefilled (+ prompt pieces)
+        decoding = [j for j in selected if j not in prefilled and j not in pieces and j.finish_reason is None]
+        if decoding or pieces:
             t0 = self.clock()
-            toks, self.pool.cache = self.rows.step(self.pool.cache, decoding)
+            if pieces:
+                toks, written, self.pool.cache = self.rows.fused_step(self.pool.cache, decoding, pieces)
+            else:
+                toks, self.pool.cache = self.rows.step(self.pool.cache, decoding)
             t = self.clock()
             self.counters["decode_steps"] += 1
             self.counters["decode_slot_steps"] += len(decoding)
@@ -299,6 +312,11 @@ class Engine(Runner):
                 # profiled: the full-width step whatever the width, so the schedule does not depend on the load
                 cost[job] += t - t0 if self.iteration_cost == "measured" else self.profile["decode_s"]
                 self._emit(job, tok, t)
+            for job, (n, tok) in zip(pieces, written if pieces else ()):
+                cost[job] += t - t0 if self.iteration_cost == "measured" else job.prefill_time * n / len(job.tokens)
+                job._filled += n
+                if job._filled == len(job.tokens):
+                    self._prompt_done(job, tok, t)
         for job in selected:
             if job.finish_reason is None:
                 self.scheduler.on_iteration(job, cost[job])
@@ -319,17 +337,22 @@ class Engine(Runner):
         self.timings["prefill"] += t - t0
         share = (job._filled - before) / len(job.tokens)
         cost[job] += t - t0 if self.iteration_cost == "measured" else job.prefill_time * share
+        job._prefilling = tok is None
         if tok is not None:
-            job._filled = 0
-            self.counters["prefills"] += 1
-            # the prompt's blocks go into the prefix store after its first token is out (not part of its TTFT), or
-            # before it when that token ends the request (its slot is freed then)
-            slot, last = job._slot, tok in job._stop or len(job.output) + 1 >= job.max_new_tokens
-            if self.prefix is not None and last:
-                self.prefix.save(job.tokens, slot)
-            self._emit(job, tok, t)
-            if self.prefix is not None and not last:
-                self.prefix.save(job.tokens, slot)
+            self._prompt_done(job, tok, t)
+
+    def _prompt_done(self, job: Request, tok: int, t: float) -> None:
+        """The prompt's KV is in the job's slot and `tok` is its first token."""
+        job._filled, job._prefilling = 0, False
+        self.counters["prefills"] += 1
+        # the prompt's blocks go into the prefix store after its first token is out (not part of its TTFT), or
+        # before it when that token ends the request (its slot is freed then)
+        slot, last = job._slot, tok in job._stop or len(job.output) + 1 >= job.max_new_tokens
+        if self.prefix is not None and last:
+            self.prefix.save(job.tokens, slot)
+        self._emit(job, tok, t)
+        if self.prefix is not None and not last:
+            self.prefix.save(job.tokens, slot)
 
     def _recompute(self, job: Request, slot: int) -> None:
         """Rebuilds the KV of prompt + generated[:-1] in `slot` (from a cached prefix where there is one)."""
@@ -337,26 +360,8 @@ class Engine(Runner):
         self.counters["recompute_extends"] += extends
 
     def _evict(self, job: Request) -> int:
-        """Frees `job`'s slot: its KV goes to host memory while `host_kv_slots` allows, else is dropped (a chunked
-        prefill in progress: dropped, and started again when the job is placed again)."""
-        slot = job._slot
-        if job._filled:
-            job._filled = 0
-        elif len(self._host_jobs) < self.cfg.host_kv_slots:
-            # cached: the prompt and all but the last token
-            job._host = self.pool.offload(slot, len(job.tokens) + len(job.output) - 1)
-            self._host_jobs.add(job)
-            job.offloads += 1
-            job.offloaded_bytes += job._host.nbytes
-            self.counters["offloads"] += 1
-            self.counters["offloaded_bytes"] += job._host.nbytes
-        else:
-            job._recompute = True
-            job.recomputes += 1
-            self.counters["recomputes"] += 1
-        self.pool.release(slot)       # paged: its blocks go back to the free list (after the offload read them)
-        self._slot_job[slot], job._slot = None, None
-        return slot
+        """Frees `job`'s slot (fastserve/serve/kv.py's evict_job) → the slot."""
+        return evict_job(self, job)
 
     def _emit(self, job: Request, tok: int, t: float) -> None:
         job.output.append(tok)

@@ -148,3 +148,27 @@ class KVPool:
         for length in self.lengths:
             self.restore(self.offload(0, length), 0)
         jax.block_until_ready(self.cache)
+
+
+def evict_job(engine: Any, job: Any) -> int:
+    """Frees `job`'s slot in `engine`: its KV goes to host memory while serve.host_kv_slots allows, else is dropped
+    and recomputed when the job runs again (a prompt being written piecewise: dropped, and written again from its
+    start) → the slot."""
+    slot = job._slot
+    if job._prefilling:
+        job._filled, job._prefilling = 0, False
+    elif len(engine._host_jobs) < engine.cfg.host_kv_slots:
+        # cached: the prompt and all but the last token
+        job._host = engine.pool.offload(slot, len(job.tokens) + len(job.output) - 1)
+        engine._host_jobs.add(job)
+        job.offloads += 1
+        job.offloaded_bytes += job._host.nbytes
+        engine.counters["offloads"] += 1
+        engine.counters["offloaded_bytes"] += job._host.nbytes
+    else:
+        job._recompute = True
+        job.recomputes += 1
+        engine.counters["recomputes"] += 1
+    engine.pool.release(slot)       # paged: its blocks go back to the free list (after the offload read them)
+    engine._slot_job[slot], job._slot = None, None
+    return slot

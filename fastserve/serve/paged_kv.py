@@ -32,7 +32,7 @@ from fastserve import parallel
 from fastserve.generation import decoding as infer
 from fastserve.models.decoder import PAGED_AXES
 from fastserve.serve.kv import KVPool, Rows, movable_lengths, position_bytes
-from fastserve.serve.programs import ModelPrograms, masked_decode, sample_rows
+from fastserve.serve.programs import ModelPrograms, masked_decode, sample_rows, sampled_columns
 
 
 class BlockAllocator:
@@ -227,15 +227,15 @@ def without_pages(cache: list) -> list:
     return [{"k": layer["k"], "v": layer["v"]} for layer in cache]
 
 
-def paged_decode_fn(graphdef, params, cache, pages, ints, floats):
+def paged_decode_fn(graphdef, head, params, cache, pages, ints, floats):
     """The masked decode step of every slot over the block pool; pages [slots, W] (W <= max_blocks: the first W
     blocks of each slot, all an active slot holds); a masked slot's position is W·P, past them, so its write is
-    dropped."""
+    dropped. `head` (static) as programs.rows_decode_fn's."""
     model = nnx.merge(graphdef, params)
     view_len = pages.shape[1] * cache[0]["k"].shape[1]
 
     def step(tokens, positions, blocks):
-        logits, blocks = infer.decode(model, tokens, positions, with_pages(blocks, pages))
+        logits, blocks = infer.decode(model, tokens, positions, with_pages(blocks, pages), head)
         return logits, without_pages(blocks)
     return masked_decode(step, view_len, cache, ints, floats)
 
@@ -253,7 +253,7 @@ def paged_extend_fn(graphdef, view_len, params, cache, pages, tokens, start, las
 def bound_paged_programs(graphdef: Any) -> tuple[Any, Any]:
     """(decode, extend) above, jitted with the graphdef bound (see programs.bound_programs: a static graphdef is
     hashed at every call)."""
-    return (jax.jit(functools.partial(paged_decode_fn, graphdef), donate_argnums=1),
+    return (jax.jit(functools.partial(paged_decode_fn, graphdef), static_argnums=0, donate_argnums=2),
             jax.jit(functools.partial(paged_extend_fn, graphdef), static_argnums=0, donate_argnums=2))
 
 
@@ -320,7 +320,8 @@ class PagedPrograms:
             for n in row_widths:
                 if n != self.pool.slots:
                     rows, z = np.full(n, self.pool.slots, np.int32), np.zeros((6, n), np.int32)
-                    toks, cache = self.decode_rows(cache, rows, z, np.ones((2, n), np.float32), w)
+                    toks, cache = self.decode_rows(cache, rows, z, np.ones((2, n), np.float32), w,
+                                                   sampled_columns(n, self.pool.slots))
                     jax.block_until_ready(toks)
         return cache
 
@@ -335,18 +336,18 @@ class PagedPrograms:
         """One masked decode step over every slot (the pool is donated); `width`: blocks attended per slot (None:
         the narrowest covering the active slots)."""
         pages = np.ascontiguousarray(self.pool.alloc.table[:, :width or self.width(ints)])
-        return self._decode(self.base.params, cache, pages, ints, floats)
+        return self._decode(None, self.base.params, cache, pages, ints, floats)
 
-    def decode_rows(self, cache: Any, rows: Any, ints: Any, floats: Any, width: int | None = None
-                    ) -> tuple[jax.Array, Any]:
+    def decode_rows(self, cache: Any, rows: Any, ints: Any, floats: Any, width: int | None = None,
+                    head: int | None = None) -> tuple[jax.Array, Any]:
         """The decode step of slots `rows` [n] only (a row id >= slots: padding), ints [6, n] / floats [2, n] as
-        ModelPrograms.decode_rows: the same program as `decode`, over the rows' page-table rows (padding: no
-        block, so its write is dropped)."""
+        ModelPrograms.decode_rows (`head` too): the same program as `decode`, over the rows' page-table rows
+        (padding: no block, so its write is dropped)."""
         rows = np.asarray(rows)
         alloc = self.pool.alloc
         table = np.concatenate([alloc.table, np.full_like(alloc.table[:1], alloc.num_blocks)])   # + padding's row
         pages = np.ascontiguousarray(table[np.minimum(rows, self.pool.slots), :width or self.width(ints, rows)])
-        return self._decode(self.base.params, cache, pages, ints, floats)
+        return self._decode(head, self.base.params, cache, pages, ints, floats)
 
     def extend(self, cache: Any, slot: Any, tokens: Any, start: Any, last: Any, ints: Any, floats: Any
                ) -> tuple[jax.Array, Any]:

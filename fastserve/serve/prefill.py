@@ -29,9 +29,10 @@ class SlotFiller:
     (serve.prefill_chunk, a bucket; 0: off) bounds the prompt tokens one `fill` call writes."""
 
     def __init__(self, programs: Any, pool: Any, buckets: list[int], pad_id: int, prefix: PrefixCache | None,
-                 chunk: int = 0):
-        if chunk and chunk not in buckets:
-            raise ValueError(f"serve.prefill_chunk={chunk} must be one of serve.buckets={buckets} (0: off)")
+                 chunk: int = 0, fused: bool = False):
+        if chunk and chunk not in buckets and not fused:
+            raise ValueError(f"serve.prefill_chunk={chunk} must be one of serve.buckets={buckets} (0: off) on this "
+                             "backend (its chunks are extend calls)")
         self.programs, self.pool, self.buckets, self.pad_id, self.prefix = programs, pool, buckets, pad_id, prefix
         self.chunk = chunk
         self.fitted = prefix is not None or bool(chunk)    # every bucket's extend is compiled: chunks fit the tokens
@@ -66,6 +67,15 @@ class SlotFiller:
         cached = self.prefix.lookup(tokens)
         return cached if cached and self.estimate(len(tokens), cached) < self.estimate(len(tokens)) else 0
 
+    def begin(self, seq: Sequence[int], slot: int) -> int:
+        """Copies the longest reusable cached prefix of `seq` into `slot` → positions written (0: none)."""
+        if self.prefix is None:
+            return 0
+        self.prefix.queried_tokens += len(seq)
+        start = self.prefix.load(seq, slot) if self.reusable(seq) else 0
+        self.prefix.hit_tokens += start
+        return start
+
     def fill(self, seq: Sequence[int], slot: int, ints: np.ndarray | None, floats: np.ndarray | None, save: bool,
              start: int = 0, chunked: bool = False) -> tuple[int | None, int, int]:
         """Writes the KV of `seq` from position `start` into `slot` → (the token sampled from the last token's
@@ -80,12 +90,8 @@ class SlotFiller:
         size = self.chunk if chunked and self.chunk else self.buckets[-1]      # tokens per piece
         tok, budget = None, (size if chunked and self.chunk else n)
         if start == 0:
-            if self.prefix is not None:
-                self.prefix.queried_tokens += n
-            if self.reusable(seq):
-                start = self.prefix.load(seq, slot)
-                self.prefix.hit_tokens += start
-            else:
+            start = self.begin(seq, slot)
+            if not start:
                 head = seq[:min(size, n)]
                 tokens = np.full((1, self._bucket(len(head))), self.pad_id, np.int32)
                 tokens[0, :len(head)] = head

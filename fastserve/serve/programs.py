@@ -44,15 +44,17 @@ def prefill_fn(graphdef, params, tokens, lengths, ints, floats):
 def masked_decode(step: Callable, max_len: int, cache: Any, ints: Any, floats: Any) -> tuple[jax.Array, Any]:
     """One decode step over every slot, inactive slots masked; `step(tokens, positions, cache)` → (logits, cache)
     is the model's decode. ints [6, S]: token, position, seed, count, top_k, active; floats [2, S]: temperature,
-    top_p. Shared by both backends so that their masking and sampling cannot drift apart."""
+    top_p. Shared by both backends so that their masking and sampling cannot drift apart. A `step` may return the
+    logits of its first h columns only (the rest: prompt tokens written, nothing sampled): h tokens come back."""
     tokens, positions, seeds, counts, top_k, active = ints
     active = active > 0
     # masked rows: position = max_len, past the cache, so their KV write is dropped (the model scatters with
     # mode="drop", exported or not) and their token is ignored
     positions = jnp.where(active, positions, max_len)
     logits, cache = step(tokens, positions, cache)
-    sampled = sample_rows(logits, seeds, counts, floats[0], top_k, floats[1])
-    return jnp.where(active, sampled, -1), cache
+    h = logits.shape[0]
+    sampled = sample_rows(logits, seeds[:h], counts[:h], floats[0, :h], top_k[:h], floats[1, :h])
+    return jnp.where(active[:h], sampled, -1), cache
 
 
 def _with(cache: Any, **extra: Any) -> list:
@@ -77,16 +79,24 @@ def decode_fn(graphdef, max_len, params, cache, ints, floats, window=None):
     return masked_decode(step, max_len, cache, ints, floats)
 
 
-def rows_decode_fn(graphdef, max_len, params, cache, rows, ints, floats, window=None):
+def rows_decode_fn(graphdef, max_len, params, cache, rows, ints, floats, window=None, head=None):
     """The decode step of cache rows `rows` [w] only (a row id >= slots: padding, masked); ints [6, w] / floats
-    [2, w] as decode_fn's, column i for row rows[i]; `window` as decode_fn's."""
+    [2, w] as decode_fn's, column i for row rows[i]; `window` as decode_fn's. A row id may repeat with other
+    positions (a prompt's piece riding in the step: fastserve/serve/active_rows.py); `head` (static): only the
+    first that many columns are sampled (→ tokens [head])."""
     model = nnx.merge(graphdef, params)
     extra = {"rows": rows} if window is None else {"rows": rows, "window": jnp.zeros(window, jnp.int32)}
 
     def step(tokens, positions, cache):
-        logits, cache = infer.decode(model, tokens, positions, _with(cache, **extra))
+        logits, cache = infer.decode(model, tokens, positions, _with(cache, **extra), head)
         return logits, _without(cache, *extra)
     return masked_decode(step, max_len, cache, ints, floats)
+
+
+def sampled_columns(width: int, slots: int) -> int | None:
+    """How many columns a decode step of `width` samples: a width above `slots` carries prompt tokens past the
+    first `slots` columns (chunked prefill riding in the step), which sample nothing; None: every column."""
+    return slots if width > slots else None
 
 
 def decode_windows(max_len: int, least: int = 64) -> list[int]:
@@ -135,7 +145,7 @@ def bound_programs(graphdef: Any) -> SimpleNamespace:
     return SimpleNamespace(
         prefill=jax.jit(bind(prefill_fn, graphdef)),
         decode=jax.jit(bind(decode_fn, graphdef), static_argnums=(0, 5), donate_argnums=2),
-        decode_rows=jax.jit(bind(rows_decode_fn, graphdef), static_argnums=(0, 6), donate_argnums=2),
+        decode_rows=jax.jit(bind(rows_decode_fn, graphdef), static_argnums=(0, 6, 7), donate_argnums=2),
         extend=jax.jit(bind(extend_fn, graphdef), donate_argnums=1),
         extend_rows=jax.jit(bind(rows_extend_fn, graphdef), static_argnums=8, donate_argnums=1))
 
@@ -199,12 +209,12 @@ class ModelPrograms:
         window = self.window(ints) if window == 0 else window
         return self.jitted.decode(self.max_len, self.params, cache, ints, floats, window)
 
-    def decode_rows(self, cache: Any, rows: Any, ints: Any, floats: Any, window: int | None = 0
-                    ) -> tuple[jax.Array, Any]:
+    def decode_rows(self, cache: Any, rows: Any, ints: Any, floats: Any, window: int | None = 0,
+                    head: int | None = None) -> tuple[jax.Array, Any]:
         """One decode step of cache rows `rows` [w] (padding: row id >= slots) with ints [6, w] / floats [2, w] →
-        (tokens [w], the cache, donated); `window` as `decode`'s."""
+        (tokens [w], or [head] with `head`: see rows_decode_fn; the cache, donated); `window` as `decode`'s."""
         window = self.window(ints) if window == 0 else window
-        return self.jitted.decode_rows(self.max_len, self.params, cache, rows, ints, floats, window)
+        return self.jitted.decode_rows(self.max_len, self.params, cache, rows, ints, floats, window, head)
 
     def warm_decode(self, cache: Any, ints: Any, floats: Any, row_widths: Sequence[int] = (), repeats: int = 3
                     ) -> Any:
@@ -222,7 +232,8 @@ class ModelPrograms:
                     run = functools.partial(self.decode, ints=ints, floats=floats)
                 else:
                     rows, z = np.full(n, slots, np.int32), np.zeros((6, n), np.int32)
-                    run = functools.partial(self.decode_rows, rows=rows, ints=z, floats=np.ones((2, n), np.float32))
+                    run = functools.partial(self.decode_rows, rows=rows, ints=z, floats=np.ones((2, n), np.float32),
+                                            head=sampled_columns(n, slots))
                 times = []
                 for _ in range(repeats + 1):      # the first call compiles (the whole cache's: compiled already)
                     t0 = time.perf_counter()
@@ -291,7 +302,7 @@ def warm_and_profile(programs: Any, pool: Any, buckets: list[int], pad_id: int,
     def decode_rows(width: int) -> Any:
         rows = np.full(width, pool.slots, np.int32)        # every row padding: nothing written
         ints, floats = np.zeros((6, width), np.int32), np.ones((2, width), np.float32)
-        toks, pool.cache = programs.decode_rows(pool.cache, rows, ints, floats)
+        toks, pool.cache = programs.decode_rows(pool.cache, rows, ints, floats, head=sampled_columns(width, pool.slots))
         return toks
 
     prefill_s = {b: median_time(lambda: prefill(b)) for b in buckets}

@@ -61,6 +61,7 @@ class Request:
         self._host: HostKV | None = None          # its KV rows in host memory while evicted
         self._recompute = False
         self._filled = 0                          # prompt positions written by a chunked prefill in progress
+        self._prefilling = False                  # its slot holds part of its prompt (chunked prefill)
         self._cancel = False
         self._submitted = False
         self._live = False                        # counts against the engine's serve.max_queue

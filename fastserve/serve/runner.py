@@ -101,7 +101,8 @@ class Runner:
         out.update(scheduler=self.scheduler.name, slots=self.slots, max_cache_len=self.max_len, buckets=self.buckets,
                    running=sum(j is not None for j in self._slot_job), waiting=self.pending,
                    host_kv_in_use=len(self._host_jobs), profile=self.profile,
-                   decode_width_steps=dict(self.rows.steps))     # decode steps run at each batch width
+                   decode_width_steps=dict(self.rows.steps),     # decode steps run at each batch width
+                   fused_steps=self.rows.fused_steps)            # of them, steps that also wrote prompt pieces
         if self.pool.paged:
             out["paged_kv"] = self.pool.stats()
         if self.prefix is not None:   # hit_tokens / queried_tokens: prompt tokens copied from the store / looked up

@@ -367,11 +367,28 @@ struct Positions {
   }
 };
 
+// The sums of eight vectors, lane j = Σ a[j]: a transpose by shuffles and adds (three rounds), so eight keys' dot
+// products reduce together instead of each through a chain of scalar adds.
+inline v8 sum8(const v8* a) {
+  v8 h[4], q[2];
+  for (int i = 0; i < 4; ++i)   // h[i]: lanes 0-3 halves of a[2i], lanes 4-7 of a[2i+1]
+    h[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int i = 0; i < 2; ++i)   // q[i]: quarters of a[4i], a[4i+2], a[4i+1], a[4i+3], two lanes each
+    q[i] = __builtin_shufflevector(h[2 * i], h[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(h[2 * i], h[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  // lanes of r: a0, a2, a4, a6, a1, a3, a5, a7
+  const v8 r = __builtin_shufflevector(q[0], q[1], 0, 2, 8, 10, 4, 6, 12, 14) +
+               __builtin_shufflevector(q[0], q[1], 1, 3, 9, 11, 5, 7, 13, 15);
+  return __builtin_shufflevector(r, r, 0, 4, 1, 5, 2, 6, 3, 7);
+}
+
 // One decode step's query group (G heads of one token, q [G, D]) against `len` cached keys / values (read in place
 // from the cache where `at` says) → o [G, D]. One query per head leaves no tile of queries to share a key load (the
 // forward above pads its tile of 8 and transposes every key first): per head, a pass of dot products over the keys,
-// an exact softmax, a pass of the values; the G passes re-read the rows from L1 / L2.
-// scratch: G · round_up(len, 8) floats.
+// eight keys at a time (their sums reduced together: sum8), an exact softmax, a pass of the values with two
+// accumulator sets (even and odd keys, so consecutive adds do not wait on each other); the G passes re-read the rows
+// from L1 / L2. scratch: G · round_up(len, 8) floats.
 template <int64_t D>
 void decode(const float* q, const float* k, const float* v, float* o, int64_t len, int64_t G, const Positions& at,
             float scale, float* scratch) {
@@ -381,32 +398,45 @@ void decode(const float* q, const float* k, const float* v, float* o, int64_t le
     float* row = scratch + g * L8;
     v8 qs[D / 8];
     for (int64_t c = 0; c < D / 8; ++c) qs[c] = load(q + g * D + 8 * c) * scale;
-    for (int64_t s = 0; s < len; ++s) {
+    auto dot = [&](int64_t s) {
       const float* kr = k + at.offset(s);
-      v8 acc0 = qs[0] * load(kr), acc1 = qs[1] * load(kr + 8);
-      for (int64_t c = 2; c < D / 8; c += 2) {
-        acc0 += qs[c] * load(kr + 8 * c);
-        acc1 += qs[c + 1] * load(kr + 8 * c + 8);
-      }
-      row[s] = hsum(acc0 + acc1);
+      v8 acc = qs[0] * load(kr);
+      for (int64_t c = 1; c < D / 8; ++c) acc += qs[c] * load(kr + 8 * c);
+      return acc;
+    };
+    int64_t s = 0;
+    for (; s + 8 <= len; s += 8) {
+      v8 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = dot(s + j);
+      store(row + s, sum8(acc));
     }
-    const float shift = row_max(row, 0, len);
-    for (int64_t s = len; s < L8; ++s) row[s] = -1e30f;
+    for (; s < len; ++s) row[s] = hsum(dot(s));
+    for (s = len; s < L8; ++s) row[s] = -1e30f;
+    v8 top = load(row);
+    for (s = 8; s < L8; s += 8) top = top > load(row + s) ? top : load(row + s);
+    const float shift = row_max(reinterpret_cast<const float*>(&top), 0, 8);
     v8 total = {};
-    for (int64_t s = 0; s < L8; s += 8) {
+    for (s = 0; s < L8; s += 8) {
       const v8 p = exp8(load(row + s) - shift);
       store(row + s, p);
       total += p;
     }
-    for (int64_t s = len; s < L8; ++s) total[s % 8] -= row[s];   // exp8 floors at exp(−87), not 0
+    for (s = len; s < L8; ++s) total[s % 8] -= row[s];   // exp8 floors at exp(−87), not 0
     const float inv = 1.0f / hsum(total);
-    v8 acc[D / 8] = {};
-    for (int64_t s = 0; s < len; ++s) {
-      const float* vr = v + at.offset(s);
-      const float p = row[s];
-      for (int64_t c = 0; c < D / 8; ++c) acc[c] += p * load(vr + 8 * c);
+    v8 even[D / 8] = {}, odd[D / 8] = {};
+    for (s = 0; s + 2 <= len; s += 2) {
+      const float *v0 = v + at.offset(s), *v1 = v + at.offset(s + 1);
+      const float p0 = row[s], p1 = row[s + 1];
+      for (int64_t c = 0; c < D / 8; ++c) {
+        even[c] += p0 * load(v0 + 8 * c);
+        odd[c] += p1 * load(v1 + 8 * c);
+      }
     }
-    for (int64_t c = 0; c < D / 8; ++c) store(o + g * D + 8 * c, acc[c] * inv);
+    if (s < len) {
+      const float* vr = v + at.offset(s);
+      for (int64_t c = 0; c < D / 8; ++c) even[c] += row[s] * load(vr + 8 * c);
+    }
+    for (int64_t c = 0; c < D / 8; ++c) store(o + g * D + 8 * c, (even[c] + odd[c]) * inv);
   }
 }
 
