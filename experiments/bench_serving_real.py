@@ -100,6 +100,8 @@ def fastserve_worker(port_file: str, variants: list[str]) -> int:
             variant = quantized[activations]
         if name.endswith("paged"):   # the same bytes as the slot layout, in blocks: attention over held blocks only
             vcfg = dataclasses.replace(scfg, kv_cache_bytes=slot_layout_bytes(loaded.model_cfg, SLOTS, MAX_LEN))
+        if name.endswith("chunked"):   # new prompts ride in the running rows' decode steps, CHUNK tokens a step
+            vcfg = dataclasses.replace(scfg, prefill_chunk=CHUNK)
         urls[name] = Server(Engine.from_loaded(variant, vcfg), variant, vcfg, model_name="bench").start().url
     with open(port_file + ".tmp", "w") as f:
         json.dump(urls, f)
@@ -108,7 +110,8 @@ def fastserve_worker(port_file: str, variants: list[str]) -> int:
         time.sleep(3600)
 
 
-VARIANTS = ("float32", "int8", "int8 w8a8", "int8 paged")
+VARIANTS = ("float32", "int8", "int8 w8a8", "int8 w8a8 chunked", "int8 paged")
+CHUNK = 32          # serve.prefill_chunk of the "chunked" variant
 
 
 def start_fastserve(variants: list[str], spin_threads: str) -> tuple[subprocess.Popen, dict[str, str]]:

@@ -80,6 +80,25 @@ def test_custom_call_reads_rows_in_place_and_zeroes_padding(lib):
         _assert_query(out[i], q[i, 0], None if padding else k[row], None if padding else v[row], min(length, s))
 
 
+@pytest.mark.parametrize("s,d", [(24, 32), (600, 64)])     # (600, 64): enough work for XLA's thread pool
+def test_queries_side_by_side_in_one_row_go_through_query_tiles(lib, s, d):
+    """A prompt's piece: consecutive queries of one row (a run) with growing lengths, causal like a prefill, go
+    through the forward kernel's tiles (11 queries: a tile of 8 and a remainder); a lone query, padding columns side
+    by side and lengths past the cache around them."""
+    rng = np.random.default_rng(2)
+    b, kv, h = 4, 2, 4
+    k = rng.standard_normal((b, s, kv, d)).astype(np.float32)
+    v = rng.standard_normal((b, s, kv, d)).astype(np.float32)
+    start = s - 9                                            # the run's last two lengths pass the cache's end
+    rows = np.array([1] + [2] * 11 + [b, b, 0, 0], np.int32)
+    lengths = np.array([5] + list(range(start, start + 11)) + [3, 3, 4, 9], np.int32)
+    q = rng.standard_normal((len(rows), 1, h, d)).astype(np.float32)
+    out = np.asarray(decode_attention_kernel(q, k, v, rows, lengths)).reshape(len(rows), h, d)
+    for i, (row, length) in enumerate(zip(rows, lengths)):
+        padding = row >= b
+        _assert_query(out[i], q[i, 0], None if padding else k[row], None if padding else v[row], min(length, s))
+
+
 def test_paged_custom_call_follows_each_rows_blocks(lib):
     rng = np.random.default_rng(3)
     n, size, kv, h, d = 7, 4, 2, 4, 16

@@ -257,8 +257,8 @@ def test_an_exported_backend_serves_with_the_prefix_cache(model, want, tmp_path)
 
 def test_a_chunked_prefill_interleaves_with_running_streams(model, want):
     """serve.prefill_chunk=8: while a stream runs, a 45-token prompt rides in its decode steps, eight tokens a step
-    (at width slots + chunk = 10: the stream's column, eight prompt tokens, one padding), so it takes six
-    iterations, no extend call, and the stream gets a token in every one of them (alone, the prompt takes one
+    (at width slots + chunk = 10: the stream's column, eight prompt tokens, one padding; the last five at width 6 =
+    slots + chunk / 2), so it takes six iterations, no extend call, and the stream gets a token in every one of them (alone, the prompt takes one
     iteration); greedy tokens stay equal, with the prefix cache too, under MLFQ preemption (a job evicted mid-prefill
     starts it again), and at a chunk that is no bucket (12)."""
     eng = engine(model, False, prefill_chunk=8)
@@ -273,7 +273,8 @@ def test_a_chunked_prefill_interleaves_with_running_streams(model, want):
         steps += 1
         assert len(short.output) == had + 1           # no iteration stalls the running stream
     st = eng.stats()
-    assert steps == 6 and st["prefill_extends"] == 0 and st["fused_steps"] == 6 and st["decode_width_steps"][10] == 6
+    assert steps == 6 and st["prefill_extends"] == 0 and st["fused_steps"] == 6 and eng.rows.fused_widths == [4, 6, 10]
+    assert st["decode_width_steps"][10] == 5 and st["decode_width_steps"][6] == 1
     eng.run_until_done(timeout=60)
     assert long.output == want[1] and len(_COMPILES) == compiles     # every chunk width compiled at start-up
     alone = eng.submit(Request(chat()[1].tokens, max_new_tokens=8))

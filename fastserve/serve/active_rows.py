@@ -62,11 +62,13 @@ class RowDecoder:
         row_decode = getattr(programs, "row_decode", False)
         least = getattr(programs, "min_row_width", 1)     # a backend's narrowest useful width
         self.widths = sorted(w for w in widths if w >= least or w == slots) if row_decode else [slots]
-        # serve.prefill_chunk on a backend with row decode: prompt pieces ride in the decode step (`step`'s
-        # `pieces`), at the row widths below `slots` or at slots + chunk, whose first `slots` columns are sampled
-        self.fused = slots + chunk if chunk and row_decode else 0
+        # serve.prefill_chunk on a backend with row decode: prompt pieces ride in the decode step (`fused_step`),
+        # at the row widths below `slots` or at slots + a quarter, a half or all of the chunk (whose first `slots`
+        # columns are sampled): a short prompt does not pay for a whole chunk's padding columns
+        self.fused_widths = sorted({slots + max(1, chunk // d) for d in (4, 2, 1)}) if chunk and row_decode else []
+        self.fused = self.fused_widths[-1] if self.fused_widths else 0      # the widest (0: pieces never ride)
         self.chunk = chunk
-        self.steps = {w: 0 for w in self.widths + ([self.fused] if self.fused else [])}
+        self.steps = {w: 0 for w in self.widths + self.fused_widths}
         self.split_steps = self.fused_steps = 0
 
     def width(self, n: int) -> int:
@@ -96,7 +98,7 @@ class RowDecoder:
         the model writes every column's KV before any column attends, so a piece's tokens see each other causally
         (models/decoder.py)."""
         r, left = len(jobs), [len(j.tokens) - j._filled for j in pieces]
-        width = next(w for w in [w for w in self.widths if w < self.slots] + [self.fused]
+        width = next(w for w in [w for w in self.widths if w < self.slots] + self.fused_widths
                      if w >= r + min(self.chunk, sum(left)) or w == self.fused)
         # at most `chunk` prompt tokens a step, even where the width has more room: a padding column costs its
         # share of the products only, a prompt token also attends over every position before it

@@ -152,7 +152,7 @@ class Engine(Runner):
         with self._ctx():
             profile = warm_and_profile(self.programs, self.pool, self.buckets, self.pad_id, job_arrays([], self.slots),
                                        self.clock, repeats, extend_widths=self.buckets if self.filler.fitted else (),
-                                       decode_widths=self.rows.widths + [self.rows.fused] * bool(self.rows.fused))
+                                       decode_widths=self.rows.widths + self.rows.fused_widths)
             if self.prefix is not None:
                 profile["prefix_load_s"] = self.prefix.warm(self.clock, repeats)
             return profile

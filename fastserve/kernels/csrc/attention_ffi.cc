@@ -218,15 +218,43 @@ ffi::Error decode_attention(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& 
     decode(qp + (b * H + kh * G) * D, kp + ko, vp + ko, out, len, G, D, K * D,
            lay.P ? lay.pages + b * lay.M : nullptr, lay.P, lay.N, scale, scratch);
   };
+  // Queries side by side in one row (a prompt's piece riding in a decode step, slot layout) form a run that goes
+  // through the forward kernel's query tiles instead: each key loaded (and transposed) once serves up to 8 of them.
+  std::vector<int64_t> first{0};     // runs [first[r], first[r + 1]) of queries
+  int64_t widest = 1;
+  for (int64_t b = 1; b <= n; ++b)
+    if (b == n || lay.P || lay.rows[b] != lay.rows[b - 1] || lay.rows[b] < 0 || lay.rows[b] >= lay.B ||
+        lp[b] <= 0 || lp[b - 1] <= 0) {
+      widest = b - first.back() > widest ? b - first.back() : widest;
+      first.push_back(b);
+    }
+  const int64_t runs = static_cast<int64_t>(first.size()) - 1;
+  std::vector<int32_t> ones(lay.S, 1), zeros(widest, 0);
+  const FwdFn fwd = chosen().fwd;
+  const int64_t lse_floats = (G * widest + 15) / 16 * 16;   // the forward's lse [G, m], then its own scratch
+  auto run_item = [&, G](int64_t i, float* scratch) {
+    const int64_t r = i / K, kh = i % K, b0 = first[r], m = first[r + 1] - b0;
+    if (m == 1) return item(b0 * K + kh, scratch);
+    int64_t S = 0;      // the run's longest window bounds the keys read
+    for (int64_t b = b0; b < b0 + m; ++b) S = lp[b] > S ? lp[b] : S;
+    S = S < lay.S ? S : lay.S;
+    const int64_t qo = (b0 * H + kh * G) * D, ko = (lay.rows[b0] * lay.S * K + kh) * D;
+    fwd(qp + qo, kp + ko, vp + ko, ones.data(), zeros.data(), lp + b0, op + qo, scratch, m, S, G, D, H * D, K * D,
+        scale, scratch + lse_floats);
+  };
   // a small step (few rows, short rows) on the calling thread: waking XLA's pool costs more than it saves
   int64_t keys = 0;
   for (int64_t b = 0; b < n; ++b) keys += lp[b] < lay.S ? (lp[b] > 0 ? lp[b] : 0) : lay.S;
-  const int64_t scratch_floats = G * ((lay.S + 7) / 8 * 8);
+  int64_t scratch_floats = G * ((lay.S + 7) / 8 * 8);
+  if (widest > 1) {
+    const int64_t runs_floats = lse_floats + fwd_scratch(Shape{1, widest, lay.S, H, K, D});
+    scratch_floats = runs_floats > scratch_floats ? runs_floats : scratch_floats;
+  }
   if (keys * H * D < kDecodeParallelMacs) {
     std::vector<float> scratch(scratch_floats);
-    for (int64_t i = 0; i < n * K; ++i) item(i, scratch.data());
+    for (int64_t i = 0; i < runs * K; ++i) run_item(i, scratch.data());
   } else {
-    for_each_item(pool, n * K, scratch_floats, item);
+    for_each_item(pool, runs * K, scratch_floats, run_item);
   }
   return ffi::Error::Success();
 }
