@@ -2,7 +2,7 @@
 weight-only int8) and by llama.cpp's OpenAI-compatible `llama-server` (parallel slots, continuous batching, 2
 threads) on the same GGUF, the same seeded trace, through the same streaming HTTP client.
 
-    python experiments/bench_serving_real.py [--llama-server PATH]   # full sweep (~17 min on 2 cores); writes
+    python experiments/bench_serving_real.py [--llama-server PATH]   # full sweep (~25 min on 2 cores); writes
                                                                      # experiments/results/bench_serving_real.{json,md}
     python experiments/bench_serving_real.py --quick                 # ~2 min: one rate, few requests; writes nothing
     ... --kernel-spin-threads 1                                      # the int8 kernels' spinning helper on
@@ -62,7 +62,7 @@ RESULTS = os.path.join(HERE, "results")
 SLOTS, BUCKETS, MAX_LEN = 8, [32, 64], 320
 # req/s offered (mean output 30 tokens); 8 and 10 since a66e306: at 6 both fastserve W8A8 and llama.cpp met the
 # SLO on every request, so the best goodput was the trace's own rate, not either server's capacity
-RATES = (1.0, 2.0, 4.0, 6.0, 8.0, 10.0)
+RATES = (1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0)   # 12 since the chunked contender: llama.cpp was not saturated at 10
 QUICK_RATES = (1.0,)
 REQUESTS, QUICK_REQUESTS, WARMUP = 48, 16, 4
 SEED = 0
