@@ -249,8 +249,9 @@ class ServeConfig:
     port: int = 8000
     api_key: str = ""              # empty: no authentication
     max_body_bytes: int = 1_000_000
-    prefill_chunk: int = 0         # prompt tokens prefilled per iteration, interleaved with the running streams'
-                                   # decode steps (chunked prefill; one of buckets); 0: a whole prompt in one iteration
+    prefill_chunk: int = 0         # prompt tokens written per iteration while streams decode, as extra columns of
+                                   # their decode step (chunked prefill; an export: extend calls, one of buckets);
+                                   # 0: a whole prompt in one iteration
     prefix_cache: bool = False     # reuse the KV of prompt prefixes cached from earlier requests (a shared system
                                    # prompt, a chat history): only the rest of a prompt is prefilled
     prefix_cache_block: int = 16   # tokens per cached block (a block's key covers every token before it)
