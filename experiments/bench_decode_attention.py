@@ -2,14 +2,16 @@
 of a KV-cached step: rows gathered out of the cache, attended over the narrowest decode window holding them (what
 the decoder runs with `model.attention: xla`, and on meshes / TPU / GPU), interleaved in one run.
 
-    .venv/bin/python experiments/bench_decode_attention.py           # ~1 min; writes results/bench_decode_attention.json
-    .venv/bin/python experiments/bench_decode_attention.py --quick   # ~20 s; writes nothing
+    .venv/bin/python experiments/bench_decode_attention.py           # ~10 s; writes results/bench_decode_attention.json
+    .venv/bin/python experiments/bench_decode_attention.py --quick   # ~5 s; writes nothing
 
 Cases (float32; one layer's attention, no projections): the quickstart's heads (8 query heads of 32 over 4 KV heads)
 in a cache of 8 rows × 2,112 positions (bench_prefix's chunked-prefill part): one row decoding at position 2,000,
 8 rows at 2,000, 8 rows at 100; a prompt's piece of 8 and of 32 tokens in one row ending at position 2,000 (columns
 of one row: the kernel's query tiles); and SmolLM2-135M's heads (9 of 64 over 3) in 8 rows × 320 positions
-(bench_serving_real's engine): 8 rows at 100 and a 32-token piece at positions 32-63. Figures: medians in
+(bench_serving_real's engine): 8 rows at 100 and a 32-token piece at positions 32-63. A piece is what a decode step
+carrying prompt tokens holds: columns with the same row id, so XLA's path gathers that row once per column, as the
+decoder's does (an extend through XLA would attend to one gathered row instead). Figures: medians in
 microseconds, and XLA / kernel. The last line printed is one JSON object.
 """
 from __future__ import annotations
