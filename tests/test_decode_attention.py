@@ -140,3 +140,31 @@ def test_a_cached_decode_step_equals_xlas_path(lib):
     np.testing.assert_allclose(outs["auto"][0], outs["xla"][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(outs["auto"][1], outs["xla"][1]):   # (the prompt's layer-2 keys differ by float rounding)
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_an_engine_on_the_kernel_path_chunks_prompts_into_decode_steps(lib):
+    """Serving on the kernel's path (head dim 16): prompt pieces riding in decode steps (serve.prefill_chunk) give
+    the greedy tokens of whole-prompt prefills on XLA's path; the engine compiles one decode window only (the kernel
+    reads each row to its own length, so narrower windows would change nothing)."""
+    from fastserve.config import ServeConfig
+    from fastserve.serve.engine import Engine, Request
+
+    overrides = ["model.vocab_size=97", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
+                 "model.n_kv_heads=2", "model.d_ff=96", "model.init_std=0.3", "model.max_seq_len=256", "mesh.data=1"]
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(1, 97, n).tolist() for n in (4, 45, 30, 9)]
+    outputs = {}
+    for impl, chunk in (("auto", 8), ("xla", 0)):
+        cfg = load_config(None, overrides + [f"model.attention={impl}"])
+        mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
+        graphdef, params, _ = init_params(cfg.model, mesh, seed=3)
+        serve = ServeConfig(slots=3, buckets=[16, 64], max_cache_len=256, scheduler="fcfs", prefill_chunk=chunk)
+        eng = Engine(graphdef, params, cfg.model, serve, mesh=mesh, stop_ids=[])
+        assert eng.programs.windows == ([256] if impl == "auto" else [64, 256])
+        first = eng.submit(Request(prompts[0], max_new_tokens=40))
+        eng.step()
+        rest = eng.submit_many([Request(p, max_new_tokens=12) for p in prompts[1:]])
+        eng.run_until_done(timeout=120)
+        outputs[impl] = [r.output for r in [first, *rest]]
+        assert eng.stats()["fused_steps"] > 0 if chunk else eng.stats()["fused_steps"] == 0
+    assert outputs["auto"] == outputs["xla"]

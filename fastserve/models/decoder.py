@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fastserve.kernels.attention import SAVEABLE_NAMES
-from fastserve.models.attention_kernels import cached_decode_attention, causal_attention, check_attention
+from fastserve.models.attention_kernels import cached_decode_attention, causal_attention, check_attention, \
+    fused_unsupported
 from fastserve.models.layers import Embed, Linear, RMSNorm, attention, constrain, dtype_of, rope
 
 @dataclass
@@ -334,6 +335,14 @@ class DecoderLM(nnx.Module):
             x, layer_cache = self.block(i)(x, positions, layer_cache)
             new_cache.append(layer_cache)
         return x, new_cache
+
+    def reads_cache_in_place(self) -> bool:
+        """Whether a KV-cached step's attention takes the CPU decode kernel here (each row read in place up to its
+        own length: a window bounding the positions attended then changes nothing)."""
+        attn = self.block(0).attn
+        heads = (attn.n_heads, attn.n_kv_heads, attn.head_dim)
+        return attn.implementation != "xla" and jax.default_backend() == "cpu" and \
+            fused_unsupported(self.dtype, heads) is None
 
     def block(self, i: int) -> Block:
         """Layer `i`'s block: its own module, or, when scanned, a view of the i-th slice of the stacked weights."""

@@ -290,7 +290,8 @@ class PagedPrograms:
 
     The decode step attends over the first W blocks of every slot, W the smallest of `widths` (max_blocks and its
     halves down to an eighth) covering the blocks of every active slot: a step costs what the longest running job
-    holds, not max_cache_len (all widths compiled at start-up by `warm_decode`)."""
+    holds, not max_cache_len (all widths compiled at start-up by `warm_decode`). Where the CPU decode-attention
+    kernel reads each slot's blocks to its own length (`ModelPrograms.in_place`), max_blocks is the only width."""
 
     def __init__(self, base: ModelPrograms, pool: PagedKVPool):
         self.base, self.pool = base, pool
@@ -300,8 +301,8 @@ class PagedPrograms:
         # XLA:CPU runs the one-row paged step several times slower than two rows (SmolLM2-135M int8, 8 slots of
         # 320 positions: 97 ms against 21 ms; experiments/bench_decode_widths.py): the engine runs width 2 for one job
         self.min_row_width = 2
-        m = pool.alloc.max_blocks
-        self.widths = sorted({-(-m // d) for d in (1, 2, 4, 8)})
+        m = pool.alloc.max_blocks      # (on the CPU kernel's path the blocks attended per slot are its own anyway)
+        self.widths = [m] if base.in_place else sorted({-(-m // d) for d in (1, 2, 4, 8)})
 
     def width(self, ints: np.ndarray, rows: np.ndarray | None = None) -> int:
         """The decode width for the active columns `ints[5]` (slots, or with `rows` the rows' ids; none active: the

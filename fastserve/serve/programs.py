@@ -180,7 +180,10 @@ class ModelPrograms:
         # decode of the running rows only (`decode_rows`): the model takes row ids in its cache dicts (and a window)
         self.row_decode = bool(getattr(model, "cache_row_ids", False)) and isinstance(self.cache_spec, list) and \
             all(isinstance(x, dict) and set(x) == {"k", "v"} for x in self.cache_spec)
-        self.windows = decode_windows(max_len) if self.row_decode else [max_len]
+        # windows bound XLA's attention path; the CPU kernel reads each row to its own length whatever the window,
+        # so there the narrower windows would only cost compiles at start-up
+        self.in_place = bool(getattr(model, "reads_cache_in_place", lambda: False)())
+        self.windows = decode_windows(max_len) if self.row_decode and not self.in_place else [max_len]
         self.window_steps = {w: 0 for w in self.windows}    # decode steps run in each window (warm-up included)
 
     def check(self, max_len: int, buckets: list[int], slots: int) -> None:
