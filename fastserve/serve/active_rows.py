@@ -66,10 +66,14 @@ class RowDecoder:
         # at the row widths below `slots` or at slots + a quarter, a half or all of the chunk (whose first `slots`
         # columns are sampled): a short prompt does not pay for a whole chunk's padding columns
         self.fused_widths = sorted({slots + max(1, chunk // d) for d in (4, 2, 1)}) if chunk and row_decode else []
-        self.fused = self.fused_widths[-1] if self.fused_widths else 0      # the widest (0: pieces never ride)
         self.chunk = chunk
         self.steps = {w: 0 for w in self.widths + self.fused_widths}
         self.split_steps = self.fused_steps = 0
+
+    @property
+    def fused(self) -> int:
+        """The widest step that carries prompt pieces (0: pieces never ride)."""
+        return self.fused_widths[-1] if self.fused_widths else 0
 
     def width(self, n: int) -> int:
         """The narrowest width holding `n` running jobs."""
