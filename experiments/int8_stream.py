@@ -9,6 +9,7 @@ in fastserve/kernels/csrc/int8_tile.cc (kPrefetchRows, kPrefetchBytes): edit one
 
     python experiments/int8_stream.py [--rows 1] [--hot]     # ~1 min; the last line is JSON
     python experiments/int8_stream.py --gemm                 # prefill-sized W8A8 products (8-128 rows, in cache)
+    python experiments/int8_stream.py --packed [--rows 8]    # also W8A8 on weights prepacked as VNNI panels
 
 `--gemm` times the W8A8 kernel on SmolLM2's three product shapes at 8-128 rows, one thread and all, beside what
 XLA's path would do there (x rounded to int8 blocks, the kernel dequantized, a float32 dot) and the plain float32
@@ -37,7 +38,11 @@ MATRICES = 160
 def gb_per_s(kernel, tables: list, k: int, rows: int, threads: int, repeats: int) -> float:
     """Weights read per second (GB/s) by `kernel` over every table in turn, median of `repeats` runs."""
     nt = kernel in (k8.int8_matmul_nt_kernel, k8.int8_matmul_nt_q8_kernel)
-    scale = jnp.ones((tables[0].shape[0] if nt else tables[0].shape[1],), jnp.float32)
+    if kernel is k8.int8_matmul_packed_kernel:
+        n = tables[0].shape[0] * k8.PANEL
+    else:
+        n = tables[0].shape[0] if nt else tables[0].shape[1]
+    scale = jnp.ones((n,), jnp.float32)
 
     @jax.jit
     def chain(x, tables):
@@ -88,6 +93,8 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=1, help="rows of x (1: batch-1 decoding)")
     ap.add_argument("--hot", action="store_true", help="the same matrix / table over and over (in cache)")
     ap.add_argument("--gemm", action="store_true", help="prefill-sized W8A8 products instead (GOPS)")
+    ap.add_argument("--packed", action="store_true", help="also the W8A8 kernel on weights stored as its VNNI panels "
+                    "(serve.pack_int8)")
     args = ap.parse_args()
     if build.load() is None:
         raise SystemExit(f"the int8 kernel library is not available here: {build.status()}")
@@ -105,9 +112,14 @@ def main() -> int:
            "spin_threads": os.environ.get("FASTSERVE_KERNEL_SPIN_THREADS", "0")}
     kernels = {"layers": k8.int8_matmul_kernel, "layers_q8": k8.int8_matmul_q8_kernel,
                "head": k8.int8_matmul_nt_kernel, "head_q8": k8.int8_matmul_nt_q8_kernel}
+    packed = {}
+    if args.packed:   # the same weights as the W8A8 kernel's VNNI panels (what the serving engine runs)
+        kernels.update(layers_q8_packed=k8.int8_matmul_packed_kernel, head_q8_packed=k8.int8_matmul_packed_kernel)
+        pack = jax.jit(k8.pack_vnni)
+        packed = {"layers_q8_packed": [pack(q) for q in layers], "head_q8_packed": [pack(q.T) for q in heads]}
     for threads in (1, 0):
         for name, kernel in kernels.items():
-            tables = heads if name.startswith("head") else layers
+            tables = packed.get(name) or (heads if name.startswith("head") else layers)
             out[f"{name}_gb_s_threads_{threads}"] = round(gb_per_s(kernel, tables, 576, args.rows, threads,
                                                                    10 if name.startswith("head") else 20), 2)
         print(out, flush=True)

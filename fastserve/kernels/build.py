@@ -39,12 +39,13 @@ INT8_TARGET = "fastserve_int8_matmul"
 INT8_NT_TARGET = "fastserve_int8_matmul_nt"   # x @ (int8 W [N, K] × scale [N])ᵀ: a tied LM head
 INT8_Q8_TARGET = "fastserve_int8_matmul_q8"         # the same products with activations quantized to int8 (W8A8)
 INT8_NT_Q8_TARGET = "fastserve_int8_matmul_nt_q8"
+INT8_Q8_PACKED_TARGET = "fastserve_int8_matmul_q8_packed"   # W8A8 with the weights in the VNNI loops' panels
 ATTENTION_FWD_TARGET = "fastserve_attention_fwd"   # bidirectional attention over padded keys (encoders)
 ATTENTION_BWD_TARGET = "fastserve_attention_bwd"
 DECODE_ATTENTION_TARGET = "fastserve_decode_attention"   # one decode step's attention read in place from a KV cache
 PAGED_DECODE_ATTENTION_TARGET = "fastserve_decode_attention_paged"   # the same from a block-paged KV cache
-TARGETS = (INT8_TARGET, INT8_NT_TARGET, INT8_Q8_TARGET, INT8_NT_Q8_TARGET, ATTENTION_FWD_TARGET, ATTENTION_BWD_TARGET,
-           DECODE_ATTENTION_TARGET, PAGED_DECODE_ATTENTION_TARGET)
+TARGETS = (INT8_TARGET, INT8_NT_TARGET, INT8_Q8_TARGET, INT8_NT_Q8_TARGET, INT8_Q8_PACKED_TARGET, ATTENTION_FWD_TARGET,
+           ATTENTION_BWD_TARGET, DECODE_ATTENTION_TARGET, PAGED_DECODE_ATTENTION_TARGET)
 # sources: the FFI handlers (compiled once) and the inner loops (compiled once per instruction-set variant)
 FFI_UNITS = ("int8_ffi", "int8_q8", "spin_pool", "attention_ffi")
 ISA_UNITS = ("int8_tile", "attention_item")

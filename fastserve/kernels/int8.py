@@ -96,6 +96,12 @@ def _vnni(lib: build.KernelLibrary) -> bool:
     return bool(lib.handle.fastserve_int8_q8_vnni())
 
 
+def vnni_available() -> bool:
+    """Whether this process runs the W8A8 kernel's VNNI loops (the library loaded, the CPU reporting avx512_vnni)."""
+    lib = build.load()
+    return lib is not None and _vnni(lib)
+
+
 def _w8a8(activations: str, k: int, group: int | None) -> bool:
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations: expected one of {', '.join(ACTIVATIONS)}, got {activations!r}")
@@ -136,6 +142,68 @@ def int8_matmul_nt(x: jax.Array, q: jax.Array, scale: jax.Array, activations: st
         return xla(x, q, scale)
     kernel = int8_matmul_nt_q8_kernel if w8a8 else int8_matmul_nt_kernel
     return jax.lax.platform_dependent(x, q, scale, cpu=kernel, default=xla)
+
+
+# ------------------------------------------------------------------------- W8A8 weights in the VNNI loops' layout
+
+PANEL = 64   # columns per packed panel (csrc/int8_q8_vnni.cc)
+
+
+def packable(k: int, n: int, group: int | None) -> bool:
+    """Whether a (k, n) W8A8 kernel can be stored as VNNI panels: n a multiple of PANEL, k and group of
+    ACTIVATION_BLOCK."""
+    return n % PANEL == 0 and _w8a8("int8", k, group)
+
+
+def pack_vnni(q: jax.Array) -> jax.Array:
+    """int8 (K, N) → (N / 64, K, 64): the panels the VNNI loops read (csrc/int8_q8_vnni.cc's `Prepacked`). Column
+    64p + 16L + 4j + i, rows 4kq .. 4kq + 3 lie in panel p, vector 4kq + j, bytes 16L + 4i .. 16L + 4i + 3: each
+    64-byte vector is one vpdpbusd operand, a panel one contiguous stream."""
+    k, n = q.shape
+    a = q.reshape(k // 4, 4, n // PANEL, 4, 4, 4)       # (kq, r, p, L, j, i)
+    return a.transpose(2, 0, 4, 3, 5, 1).reshape(n // PANEL, k, PANEL)
+
+
+def unpack_vnni(packed: jax.Array) -> jax.Array:
+    """`pack_vnni`'s inverse: (N / 64, K, 64) → (K, N)."""
+    p, k, _ = packed.shape
+    a = packed.reshape(p, k // 4, 4, 4, 4, 4)           # (p, kq, j, L, i, r)
+    return a.transpose(1, 5, 0, 3, 2, 4).reshape(k, p * PANEL)
+
+
+def packed_columns(packed: jax.Array, columns: jax.Array) -> jax.Array:
+    """Column `columns` (any shape of ints) of a packed (K, N) matrix → (*columns.shape, K): a tied embedding's rows
+    looked up in its packed LM head."""
+    p, k, _ = packed.shape
+    c = columns % PANEL
+    a = packed.reshape(p, k // 4, 4, 4, 4, 4)           # (p, kq, j, L, i, r)
+    rows = a[columns // PANEL, :, (c % 16) // 4, c // 16, c % 4, :]   # (*columns.shape, kq, r)
+    return rows.reshape(columns.shape + (k,))
+
+
+def int8_matmul_packed(x: jax.Array, packed: jax.Array, scale: jax.Array, group: int | None = None) -> jax.Array:
+    """W8A8 x (..., K) @ dequantize(unpack_vnni(packed), scale) → (..., N): the C++ kernel on CPU (the VNNI loops
+    where the CPU has them, portable ones elsewhere), XLA's path on the unpacked weights otherwise. scale: (N,) per
+    column, or (ceil(K / group), N)."""
+    def xla(x, packed, scale):
+        return int8_matmul_xla(quantize_activations(x), unpack_vnni(packed), scale, group)
+
+    if build.load() is None:
+        return xla(x, packed, scale)
+    return jax.lax.platform_dependent(x, packed, scale, cpu=lambda *a: int8_matmul_packed_kernel(*a, group=group),
+                                      default=xla)
+
+
+def int8_matmul_packed_kernel(x: jax.Array, packed: jax.Array, scale: jax.Array, group: int | None = None,
+                              threads: int = 0) -> jax.Array:
+    """`int8_matmul_packed`'s C++ kernel as a custom call (CPU only; the library must be loaded)."""
+    n_panels, k, _ = packed.shape
+    n = n_panels * PANEL
+    scales = scale.reshape(1, n) if group is None else scale
+    call = jax.ffi.ffi_call(build.INT8_Q8_PACKED_TARGET, jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32),
+                            vmap_method="sequential")
+    return call(x.astype(jnp.float32), packed, scales.astype(jnp.float32), group=int(k if group is None else group),
+                threads=int(threads))
 
 
 def int8_matmul_q8_kernel(x: jax.Array, q: jax.Array, scale: jax.Array, group: int | None = None,

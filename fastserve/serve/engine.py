@@ -46,7 +46,7 @@ from fastserve.serve.kv import KVPool, evict_job
 from fastserve.serve.paged_kv import fit_blocks, kv_positions, paged_backend
 from fastserve.serve.prefill import SlotFiller
 from fastserve.serve.prefix_cache import PrefixCache
-from fastserve.serve.programs import ModelPrograms, per_layer_model, warm_and_profile
+from fastserve.serve.programs import ModelPrograms, serving_model, warm_and_profile
 from fastserve.serve.request import _END, QueueFull, Request, summarize
 from fastserve.serve.runner import Runner
 from fastserve.serve.scheduler import Scheduler, levels_covering, make_scheduler
@@ -70,8 +70,8 @@ class Engine(Runner):
                  iteration_cost: str | None = None, clock: Callable[[], float] = time.perf_counter,
                  programs: Any = None):
         cfg = cfg or ServeConfig()
-        if programs is None:        # a scanned model is served per-layer (its stacked weights cost a copy per step)
-            graphdef, params, model_cfg = per_layer_model(graphdef, params, model_cfg)
+        if programs is None:        # per-layer weights, W8A8 ones in the CPU kernel's layout (serving_model)
+            graphdef, params, model_cfg = serving_model(graphdef, params, model_cfg, mesh, cfg.pack_int8)
         self.cfg, self.model_cfg, self.graphdef, self.params, self.mesh = cfg, model_cfg, graphdef, params, mesh
         self.clock = clock
         self.iteration_cost = iteration_cost or cfg.iteration_cost

@@ -11,6 +11,7 @@ fastserve/serve/backends.py (the functions of a `fastserve.export` directory).""
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
@@ -23,6 +24,8 @@ from flax import nnx
 from fastserve.generation import decoding as infer
 from fastserve.models.capabilities import CausalLM, cache_spec
 from fastserve.serve.kv import cache_length, extract_rows, insert_rows
+
+log = logging.getLogger(__name__)
 
 
 def sample_rows(logits, seeds, counts, temperature, top_k, top_p):
@@ -162,6 +165,36 @@ def per_layer_model(graphdef: Any, params: Any, model_cfg: Any) -> tuple[Any, An
         return graphdef, params, model_cfg
     model_cfg, params = as_per_layer(model_cfg, params)
     return abstract_model(model_cfg)[0], params, model_cfg
+
+
+def cpu_layout_model(graphdef: Any, params: Any, model_cfg: Any, mesh: Any = None) -> tuple[Any, Any, Any]:
+    """(graphdef, params, model_cfg) with the W8A8 layers' weights in the CPU kernel's VNNI panels
+    (fastserve.transforms.quantize.vnni_layout) where that kernel runs: one CPU device (or a one-device mesh) with
+    AVX-512 VNNI. Other models and machines unchanged. Outputs are identical; a decode step at 1-8 rows streams
+    the weights about twice as fast (experiments/int8_stream.py --packed)."""
+    from fastserve.core.state import abstract_model
+    from fastserve.kernels import build
+    from fastserve.kernels.int8 import vnni_available
+    from fastserve.transforms.quantize import vnni_layout
+
+    if not getattr(model_cfg, "compressed", None) or jax.default_backend() != "cpu" or \
+            (mesh is not None and mesh.size > 1) or build.load() is None or not vnni_available():
+        return graphdef, params, model_cfg
+    if len({d for leaf in jax.tree.leaves(params) for d in getattr(leaf, "devices", lambda: set())()}) > 1:
+        return graphdef, params, model_cfg
+    model_cfg, new_params, packed = vnni_layout(model_cfg, params)
+    if not packed:
+        return graphdef, params, model_cfg
+    log.info("serve.pack_int8: %d W8A8 weights stored as the CPU kernel's VNNI panels", len(packed))
+    return abstract_model(model_cfg)[0], new_params, model_cfg
+
+
+def serving_model(graphdef: Any, params: Any, model_cfg: Any, mesh: Any = None, pack_int8: bool = True
+                  ) -> tuple[Any, Any, Any]:
+    """The model as the in-process engine serves it: per-layer (`per_layer_model`), and with `pack_int8` its W8A8
+    weights in the CPU kernel's layout where that kernel runs (`cpu_layout_model`)."""
+    graphdef, params, model_cfg = per_layer_model(graphdef, params, model_cfg)
+    return cpu_layout_model(graphdef, params, model_cfg, mesh) if pack_int8 else (graphdef, params, model_cfg)
 
 
 class ModelPrograms:

@@ -20,9 +20,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 
-from fastserve.kernels.int8 import ACTIVATIONS, dequantize
+from fastserve.kernels.int8 import ACTIVATIONS, dequantize, pack_vnni, packable
 from fastserve.models.compressed import quantize_int8
 from fastserve.models.layer_stack import as_per_layer
 from fastserve.transforms.common import (TransformError, check_params, compile_pattern, describe, get_node,
@@ -81,6 +82,28 @@ def quantize(model_cfg: Any, params: dict, *, bits: int = 8, group: int | None =
     new_cfg = dataclasses.replace(model_cfg, compressed=compressed)
     check_params(describe(new_cfg)[0], new_params, "quantize (output)")
     return new_cfg, new_params, report
+
+
+def vnni_layout(model_cfg: Any, params: dict) -> tuple[Any, dict, list[str]]:
+    """The W8A8 int8 kernels (and a W8A8 tied int8 head) of a quantized model stored as the CPU kernel's VNNI panels
+    (`layout: vnni`, fastserve.models.compressed; `fastserve.kernels.int8.pack_vnni`), where their shapes allow it.
+    The same codes and scales in another order: the same integer sums per block of 32 (a tied head's blocks are
+    added in another order than its row-wise kernel's: equal up to float rounding). Pure: (new cfg, new params, the
+    paths repacked). The serving engine applies it at start-up on a CPU with VNNI (serve.pack_int8)."""
+    compressed, new_params, packed = dict(model_cfg.compressed), params, []
+    for path, entry in model_cfg.compressed.items():
+        if entry.get("kind") != "int8" or entry.get("activations") != "int8" or entry.get("layout", "kn") != "kn":
+            continue
+        node = get_node(params, path)
+        name = "embedding" if "embedding" in node else "kernel"
+        k, n = node[name].shape[::-1] if name == "embedding" else node[name].shape   # a table is the head (k, n)ᵀ
+        if not packable(k, n, entry.get("group")):
+            continue
+        pack = jax.jit(lambda w, table=name == "embedding": pack_vnni(w.T if table else w))
+        new_params = replace_node(new_params, path, {**node, name: pack(node[name])})
+        compressed[path] = {**entry, "layout": "vnni"}
+        packed.append(path)
+    return dataclasses.replace(model_cfg, compressed=compressed), new_params, packed
 
 
 def _head_path(model_cfg: Any, abstract: dict, layers: dict[str, str], exclude: Any) -> str | None:

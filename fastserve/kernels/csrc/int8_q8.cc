@@ -1,6 +1,8 @@
 // XLA FFI handlers for W8A8 products on CPU (int8 weights, activations quantized to int8 on the fly):
 // `fastserve_int8_matmul_q8`: y[M, N] = Q8(x)[M, K] · (W int8 [K, N] × scale [G, N]);
-// `fastserve_int8_matmul_nt_q8`: y[M, N] = Q8(x)[M, K] · (W int8 [N, K] × scale [N])ᵀ (the tied LM head).
+// `fastserve_int8_matmul_nt_q8`: y[M, N] = Q8(x)[M, K] · (W int8 [N, K] × scale [N])ᵀ (the tied LM head);
+// `fastserve_int8_matmul_q8_packed`: the first with W stored as the VNNI loops' panels [N / 64, K, 64] (`pack_vnni`
+// in fastserve/kernels/int8.py: column 64p + 16L + 4j + i, row k at panel p, vector 4⌊k/4⌋ + j, byte 16L + 4i + k%4).
 //
 // Q8: each row of x in blocks of 32, a block scaled by max|x| / 127 and rounded to int8 (llama.cpp's Q8_0), so a
 // block's products are exact integer sums, scaled once per block and once per weight group. K (and `group`) must
@@ -23,6 +25,8 @@ void fastserve_int8_q8_tile_vnni(const int8_t*, const float*, const int32_t*, co
                                  int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 void fastserve_int8_q8_rows_vnni(const int8_t*, const float*, const int8_t*, const float*, float*, int64_t, int64_t,
                                  int64_t, int64_t, int64_t);
+void fastserve_int8_q8_packed_vnni(const int8_t*, const float*, const int32_t*, const int8_t*, const float*, float*,
+                                   int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 void fastserve_q8_quantize_vnni(const float*, int64_t, int64_t, int8_t*, float*, int32_t*);
 #endif
 }
@@ -94,6 +98,21 @@ void tile_portable(const Q8& a, const int8_t* w, const float* s, float* y, int64
   }
 }
 
+// Where weight (k, n) of a packed [N / 64, K, 64] matrix lies (the layout above).
+inline int64_t packed_offset(int64_t K, int64_t k, int64_t n) {
+  const int64_t c = n % 64;
+  return ((n / 64) * K + 4 * (k / 4) + (c % 16) / 4) * 64 + 16 * (c / 16) + 4 * (c % 4) + k % 4;
+}
+
+// tile_portable over a packed W: columns [n0, n1) unpacked into a [K, N] scratch first (a correct fallback).
+void packed_portable(const Q8& a, const int8_t* w, const float* s, float* y, int64_t M, int64_t K, int64_t N,
+                     int64_t group, int64_t n0, int64_t n1) {
+  std::vector<int8_t> plain(K * N);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = n0; n < n1; ++n) plain[k * N + n] = w[packed_offset(K, k, n)];
+  tile_portable(a, plain.data(), s, y, M, K, N, group, n0, n1);
+}
+
 // Rows [n0, n1) of W [N, K] (one scale per row of W).
 void rows_portable(const Q8& a, const int8_t* w, const float* s, float* y, int64_t M, int64_t K, int64_t N,
                    int64_t n0, int64_t n1) {
@@ -138,6 +157,15 @@ void rows(bool vnni, const Q8& a, const int8_t* w, const float* s, float* y, int
   rows_portable(a, w, s, y, M, K, N, n0, n1);
 }
 
+void packed(bool vnni, const Q8& a, const int8_t* w, const float* s, float* y, int64_t M, int64_t K, int64_t N,
+            int64_t group, int64_t n0, int64_t n1) {
+#if defined(__x86_64__)
+  if (vnni)
+    return fastserve_int8_q8_packed_vnni(a.q.data(), a.scale.data(), a.sum.data(), w, s, y, M, K, N, group, n0, n1);
+#endif
+  packed_portable(a, w, s, y, M, K, N, group, n0, n1);
+}
+
 // x [M, K] quantized once, then columns(a, n0, n1) over [0, N) split as the float kernels' are.
 template <typename Columns>
 ffi::Error quantize_and_split(ffi::ThreadPool& pool, int64_t threads, bool vnni, const float* x, int64_t M,
@@ -171,6 +199,31 @@ ffi::Error Int8MatmulQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   });
 }
 
+ffi::Error Int8MatmulQ8Packed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                              ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t group,
+                              int64_t threads) {
+  const auto wd = w.dimensions(), sd = scale.dimensions(), xd = x.dimensions();
+  if (wd.size() != 3 || wd[2] != 64 || sd.size() != 2 || xd.size() < 1)
+    return ffi::Error::InvalidArgument("fastserve_int8_matmul_q8_packed: expected x [..., K], w [N / 64, K, 64], "
+                                       "scale [G, N]");
+  const int64_t K = wd[1], N = wd[0] * 64;
+  if (xd.back() != K || K == 0 || K % kBlock || group <= 0 || group % kBlock || sd[1] != N ||
+      sd[0] != (K + group - 1) / group)
+    return ffi::Error::InvalidArgument("fastserve_int8_matmul_q8_packed: shapes of x, w, scale and group do not "
+                                       "agree (K and group must be positive multiples of 32)");
+  const int64_t M = static_cast<int64_t>(x.element_count()) / K;
+  if (static_cast<int64_t>(y->element_count()) != M * N)
+    return ffi::Error::InvalidArgument("fastserve_int8_matmul_q8_packed: result is not [M, N]");
+  const int8_t* wp = w.typed_data();
+  const float* sp = scale.typed_data();
+  float* yp = y->typed_data();
+  const bool vnni = use_vnni();
+  // split_columns' pieces are multiples of 128 columns (or end at N, a multiple of 64): whole panels
+  return quantize_and_split(pool, threads, vnni, x.typed_data(), M, K, N, [=](const Q8& a, int64_t n0, int64_t n1) {
+    packed(vnni, a, wp, sp, yp, M, K, N, group, n0, n1);
+  });
+}
+
 ffi::Error Int8MatmulNTQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                           ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t threads) {
   const auto wd = w.dimensions(), sd = scale.dimensions(), xd = x.dimensions();
@@ -195,6 +248,7 @@ ffi::Error Int8MatmulNTQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fastserve_int8_matmul_q8, Int8MatmulQ8, fastserve_columns::tile_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fastserve_int8_matmul_q8_packed, Int8MatmulQ8Packed, fastserve_columns::tile_binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fastserve_int8_matmul_nt_q8, Int8MatmulNTQ8, fastserve_columns::rows_binding());
 
 extern "C" int fastserve_int8_q8_vnni() { return use_vnni() ? 1 : 0; }

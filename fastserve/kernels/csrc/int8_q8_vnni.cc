@@ -160,6 +160,31 @@ void rows(const int8_t* q, const float* xs, const int32_t* qsum, const int8_t* w
   if (n < n1) tail_columns(q, xs, w, s, y, MB, K, N, group, n, n1);
 }
 
+// A weight matrix stored already in Packed's panel layout (`pack_vnni` in fastserve/kernels/int8.py; the serving
+// engine repacks W8A8 layers at start-up): panel p = columns 64p .. 64p + 63, K vectors of 64 bytes, contiguous.
+// Decoding then streams each panel once, in order, with no rearranging: on Zen 4 one core read SmolLM2's
+// 576 × 1536 matrices at ~2× the Direct tiles' rate from 1 to 8 rows (experiments/int8_stream.py --packed).
+struct Prepacked {
+  const __m512i* panel;
+  void quads(int64_t k, int64_t, __m512i v[4]) const {
+    // the codes as stored (int8, readable by XLA's path too), made unsigned here as weight_quads makes them
+    for (int j = 0; j < 4; ++j) v[j] = flip_sign(_mm512_loadu_si512(panel + k + j));   // XLA's buffers: 16-aligned
+  }
+  void prefetch(int64_t, int64_t) const {}   // one contiguous stream: the hardware prefetcher follows it
+};
+
+// Every row of q over the 64 columns from n whose weights `src` holds, 4 rows per tile (then 2 / 1): the panel
+// (K · 64 bytes) stays in L2 between groups of rows.
+template <typename Source>
+void panel_rows(const Source& src, const int8_t* q, const float* xs, const int32_t* qsum, const float* s, float* y,
+                int64_t M, int64_t K, int64_t N, int64_t group, int64_t n) {
+  const int64_t blocks = K / kBlock;
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile<4, 1>(q + m * K, xs + m * blocks, qsum + m * blocks, src, s, y + m * N, K, N, group, n);
+  for (; m + 2 <= M; m += 2) tile<2, 1>(q + m * K, xs + m * blocks, qsum + m * blocks, src, s, y + m * N, K, N, group, n);
+  for (; m < M; ++m) tile<1, 1>(q + m * K, xs + m * blocks, qsum + m * blocks, src, s, y + m * N, K, N, group, n);
+}
+
 // Every row of q over columns [n0, n1), a packed panel of 64 columns at a time, 4 rows per tile (then 2 / 1).
 // Measured single-threaded on Zen 4 (experiments/int8_stream.py --gemm): from 32 rows in cache ~1.2× the direct
 // tiles (576×1536, 64 rows: 280 vs 235 GOPS); at 8-16 rows no better, and streamed from memory slower (the panel
@@ -168,18 +193,10 @@ void packed_rows(const int8_t* q, const float* xs, const int32_t* qsum, const in
                  int64_t M, int64_t K, int64_t N, int64_t group, int64_t n0, int64_t n1) {
   thread_local std::vector<__m512i> panel;
   if (static_cast<int64_t>(panel.size()) < K) panel.resize(K);
-  const Packed src{panel.data()};
-  const int64_t blocks = K / kBlock;
   int64_t n = n0;
   for (; n + 64 <= n1; n += 64) {
     pack_panel(w, K, N, n, panel.data());
-    int64_t m = 0;
-#define FS_PANEL_ROWS(MB) \
-  tile<MB, 1>(q + m * K, xs + m * blocks, qsum + m * blocks, src, s, y + m * N, K, N, group, n)
-    for (; m + 4 <= M; m += 4) FS_PANEL_ROWS(4);
-    for (; m + 2 <= M; m += 2) FS_PANEL_ROWS(2);
-    for (; m < M; ++m) FS_PANEL_ROWS(1);
-#undef FS_PANEL_ROWS
+    panel_rows(Packed{panel.data()}, q, xs, qsum, s, y, M, K, N, group, n);
   }
   if (n < n1) tail_columns(q, xs, w, s, y, M, K, N, group, n, n1);
 }
@@ -230,6 +247,15 @@ extern "C" void fastserve_int8_q8_tile_vnni(const int8_t* q, const float* xs, co
   for (; m + 2 <= M; m += 2)
     rows<2, 1>(q + m * K, xs + m * blocks, qsum + m * blocks, w, s, y + m * N, K, N, group, n0, n1);
   for (; m < M; ++m) rows<1, 2>(q + m * K, xs + m * blocks, qsum + m * blocks, w, s, y + m * N, K, N, group, n0, n1);
+}
+
+// y[M, n0:n1] for W prepacked (`Prepacked`: N / 64 panels of K × 64 bytes) with scales [G, N]; n0 and n1 multiples
+// of 64.
+extern "C" void fastserve_int8_q8_packed_vnni(const int8_t* q, const float* xs, const int32_t* qsum, const int8_t* w,
+                                              const float* s, float* y, int64_t M, int64_t K, int64_t N,
+                                              int64_t group, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 64)
+    panel_rows(Prepacked{reinterpret_cast<const __m512i*>(w) + (n / 64) * K}, q, xs, qsum, s, y, M, K, N, group, n);
 }
 
 // y[M, n0:n1] for W [N, K] with one scale per row of W (K a multiple of 32).
