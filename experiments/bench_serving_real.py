@@ -12,10 +12,13 @@ The trace is bench_serving's (serving_workload.workload: Poisson arrivals, promp
 request generates exactly its output length on both servers. Each rate of the sweep runs every contender on the
 identical trace, contenders alternating within the rate (so machine load drifts over all of them alike). fastserve
 serves from one process (configs/smollm2_135m.yaml's model, 8 slots, its MLFQ scheduler, buckets [32, 64]); int8 is
-the `quantize` transform (the C++ kernel at decode); "int8 w8a8" the same with `activations: int8` (activations
-rounded to int8 per block of 32 and integer products, as llama.cpp's Q8_0 dot); "int8 paged" holds the same KV
-bytes as block-paged KV (`serve.kv_cache_bytes`), whose decode attends over the blocks the running jobs hold rather
-than every slot's whole cache. llama.cpp serves the Q8_0 requantization of the shipped GGUF
+the `quantize` transform (the C++ kernel at decode); "int8 w8a8" the transforms of configs/serve_smollm2_w8a8.yaml
+(`activations: int8`: activations rounded to int8 per block of 32 and integer products, as llama.cpp's Q8_0 dot; the
+weights stored as the VNNI kernel's panels at start-up, serve.pack_int8); "int8 w8a8 chunked" also that file's
+`serve.prefill_chunk` (new prompts written in the running streams' decode steps), so it measures what that config
+serves, on the benchmark's slots, buckets and cache; "int8 paged" holds the same KV bytes as block-paged KV
+(`serve.kv_cache_bytes`), whose decode attends over the blocks the running jobs hold rather than every slot's whole
+cache. llama.cpp serves the Q8_0 requantization of the shipped GGUF
 (int8_decode.py makes it) with `-np 8` slots (of 512 positions, the least it takes; fastserve's hold 320); where
 its extra CPU buffer types (AMX tiles, repacked weights) fault on this VM it runs with `--no-repack`, and the
 result says so.
@@ -58,6 +61,8 @@ from serving_client import run_http  # noqa: E402
 from serving_workload import P99_SLO_S, SLO_TPOT_S, SLO_TTFT_S, slot_layout_bytes, workload  # noqa: E402
 
 SMOLLM = os.path.join(ROOT, "configs", "smollm2_135m.yaml")
+# what a user serves fast (W8A8 at load, prefill chunks): the W8A8 arms take its transforms, "chunked" its chunk
+SERVED = os.path.join(ROOT, "configs", "serve_smollm2_w8a8.yaml")
 RESULTS = os.path.join(HERE, "results")
 SLOTS, BUCKETS, MAX_LEN = 8, [32, 64], 320
 # req/s offered (mean output 30 tokens); 8 and 10 since a66e306: at 6 both fastserve W8A8 and llama.cpp met the
@@ -84,6 +89,7 @@ def fastserve_worker(port_file: str, variants: list[str]) -> int:
     from fastserve.workdir import load_model
 
     cfg = load_config(SMOLLM, ["mesh.data=1"])
+    served = load_config(SERVED)           # the W8A8 arms' transforms, the chunked arm's prefill_chunk
     loaded = load_model(cfg)
     scfg = dataclasses.replace(cfg.serve, slots=SLOTS, buckets=BUCKETS, max_cache_len=MAX_LEN, max_queue=100_000,
                                max_new_tokens_limit=256, port=0)
@@ -95,15 +101,16 @@ def fastserve_worker(port_file: str, variants: list[str]) -> int:
         if name.startswith("int8"):
             activations = "int8" if "w8a8" in name else "float32"
             if activations not in quantized:
-                spec = {"quantize": {"include": ["layers.*"], "activations": activations}}
-                model_cfg, graphdef, params, _ = transform_loaded(loaded, [spec], cfg)
+                specs = served.transforms if activations == "int8" else \
+                    [{"quantize": {"include": ["layers.*"], "activations": activations}}]
+                model_cfg, graphdef, params, _ = transform_loaded(loaded, specs, cfg)
                 quantized[activations] = dataclasses.replace(loaded, model_cfg=model_cfg, graphdef=graphdef,
                                                              params=params)
             variant = quantized[activations]
         if name.endswith("paged"):   # the same bytes as the slot layout, in blocks: attention over held blocks only
             vcfg = dataclasses.replace(scfg, kv_cache_bytes=slot_layout_bytes(loaded.model_cfg, SLOTS, MAX_LEN))
-        if name.endswith("chunked"):   # new prompts ride in the running rows' decode steps, CHUNK tokens a step
-            vcfg = dataclasses.replace(scfg, prefill_chunk=CHUNK)
+        if name.endswith("chunked"):   # new prompts ride in the running rows' decode steps, a chunk a step
+            vcfg = dataclasses.replace(scfg, prefill_chunk=served.serve.prefill_chunk)
         urls[name] = Server(Engine.from_loaded(variant, vcfg), variant, vcfg, model_name="bench").start().url
     with open(port_file + ".tmp", "w") as f:
         json.dump(urls, f)
@@ -113,7 +120,6 @@ def fastserve_worker(port_file: str, variants: list[str]) -> int:
 
 
 VARIANTS = ("float32", "int8", "int8 w8a8", "int8 w8a8 chunked", "int8 paged")
-CHUNK = 32          # serve.prefill_chunk of the "chunked" variant
 
 
 def start_fastserve(variants: list[str], spin_threads: str) -> tuple[subprocess.Popen, dict[str, str]]:

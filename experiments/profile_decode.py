@@ -41,10 +41,8 @@ def engine_for(activations: str, attention: str):
     from fastserve.serve.engine import Engine
     from fastserve.transforms.report import transform_loaded
     from fastserve.workdir import load_model
-    cfg = load_config(SMOLLM, ["mesh.data=1"])
+    cfg = load_config(SMOLLM, ["mesh.data=1", f"model.attention={attention}"])
     loaded = load_model(cfg)
-    # the model's config comes from the weights' import, not from cfg.model: the attention choice is set on it
-    loaded = dataclasses.replace(loaded, model_cfg=dataclasses.replace(loaded.model_cfg, attention=attention))
     serve = dataclasses.replace(cfg.serve, slots=8, buckets=[32, 64], max_cache_len=320, max_queue=1000,
                                 max_new_tokens_limit=280, port=0)
     model_cfg, graphdef, params, _ = transform_loaded(

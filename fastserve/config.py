@@ -329,8 +329,8 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     # Parameter transforms (fastserve.transforms), in order: applied by `fastserve.compress` and by
-    # `fastserve.export` before writing, e.g. [{lowrank: {include: "layers.*.mlp.*", rank_ratio: 0.25}},
-    # {quantize: {bits: 8}}].
+    # `fastserve.export` before writing, and by `fastserve.serve` at load (a decoder or encoder in process), e.g.
+    # [{lowrank: {include: "layers.*.mlp.*", rank_ratio: 0.25}}, {quantize: {bits: 8}}].
     transforms: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

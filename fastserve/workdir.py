@@ -6,6 +6,7 @@ A work dir holds `config.yaml` (the full config it was trained with), the tokeni
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -127,6 +128,19 @@ def _load_checkpoint(cfg: Config, mesh) -> LoadedModel:
     return LoadedModel(model_cfg, graphdef, params, tokenizer, mesh,
                        chat_template=getattr(tokenizer, "chat_template", None), step=step)
 
+# Fields of a `model:` section that choose how a model runs, not what its weights are: an imported model (GGUF, HF)
+# takes them from the config, the rest from the weights' metadata.
+RUN_CHOICES = ("attention", "remat")
+
+
+def with_run_choices(imported_cfg: Any, cfg_model: Any) -> Any:
+    """`imported_cfg` with the config's RUN_CHOICES, when the config's `model:` is of the same family."""
+    if type(cfg_model) is not type(imported_cfg):
+        return imported_cfg
+    chosen = {f: getattr(cfg_model, f) for f in RUN_CHOICES if hasattr(imported_cfg, f)}
+    return dataclasses.replace(imported_cfg, **chosen) if chosen else imported_cfg
+
+
 def load_model(cfg: Config, mesh: Any = None) -> LoadedModel:
     """Weights (params ∪ model state), tokenizer and model definition from `cfg.source`, placed on `mesh` (default:
     the config's when it fits the devices here, else one device: `parallel.make_tool_mesh`)."""
@@ -145,6 +159,7 @@ def load_model(cfg: Config, mesh: Any = None) -> LoadedModel:
             imported = interop.load_hf_bert(path, cfg.source.dtype)
         else:
             imported = interop.load_hf_llama(path, cfg.source.dtype)
-        graphdef, params = place_params(imported.params, imported.model_cfg, mesh)
-        return LoadedModel(imported.model_cfg, graphdef, params, imported.tokenizer, mesh, imported.chat_template)
+        model_cfg = with_run_choices(imported.model_cfg, cfg.model)
+        graphdef, params = place_params(imported.params, model_cfg, mesh)
+        return LoadedModel(model_cfg, graphdef, params, imported.tokenizer, mesh, imported.chat_template)
     raise ValueError(f"unknown source.kind '{kind}' (choose from checkpoint, gguf, hf)")

@@ -2,8 +2,11 @@
 permutation of the codes (round trip, a token's row gathered back out of a packed head), the packed kernel's VNNI
 loops give bit-for-bit the unpacked kernel's answer and its portable loops the integer reference, a quantized model
 repacked by `vnni_layout` computes what it computed before (up to float rounding in the tied head), and the serving engine repacks a W8A8 model at
-start-up and generates the same greedy tokens as with `serve.pack_int8=false`."""
+start-up and generates the same greedy tokens as with `serve.pack_int8=false`; serving applies a config's
+`transforms` at load."""
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +21,12 @@ from fastserve.generation import decoding as infer
 from fastserve.kernels.int8 import (int8_matmul_packed_kernel, int8_matmul_q8_kernel, pack_vnni, packed_columns,
                                     unpack_vnni, vnni_available)
 from fastserve.models.compressed import validate_entry
+from fastserve.serve.cli import serve
 from fastserve.serve.engine import Engine, Request
 from fastserve.transforms import quantize
 from fastserve.transforms.quantize import vnni_layout
+from fastserve.transforms.report import transformed
+from fastserve.workdir import LoadedModel
 from kernel_isa import lib  # noqa: F401  (a fixture)
 from test_int8_w8a8 import _case, _paths, _reference
 
@@ -116,3 +122,23 @@ def test_the_engine_serves_a_w8a8_model_repacked_with_the_same_tokens(lib):
     assert layouts == (["vnni", "kn"] if vnni_available() else ["kn", "kn"])
     assert all(len(o) == 12 for o in outputs[0])
     assert outputs[0] == outputs[1]
+
+
+def test_serving_applies_the_configs_transforms_at_load(lib):
+    """`python -m fastserve.serve` quantizes at load what `transforms:` asks (configs/serve_smollm2_w8a8.yaml), and
+    refuses transforms on an export, whose weights are fixed."""
+    cfg = load_config(None, ["model.vocab_size=128", "model.d_model=64", "model.n_layers=1", "model.n_heads=4",
+                             "model.d_ff=128", "model.max_seq_len=32", "data.seq_len=32", "mesh.data=1",
+                             "transforms=[{quantize: {include: ['layers.*'], activations: int8}}]"])
+    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
+    graphdef, params, _ = init_params(cfg.model, mesh, seed=0)
+    loaded = LoadedModel(cfg.model, graphdef, params, None, mesh)
+    assert transformed(loaded, dataclasses.replace(cfg, transforms=[])) is loaded
+    served = transformed(loaded, cfg)
+    assert served.model_cfg.compressed["layers.0.mlp.up"] == {"kind": "int8", "activations": "int8"}
+    assert served.params["layers"][0]["mlp"]["up"]["kernel"].dtype == jnp.int8
+    exported = dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, kind="exported", path="exports/x"))
+    with pytest.raises(ValueError, match="transforms: an export's weights are fixed"):
+        serve(exported, block=False)
+    shipped = load_config("configs/serve_smollm2_w8a8.yaml")
+    assert shipped.transforms[0]["quantize"]["activations"] == "int8" and shipped.serve.prefill_chunk > 0

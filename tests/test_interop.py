@@ -411,6 +411,20 @@ def test_gguf_written_by_llama_cpp_convention_roundtrip(tmp_path, tied):
     assert imported.chat_template == CHATML
 
 
+def test_an_imported_model_runs_as_the_config_chooses(tmp_path):
+    """The weights' metadata give an imported model's shapes; the config's `model:` still chooses how it runs
+    (attention implementation, remat), as it does for a trained work dir."""
+    pytest.importorskip("gguf")
+    from fastserve.workdir import load_model
+    write_tiny_tokenizer((tmp_path / "tok").mkdir() or tmp_path / "tok")
+    write_tiny_gguf(tmp_path / "tiny.gguf", tiny_hf_state_dict(True), True)
+    cfg = load_config(None, ["source.kind=gguf", f"source.path={tmp_path / 'tiny.gguf'}", "model.attention=xla",
+                             "model.remat=full", "model.d_model=1024", "mesh.data=1"])
+    loaded = load_model(cfg)
+    assert (loaded.model_cfg.attention, loaded.model_cfg.remat) == ("xla", "full")
+    assert loaded.model_cfg.d_model == tiny_model_cfg(True).d_model          # shapes: the weights'
+
+
 def test_gguf_errors_name_the_problem(tmp_path):
     pytest.importorskip("gguf")
     write_tiny_tokenizer((tmp_path / "tok").mkdir() or tmp_path / "tok")

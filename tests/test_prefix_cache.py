@@ -219,6 +219,12 @@ def test_metrics_report_hit_and_queried_tokens(model):
     assert f"fastserve_prefix_cache_hit_tokens_total {float(st['hit_tokens'])}" in text
     assert f"fastserve_prefix_cache_queried_tokens_total {float(st['queried_tokens'])}" in text
     assert st["hit_tokens"] == 32 and st["queried_tokens"] == 39 + 45
+    # a prompt whose prefix was looked up when it took its slot (chunked prefill with streams running), then written
+    # whole because the streams had ended: looked up, and counted, once
+    prompt = chat(seed=1)[0].tokens
+    assert eng.filler.begin(prompt, 0) == 0                    # another system prompt: no hit
+    eng.filler.fill(prompt, 0, None, None, save=False, begun=True)
+    assert eng.stats()["prefix_cache"]["queried_tokens"] == 39 + 45 + len(prompt)
 
 
 @pytest.mark.slow

@@ -34,13 +34,15 @@ def serving_config(cfg: Config) -> Config:
 
 def serve(cfg: Config, block: bool = True) -> Server | None:
     """Loads `cfg.source`, compiles the engine of `cfg.serve`, and serves it (block=False: returns the running
-    Server, whose `.url` and `.stop()` the caller uses). source.kind=exported serves an export directory's
-    functions (its buckets and max_cache_len bound serve.buckets and serve.max_cache_len)."""
+    Server, whose `.url` and `.stop()` the caller uses). `cfg.transforms` are applied to loaded weights first.
+    source.kind=exported serves an export directory's functions (its buckets and max_cache_len bound serve.buckets
+    and serve.max_cache_len)."""
     from fastserve import parallel
     from flax import nnx
 
     from fastserve.generation.encoders import source_is_encoder
     from fastserve.generation.seq2seq_decode import is_seq2seq
+    from fastserve.transforms.report import transformed
     from fastserve.workdir import load_model, resolve_path
     t0 = time.perf_counter()
     cfg = serving_config(cfg)
@@ -51,15 +53,19 @@ def serve(cfg: Config, block: bool = True) -> Server | None:
         if not cfg.source.path:
             raise ValueError("source.kind=exported needs source.path (a directory written by python -m "
                              "fastserve.export)")
+        if cfg.transforms:
+            raise ValueError("transforms: an export's weights are fixed; apply the transforms when exporting "
+                             "(python -m fastserve.export with the same `transforms`), not when serving it")
         exp = load_exported(resolve_path(cfg.source.path))   # verifies the manifest and every file's sha256
         server = Server(Engine.from_exported(exp, cfg.serve), served_model(exp), cfg.serve, model_name(cfg))
     elif source_is_encoder(cfg):          # an encoder: POST /v1/embeddings (fastserve/serve/embeddings.py)
         from fastserve.generation.encoders import EncoderRunner
         from fastserve.serve.embeddings import EmbeddingServer
-        runner = EncoderRunner(load_model(cfg), cfg.embed.batch_size, cfg.serve.buckets, cfg.embed.max_len)
+        runner = EncoderRunner(transformed(load_model(cfg), cfg), cfg.embed.batch_size, cfg.serve.buckets,
+                               cfg.embed.max_len)
         server = EmbeddingServer(runner, cfg.serve, model_name(cfg))
     else:
-        loaded = load_model(cfg)
+        loaded = transformed(load_model(cfg), cfg)     # cfg.transforms (e.g. W8A8 quantization), in memory
         if is_seq2seq(nnx.merge(loaded.graphdef, loaded.params)):   # translation: POST /v1/completions per sentence
             from fastserve.serve.translations import TranslationServer, Translator
             from fastserve.translate import pair_tokenizer

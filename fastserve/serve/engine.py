@@ -331,7 +331,7 @@ class Engine(Runner):
         floats = np.array([[job.temperature], [job.top_p]], np.float32)
         before = job._filled
         tok, extends, job._filled = self.filler.fill(job.tokens, job._slot, ints, floats, save=False, start=before,
-                                                     chunked=chunked)
+                                                     chunked=chunked, begun=job._prefilling)
         self.counters["prefill_extends"] += extends
         t = self.clock()
         self.timings["prefill"] += t - t0

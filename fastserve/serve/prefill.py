@@ -77,12 +77,13 @@ class SlotFiller:
         return start
 
     def fill(self, seq: Sequence[int], slot: int, ints: np.ndarray | None, floats: np.ndarray | None, save: bool,
-             start: int = 0, chunked: bool = False) -> tuple[int | None, int, int]:
+             start: int = 0, chunked: bool = False, begun: bool = False) -> tuple[int | None, int, int]:
         """Writes the KV of `seq` from position `start` into `slot` → (the token sampled from the last token's
         logits with ints [3, 1] / floats [2, 1] as prefill_fn samples, or None when `ints` is None or the sequence
         is not complete; extends run; positions written so far). `chunked`: one chunk of serve.prefill_chunk
         tokens at most (the caller goes on from the returned position in a later call). `save`: once complete,
-        put its full blocks into the prefix store."""
+        put its full blocks into the prefix store. `begun`: `begin` already ran for this prompt (its prefix lookup
+        is not repeated, nor counted twice)."""
         n = len(seq)
         sample = ints is not None
         if not sample:
@@ -90,7 +91,7 @@ class SlotFiller:
         size = self.chunk if chunked and self.chunk else self.buckets[-1]      # tokens per piece
         tok, budget = None, (size if chunked and self.chunk else n)
         if start == 0:
-            start = self.begin(seq, slot)
+            start = 0 if begun else self.begin(seq, slot)
             if not start:
                 head = seq[:min(size, n)]
                 tokens = np.full((1, self._bucket(len(head))), self.pad_id, np.int32)

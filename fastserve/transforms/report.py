@@ -198,6 +198,16 @@ def transform_loaded(loaded: Any, specs: list[dict], cfg: Config | None = None) 
     return new_model_cfg, graphdef, placed, layers
 
 
+def transformed(loaded: Any, cfg: Config) -> Any:
+    """`loaded` (a LoadedModel) with `cfg.transforms` applied in memory, or `loaded` itself when there are none:
+    what `python -m fastserve.serve` does at load, so a config can serve e.g. a W8A8 model straight from its
+    GGUF (configs/serve_smollm2_w8a8.yaml)."""
+    if not cfg.transforms:
+        return loaded
+    model_cfg, graphdef, params, _ = transform_loaded(loaded, cfg.transforms, cfg)
+    return dataclasses.replace(loaded, model_cfg=model_cfg, graphdef=graphdef, params=params)
+
+
 def decode_prompt_ids(tokenizer: Any) -> list[int]:
     ids = tokenizer.encode(DECODE_PROMPT)
     return [tokenizer.bos_id] + ids if tokenizer.bos_id >= 0 and getattr(tokenizer, "add_bos", True) else ids
