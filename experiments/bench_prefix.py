@@ -7,6 +7,7 @@ serve.prefill_chunk (issue 16's goal: p99 TPOT <= 2x its median).
     python experiments/bench_prefix.py           # ~4 min on 2 cores (241 s at 88d84de); writes results/bench_prefix.{json,md}
     python experiments/bench_prefix.py --quick   # ~3 min: fewer rates and requests; writes nothing
     python experiments/bench_prefix.py --part chunk   # only the chunked-prefill part; writes nothing
+    python experiments/bench_prefix.py --part prefix --prefill-chunk 32   # the prefix arms with chunked prefill
 
 The model has the quickstart's shape (configs/quickstart.yaml: d_model 256, 4 layers, 8/4 heads, vocab 4000) with
 random weights (as experiments/bench_serving.py), max_seq_len 448; stop ids are empty, so every request generates
@@ -96,14 +97,15 @@ def sustainable(points: list[dict[str, Any]]) -> float:
     return max(ok, default=0.0)
 
 
-def prefix_part(quick: bool, seed: int) -> dict[str, Any]:
+def prefix_part(quick: bool, seed: int, chunk: int = 0) -> dict[str, Any]:
     from fastserve.config import ServeConfig
     from fastserve.serve.engine import Engine
     graphdef, params, model_cfg, mesh = quickstart_model(MAX_LEN)
     engines = {}
     for arm, on in (("off", False), ("on", True)):
         cfg = ServeConfig(slots=SLOTS, buckets=BUCKETS, max_cache_len=MAX_LEN, scheduler="fcfs", max_queue=100_000,
-                          max_new_tokens_limit=OUTPUT[1], prefix_cache=on, prefix_cache_block=BLOCK, port=0)
+                          max_new_tokens_limit=OUTPUT[1], prefix_cache=on, prefix_cache_block=BLOCK, port=0,
+                          prefill_chunk=chunk)
         t0 = time.perf_counter()
         engines[arm] = Engine(graphdef, params, model_cfg, cfg, mesh=mesh, stop_ids=[])
         print(f"engine {arm}: started in {time.perf_counter() - t0:.1f} s; profile {engines[arm].profile}",
@@ -180,8 +182,8 @@ def stalls(engine, items: list[Item], warmup: int) -> dict[str, Any]:
     gaps = np.concatenate([np.diff(r.token_times) for r in measured])
     ttft_long = [r.ttft for r in measured if len(r.tokens) == LONG_PROMPT]
     ttft_short = [r.ttft for r in measured if len(r.tokens) != LONG_PROMPT]   # behind long prompts' pieces too
-    # the short-prompt streams alone: a long-prompt stream's own steps attend to its 2,000 positions, which the
-    # engine runs apart from the short rows' (decode windows); the goal's ratio over all streams includes both
+    # the short-prompt streams alone, and the long ones' (each of their steps reads 2,000 cached positions a layer);
+    # the goal's ratio is over all streams
     short = np.array([r.tpot for r in measured if r.tpot is not None and len(r.tokens) != LONG_PROMPT])
     long_tpot = [r.tpot for r in measured if r.tpot is not None and len(r.tokens) == LONG_PROMPT]
     return {"requests": len(measured), "long_prompts": len(ttft_long),
@@ -218,7 +220,7 @@ def chunk_part(quick: bool, seed: int) -> dict[str, Any]:
     per_request = LONG_SHARE * long_s + (1 - LONG_SHARE) * prof["prefill_s"][LONG_BUCKETS[0]] + \
         np.mean(OUTPUT) * prof["decode_s"] / SLOTS
     rate = round(LOAD / per_request, 2)
-    n = 30 if quick else 80
+    n = 30 if quick else 200     # 20 long prompts: a p99 over 80 requests was their slowest one or two
     warmup = max(3, n // 10)
     items = long_workload(n + warmup, rate, seed + 77)
     out: dict[str, Any] = {"rate": rate, "load_of_profile_bound": LOAD, "max_cache_len": max_len,
@@ -281,10 +283,12 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--part", choices=["both", "prefix", "chunk"], default="both",
                     help="prefix: the prefix cache only; chunk: the chunked-prefill measurement only (writes nothing)")
+    ap.add_argument("--prefill-chunk", type=int, default=0,
+                    help="serve.prefill_chunk of both prefix-cache arms (default 0: whole prefills, as recorded)")
     args = ap.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     t_start, load_start, prov = time.time(), os.getloadavg()[0], provenance()   # the code measured: at the start
-    prefix = prefix_part(args.quick, args.seed) if args.part in ("both", "prefix") else None
+    prefix = prefix_part(args.quick, args.seed, args.prefill_chunk) if args.part in ("both", "prefix") else None
     chunk = chunk_part(args.quick, args.seed) if args.part in ("both", "chunk") else None
     if prefix is None:
         print(json.dumps({"bench": "prefix", "quick": args.quick, "chunk": chunk}))

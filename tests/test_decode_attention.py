@@ -1,6 +1,7 @@
-"""The decode-attention kernel (csrc/attention_item.cc `decode`, custom call `fastserve_decode_attention`): one token
-per row attending to its cache row in place, up to its own length — against a float64 reference written from the
-definition, per instruction-set variant, and through a decoder's cached decode step against XLA's path."""
+"""The decode-attention kernel (csrc/attention_item.cc `decode_run`, custom call `fastserve_decode_attention`): each
+token (a decode row, or a column of a prompt's piece) attending to its cache row in place, up to its own length —
+against a float64 reference written from the definition, per instruction-set variant, and through a decoder's cached
+decode step against XLA's path."""
 from __future__ import annotations
 
 import ctypes
@@ -45,25 +46,34 @@ def _ptr(a):
 
 @pytest.mark.parametrize("isa", variants())
 def test_every_variant_equals_the_float64_reference(lib, isa):
+    """Runs of m queries in one cached row (m = 1: a decode token; m > 1: a piece's columns, each to its own length,
+    a 0 among them: zeros), query rows in more than one group of 8 included."""
     if not cpu_has(isa):
         pytest.skip(f"this CPU cannot run the {isa} variant")
     fn = getattr(lib.handle, f"fastserve_decode_attention_{isa}")
     fn.restype = ctypes.c_bool
     rng = np.random.default_rng(0)
-    for d, g, kv, length, s in [(64, 3, 3, 1, 8), (64, 3, 3, 37, 40), (32, 1, 2, 9, 9), (128, 4, 1, 70, 80),
-                                (16, 2, 2, 16, 16)]:
-        q = rng.standard_normal((g, d)).astype(np.float32)
+    for d, g, kv, lens, s in [(64, 3, 3, [1], 8), (64, 3, 3, [37], 40), (32, 1, 2, [9], 9), (128, 4, 1, [70], 80),
+                              (16, 2, 2, [16], 16), (32, 2, 4, [30, 31, 0, 33, 34], 40),
+                              (64, 3, 3, [5, 6, 7, 8], 12), (16, 1, 1, [3, 11, 12, 13, 14, 15, 16, 17, 18], 20)]:
+        m, h = len(lens), g * kv
+        q = rng.standard_normal((m, h, d)).astype(np.float32)
         k = rng.standard_normal((s, kv, d)).astype(np.float32) * 2    # [S, K, D]: this head's rows K·D apart
         v = rng.standard_normal((s, kv, d)).astype(np.float32)
         head = kv - 1
-        o = np.zeros((g, d), np.float32)
-        scratch = np.zeros(g * ((s + 7) // 8 * 8), np.float32)
-        kh, vh = k[:, head:], v[:, head:]                               # this head's first row, rows K·D apart
-        assert fn(_ptr(q), _ptr(kh), _ptr(vh), _ptr(o), ctypes.c_int64(length), ctypes.c_int64(g), ctypes.c_int64(d),
-                  ctypes.c_int64(kv * d), None, ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_float(d ** -0.5),
-                  _ptr(scratch))
-        np.testing.assert_allclose(o, _reference(q, k[:, head], v[:, head], length), rtol=2e-5, atol=2e-5,
-                                   err_msg=f"{isa} D={d} G={g} len={length}")
+        o = np.full((m, h, d), np.nan, np.float32)
+        scratch = np.zeros(8 * ((s + 7) // 8 * 8 + d), np.float32)
+        qh, oh, kh, vh = q[:, head * g:], o[:, head * g:], k[:, head:], v[:, head:]   # this head's first row
+        assert fn(_ptr(qh), ctypes.c_int64(h * d), _ptr(np.asarray(lens, np.int64)), ctypes.c_int64(m),
+                  ctypes.c_int64(g), ctypes.c_int64(d), _ptr(kh), _ptr(vh), _ptr(oh), ctypes.c_int64(kv * d), None,
+                  ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_float(d ** -0.5), _ptr(scratch))
+        for i, length in enumerate(lens):
+            got = o[i, head * g:(head + 1) * g]
+            want = (_reference(q[i, head * g:(head + 1) * g], k[:, head], v[:, head], length) if length
+                    else np.zeros_like(got))
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5,
+                                       err_msg=f"{isa} D={d} G={g} lens={lens} column {i}")
+        assert np.isnan(o[:, :head * g]).all()      # other heads' outputs untouched
 
 
 def test_custom_call_reads_rows_in_place_and_zeroes_padding(lib):

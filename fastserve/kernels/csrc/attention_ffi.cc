@@ -26,9 +26,9 @@ typedef bool (*FwdFn)(const float*, const float*, const float*, const int32_t*, 
 typedef bool (*BwdFn)(const float*, const float*, const float*, const int32_t*, const int32_t*, const int32_t*,
                       const float*, const float*, const float*, float*, float*, float*, int64_t, int64_t, int64_t,
                       int64_t, int64_t, int64_t, float, float*);
-// (q, k, v, o, len, G, D, k_stride, pages, P, blocks, scale, scratch)
-typedef bool (*DecodeFn)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
-                         const int32_t*, int64_t, int64_t, float, float*);
+// (q, q_stride, lens, m, G, D, k, v, o, k_stride, pages, P, blocks, scale, scratch)
+typedef bool (*DecodeFn)(const float*, int64_t, const int64_t*, int64_t, int64_t, int64_t, const float*, const float*,
+                         float*, int64_t, const int32_t*, int64_t, int64_t, float, float*);
 #define FS_DECLARE(isa)                                                                                          \
   bool fastserve_attention_fwd_##isa(const float*, const float*, const float*, const int32_t*, const int32_t*, \
                                      const int32_t*, float*, float*, int64_t, int64_t, int64_t, int64_t,        \
@@ -36,8 +36,9 @@ typedef bool (*DecodeFn)(const float*, const float*, const float*, float*, int64
   bool fastserve_attention_bwd_##isa(const float*, const float*, const float*, const int32_t*, const int32_t*, \
                                      const int32_t*, const float*, const float*, const float*, float*, float*,  \
                                      float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, float*); \
-  bool fastserve_decode_attention_##isa(const float*, const float*, const float*, float*, int64_t, int64_t,      \
-                                        int64_t, int64_t, const int32_t*, int64_t, int64_t, float, float*);
+  bool fastserve_decode_attention_##isa(const float*, int64_t, const int64_t*, int64_t, int64_t, int64_t,        \
+                                        const float*, const float*, float*, int64_t, const int32_t*, int64_t,     \
+                                        int64_t, float, float*);
 FS_DECLARE(generic)
 int fastserve_isa_level();
 #if defined(__x86_64__)
@@ -180,8 +181,15 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
 //  * `fastserve_decode_attention`: k, v [B, S, K, D], query i in row rows[i] (an id outside [0, B): zeros);
 //  * `fastserve_decode_attention_paged`: k, v blocks [N, P, K, D], query i's positions in blocks pages[i, :].
 // A length of 0 (a padding column of the step) gives zeros.
-// Below this many multiply-adds a decode step's attention stays on the calling thread.
-constexpr int64_t kDecodeParallelMacs = 1 << 20;
+// Below this many multiply-adds a decode step's attention stays on the calling thread. A long row read cold from
+// memory gains most from a second thread (twice the misses in flight): one 2,000-position row among seven short
+// ones, 4 quickstart layers, took 0.78 ms a step on one thread and 0.45 on two (ad hoc, 2-core EPYC).
+constexpr int64_t kDecodeParallelMacs = 1 << 18;
+
+// Query rows (column × head) attention_item.cc's decode_run takes per pass over the keys (its kRunRows), and the
+// widest run of columns it takes (wider ones go through the forward kernel).
+constexpr int64_t kDecodeRunRows = 8;
+constexpr int64_t kRunColumns = 32;
 
 struct DecodeLayout {
   int64_t B, S;            // rows and positions per row (paged: S = M · P, the most a row's pages hold)
@@ -204,23 +212,9 @@ ffi::Error decode_attention(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& 
   const int64_t G = H / K;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const int32_t* lp = lengths.typed_data();
-  const DecodeFn decode = chosen().decode;
-  auto item = [&, G](int64_t i, float* scratch) {
-    const int64_t b = i / K, kh = i % K;
-    const int64_t len = lp[b] < lay.S ? lp[b] : lay.S;
-    float* out = op + (b * H + kh * G) * D;
-    const int64_t row = lay.P ? 0 : lay.rows[b];
-    if (row < 0 || row >= lay.B || len <= 0) {
-      for (int64_t j = 0; j < G * D; ++j) out[j] = 0.f;
-      return;
-    }
-    const int64_t ko = (row * lay.S * K + kh) * D;   // paged: block 0's first row of this head
-    decode(qp + (b * H + kh * G) * D, kp + ko, vp + ko, out, len, G, D, K * D,
-           lay.P ? lay.pages + b * lay.M : nullptr, lay.P, lay.N, scale, scratch);
-  };
-  // Queries side by side in one row (a prompt's piece riding in a decode step, slot layout) form a run that goes
-  // through the forward kernel's query tiles instead: each key loaded (and transposed) once serves up to 8 of them.
-  std::vector<int64_t> first{0};     // runs [first[r], first[r + 1]) of queries
+  // Runs [first[r], first[r + 1]) of queries: side by side in one row (the columns of a prompt's piece riding in a
+  // decode step, slot layout), else one query each.
+  std::vector<int64_t> first{0};
   int64_t widest = 1;
   for (int64_t b = 1; b <= n; ++b)
     if (b == n || lay.P || lay.rows[b] != lay.rows[b - 1] || lay.rows[b] < 0 || lay.rows[b] >= lay.B ||
@@ -230,23 +224,37 @@ ffi::Error decode_attention(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& 
     }
   const int64_t runs = static_cast<int64_t>(first.size()) - 1;
   std::vector<int32_t> ones(lay.S, 1), zeros(widest, 0);
+  const DecodeFn decode = chosen().decode;
   const FwdFn fwd = chosen().fwd;
   const int64_t lse_floats = (G * widest + 15) / 16 * 16;   // the forward's lse [G, m], then its own scratch
+  // A run of up to kRunColumns queries: attention_item.cc's decode_run (each key read once for all of them); a wider
+  // one: the forward kernel's query tiles (each key loaded and transposed once serves 8 queries).
   auto run_item = [&, G](int64_t i, float* scratch) {
     const int64_t r = i / K, kh = i % K, b0 = first[r], m = first[r + 1] - b0;
-    if (m == 1) return item(b0 * K + kh, scratch);
+    const int64_t row = lay.P ? 0 : lay.rows[b0], qo = (b0 * H + kh * G) * D;
+    if (row < 0 || row >= lay.B) {     // a run of one (the runs split at such rows)
+      for (int64_t j = 0; j < G * D; ++j) op[qo + j] = 0.f;
+      return;
+    }
+    const int64_t ko = (row * lay.S * K + kh) * D;   // paged: block 0's first row of this head
+    if (m <= kRunColumns) {
+      int64_t lens[kRunColumns];
+      for (int64_t j = 0; j < m; ++j) lens[j] = lp[b0 + j] < lay.S ? lp[b0 + j] : lay.S;
+      decode(qp + qo, H * D, lens, m, G, D, kp + ko, vp + ko, op + qo, K * D,
+             lay.P ? lay.pages + b0 * lay.M : nullptr, lay.P, lay.N, scale, scratch);
+      return;
+    }
     int64_t S = 0;      // the run's longest window bounds the keys read
     for (int64_t b = b0; b < b0 + m; ++b) S = lp[b] > S ? lp[b] : S;
     S = S < lay.S ? S : lay.S;
-    const int64_t qo = (b0 * H + kh * G) * D, ko = (lay.rows[b0] * lay.S * K + kh) * D;
     fwd(qp + qo, kp + ko, vp + ko, ones.data(), zeros.data(), lp + b0, op + qo, scratch, m, S, G, D, H * D, K * D,
         scale, scratch + lse_floats);
   };
   // a small step (few rows, short rows) on the calling thread: waking XLA's pool costs more than it saves
   int64_t keys = 0;
   for (int64_t b = 0; b < n; ++b) keys += lp[b] < lay.S ? (lp[b] > 0 ? lp[b] : 0) : lay.S;
-  int64_t scratch_floats = G * ((lay.S + 7) / 8 * 8);
-  if (widest > 1) {
+  int64_t scratch_floats = kDecodeRunRows * ((lay.S + 7) / 8 * 8 + D);
+  if (widest > kRunColumns) {
     const int64_t runs_floats = lse_floats + fwd_scratch(Shape{1, widest, lay.S, H, K, D});
     scratch_floats = runs_floats > scratch_floats ? runs_floats : scratch_floats;
   }

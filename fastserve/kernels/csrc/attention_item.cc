@@ -383,60 +383,118 @@ inline v8 sum8(const v8* a) {
   return __builtin_shufflevector(r, r, 0, 4, 1, 5, 2, 6, 3, 7);
 }
 
-// One decode step's query group (G heads of one token, q [G, D]) against `len` cached keys / values (read in place
-// from the cache where `at` says) → o [G, D]. One query per head leaves no tile of queries to share a key load (the
-// forward above pads its tile of 8 and transposes every key first): per head, a pass of dot products over the keys,
-// eight keys at a time (their sums reduced together: sum8), an exact softmax, a pass of the values with two
-// accumulator sets (even and odd keys, so consecutive adds do not wait on each other); the G passes re-read the rows
-// from L1 / L2. scratch: G · round_up(len, 8) floats.
+// Cached rows are read one head's slice at a time, K·D floats apart: a stride the hardware prefetchers follow
+// poorly, so the positions kAhead ahead are requested explicitly.
+constexpr int64_t kAhead = 16;
 template <int64_t D>
-void decode(const float* q, const float* k, const float* v, float* o, int64_t len, int64_t G, const Positions& at,
-            float scale, float* scratch) {
+inline void fetch(const float* p) {
+  for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(p + c, 0, 3);
+}
+
+// A run of m queries in one cached row (m = 1: a decode token; m > 1: the columns of a prompt's piece riding in a
+// decode step, column i seeing positions [0, lens[i])), G heads each, against the row's keys and values read in place
+// (where `at` says) → o. Query rows r = i·G + g (at q + i·q_stride + g·D; o likewise) go in groups of up to kRunRows.
+// One query per head leaves no tile of queries to share a transposed key (the forward above pads its tile of 8 and
+// transposes every key first); instead each group makes one pass of dot products over the keys, eight keys at a
+// time, each key loaded once from memory and reused from L1 by every query row of the group (a row's eight sums
+// reduced together: sum8), an exact softmax per query row, then one pass of the values the same way. A query row
+// that sees no position gives zeros. scratch: kRunRows · (round_up(max lens, 8) + D) floats.
+constexpr int64_t kRunRows = 8;
+
+template <int64_t D>
+void decode_run(const float* q, int64_t q_stride, const int64_t* lens, int64_t m, int64_t G, const float* k,
+                const float* v, float* o, const Positions& at, float scale, float* scratch) {
   static_assert(D % 16 == 0, "head dims are multiples of 16");
-  const int64_t L8 = (len + 7) / 8 * 8;
-  for (int64_t g = 0; g < G; ++g) {
-    float* row = scratch + g * L8;
-    v8 qs[D / 8];
-    for (int64_t c = 0; c < D / 8; ++c) qs[c] = load(q + g * D + 8 * c) * scale;
-    auto dot = [&](int64_t s) {
-      const float* kr = k + at.offset(s);
-      v8 acc = qs[0] * load(kr);
-      for (int64_t c = 1; c < D / 8; ++c) acc += qs[c] * load(kr + 8 * c);
-      return acc;
-    };
+  constexpr int64_t C = D / 8;
+  for (int64_t r0 = 0; r0 < m * G; r0 += kRunRows) {
+    const int64_t R = m * G - r0 < kRunRows ? m * G - r0 : kRunRows;
+    int64_t len[kRunRows], top = 0;
+    const float* qr[kRunRows];
+    float* orow[kRunRows];
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t i = (r0 + r) / G, g = (r0 + r) % G;
+      len[r] = lens[i] > 0 ? lens[i] : 0;
+      top = len[r] > top ? len[r] : top;
+      qr[r] = q + i * q_stride + g * D;
+      orow[r] = o + i * q_stride + g * D;
+    }
+    if (top == 0) {
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t c = 0; c < D; ++c) orow[r][c] = 0.0f;
+      continue;
+    }
+    const int64_t L8 = (top + 7) / 8 * 8;
+    float* const score = scratch;                  // [R, L8]
+    float* const acc = scratch + kRunRows * L8;     // [R, D]
+    // scores: query row r's dot products with keys [0, top)
     int64_t s = 0;
-    for (; s + 8 <= len; s += 8) {
-      v8 acc[8];
-      for (int j = 0; j < 8; ++j) acc[j] = dot(s + j);
-      store(row + s, sum8(acc));
-    }
-    for (; s < len; ++s) row[s] = hsum(dot(s));
-    for (s = len; s < L8; ++s) row[s] = -1e30f;
-    v8 top = load(row);
-    for (s = 8; s < L8; s += 8) top = top > load(row + s) ? top : load(row + s);
-    const float shift = row_max(reinterpret_cast<const float*>(&top), 0, 8);
-    v8 total = {};
-    for (s = 0; s < L8; s += 8) {
-      const v8 p = exp8(load(row + s) - shift);
-      store(row + s, p);
-      total += p;
-    }
-    for (s = len; s < L8; ++s) total[s % 8] -= row[s];   // exp8 floors at exp(−87), not 0
-    const float inv = 1.0f / hsum(total);
-    v8 even[D / 8] = {}, odd[D / 8] = {};
-    for (s = 0; s + 2 <= len; s += 2) {
-      const float *v0 = v + at.offset(s), *v1 = v + at.offset(s + 1);
-      const float p0 = row[s], p1 = row[s + 1];
-      for (int64_t c = 0; c < D / 8; ++c) {
-        even[c] += p0 * load(v0 + 8 * c);
-        odd[c] += p1 * load(v1 + 8 * c);
+    for (; s + 8 <= top; s += 8) {
+      if (s + kAhead + 8 <= top)
+        for (int j = 0; j < 8; ++j) fetch<D>(k + at.offset(s + kAhead + j));
+      const float* kr[8];
+      for (int j = 0; j < 8; ++j) kr[j] = k + at.offset(s + j);
+      for (int64_t r = 0; r < R; ++r) {
+        v8 qs[C], a[8];
+        for (int64_t c = 0; c < C; ++c) qs[c] = load(qr[r] + 8 * c);
+        for (int j = 0; j < 8; ++j) {
+          a[j] = qs[0] * load(kr[j]);
+          for (int64_t c = 1; c < C; ++c) a[j] += qs[c] * load(kr[j] + 8 * c);
+        }
+        store(score + r * L8 + s, sum8(a) * scale);
       }
     }
-    if (s < len) {
-      const float* vr = v + at.offset(s);
-      for (int64_t c = 0; c < D / 8; ++c) even[c] += row[s] * load(vr + 8 * c);
+    for (; s < top; ++s) {
+      const float* kr = k + at.offset(s);
+      for (int64_t r = 0; r < R; ++r) {
+        v8 a = load(qr[r]) * load(kr);
+        for (int64_t c = 1; c < C; ++c) a += load(qr[r] + 8 * c) * load(kr + 8 * c);
+        score[r * L8 + s] = hsum(a) * scale;
+      }
     }
-    for (int64_t c = 0; c < D / 8; ++c) store(o + g * D + 8 * c, (even[c] + odd[c]) * inv);
+    // an exact softmax per query row over its own positions [0, len)
+    float inv[kRunRows];
+    for (int64_t r = 0; r < R; ++r) {
+      float* row = score + r * L8;
+      for (s = len[r]; s < L8; ++s) row[s] = -1e30f;
+      v8 mx = load(row);
+      for (s = 8; s < L8; s += 8) mx = mx > load(row + s) ? mx : load(row + s);
+      const float shift = row_max(reinterpret_cast<const float*>(&mx), 0, 8);
+      v8 total = {};
+      for (s = 0; s < L8; s += 8) {
+        const v8 p = exp8(load(row + s) - shift);
+        store(row + s, p);
+        total += p;
+      }
+      for (s = len[r]; s < L8; ++s) total[s % 8] -= row[s];   // exp8 floors at exp(−87), not 0
+      inv[r] = len[r] ? 1.0f / hsum(total) : 0.0f;
+      for (int64_t c = 0; c < D; ++c) acc[r * D + c] = 0.0f;
+    }
+    // values: query row r adds p · v over its own positions, eight positions per visit (two accumulator sets, so
+    // consecutive adds do not wait on each other)
+    for (s = 0; s < top; s += 8) {
+      const int64_t n = top - s < 8 ? top - s : 8;
+      if (s + kAhead + 8 <= top)
+        for (int j = 0; j < 8; ++j) fetch<D>(v + at.offset(s + kAhead + j));
+      const float* vr[8];
+      for (int64_t j = 0; j < n; ++j) vr[j] = v + at.offset(s + j);
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t nr = len[r] - s < n ? (len[r] - s > 0 ? len[r] - s : 0) : n;
+        const float* p = score + r * L8 + s;
+        v8 even[C], odd[C] = {};
+        for (int64_t c = 0; c < C; ++c) even[c] = load(acc + r * D + 8 * c);
+        int64_t j = 0;
+        for (; j + 2 <= nr; j += 2)
+          for (int64_t c = 0; c < C; ++c) {
+            even[c] += p[j] * load(vr[j] + 8 * c);
+            odd[c] += p[j + 1] * load(vr[j + 1] + 8 * c);
+          }
+        if (j < nr)
+          for (int64_t c = 0; c < C; ++c) even[c] += p[j] * load(vr[j] + 8 * c);
+        for (int64_t c = 0; c < C; ++c) store(acc + r * D + 8 * c, even[c] + odd[c]);
+      }
+    }
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < C; ++c) store(orow[r] + 8 * c, load(acc + r * D + 8 * c) * inv[r]);
   }
 }
 
@@ -469,15 +527,15 @@ extern "C" bool FS_NAME(fastserve_attention_bwd)(const float* q, const float* k,
   return false;
 }
 
-// One decode query group from a cache in place (decode above): positions k_stride floats apart, or with `pages`
+// A run of m decode queries in one cached row (decode_run above): positions k_stride floats apart, or with `pages`
 // (not null) in blocks of P positions (`blocks` of them); false: no body for D.
-extern "C" bool FS_NAME(fastserve_decode_attention)(const float* q, const float* k, const float* v, float* o,
-                                                    int64_t len, int64_t G, int64_t D, int64_t k_stride,
-                                                    const int32_t* pages, int64_t P, int64_t blocks, float scale,
-                                                    float* scratch) {
+extern "C" bool FS_NAME(fastserve_decode_attention)(const float* q, int64_t q_stride, const int64_t* lens, int64_t m,
+                                                    int64_t G, int64_t D, const float* k, const float* v, float* o,
+                                                    int64_t k_stride, const int32_t* pages, int64_t P, int64_t blocks,
+                                                    float scale, float* scratch) {
   const Positions at{pages, P, blocks, k_stride};
 #define FS_CASE(d) \
-  case d: decode<d>(q, k, v, o, len, G, at, scale, scratch); return true;
+  case d: decode_run<d>(q, q_stride, lens, m, G, k, v, o, at, scale, scratch); return true;
   switch (D) { FS_HEAD_DIMS(FS_CASE) }
 #undef FS_CASE
   return false;
