@@ -83,30 +83,30 @@ def test_custom_call_reads_rows_in_place_and_zeroes_padding(lib):
     v = rng.standard_normal((b, s, kv, d)).astype(np.float32)
     q = rng.standard_normal((4, 1, h, d)).astype(np.float32)
     rows = np.array([3, 0, b, 3], np.int32)          # row 3 twice; id b: a padding column
-    lengths = np.array([24, 1, 7, 30], np.int32)     # 30: clipped to the cache's 24 positions
+    lengths = np.array([24, 1, 7, 25], np.int32)     # 25: past the cache's 24 positions (a masked token): zeros
     out = np.asarray(decode_attention_kernel(q, k, v, rows, lengths)).reshape(4, h, d)
     for i, (row, length) in enumerate(zip(rows, lengths)):
-        padding = row >= b
-        _assert_query(out[i], q[i, 0], None if padding else k[row], None if padding else v[row], min(length, s))
+        padding = row >= b or length > s
+        _assert_query(out[i], q[i, 0], None if padding else k[row], None if padding else v[row], length)
 
 
-@pytest.mark.parametrize("s,d", [(24, 32), (600, 64)])     # (600, 64): enough work for XLA's thread pool
-def test_queries_side_by_side_in_one_row_go_through_query_tiles(lib, s, d):
-    """A prompt's piece: consecutive queries of one row (a run) with growing lengths, causal like a prefill, go
-    through the forward kernel's tiles (11 queries: a tile of 8 and a remainder); a lone query, padding columns side
-    by side and lengths past the cache around them."""
+@pytest.mark.parametrize("s,d,m", [(24, 32, 11), (600, 64, 11), (96, 32, 40)])   # 600: work for XLA's thread pool
+def test_queries_side_by_side_in_one_row(lib, s, d, m):
+    """A prompt's piece: m consecutive queries of one row (a run) with growing lengths, causal like a prefill (11:
+    decode_run, query rows in groups of 8; 40: past kRunColumns, the forward kernel's tiles of 8 and a remainder); a
+    lone query, padding columns side by side, and the run's last two lengths past the cache's end (masked: zeros)."""
     rng = np.random.default_rng(2)
     b, kv, h = 4, 2, 4
     k = rng.standard_normal((b, s, kv, d)).astype(np.float32)
     v = rng.standard_normal((b, s, kv, d)).astype(np.float32)
-    start = s - 9                                            # the run's last two lengths pass the cache's end
-    rows = np.array([1] + [2] * 11 + [b, b, 0, 0], np.int32)
-    lengths = np.array([5] + list(range(start, start + 11)) + [3, 3, 4, 9], np.int32)
+    start = s - m + 3
+    rows = np.array([1] + [2] * m + [b, b, 0, 0], np.int32)
+    lengths = np.array([5] + list(range(start, start + m)) + [3, 3, 4, 9], np.int32)
     q = rng.standard_normal((len(rows), 1, h, d)).astype(np.float32)
     out = np.asarray(decode_attention_kernel(q, k, v, rows, lengths)).reshape(len(rows), h, d)
     for i, (row, length) in enumerate(zip(rows, lengths)):
-        padding = row >= b
-        _assert_query(out[i], q[i, 0], None if padding else k[row], None if padding else v[row], min(length, s))
+        padding = row >= b or length > s
+        _assert_query(out[i], q[i, 0], None if padding else k[row], None if padding else v[row], length)
 
 
 def test_paged_custom_call_follows_each_rows_blocks(lib):

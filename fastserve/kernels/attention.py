@@ -99,7 +99,8 @@ def decode_attention_kernel(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array
                             lengths: jax.Array) -> jax.Array:
     """One decode step's attention read in place from a KV cache, as a custom call (CPU only; the library must be
     loaded). q: [b, 1, H, D] (one token per row); k_cache, v_cache: [B, S, K, D]; rows [b]: each query's cache row;
-    lengths [b]: it sees positions [0, length) of that row (a row id outside [0, B) or a length of 0: zeros).
+    lengths [b]: it sees positions [0, length) of that row (a row id outside [0, B), a length of 0 or one past
+    S — a masked token at the cache's end —: zeros).
     → [b, 1, H·D] in q's dtype."""
     return _decode_call(build.DECODE_ATTENTION_TARGET, q, k_cache, v_cache, rows, lengths)
 

@@ -73,6 +73,9 @@ def serve(cfg: Config, block: bool = True) -> Server | None:
             server = TranslationServer(translator, cfg.serve, model_name(cfg))
         else:
             server = Server(Engine.from_loaded(loaded, cfg.serve), loaded, cfg.serve, model_name(cfg))
+            # the engine keeps the weights it serves (per layer; W8A8 ones repacked into the kernel's panels):
+            # holding the loaded ones too while the server runs would keep a second copy alive
+            del loaded
     if not block:
         return server.start()
     print(f"fastserve: '{server.model_name}' loaded and compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr,

@@ -32,7 +32,7 @@ from fastserve import parallel
 from fastserve.generation import decoding as infer
 from fastserve.models.decoder import PAGED_AXES
 from fastserve.serve.kv import KVPool, Rows, movable_lengths, position_bytes
-from fastserve.serve.programs import ModelPrograms, masked_decode, sample_rows, sampled_columns
+from fastserve.serve.programs import ModelPrograms, extend_positions, masked_decode, sample_rows, sampled_columns
 
 
 class BlockAllocator:
@@ -244,7 +244,7 @@ def paged_extend_fn(graphdef, view_len, params, cache, pages, tokens, start, las
     """programs.extend_fn on a slot with blocks `pages` [M]: its rows gathered, extended, scattered back."""
     model = nnx.merge(graphdef, params)
     row = extract_paged(cache, pages, view_len)
-    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    positions = extend_positions(tokens, start, last, view_len)
     logits, row = model(tokens, positions, row, logits_at=jnp.reshape(last, (1,)))
     return sample_rows(logits[:, 0], ints[0], ints[1], floats[0], ints[2], floats[1]), insert_paged(cache, row, pages)
 

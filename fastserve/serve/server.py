@@ -65,7 +65,7 @@ class Server(HTTPService):
 
     def __init__(self, engine: Engine, loaded: Any, cfg: ServeConfig | None = None, model_name: str = "fastserve",
                  shutdown_grace_s: float = 5.0):
-        self.engine, self.loaded, self.cfg = engine, loaded, cfg or engine.cfg
+        self.engine, self.cfg = engine, cfg or engine.cfg     # not `loaded`: its weights are the engine's to keep
         self.model_name = model_name
         self.tokenizer = loaded.tokenizer
         self.chat_template = loaded.chat_template

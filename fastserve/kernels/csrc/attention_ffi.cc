@@ -175,12 +175,12 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
 }
 
 // One decode step's attention straight from a KV cache: query i (one token, H heads) sees the first lengths[i]
-// positions of its cache row. Each (query, KV head) pair is one item (attention_item.cc's decode) over exactly those
-// positions, read in place: no copy of the rows out of the cache, no transposes, nothing past the row's length
+// positions of its cache row. Each run of queries in one row and KV head is one item (attention_item.cc's
+// decode_run) over exactly those positions, read in place: no copy of the rows out of the cache, no transposes, nothing past the row's length
 // (XLA's path gathers the rows, transposes them to heads-major and attends over a whole window). Two layouts:
 //  * `fastserve_decode_attention`: k, v [B, S, K, D], query i in row rows[i] (an id outside [0, B): zeros);
 //  * `fastserve_decode_attention_paged`: k, v blocks [N, P, K, D], query i's positions in blocks pages[i, :].
-// A length of 0 (a padding column of the step) gives zeros.
+// A length of 0 or past the row's positions (a padding or masked column of the step) gives zeros.
 // Below this many multiply-adds a decode step's attention stays on the calling thread. A long row read cold from
 // memory gains most from a second thread (twice the misses in flight): one 2,000-position row among seven short
 // ones, 4 quickstart layers, took 0.78 ms a step on one thread and 0.45 on two (ad hoc, 2-core EPYC).
@@ -212,13 +212,17 @@ ffi::Error decode_attention(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& 
   const int64_t G = H / K;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const int32_t* lp = lengths.typed_data();
+  // A padding column gives zeros: a row id outside [0, B), a length of 0, or one past the row's positions (a masked
+  // token placed at the cache's end, whose write is dropped; no real token's length exceeds S).
+  auto padding = [&](int64_t b) {
+    return (!lay.P && (lay.rows[b] < 0 || lay.rows[b] >= lay.B)) || lp[b] <= 0 || lp[b] > lay.S;
+  };
   // Runs [first[r], first[r + 1]) of queries: side by side in one row (the columns of a prompt's piece riding in a
   // decode step, slot layout), else one query each.
   std::vector<int64_t> first{0};
   int64_t widest = 1;
   for (int64_t b = 1; b <= n; ++b)
-    if (b == n || lay.P || lay.rows[b] != lay.rows[b - 1] || lay.rows[b] < 0 || lay.rows[b] >= lay.B ||
-        lp[b] <= 0 || lp[b - 1] <= 0) {
+    if (b == n || lay.P || lay.rows[b] != lay.rows[b - 1] || padding(b) || padding(b - 1)) {
       widest = b - first.back() > widest ? b - first.back() : widest;
       first.push_back(b);
     }
@@ -227,33 +231,34 @@ ffi::Error decode_attention(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& 
   const DecodeFn decode = chosen().decode;
   const FwdFn fwd = chosen().fwd;
   const int64_t lse_floats = (G * widest + 15) / 16 * 16;   // the forward's lse [G, m], then its own scratch
-  // A run of up to kRunColumns queries: attention_item.cc's decode_run (each key read once for all of them); a wider
-  // one: the forward kernel's query tiles (each key loaded and transposed once serves 8 queries).
+  // A run of up to kRunColumns queries: attention_item.cc's decode (one) or decode_run (each key read once for all
+  // of them); a wider one: the forward kernel's query tiles (each key loaded and transposed once serves 8 queries).
   auto run_item = [&, G](int64_t i, float* scratch) {
     const int64_t r = i / K, kh = i % K, b0 = first[r], m = first[r + 1] - b0;
     const int64_t row = lay.P ? 0 : lay.rows[b0], qo = (b0 * H + kh * G) * D;
-    if (row < 0 || row >= lay.B) {     // a run of one (the runs split at such rows)
+    if (padding(b0)) {     // a run of one (the runs split at padding)
       for (int64_t j = 0; j < G * D; ++j) op[qo + j] = 0.f;
       return;
     }
     const int64_t ko = (row * lay.S * K + kh) * D;   // paged: block 0's first row of this head
     if (m <= kRunColumns) {
       int64_t lens[kRunColumns];
-      for (int64_t j = 0; j < m; ++j) lens[j] = lp[b0 + j] < lay.S ? lp[b0 + j] : lay.S;
+      for (int64_t j = 0; j < m; ++j) lens[j] = lp[b0 + j];
       decode(qp + qo, H * D, lens, m, G, D, kp + ko, vp + ko, op + qo, K * D,
              lay.P ? lay.pages + b0 * lay.M : nullptr, lay.P, lay.N, scale, scratch);
       return;
     }
     int64_t S = 0;      // the run's longest window bounds the keys read
     for (int64_t b = b0; b < b0 + m; ++b) S = lp[b] > S ? lp[b] : S;
-    S = S < lay.S ? S : lay.S;
     fwd(qp + qo, kp + ko, vp + ko, ones.data(), zeros.data(), lp + b0, op + qo, scratch, m, S, G, D, H * D, K * D,
         scale, scratch + lse_floats);
   };
   // a small step (few rows, short rows) on the calling thread: waking XLA's pool costs more than it saves
   int64_t keys = 0;
-  for (int64_t b = 0; b < n; ++b) keys += lp[b] < lay.S ? (lp[b] > 0 ? lp[b] : 0) : lay.S;
-  int64_t scratch_floats = kDecodeRunRows * ((lay.S + 7) / 8 * 8 + D);
+  for (int64_t b = 0; b < n; ++b) keys += padding(b) ? 0 : lp[b];
+  const int64_t S8 = (lay.S + 7) / 8 * 8;
+  int64_t scratch_floats = G * S8;                         // decode: one token's G score rows
+  if (widest > 1 && kDecodeRunRows * (S8 + D) > scratch_floats) scratch_floats = kDecodeRunRows * (S8 + D);
   if (widest > kRunColumns) {
     const int64_t runs_floats = lse_floats + fwd_scratch(Shape{1, widest, lay.S, H, K, D});
     scratch_floats = runs_floats > scratch_floats ? runs_floats : scratch_floats;
