@@ -26,5 +26,15 @@ def provenance() -> dict:
     status = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
               if not line[2:].lstrip().startswith("experiments/results/")]
     return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(status), "host_allocator": allocator_state(),
-            "recorded_on": {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "recorded_on": {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "cpu": cpu_model(),
                             "date": datetime.date.today().isoformat()}}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo): the shared machines here change between sessions (an AMD EPYC,
+    an Intel Xeon), and a figure measured on one does not carry over to the other."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return platform.processor() or "unknown"

@@ -46,8 +46,8 @@ def _ptr(a):
 
 @pytest.mark.parametrize("isa", variants())
 def test_every_variant_equals_the_float64_reference(lib, isa):
-    """Runs of m queries in one cached row (m = 1: a decode token; m > 1: a piece's columns, each to its own length,
-    a 0 among them: zeros), query rows in more than one group of 8 included."""
+    """Runs of m queries in one cached row (m = 1: a decode token, short and long; m > 1: a piece's columns, each to
+    its own length, a 0 among them: zeros), query rows in more than one group of 8 included."""
     if not cpu_has(isa):
         pytest.skip(f"this CPU cannot run the {isa} variant")
     fn = getattr(lib.handle, f"fastserve_decode_attention_{isa}")
@@ -55,7 +55,8 @@ def test_every_variant_equals_the_float64_reference(lib, isa):
     rng = np.random.default_rng(0)
     for d, g, kv, lens, s in [(64, 3, 3, [1], 8), (64, 3, 3, [37], 40), (32, 1, 2, [9], 9), (128, 4, 1, [70], 80),
                               (16, 2, 2, [16], 16), (32, 2, 4, [30, 31, 0, 33, 34], 40),
-                              (64, 3, 3, [5, 6, 7, 8], 12), (16, 1, 1, [3, 11, 12, 13, 14, 15, 16, 17, 18], 20)]:
+                              (64, 3, 3, [5, 6, 7, 8], 12), (16, 1, 1, [3, 11, 12, 13, 14, 15, 16, 17, 18], 20),
+                              (32, 2, 2, [600], 640)]:      # one token on a row of >= kLongRow: decode_run
         m, h = len(lens), g * kv
         q = rng.standard_normal((m, h, d)).astype(np.float32)
         k = rng.standard_normal((s, kv, d)).astype(np.float32) * 2    # [S, K, D]: this head's rows K·D apart

@@ -183,13 +183,14 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
 // A length of 0 or past the row's positions (a padding or masked column of the step) gives zeros.
 // Below this many multiply-adds a decode step's attention stays on the calling thread. A long row read cold from
 // memory gains most from a second thread (twice the misses in flight): one 2,000-position row among seven short
-// ones, 4 quickstart layers, took 0.78 ms a step on one thread and 0.45 on two (ad hoc, 2-core EPYC).
+// ones, 4 quickstart layers, took 0.78 ms a step on one thread and 0.45 on two (ad hoc, 2 cores of an Intel Xeon).
 constexpr int64_t kDecodeParallelMacs = 1 << 18;
 
 // Query rows (column × head) attention_item.cc's decode_run takes per pass over the keys (its kRunRows), and the
 // widest run of columns it takes (wider ones go through the forward kernel).
 constexpr int64_t kDecodeRunRows = 8;
 constexpr int64_t kRunColumns = 32;
+constexpr int64_t kLongRow = 512;      // attention_item.cc's: one token's row this long goes through decode_run
 
 struct DecodeLayout {
   int64_t B, S;            // rows and positions per row (paged: S = M · P, the most a row's pages hold)
@@ -258,7 +259,8 @@ ffi::Error decode_attention(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& 
   for (int64_t b = 0; b < n; ++b) keys += padding(b) ? 0 : lp[b];
   const int64_t S8 = (lay.S + 7) / 8 * 8;
   int64_t scratch_floats = G * S8;                         // decode: one token's G score rows
-  if (widest > 1 && kDecodeRunRows * (S8 + D) > scratch_floats) scratch_floats = kDecodeRunRows * (S8 + D);
+  if ((widest > 1 || lay.S >= kLongRow) && kDecodeRunRows * (S8 + D) > scratch_floats)
+    scratch_floats = kDecodeRunRows * (S8 + D);
   if (widest > kRunColumns) {
     const int64_t runs_floats = lse_floats + fwd_scratch(Shape{1, widest, lay.S, H, K, D});
     scratch_floats = runs_floats > scratch_floats ? runs_floats : scratch_floats;

@@ -384,7 +384,8 @@ inline v8 sum8(const v8* a) {
 }
 
 // Cached rows are read one head's slice at a time, K·D floats apart: a stride the hardware prefetchers follow
-// poorly, so the positions kAhead ahead are requested explicitly.
+// poorly, so the positions kAhead ahead are requested explicitly (contiguous rows only: a paged row's position
+// costs a block lookup, and its blocks are short runs anyway).
 constexpr int64_t kAhead = 16;
 template <int64_t D>
 inline void fetch(const float* p) {
@@ -415,7 +416,7 @@ void decode(const float* q, const float* k, const float* v, float* o, int64_t le
     int64_t s = 0;
     for (; s + 8 <= len; s += 8) {
       v8 acc[8];
-      if (s + kAhead + 8 <= len)
+      if (!at.pages && s + kAhead + 8 <= len)
         for (int j = 0; j < 8; ++j) fetch<D>(k + at.offset(s + kAhead + j));
       for (int j = 0; j < 8; ++j) acc[j] = dot(s + j);
       store(row + s, sum8(acc));
@@ -436,7 +437,7 @@ void decode(const float* q, const float* k, const float* v, float* o, int64_t le
     v8 even[D / 8] = {}, odd[D / 8] = {};
     for (s = 0; s + 2 <= len; s += 2) {
       const float *v0 = v + at.offset(s), *v1 = v + at.offset(s + 1);
-      if (s + kAhead + 2 <= len) {
+      if (!at.pages && s + kAhead + 2 <= len) {
         fetch<D>(v + at.offset(s + kAhead));
         fetch<D>(v + at.offset(s + kAhead + 1));
       }
@@ -463,6 +464,7 @@ void decode(const float* q, const float* k, const float* v, float* o, int64_t le
 // reduced together: sum8), an exact softmax per query row, then one pass of the values the same way. A query row
 // that sees no position gives zeros. scratch: kRunRows · (round_up(max lens, 8) + D) floats.
 constexpr int64_t kRunRows = 8;
+constexpr int64_t kLongRow = 512;     // positions from which one token's row goes through decode_run too
 
 template <int64_t D>
 void decode_run(const float* q, int64_t q_stride, const int64_t* lens, int64_t m, int64_t G, const float* k,
@@ -492,7 +494,7 @@ void decode_run(const float* q, int64_t q_stride, const int64_t* lens, int64_t m
     // scores: query row r's dot products with keys [0, top)
     int64_t s = 0;
     for (; s + 8 <= top; s += 8) {
-      if (s + kAhead + 8 <= top)
+      if (!at.pages && s + kAhead + 8 <= top)
         for (int j = 0; j < 8; ++j) fetch<D>(k + at.offset(s + kAhead + j));
       const float* kr[8];
       for (int j = 0; j < 8; ++j) kr[j] = k + at.offset(s + j);
@@ -536,7 +538,7 @@ void decode_run(const float* q, int64_t q_stride, const int64_t* lens, int64_t m
     // consecutive adds do not wait on each other)
     for (s = 0; s < top; s += 8) {
       const int64_t n = top - s < 8 ? top - s : 8;
-      if (s + kAhead + 8 <= top)
+      if (!at.pages && s + kAhead + 8 <= top)
         for (int j = 0; j < 8; ++j) fetch<D>(v + at.offset(s + kAhead + j));
       const float* vr[8];
       for (int64_t j = 0; j < n; ++j) vr[j] = v + at.offset(s + j);
@@ -597,11 +599,13 @@ extern "C" bool FS_NAME(fastserve_decode_attention)(const float* q, int64_t q_st
                                                     int64_t k_stride, const int32_t* pages, int64_t P, int64_t blocks,
                                                     float scale, float* scratch) {
   const Positions at{pages, P, blocks, k_stride};
-  // one token: its G heads' passes, each keeping its sums in registers, beat decode_run's shared key loads on short
-  // rows (8 rows of 100 positions, quickstart heads: 35 against 48 µs, hot in cache; bench_decode_attention)
+  // one token on a short row: its G heads' passes, each keeping its sums in registers, beat decode_run's shared key
+  // loads (8 rows of 100 positions, quickstart heads: 35 against 48 µs, hot in cache); on a long row decode_run's
+  // single pass over memory wins (one 2,000-position row among 7 short, 4 layers, caches not hot: 0.40 against
+  // 0.45 ms a step; both ad hoc, 2 cores of an Intel Xeon)
 #define FS_CASE(d)                                                                      \
   case d:                                                                               \
-    if (m == 1)                                                                         \
+    if (m == 1 && lens[0] < kLongRow)                                                   \
       decode<d>(q, k, v, o, lens[0], G, at, scale, scratch);                            \
     else                                                                                \
       decode_run<d>(q, q_stride, lens, m, G, k, v, o, at, scale, scratch);              \
