@@ -110,9 +110,10 @@ def test_queries_side_by_side_in_one_row(lib, s, d, m):
         _assert_query(out[i], q[i, 0], None if padding else k[row], None if padding else v[row], length)
 
 
-def test_paged_custom_call_follows_each_rows_blocks(lib):
+@pytest.mark.parametrize("size", [4, 8])    # 8: a block holds whole groups of 8 positions (one lookup per group)
+def test_paged_custom_call_follows_each_rows_blocks(lib, size):
     rng = np.random.default_rng(3)
-    n, size, kv, h, d = 7, 4, 2, 4, 16
+    n, kv, h, d = 7, 2, 4, 16
     k = rng.standard_normal((n, size, kv, d)).astype(np.float32)
     v = rng.standard_normal((n, size, kv, d)).astype(np.float32)
     q = rng.standard_normal((3, 1, h, d)).astype(np.float32)

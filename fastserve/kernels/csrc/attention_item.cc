@@ -365,6 +365,17 @@ struct Positions {
     id = id < 0 ? 0 : (id >= blocks ? blocks - 1 : id);
     return (id * P + s % P) * k_stride;
   }
+  // out[j] = base + offset(s + j) for j < n, positions that stay within one aligned group of 8 (s a multiple of 8 and
+  // n <= 8, or s even and n = 2): one block lookup for all of them when the layout keeps such a group in one run
+  // (contiguous, or blocks of a multiple of 8 positions), else one each.
+  void rows(int64_t s, int64_t n, const float* base, const float** out) const {
+    if (!pages || P % 8 == 0) {
+      const float* r = base + offset(s);
+      for (int64_t j = 0; j < n; ++j) out[j] = r + j * k_stride;
+    } else {
+      for (int64_t j = 0; j < n; ++j) out[j] = base + offset(s + j);
+    }
+  }
 };
 
 // The sums of eight vectors, lane j = Σ a[j]: a transpose by shuffles and adds (three rounds), so eight keys' dot
@@ -407,8 +418,7 @@ void decode(const float* q, const float* k, const float* v, float* o, int64_t le
     float* row = scratch + g * L8;
     v8 qs[D / 8];
     for (int64_t c = 0; c < D / 8; ++c) qs[c] = load(q + g * D + 8 * c) * scale;
-    auto dot = [&](int64_t s) {
-      const float* kr = k + at.offset(s);
+    auto dot = [&](const float* kr) {
       v8 acc = qs[0] * load(kr);
       for (int64_t c = 1; c < D / 8; ++c) acc += qs[c] * load(kr + 8 * c);
       return acc;
@@ -418,10 +428,12 @@ void decode(const float* q, const float* k, const float* v, float* o, int64_t le
       v8 acc[8];
       if (!at.pages && s + kAhead + 8 <= len)
         for (int j = 0; j < 8; ++j) fetch<D>(k + at.offset(s + kAhead + j));
-      for (int j = 0; j < 8; ++j) acc[j] = dot(s + j);
+      const float* kr[8];
+      at.rows(s, 8, k, kr);
+      for (int j = 0; j < 8; ++j) acc[j] = dot(kr[j]);
       store(row + s, sum8(acc));
     }
-    for (; s < len; ++s) row[s] = hsum(dot(s));
+    for (; s < len; ++s) row[s] = hsum(dot(k + at.offset(s)));
     for (s = len; s < L8; ++s) row[s] = -1e30f;
     v8 top = load(row);
     for (s = 8; s < L8; s += 8) top = top > load(row + s) ? top : load(row + s);
@@ -436,7 +448,9 @@ void decode(const float* q, const float* k, const float* v, float* o, int64_t le
     const float inv = 1.0f / hsum(total);
     v8 even[D / 8] = {}, odd[D / 8] = {};
     for (s = 0; s + 2 <= len; s += 2) {
-      const float *v0 = v + at.offset(s), *v1 = v + at.offset(s + 1);
+      const float* vp[2];
+      at.rows(s, 2, v, vp);
+      const float *v0 = vp[0], *v1 = vp[1];
       if (!at.pages && s + kAhead + 2 <= len) {
         fetch<D>(v + at.offset(s + kAhead));
         fetch<D>(v + at.offset(s + kAhead + 1));
@@ -497,7 +511,7 @@ void decode_run(const float* q, int64_t q_stride, const int64_t* lens, int64_t m
       if (!at.pages && s + kAhead + 8 <= top)
         for (int j = 0; j < 8; ++j) fetch<D>(k + at.offset(s + kAhead + j));
       const float* kr[8];
-      for (int j = 0; j < 8; ++j) kr[j] = k + at.offset(s + j);
+      at.rows(s, 8, k, kr);
       for (int64_t r = 0; r < R; ++r) {
         v8 qs[C], a[8];
         for (int64_t c = 0; c < C; ++c) qs[c] = load(qr[r] + 8 * c);
@@ -541,7 +555,7 @@ void decode_run(const float* q, int64_t q_stride, const int64_t* lens, int64_t m
       if (!at.pages && s + kAhead + 8 <= top)
         for (int j = 0; j < 8; ++j) fetch<D>(v + at.offset(s + kAhead + j));
       const float* vr[8];
-      for (int64_t j = 0; j < n; ++j) vr[j] = v + at.offset(s + j);
+      at.rows(s, n, v, vr);
       for (int64_t r = 0; r < R; ++r) {
         const int64_t nr = len[r] - s < n ? (len[r] - s > 0 ? len[r] - s : 0) : n;
         const float* p = score + r * L8 + s;
