@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "attention_decode.h"
 
 namespace ffi = xla::ffi;
 
@@ -175,22 +176,18 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
 }
 
 // One decode step's attention straight from a KV cache: query i (one token, H heads) sees the first lengths[i]
-// positions of its cache row. Each run of queries in one row and KV head is one item (attention_item.cc's
-// decode_run) over exactly those positions, read in place: no copy of the rows out of the cache, no transposes, nothing past the row's length
-// (XLA's path gathers the rows, transposes them to heads-major and attends over a whole window). Two layouts:
+// positions of its cache row. Each run of queries in one row, with one KV head, is one item (attention_item.cc's
+// decode or decode_run) over exactly those positions, read in place: no copy of the rows out of the cache, no
+// transposes, nothing past the row's length (XLA's path gathers the rows, transposes them to heads-major and attends
+// over a whole window). Two layouts:
 //  * `fastserve_decode_attention`: k, v [B, S, K, D], query i in row rows[i] (an id outside [0, B): zeros);
 //  * `fastserve_decode_attention_paged`: k, v blocks [N, P, K, D], query i's positions in blocks pages[i, :].
 // A length of 0 or past the row's positions (a padding or masked column of the step) gives zeros.
 // Below this many multiply-adds a decode step's attention stays on the calling thread. A long row read cold from
 // memory gains most from a second thread (twice the misses in flight): one 2,000-position row among seven short
-// ones, 4 quickstart layers, took 0.78 ms a step on one thread and 0.45 on two (ad hoc, 2 cores of an Intel Xeon).
+// ones, 4 quickstart layers, took 0.78 ms a step on one thread and 0.45 on two (experiments/decode_attention_step.py
+// with the threshold at 2^20 and at 2^17, 2 cores of an Intel Xeon).
 constexpr int64_t kDecodeParallelMacs = 1 << 18;
-
-// Query rows (column × head) attention_item.cc's decode_run takes per pass over the keys (its kRunRows), and the
-// widest run of columns it takes (wider ones go through the forward kernel).
-constexpr int64_t kDecodeRunRows = 8;
-constexpr int64_t kRunColumns = 32;
-constexpr int64_t kLongRow = 512;      // attention_item.cc's: one token's row this long goes through decode_run
 
 struct DecodeLayout {
   int64_t B, S;            // rows and positions per row (paged: S = M · P, the most a row's pages hold)
@@ -259,8 +256,8 @@ ffi::Error decode_attention(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& 
   for (int64_t b = 0; b < n; ++b) keys += padding(b) ? 0 : lp[b];
   const int64_t S8 = (lay.S + 7) / 8 * 8;
   int64_t scratch_floats = G * S8;                         // decode: one token's G score rows
-  if ((widest > 1 || lay.S >= kLongRow) && kDecodeRunRows * (S8 + D) > scratch_floats)
-    scratch_floats = kDecodeRunRows * (S8 + D);
+  if ((widest > 1 || lay.S >= kLongRow) && kRunRows * (S8 + D) > scratch_floats)
+    scratch_floats = kRunRows * (S8 + D);
   if (widest > kRunColumns) {
     const int64_t runs_floats = lse_floats + fwd_scratch(Shape{1, widest, lay.S, H, K, D});
     scratch_floats = runs_floats > scratch_floats ? runs_floats : scratch_floats;

@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "attention_decode.h"
+
 #define FS_CAT2(a, b) a##_##b
 #define FS_CAT(a, b) FS_CAT2(a, b)
 #define FS_NAME(f) FS_CAT(f, FS_ISA)
@@ -403,6 +405,23 @@ inline void fetch(const float* p) {
   for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(p + c, 0, 3);
 }
 
+// row[0, L8) ← exp(row − its max) over positions [0, len), the rest masked first → their sum (exp8 floors at
+// exp(−87), not 0, so the masked tail's values are taken back out of it).
+inline float softmax_row(float* row, int64_t len, int64_t L8) {
+  for (int64_t s = len; s < L8; ++s) row[s] = -1e30f;
+  v8 top = load(row);
+  for (int64_t s = 8; s < L8; s += 8) top = top > load(row + s) ? top : load(row + s);
+  const float shift = row_max(reinterpret_cast<const float*>(&top), 0, 8);
+  v8 total = {};
+  for (int64_t s = 0; s < L8; s += 8) {
+    const v8 p = exp8(load(row + s) - shift);
+    store(row + s, p);
+    total += p;
+  }
+  for (int64_t s = len; s < L8; ++s) total[s % 8] -= row[s];
+  return hsum(total);
+}
+
 // One decode token's query group (G heads, q [G, D]) against `len` cached keys / values (read in place
 // from the cache where `at` says) → o [G, D]. One query per head leaves no tile of queries to share a key load (the
 // forward above pads its tile of 8 and transposes every key first): per head, a pass of dot products over the keys,
@@ -434,18 +453,7 @@ void decode(const float* q, const float* k, const float* v, float* o, int64_t le
       store(row + s, sum8(acc));
     }
     for (; s < len; ++s) row[s] = hsum(dot(k + at.offset(s)));
-    for (s = len; s < L8; ++s) row[s] = -1e30f;
-    v8 top = load(row);
-    for (s = 8; s < L8; s += 8) top = top > load(row + s) ? top : load(row + s);
-    const float shift = row_max(reinterpret_cast<const float*>(&top), 0, 8);
-    v8 total = {};
-    for (s = 0; s < L8; s += 8) {
-      const v8 p = exp8(load(row + s) - shift);
-      store(row + s, p);
-      total += p;
-    }
-    for (s = len; s < L8; ++s) total[s % 8] -= row[s];   // exp8 floors at exp(−87), not 0
-    const float inv = 1.0f / hsum(total);
+    const float inv = 1.0f / softmax_row(row, len, L8);
     v8 even[D / 8] = {}, odd[D / 8] = {};
     for (s = 0; s + 2 <= len; s += 2) {
       const float* vp[2];
@@ -477,8 +485,6 @@ void decode(const float* q, const float* k, const float* v, float* o, int64_t le
 // time, each key loaded once from memory and reused from L1 by every query row of the group (a row's eight sums
 // reduced together: sum8), an exact softmax per query row, then one pass of the values the same way. A query row
 // that sees no position gives zeros. scratch: kRunRows · (round_up(max lens, 8) + D) floats.
-constexpr int64_t kRunRows = 8;
-constexpr int64_t kLongRow = 512;     // positions from which one token's row goes through decode_run too
 
 template <int64_t D>
 void decode_run(const float* q, int64_t q_stride, const int64_t* lens, int64_t m, int64_t G, const float* k,
@@ -533,19 +539,8 @@ void decode_run(const float* q, int64_t q_stride, const int64_t* lens, int64_t m
     // an exact softmax per query row over its own positions [0, len)
     float inv[kRunRows];
     for (int64_t r = 0; r < R; ++r) {
-      float* row = score + r * L8;
-      for (s = len[r]; s < L8; ++s) row[s] = -1e30f;
-      v8 mx = load(row);
-      for (s = 8; s < L8; s += 8) mx = mx > load(row + s) ? mx : load(row + s);
-      const float shift = row_max(reinterpret_cast<const float*>(&mx), 0, 8);
-      v8 total = {};
-      for (s = 0; s < L8; s += 8) {
-        const v8 p = exp8(load(row + s) - shift);
-        store(row + s, p);
-        total += p;
-      }
-      for (s = len[r]; s < L8; ++s) total[s % 8] -= row[s];   // exp8 floors at exp(−87), not 0
-      inv[r] = len[r] ? 1.0f / hsum(total) : 0.0f;
+      const float total = softmax_row(score + r * L8, len[r], L8);
+      inv[r] = len[r] ? 1.0f / total : 0.0f;
       for (int64_t c = 0; c < D; ++c) acc[r * D + c] = 0.0f;
     }
     // values: query row r adds p · v over its own positions, eight positions per visit (two accumulator sets, so
@@ -616,7 +611,7 @@ extern "C" bool FS_NAME(fastserve_decode_attention)(const float* q, int64_t q_st
   // one token on a short row: its G heads' passes, each keeping its sums in registers, beat decode_run's shared key
   // loads (8 rows of 100 positions, quickstart heads: 35 against 48 µs, hot in cache); on a long row decode_run's
   // single pass over memory wins (one 2,000-position row among 7 short, 4 layers, caches not hot: 0.40 against
-  // 0.45 ms a step; both ad hoc, 2 cores of an Intel Xeon)
+  // 0.45 ms a step: experiments/decode_attention_step.py; 2 cores of an Intel Xeon)
 #define FS_CASE(d)                                                                      \
   case d:                                                                               \
     if (m == 1 && lens[0] < kLongRow)                                                   \
